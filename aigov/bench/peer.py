@@ -1,0 +1,364 @@
+"""Section 4: against a peer (RedisVL 0.28+) and a nearest-neighbour baseline.
+
+Cache: the same STS-B validation entries (sentence1 of every labelled pair) are stored in our
+redis cache store and in RedisVL's SemanticCache, on the same Redis, with the same model (RedisVL
+gets a custom vectorizer wrapping our embedder: its default one downloads from a model hub).
+Each pair's sentence2 is then looked up. A lookup is a correct hit when the pair is labelled
+same-meaning and the entry returned is the pair's own sentence1; any other hit serves a wrong
+answer. Precision/recall are swept over the similarity threshold and each system is reported at
+its own best-F1 threshold (an oracle on this split, the same advantage for both) and at its
+shipped default.
+
+Router: CLINC150 intents as routes, references from train, the out-of-scope threshold of the
+RedisVL router and of a 1-nearest-neighbour baseline calibrated on held-out train rows (train's
+oos rows + unused in-scope rows), our router trained by its own code; all scored on validation.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import numpy as np
+
+from aigov.bench.common import (BenchContext, SectionSkipped, Target, latency_stats, ratio,
+                                read_jsonl)
+
+REDISVL_DEFAULT_DISTANCE = 0.1   # SemanticCache(distance_threshold=0.1): cosine distance
+THRESHOLDS = np.round(np.arange(0.50, 0.991, 0.01), 2)
+
+
+# ---------------------------------------------------------------- shared pieces
+class VectorTable:
+    """Text -> unit vector, computed once in bulk; unknown texts go through the embedder."""
+
+    def __init__(self, embedder: Any) -> None:
+        self.embedder = embedder
+        self._vectors: dict[str, np.ndarray] = {}
+
+    def add(self, texts: list[str]) -> None:
+        todo = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        if todo:
+            for text, vec in zip(todo, self.embedder.encode_direct(todo, batch_size=64)):
+                self._vectors[text] = vec
+
+    def __getitem__(self, text: str) -> np.ndarray:
+        vec = self._vectors.get(text)
+        if vec is None:
+            vec = self.embedder.encode_direct([text])[0]
+            self._vectors[text] = vec
+        return vec
+
+
+def redisvl_vectorizer(embed_one: Callable[[str], list[float]],
+                       embed_many: Callable[[list[str]], list[list[float]]]) -> Any:
+    try:
+        from redisvl.utils.vectorize import CustomTextVectorizer
+    except ImportError as exc:
+        raise SectionSkipped(f"redisvl is not installed (pip install 'kong-ai-governance[bench]'): {exc}") from None
+    return CustomTextVectorizer(embed=embed_one, embed_many=embed_many)
+
+
+def sweep(top_sims: np.ndarray, correct_if_hit: np.ndarray, positives: int) -> list[dict[str, float]]:
+    """Precision/recall/F1 of "hit when top-1 similarity >= t" for every threshold t."""
+    rows = []
+    for t in THRESHOLDS:
+        hit = top_sims >= t
+        tp = int(np.sum(hit & correct_if_hit))
+        fp = int(np.sum(hit & ~correct_if_hit))
+        precision = tp / (tp + fp) if tp + fp else 1.0
+        recall = tp / positives if positives else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"threshold": float(t), "precision": round(precision, 4),
+                     "recall": round(recall, 4), "f1": round(f1, 4), "hits": int(hit.sum())})
+    return rows
+
+
+def best_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    return max(rows, key=lambda r: (r["f1"], r["precision"]))
+
+
+def at_threshold(rows: list[dict[str, float]], threshold: float) -> dict[str, float]:
+    return min(rows, key=lambda r: abs(r["threshold"] - threshold))
+
+
+# ---------------------------------------------------------------- cache comparison
+def stsb_pairs(ctx: BenchContext) -> list[dict[str, Any]]:
+    rows = [r for r in read_jsonl(ctx.data_file("stsb", "validation.jsonl")) if r.get("label") in (0, 1)]
+    if ctx.quick:
+        rows = rows[:60]
+    return rows
+
+
+def score_cache(pairs: list[dict[str, Any]], entry_of: dict[str, int],
+                results: list[tuple[int | None, float]]) -> dict[str, Any]:
+    """`results[i]` = (entry id returned for pair i's query, its similarity), no threshold."""
+    top_sims = np.array([sim if eid is not None else -1.0 for eid, sim in results])
+    correct = np.array([p["label"] == 1 and eid == entry_of[p["sentence1"]]
+                        for p, (eid, _) in zip(pairs, results)])
+    positives = sum(1 for p in pairs if p["label"] == 1)
+    rows = sweep(top_sims, correct, positives)
+    return {"best": best_row(rows), "sweep": rows}
+
+
+def cache_redisvl(ctx: BenchContext, pairs: list[dict[str, Any]], entries: list[str],
+                  table: VectorTable, embed_request: Callable[[str], np.ndarray]) -> dict[str, Any]:
+    vectorizer = redisvl_vectorizer(lambda text, **_: embed_request(text).tolist(),
+                                    lambda texts, **_: [embed_request(t).tolist() for t in texts])
+    from redisvl.extensions.cache.llm import SemanticCache
+
+    name = f"aigov_bench_rvl_{random.Random(ctx.seed).randrange(1 << 30)}"
+    cache = SemanticCache(name=name, distance_threshold=REDISVL_DEFAULT_DISTANCE, vectorizer=vectorizer,
+                          redis_url=ctx.redis(), overwrite=True)
+    try:
+        for i, text in enumerate(entries):
+            cache.store(prompt=text, response=f"answer-{i}", vector=table[text].tolist(),
+                        metadata={"entry": i})
+        latencies: list[float] = []
+        results: list[tuple[int | None, float]] = []
+        for p in pairs:
+            t0 = time.perf_counter()
+            # Loosest distance: the threshold is applied afterwards in the sweep.
+            found = cache.check(prompt=p["sentence2"], num_results=1, distance_threshold=2.0)
+            latencies.append(time.perf_counter() - t0)
+            if found:
+                entry = int(found[0]["metadata"]["entry"])
+                results.append((entry, 1.0 - float(found[0]["vector_distance"])))
+            else:
+                results.append((None, -1.0))
+        vec_lat = []
+        for p in pairs[:100]:
+            vec = table[p["sentence2"]].tolist()
+            t0 = time.perf_counter()
+            cache.check(vector=vec, num_results=1, distance_threshold=2.0)
+            vec_lat.append(time.perf_counter() - t0)
+    finally:
+        cache.delete()
+    entry_of = {t: i for i, t in enumerate(entries)}
+    scored = score_cache(pairs, entry_of, results)
+    default = at_threshold(scored["sweep"], 1.0 - REDISVL_DEFAULT_DISTANCE)
+    return {"status": "ok", "check_latency": latency_stats(latencies),
+            "check_latency_given_vector": latency_stats(vec_lat), "best": scored["best"],
+            "at_default": default, "default_similarity": 1.0 - REDISVL_DEFAULT_DISTANCE,
+            "sweep": scored["sweep"]}
+
+
+def cache_ours(ctx: BenchContext, pairs: list[dict[str, Any]], entries: list[str],
+               table: VectorTable) -> dict[str, Any]:
+    from aigov.bench import adapters
+
+    store = adapters.cache_store(ctx, table.embedder, namespace="peer")  # SectionSkipped if missing
+    try:
+        for i, text in enumerate(entries):
+            store.put(text, table[text], f"answer-{i}", {"entry": i})
+        latencies: list[float] = []
+        results: list[tuple[int | None, float]] = []
+        for p in pairs:
+            t0 = time.perf_counter()
+            found = store.lookup_text(p["sentence2"])
+            latencies.append(time.perf_counter() - t0)
+            results.append((found.meta["entry"], found.similarity) if found else (None, -1.0))
+        vec_lat = []
+        for p in pairs[:100]:
+            vec = table[p["sentence2"]]
+            t0 = time.perf_counter()
+            store.lookup_vector(vec, p["sentence2"])
+            vec_lat.append(time.perf_counter() - t0)
+    finally:
+        store.drop()
+    entry_of = {t: i for i, t in enumerate(entries)}
+    scored = score_cache(pairs, entry_of, results)
+    return {"status": "ok", "lookup_latency": latency_stats(latencies),
+            "lookup_latency_given_vector": latency_stats(vec_lat), "best": scored["best"],
+            "at_default": at_threshold(scored["sweep"], store.default_threshold),
+            "default_similarity": store.default_threshold, "sweep": scored["sweep"],
+            "store": store.description}
+
+
+def _guard(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return fn()
+    except SectionSkipped as exc:
+        return {"status": "skipped", "reason": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one broken part keeps the section's other parts
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
+
+
+def compare_cache(ctx: BenchContext, table: VectorTable) -> dict[str, Any]:
+    pairs = stsb_pairs(ctx)
+    entries = list(dict.fromkeys(p["sentence1"] for p in pairs))
+    table.add(entries + [p["sentence2"] for p in pairs])
+    embedder = table.embedder
+    # Both systems embed each lookup with the same shared embedder call the plugin uses.
+    embed_request = lambda text: embedder.embed([text])[0]  # noqa: E731
+    out: dict[str, Any] = {"pairs": len(pairs), "entries": len(entries),
+                           "positives": sum(1 for p in pairs if p["label"] == 1)}
+    out["redisvl"] = _guard(lambda: cache_redisvl(ctx, pairs, entries, table, embed_request))
+    out["ours"] = _guard(lambda: cache_ours(ctx, pairs, entries, table))
+    for who in ("ours", "redisvl"):
+        r = out[who]
+        if r["status"] == "ok":
+            lat = r.get("lookup_latency") or r.get("check_latency")
+            ctx.echo(f"  cache {who:7s} best t={r['best']['threshold']:.2f} P={r['best']['precision']:.3f} "
+                     f"R={r['best']['recall']:.3f} F1={r['best']['f1']:.3f}  lookup p50 {lat['p50_ms']} ms")
+        else:
+            ctx.echo(f"  cache {who:7s} {r['status']}: {r['reason']}")
+    return out
+
+
+# ---------------------------------------------------------------- router comparison
+def clinc_split(ctx: BenchContext) -> dict[str, Any]:
+    train = read_jsonl(ctx.data_file("clinc150", "train.jsonl"))
+    val = read_jsonl(ctx.data_file("clinc150", "validation.jsonl"))
+    by_intent: dict[str, list[str]] = defaultdict(list)
+    for r in train:
+        if r["intent"] != "oos":
+            by_intent[r["intent"]].append(r["text"])
+    intents = sorted(by_intent)
+    rng = random.Random(ctx.seed)
+    if ctx.quick:
+        intents = sorted(rng.sample(intents, 10))
+    n_refs, n_cal = (10, 5) if ctx.quick else (50, 10)
+    refs = {i: by_intent[i][:n_refs] for i in intents}
+    calib = [(t, i) for i in intents for t in by_intent[i][n_refs:n_refs + n_cal]]
+    train_oos = [r["text"] for r in train if r["intent"] == "oos"]
+    calib += [(t, "oos") for t in (train_oos[:20] if ctx.quick else train_oos)]
+    keep = set(intents)
+    test = [(r["text"], r["intent"]) for r in val if r["intent"] in keep]
+    val_oos = [(r["text"], "oos") for r in val if r["intent"] == "oos"]
+    test += val_oos[:20] if ctx.quick else val_oos
+    return {"intents": intents, "refs": refs, "calibration": calib, "test": test,
+            "refs_per_intent": n_refs}
+
+
+def score_routes(truth: list[str], predicted: list[str]) -> dict[str, float]:
+    pairs = list(zip(truth, predicted))
+    in_scope = [(t, p) for t, p in pairs if t != "oos"]
+    oos = [(t, p) for t, p in pairs if t == "oos"]
+    return {"accuracy": round(sum(t == p for t, p in pairs) / len(pairs), 4),
+            "in_scope_accuracy": round(sum(t == p for t, p in in_scope) / max(1, len(in_scope)), 4),
+            "oos_recall": round(sum(p == "oos" for _, p in oos) / max(1, len(oos)), 4),
+            "n": len(pairs), "n_oos": len(oos)}
+
+
+def router_nn(split: dict[str, Any], table: VectorTable) -> dict[str, Any]:
+    labels = [i for i in split["intents"] for _ in split["refs"][i]]
+    matrix = np.stack([table[t] for i in split["intents"] for t in split["refs"][i]])
+
+    def decide(vec: np.ndarray, threshold: float) -> str:
+        sims = matrix @ vec
+        best = int(np.argmax(sims))
+        return labels[best] if sims[best] >= threshold else "oos"
+
+    # Calibrate: top-1 similarity of each calibration row once, then pick the best threshold.
+    cal_top = [(float(np.max(matrix @ table[t])), labels[int(np.argmax(matrix @ table[t]))], truth)
+               for t, truth in split["calibration"]]
+    best_t, best_acc = 0.0, -1.0
+    for t in THRESHOLDS:
+        acc = np.mean([(lab if sim >= t else "oos") == truth for sim, lab, truth in cal_top])
+        if acc > best_acc:
+            best_t, best_acc = float(t), float(acc)
+    latencies, predicted = [], []
+    for text, _ in split["test"]:
+        vec = table[text]
+        t0 = time.perf_counter()
+        predicted.append(decide(vec, best_t))
+        latencies.append(time.perf_counter() - t0)
+    scores = score_routes([t for _, t in split["test"]], predicted)
+    return {"status": "ok", "threshold": best_t, **scores, "decision_latency": latency_stats(latencies)}
+
+
+def router_redisvl(ctx: BenchContext, split: dict[str, Any], table: VectorTable) -> dict[str, Any]:
+    vectorizer = redisvl_vectorizer(lambda text, **_: table[text].tolist(),
+                                    lambda texts, **_: [table[t].tolist() for t in texts])
+    from redisvl.extensions.router import Route, SemanticRouter
+
+    routes = [Route(name=i, references=split["refs"][i], distance_threshold=0.5) for i in split["intents"]]
+    name = f"aigov_bench_router_{random.Random(ctx.seed).randrange(1 << 30)}"
+    router = SemanticRouter(name=name, routes=routes, vectorizer=vectorizer, redis_url=ctx.redis(),
+                            overwrite=True)
+    try:
+        grid = [round(1.0 - t, 2) for t in THRESHOLDS[::5]]   # distances 0.5 .. 0.05
+        best_d, best_acc = grid[0], -1.0
+        cal_vecs = [(table[t].tolist(), truth) for t, truth in split["calibration"]]
+        for d in grid:
+            router.update_route_thresholds({i: d for i in split["intents"]})
+            acc = np.mean([(router(vector=v).name or "oos") == truth for v, truth in cal_vecs])
+            if acc > best_acc:
+                best_d, best_acc = d, float(acc)
+        router.update_route_thresholds({i: best_d for i in split["intents"]})
+        latencies, predicted = [], []
+        for text, _ in split["test"]:
+            vec = table[text].tolist()
+            t0 = time.perf_counter()
+            match = router(vector=vec)
+            latencies.append(time.perf_counter() - t0)
+            predicted.append(match.name or "oos")
+    finally:
+        router.delete()
+    scores = score_routes([t for _, t in split["test"]], predicted)
+    return {"status": "ok", "distance_threshold": best_d, **scores,
+            "decision_latency": latency_stats(latencies)}
+
+
+def router_ours(ctx: BenchContext, split: dict[str, Any], table: VectorTable) -> dict[str, Any]:
+    from aigov.bench import adapters
+
+    router = adapters.router(split, table)   # SectionSkipped if aigov.routing is missing
+    latencies, predicted = [], []
+    for text, _ in split["test"]:
+        vec = table[text]
+        t0 = time.perf_counter()
+        predicted.append(router.decide_vector(vec))
+        latencies.append(time.perf_counter() - t0)
+    scores = score_routes([t for _, t in split["test"]], predicted)
+    return {"status": "ok", **router.description, **scores, "decision_latency": latency_stats(latencies)}
+
+
+def compare_router(ctx: BenchContext, table: VectorTable) -> dict[str, Any]:
+    split = clinc_split(ctx)
+    table.add([t for i in split["intents"] for t in split["refs"][i]]
+              + [t for t, _ in split["calibration"]] + [t for t, _ in split["test"]])
+    out: dict[str, Any] = {"intents": len(split["intents"]), "refs_per_intent": split["refs_per_intent"],
+                           "calibration_rows": len(split["calibration"]), "test_rows": len(split["test"])}
+    out["nearest_neighbour"] = router_nn(split, table)
+    out["redisvl"] = _guard(lambda: router_redisvl(ctx, split, table))
+    out["ours"] = _guard(lambda: router_ours(ctx, split, table))
+    for who in ("ours", "redisvl", "nearest_neighbour"):
+        r = out[who]
+        if r["status"] == "ok":
+            ctx.echo(f"  router {who:17s} acc {r['accuracy']:.3f}  oos recall {r['oos_recall']:.3f}  "
+                     f"decision p50 {r['decision_latency']['p50_ms']} ms")
+        else:
+            ctx.echo(f"  router {who:17s} {r['status']}: {r['reason']}")
+    return out
+
+
+def run(ctx: BenchContext) -> dict[str, Any]:
+    table = VectorTable(ctx.embedder())
+    cache = compare_cache(ctx, table)
+    router = compare_router(ctx, table)
+    targets: list[Target] = []
+    ours_c, rvl_c = cache["ours"], cache["redisvl"]
+    if ours_c["status"] == "ok" and rvl_c["status"] == "ok":
+        targets.append(Target("cache best F1, ours / RedisVL", ratio(ours_c["best"]["f1"], rvl_c["best"]["f1"]),
+                              "x", ">=", 1.0, baseline=rvl_c["best"]["f1"]))
+        targets.append(Target("cache lookup p50 (given vector), RedisVL / ours",
+                              ratio(rvl_c["check_latency_given_vector"]["p50_ms"],
+                                    ours_c["lookup_latency_given_vector"]["p50_ms"]),
+                              "x", ">=", 1.0, baseline=rvl_c["check_latency_given_vector"]["p50_ms"],
+                              note="above 1: our lookup is faster"))
+    ours_r, rvl_r, nn_r = router["ours"], router["redisvl"], router["nearest_neighbour"]
+    if ours_r["status"] == "ok":
+        targets.append(Target("router accuracy, ours / nearest neighbour",
+                              ratio(ours_r["accuracy"], nn_r["accuracy"]), "x", ">=", 1.0,
+                              baseline=nn_r["accuracy"]))
+        if rvl_r["status"] == "ok":
+            targets.append(Target("router accuracy, ours / RedisVL", ratio(ours_r["accuracy"], rvl_r["accuracy"]),
+                                  "x", ">=", 1.0, baseline=rvl_r["accuracy"]))
+    if not targets:
+        missing = [f"{part} {who}: {r['reason']}" for part, res in (("cache", cache), ("router", router))
+                   for who, r in res.items() if isinstance(r, dict) and r.get("status") in ("skipped", "error")]
+        ctx.echo("  no paired comparison possible yet: " + "; ".join(missing))
+    return {"results": {"cache": cache, "router": router}, "targets": targets}

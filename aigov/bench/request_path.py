@@ -1,0 +1,186 @@
+"""Section 2: the request path through the gateway stand-in (HTTP front, `aigov serve`).
+
+Variants of one route in front of the mock LLM (fixed latency per request through its
+X-Mock-Latency-Ms header): key-auth only (the baseline) vs key-auth + each of our plugins alone
+vs all three. Added latency = a variant's p50/p95 minus the baseline's, measured in the same
+run. Every request carries a prompt never sent before (a cache miss, a fresh routing decision),
+except the cache-hit requests, which repeat a prompt already answered and stored.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from aigov.bench.common import (REPO_ROOT, BenchContext, SectionSkipped, Target, latency_stats,
+                                ratio, read_jsonl, require_module)
+
+API_KEY = "bench-key"
+PATH = "/v1/chat/completions"
+PATH_LATENCY_MS = 20        # upstream latency for the added-latency comparison
+HIT_MISS_LATENCY_MS = 200   # upstream latency of the hit-vs-miss comparison (issue 7)
+TARGET_QUOTA_ADDED_P50_MS = 1.0
+TARGET_HIT_P50_MS = 8.0
+TARGET_HIT_SPEEDUP = 20.0
+
+
+def plugin_configs(redis_host: str, redis_port: int) -> dict[str, dict[str, Any]]:
+    redis_conf = {"host": redis_host, "port": redis_port}
+    return {
+        "llm-token-quota": {"policy": "redis", "redis": redis_conf, "unknown_model": "block",
+                            "limits": [{"window": "day", "tokens": 1_000_000_000}]},
+        "llm-semantic-cache": {"scope": "consumer", "cache_ttl": 3600,
+                               "vectordb": {"strategy": "redis", "redis": redis_conf}},
+        "llm-semantic-router": {"embed_text": "last_user", "default_route": "general", "routes": [
+            {"name": "general", "target": {"model": "gpt-4o-mini"},
+             "utterances": ["what is the capital of france", "tell me a fun fact about space"]},
+            {"name": "banking", "target": {"model": "gpt-4o-mini"},
+             "utterances": ["what is my account balance", "why was my card declined"]}]},
+    }
+
+
+def declarative(upstream: str, plugins: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "_format_version": "3.0",
+        "consumers": [{"username": "bench", "keyauth_credentials": [{"key": API_KEY}]}],
+        "services": [{"name": "mock-llm", "url": upstream, "routes": [{
+            "name": "chat", "paths": ["/v1/chat"], "methods": ["POST"], "strip_path": False,
+            "plugins": [{"name": "key-auth", "config": {"key_names": ["apikey"]}}, *plugins]}]}],
+    }
+
+
+class Client:
+    """Sequential requests over one keep-alive connection (like a client SDK)."""
+
+    def __init__(self, url: str) -> None:
+        u = urlsplit(url)
+        self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+
+    def chat(self, text: str, upstream_ms: int) -> tuple[float, int, dict[str, str], bytes]:
+        body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]})
+        headers = {"Content-Type": "application/json", "apikey": API_KEY,
+                   "X-Mock-Latency-Ms": str(upstream_ms)}
+        t0 = time.perf_counter()
+        self.conn.request("POST", PATH, body=body, headers=headers)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        elapsed = time.perf_counter() - t0
+        return elapsed, resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def cache_status(headers: dict[str, str]) -> str:
+    for name, value in headers.items():
+        if name.endswith("cache-status"):
+            return value.lower()
+    return ""
+
+
+def run_variant(ctx: BenchContext, name: str, plugins: list[dict[str, Any]], mock_url: str,
+                prompts: list[str], upstream_ms: int, hits: int = 0) -> dict[str, Any]:
+    from kongsim.pytest_plugin import start_gateway
+
+    handle = start_gateway(declarative(mock_url, plugins), server="aigov", pythonpath=str(REPO_ROOT),
+                           http=True)
+    client = Client(handle.url)
+    try:
+        for text in prompts[:5]:          # warm-up: model load, connections, instances
+            client.chat("warm up " + text, upstream_ms)
+        handle.wait_logs(10)
+        lat, statuses = [], {}
+        for text in prompts[5:]:
+            elapsed, status, headers, _ = client.chat(text, upstream_ms)
+            lat.append(elapsed)
+            statuses[status] = statuses.get(status, 0) + 1
+        record: dict[str, Any] = {"variant": name, "status": "ok", "upstream_ms": upstream_ms,
+                                  "latency": latency_stats(lat), "http_statuses": statuses}
+        if hits:
+            handle.wait_logs(10)          # stores happen after the response (response/log phase)
+            hit_lat, observed = [], {}
+            for text in prompts[5:5 + hits]:
+                elapsed, status, headers, _ = client.chat(text, upstream_ms)
+                state = cache_status(headers) or "no header"
+                observed[state] = observed.get(state, 0) + 1
+                if status == 200 and state == "hit":
+                    hit_lat.append(elapsed)
+            record["hit_latency"] = latency_stats(hit_lat)
+            record["repeat_cache_status"] = observed
+        return record
+    finally:
+        client.close()
+        handle.close()
+
+
+def run(ctx: BenchContext) -> dict[str, Any]:
+    require_module("kongsim.pytest_plugin", "the gateway stand-in")
+    mockllm = require_module("aigov.mockllm", "the mock LLM")
+    redis_url = ctx.redis()
+    u = urlsplit(redis_url)
+    configs = plugin_configs(u.hostname or "127.0.0.1", u.port or 6379)
+    rows = read_jsonl(ctx.data_file("clinc150", "validation.jsonl"))
+    texts = list(dict.fromkeys(r["text"] for r in rows))
+    per_variant = ctx.size(25, 205)
+    hits = ctx.size(10, 100)
+    variants: list[tuple[str, list[dict[str, Any]]]] = [("baseline (key-auth)", [])]
+    variants += [(n, [{"name": n, "config": c}]) for n, c in configs.items()]
+    variants.append(("all three", [{"name": n, "config": c} for n, c in configs.items()]))
+
+    mock = mockllm.MockLLM("127.0.0.1").start()
+    results: list[dict[str, Any]] = []
+    offset = 0
+    try:
+        for name, plugins in variants:
+            prompts = texts[offset:offset + per_variant]
+            offset += per_variant
+            try:
+                rec = run_variant(ctx, name, plugins, mock.url, prompts, PATH_LATENCY_MS,
+                                  hits=hits if name == "llm-semantic-cache" else 0)
+            except Exception as exc:  # noqa: BLE001 - one variant failing keeps the others
+                rec = {"variant": name, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
+            results.append(rec)
+            if rec["status"] == "ok":
+                ctx.echo(f"  {name:22s} p50 {rec['latency']['p50_ms']} ms p95 {rec['latency']['p95_ms']} ms "
+                         f"statuses {rec['http_statuses']}")
+            else:
+                ctx.echo(f"  {name:22s} error: {rec['reason']}")
+        # Hit vs the miss it replaces, at 200 ms upstream latency.
+        prompts = texts[offset:offset + ctx.size(15, 45)]
+        try:
+            slow = run_variant(ctx, "llm-semantic-cache @200ms", [{"name": "llm-semantic-cache",
+                               "config": configs["llm-semantic-cache"]}], mock.url, prompts,
+                               HIT_MISS_LATENCY_MS, hits=len(prompts) - 5)
+        except Exception as exc:  # noqa: BLE001
+            slow = {"variant": "llm-semantic-cache @200ms", "status": "error",
+                    "reason": f"{type(exc).__name__}: {exc}"[:400]}
+        results.append(slow)
+    finally:
+        mock.stop()
+
+    by_name = {r["variant"]: r for r in results}
+    base = by_name["baseline (key-auth)"]
+    if base["status"] != "ok":
+        raise SectionSkipped(f"the baseline gateway did not run: {base['reason']}")
+    added = {}
+    for r in results:
+        if r["status"] == "ok" and r is not base and r["upstream_ms"] == PATH_LATENCY_MS:
+            added[r["variant"]] = {q: round(r["latency"][q] - base["latency"][q], 3) for q in ("p50_ms", "p95_ms")}
+    for n, a in added.items():
+        ctx.echo(f"  added by {n:22s} p50 {a['p50_ms']} ms  p95 {a['p95_ms']} ms")
+    cache_rec = by_name.get("llm-semantic-cache", {})
+    hit_p50 = (cache_rec.get("hit_latency") or {}).get("p50_ms")
+    slow_hit = (slow.get("hit_latency") or {}).get("p50_ms") if slow["status"] == "ok" else None
+    slow_miss = slow["latency"]["p50_ms"] if slow["status"] == "ok" else None
+    targets = [
+        Target("quota added latency p50", (added.get("llm-token-quota") or {}).get("p50_ms"), "ms", "<=",
+               TARGET_QUOTA_ADDED_P50_MS, baseline=base["latency"]["p50_ms"]),
+        Target("cache hit end to end p50", hit_p50, "ms", "<=", TARGET_HIT_P50_MS,
+               note=f"repeat statuses {cache_rec.get('repeat_cache_status')}"),
+        Target(f"cache hit speedup vs miss at {HIT_MISS_LATENCY_MS} ms upstream", ratio(slow_miss, slow_hit),
+               "x", ">=", TARGET_HIT_SPEEDUP, baseline=slow_miss,
+               note=f"repeat statuses {slow.get('repeat_cache_status')}"),
+    ]
+    return {"results": {"variants": results, "added_latency": added}, "targets": targets}

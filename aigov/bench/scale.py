@@ -1,0 +1,162 @@
+"""Section 5: scale with work.
+
+Cache: lookup latency in our redis store (HNSW) as it grows to 1k, 10k and 100k entries, each
+size compared with the smallest one measured in the same run, and memory per 10k entries from
+INFO memory and FT.INFO. Entries are synthetic unit vectors (embedding 100k texts would take
+minutes and HNSW cost depends on the vectors, not the texts); queries are entries perturbed by
+noise, so each has a true nearest neighbour.
+
+Quota: check-and-reserve latency (the access-path work) with 10k distinct consumers holding
+counters, compared with one consumer, for the memory and the redis policies.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import numpy as np
+
+from aigov.bench.common import BenchContext, SectionSkipped, Target, latency_stats, ratio
+
+DIM = 384
+# Our own bar (the issue asks for the figures): 100x the entries or consumers may cost at most
+# this factor in p50 lookup/check latency, i.e. the store scales sub-linearly.
+MAX_GROWTH_FACTOR = 3.0
+
+
+def unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def cache_scale(ctx: BenchContext) -> dict[str, Any]:
+    from aigov.bench import adapters
+
+    sizes = (200, 2_000) if ctx.quick else (1_000, 10_000, 100_000)
+    queries = ctx.size(100, 400)
+    store = adapters.cache_store(ctx, None, namespace="scale")   # SectionSkipped if missing
+    rng = np.random.default_rng(ctx.seed)
+    levels = []
+    try:
+        inserted = 0
+        all_vecs = unit_vectors(rng, sizes[-1])
+        mem0 = store.memory_bytes()
+        for size in sizes:
+            t0 = time.perf_counter()
+            store.put_many_vectors(all_vecs[inserted:size], start_id=inserted)
+            insert_s = time.perf_counter() - t0
+            inserted = size
+            store.wait_indexed(size)
+            picks = rng.integers(0, size, queries)
+            noisy = all_vecs[picks] + 0.02 * rng.standard_normal((queries, DIM)).astype(np.float32)
+            noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+            lat, found = [], 0
+            for q, want in zip(noisy, picks):
+                t1 = time.perf_counter()
+                hit = store.lookup_vector(q, f"synthetic entry {int(want)}")
+                lat.append(time.perf_counter() - t1)
+                found += int(hit is not None and hit.meta.get("entry") == int(want))
+            mem = store.memory_bytes()
+            levels.append({"entries": size, "insert_s": round(insert_s, 2),
+                           "inserts_per_s": round((size - (levels[-1]["entries"] if levels else 0)) / insert_s, 1),
+                           "lookup": latency_stats(lat), "nearest_found": round(found / queries, 4),
+                           "memory": mem,
+                           "bytes_per_10k_entries": {k: round((v - mem0.get(k, 0)) / size * 10_000)
+                                                     for k, v in mem.items()}})
+            ctx.echo(f"  cache {size:>7d} entries: lookup p50 {levels[-1]['lookup']['p50_ms']} ms p99 "
+                     f"{levels[-1]['lookup']['p99_ms']} ms, recall@1 {levels[-1]['nearest_found']}, "
+                     f"per 10k: {levels[-1]['bytes_per_10k_entries']}")
+    finally:
+        store.drop()
+    return {"status": "ok", "levels": levels, "store": store.description}
+
+
+def quota_scale(ctx: BenchContext, policy: str) -> dict[str, Any]:
+    from aigov.bench import adapters
+
+    consumers = ctx.size(1_000, 10_000)
+    samples = ctx.size(200, 2_000)
+    prefix = f"aigov:bench:{random.Random(ctx.seed).randrange(1 << 30)}:{policy}"
+    quota = adapters.QuotaAdapter(policy, ctx.redis() if policy == "redis" else None, prefix)
+    rng = random.Random(ctx.seed)
+    try:
+        now = time.time()
+
+        def measure(pick: Any) -> dict[str, Any]:
+            lat = []
+            for _ in range(samples):
+                consumer = pick()
+                t0 = time.perf_counter()
+                rid, counters = quota.check(consumer, now)
+                lat.append(time.perf_counter() - t0)
+                quota.settle(consumer, rid, counters, now)
+            return latency_stats(lat)
+
+        for _ in range(50):  # warm the connection pool and the Lua script cache
+            rid, counters = quota.check("warm-up", now)
+            quota.settle("warm-up", rid, counters, now)
+        one = measure(lambda: "consumer-solo")
+        t0 = time.perf_counter()
+        for i in range(consumers):
+            rid, counters = quota.check(f"consumer-{i}", now)
+            quota.settle(f"consumer-{i}", rid, counters, now)
+        populate_s = time.perf_counter() - t0
+        many = measure(lambda: f"consumer-{rng.randrange(consumers)}")
+    finally:
+        if policy == "redis":
+            _delete_prefix(ctx.redis(), prefix)
+        quota.close()
+    ctx.echo(f"  quota {policy:6s} check p50 {one['p50_ms']} ms with 1 consumer, {many['p50_ms']} ms "
+             f"with {consumers} consumers")
+    return {"status": "ok", "consumers": consumers, "one_consumer": one, "many_consumers": many,
+            "populate_s": round(populate_s, 2)}
+
+
+def _delete_prefix(url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        batch = []
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
+    finally:
+        client.close()
+
+
+def _guard(fn: Any) -> dict[str, Any]:
+    try:
+        return fn()
+    except SectionSkipped as exc:
+        return {"status": "skipped", "reason": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one broken part keeps the section's other parts
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
+
+
+def run(ctx: BenchContext) -> dict[str, Any]:
+    cache = _guard(lambda: cache_scale(ctx))
+    if cache["status"] != "ok":
+        ctx.echo(f"  cache scale {cache['status']}: {cache['reason']}")
+    quota = {policy: _guard(lambda p=policy: quota_scale(ctx, p)) for policy in ("memory", "redis")}
+    targets: list[Target] = []
+    if cache["status"] == "ok":
+        first, last = cache["levels"][0], cache["levels"][-1]
+        targets.append(Target(f"cache lookup p50 at {last['entries']} vs {first['entries']} entries",
+                              ratio(last["lookup"]["p50_ms"], first["lookup"]["p50_ms"]), "x", "<=",
+                              MAX_GROWTH_FACTOR, baseline=first["lookup"]["p50_ms"]))
+    for policy, r in quota.items():
+        if r["status"] == "ok":
+            targets.append(Target(f"quota ({policy}) check p50 with {r['consumers']} consumers vs 1",
+                                  ratio(r["many_consumers"]["p50_ms"], r["one_consumer"]["p50_ms"]), "x",
+                                  "<=", MAX_GROWTH_FACTOR, baseline=r["one_consumer"]["p50_ms"]))
+        else:
+            ctx.echo(f"  quota {policy} {r['status']}: {r['reason']}")
+    if not targets:
+        raise SectionSkipped("; ".join(r["reason"] for r in [cache, *quota.values()] if r["status"] != "ok"))
+    return {"results": {"cache": cache, "quota": quota}, "targets": targets}

@@ -1,0 +1,68 @@
+"""Cache keys: the hard scope (exact filters) and the semantic part (the embedded text).
+
+The scope is never folded into the embedded text: an answer for consumer A, another system
+prompt, another model or other sampling parameters is not "similar", it is a different key. Each
+scope part is hashed so it can be a RediSearch TAG value without escaping and never leaks a
+consumer name or a system prompt into Redis key names.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from aigov.request import ChatRequest, sha256_hex
+
+ANONYMOUS_CONSUMER = "anonymous"   # the one shared scope of unauthenticated traffic
+GLOBAL_CONSUMER = "global"         # scope: global (opt-in) puts every consumer here
+SCOPE_PARTS = ("consumer", "route", "model", "context", "params")
+
+_SPACE_RE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class CacheScope:
+    namespace: str
+    consumer: str
+    route: str
+    model: str
+    context: str    # hash of the system prompt(s) and earlier turns
+    params: str     # hash of the parameters that change the answer, stream included
+
+    def tags(self) -> dict[str, str]:
+        """Hashed, tag-safe value per scope part (RediSearch TAG filters, memory buckets)."""
+        return {part: sha256_hex(f"{part}\0{getattr(self, part)}")[:20] for part in SCOPE_PARTS}
+
+    @property
+    def bucket(self) -> str:
+        """One id for the whole scope (the memory store's bucket key)."""
+        return sha256_hex([self.namespace] + [getattr(self, p) for p in SCOPE_PARTS])[:32]
+
+
+def normalize_prompt(text: str) -> str:
+    """The exact layer's view of a prompt: Unicode NFKC, case-folded, whitespace collapsed."""
+    return _SPACE_RE.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, route_id: str | None,
+              scope_mode: str = "consumer", message_countback: int = 1) -> CacheScope:
+    """The hard scope of a request. `consumer_id` None means anonymous traffic."""
+    if scope_mode == "global":
+        consumer = GLOBAL_CONSUMER
+    else:
+        consumer = f"id:{consumer_id}" if consumer_id else ANONYMOUS_CONSUMER
+    params = dict(request.answer_params())
+    params["stream"] = bool(request.stream)
+    return CacheScope(
+        namespace=namespace,
+        consumer=consumer,
+        route=route_id or "-",
+        model=request.model or "-",
+        context=sha256_hex(request.context_messages(message_countback)),
+        params=sha256_hex(params),
+    )
+
+
+def exact_key(scope: CacheScope, prompt_text: str) -> str:
+    """The exact layer's key: the whole scope plus the normalized semantic text."""
+    return sha256_hex([scope.bucket, normalize_prompt(prompt_text)])[:40]

@@ -1,0 +1,251 @@
+"""The Redis store: RediSearch HNSW/COSINE index per (namespace, embedding model, dimension).
+
+Layout, all under one prefix per namespace so a purge is one SCAN:
+
+    aigov:cache:<ns>:<cfg>:v:<key>   HASH  vector entry (tags per scope part, vec, entry JSON)
+    aigov:cache:<ns>:<cfg>:x:<key>   STRING exact-layer entry (the same JSON)
+    index aigov_cache:<ns>:<cfg>     over the v: prefix
+
+`<cfg>` is a hash of the parts of the plugin config that make vectors comparable (namespace,
+embedding model, dimension, metric), so two configs never share an index with another meaning.
+TTL is absolute: EXPIRE is set once at write time and a hit does not touch it.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import redis
+
+from aigov.cache.key import SCOPE_PARTS, CacheScope
+from aigov.cache.policies import CacheEntry, StoreUnavailable
+from aigov.redis_client import RedisLayer, RedisUnavailable
+from aigov.request import sha256_hex
+
+KEY_ROOT = "aigov:cache"
+INDEX_ROOT = "aigov_cache"
+
+
+def namespace_prefix(namespace: str) -> str:
+    return f"{KEY_ROOT}:{namespace}:"
+
+
+class RedisStore:
+    name = "redis"
+
+    def __init__(self, layer: RedisLayer, namespace: str, embeddings_model: str) -> None:
+        self.layer = layer
+        self.namespace = namespace
+        self.embeddings_model = embeddings_model
+        self._ready: set[str] = set()     # index names known to exist with the right dimension
+        self._lock = threading.Lock()
+
+    # -- naming -----------------------------------------------------------------------------
+    def cfg_id(self, dim: int) -> str:
+        return sha256_hex([self.namespace, self.embeddings_model, int(dim), "HNSW", "COSINE"])[:12]
+
+    def index_name(self, dim: int) -> str:
+        return f"{INDEX_ROOT}:{self.namespace}:{self.cfg_id(dim)}"
+
+    def _prefix(self, dim: int) -> str:
+        return f"{namespace_prefix(self.namespace)}{self.cfg_id(dim)}:"
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _run(self, fn: Any) -> Any:
+        try:
+            return self.layer.run(fn)
+        except RedisUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from None
+        except redis.ResponseError as exc:
+            raise StoreUnavailable(f"redis error: {exc}") from None
+
+    def _ensure_index(self, dim: int) -> str:
+        name = self.index_name(dim)
+        if name in self._ready:
+            return name
+
+        def ensure(r: redis.Redis) -> None:
+            try:
+                info = r.execute_command("FT.INFO", name)
+            except redis.ResponseError as exc:
+                msg = str(exc).lower()
+                if "unknown command" in msg:
+                    raise StoreUnavailable("this Redis has no vector search (RediSearch / Redis 8 needed)") from None
+                if "unknown index" not in msg and "no such index" not in msg:
+                    raise
+                schema: list[Any] = []
+                for part in SCOPE_PARTS:
+                    schema += [part, "TAG"]
+                schema += ["vec", "VECTOR", "HNSW", "6", "TYPE", "FLOAT32", "DIM", str(dim),
+                           "DISTANCE_METRIC", "COSINE"]
+                try:
+                    r.execute_command("FT.CREATE", name, "ON", "HASH", "PREFIX", "1",
+                                      self._prefix(dim) + "v:", "SCHEMA", *schema)
+                except redis.ResponseError as exc2:
+                    if "already exists" not in str(exc2).lower():
+                        raise
+                return
+            found = _index_dim(info)
+            if found is not None and found != dim:
+                raise StoreUnavailable(f"index {name} has dimension {found} but the embedder makes {dim}")
+
+        self._run(ensure)
+        with self._lock:
+            self._ready.add(name)
+        return name
+
+    # -- store API --------------------------------------------------------------------------
+    def get_exact(self, scope: CacheScope, key: str) -> CacheEntry | None:
+        # the exact layer is dimension-free: look it up under every cfg the namespace may use
+        raw = self._run(lambda r: r.get(self._exact_key(key)))
+        if not raw:
+            return None
+        entry = CacheEntry.from_json_dict(json.loads(raw))
+        if entry.meta.get("bucket") != scope.bucket or entry.expires_at <= time.time():
+            return None
+        return entry
+
+    def _exact_key(self, key: str) -> str:
+        return f"{namespace_prefix(self.namespace)}x:{key}"
+
+    def search(self, scope: CacheScope, vector: np.ndarray, k: int,
+               min_similarity: float) -> list[tuple[CacheEntry, float]]:
+        dim = int(vector.shape[-1])
+        index = self._ensure_index(dim)
+        tags = scope.tags()
+        filt = " ".join(f"@{part}:{{{tags[part]}}}" for part in SCOPE_PARTS)
+        query = f"({filt})=>[KNN {int(k)} @vec $blob AS dist]"
+        blob = np.asarray(vector, dtype=np.float32).tobytes()
+
+        def do(r: redis.Redis) -> Any:
+            return r.execute_command("FT.SEARCH", index, query, "PARAMS", "2", "blob", blob,
+                                     "SORTBY", "dist", "RETURN", "2", "dist", "entry",
+                                     "LIMIT", "0", str(int(k)), "DIALECT", "2")
+
+        try:
+            reply = self._run(do)
+        except StoreUnavailable as exc:
+            if "no such index" not in str(exc).lower() and "unknown index" not in str(exc).lower():
+                raise
+            # Redis restarted empty or the namespace was purged: recreate the index once
+            self._ready.discard(index)
+            self._ensure_index(dim)
+            reply = self._run(do)
+        out: list[tuple[CacheEntry, float]] = []
+        now = time.time()
+        for row in _search_rows(reply):
+            try:
+                similarity = 1.0 - float(row["dist"])
+                entry = CacheEntry.from_json_dict(json.loads(row["entry"]))
+            except (KeyError, ValueError, TypeError):
+                continue  # a foreign or corrupt document under our prefix is skipped, not served
+            if similarity >= min_similarity and entry.expires_at > now:
+                out.append((entry, similarity))
+        return out
+
+    def put(self, scope: CacheScope, vector: np.ndarray, entry: CacheEntry) -> None:
+        dim = int(vector.shape[-1])
+        self._ready.discard(self.index_name(dim))  # re-check: a restart or purge may have dropped it
+        self._ensure_index(dim)
+        entry.meta["bucket"] = scope.bucket
+        doc = json.dumps(entry.to_json_dict(), ensure_ascii=False, separators=(",", ":"))
+        ttl_ms = max(1, int((entry.expires_at - time.time()) * 1000))
+        vkey = f"{self._prefix(dim)}v:{entry.key}"
+        mapping: dict[str, Any] = dict(scope.tags())
+        mapping["vec"] = np.asarray(vector, dtype=np.float32).tobytes()
+        mapping["entry"] = doc
+
+        def do(r: redis.Redis) -> None:
+            pipe = r.pipeline(transaction=True)
+            pipe.delete(vkey)
+            pipe.hset(vkey, mapping=mapping)
+            pipe.pexpire(vkey, ttl_ms)
+            pipe.set(self._exact_key(entry.key), doc, px=ttl_ms)
+            pipe.execute()
+
+        self._run(do)
+
+    def purge(self) -> int:
+        n = purge_namespace(self.layer, self.namespace)
+        self._ready.clear()
+        return n
+
+
+def _s(x: Any) -> Any:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def _search_rows(reply: Any) -> list[dict[str, Any]]:
+    """FT.SEARCH rows as {field: value}, for RESP2 (flat list) and RESP3 (map) replies."""
+    rows: list[dict[str, Any]] = []
+    if isinstance(reply, dict):
+        results = reply.get(b"results", reply.get("results")) or []
+        for item in results:
+            attrs = item.get(b"extra_attributes", item.get("extra_attributes")) or {}
+            rows.append({_s(k): v for k, v in attrs.items()})
+        return rows
+    for i in range(1, len(reply) - 1, 2):
+        fields = reply[i + 1]
+        rows.append({_s(fields[j]): fields[j + 1] for j in range(0, len(fields) - 1, 2)})
+    return rows
+
+
+def _index_dim(info: Any) -> int | None:
+    """The DIM of the `vec` attribute in an FT.INFO reply (a flat list of name/value pairs)."""
+    def s(x: Any) -> Any:
+        return x.decode() if isinstance(x, bytes) else x
+
+    try:
+        if isinstance(info, dict):
+            attrs = info.get(b"attributes", info.get("attributes")) or []
+        else:
+            flat = list(info)
+            attrs = flat[flat.index(next(x for x in flat if s(x) == "attributes")) + 1]
+        for attr in attrs:
+            if isinstance(attr, dict):
+                attr = [y for kv in attr.items() for y in kv]
+            items = [s(x) for x in attr]
+            if "vec" in items:
+                for j, x in enumerate(items):
+                    if isinstance(x, str) and x.lower() == "dim":
+                        return int(items[j + 1])
+    except (StopIteration, ValueError, IndexError, TypeError):
+        return None
+    return None
+
+
+def purge_namespace(layer: RedisLayer, namespace: str) -> int:
+    """Delete every key and index of a namespace; returns the number of keys removed."""
+    prefix = namespace_prefix(namespace)
+    index_prefix = f"{INDEX_ROOT}:{namespace}:"
+
+    def do(r: redis.Redis) -> int:
+        try:
+            indexes = [i.decode() if isinstance(i, bytes) else i for i in r.execute_command("FT._LIST")]
+        except redis.ResponseError:
+            indexes = []
+        for name in indexes:
+            if name.startswith(index_prefix):
+                r.execute_command("FT.DROPINDEX", name)
+        removed = 0
+        batch: list[bytes] = []
+        for key in r.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += r.unlink(*batch)
+                batch = []
+        if batch:
+            removed += r.unlink(*batch)
+        return removed
+
+    try:
+        return layer.run(do)
+    except RedisUnavailable as exc:
+        raise StoreUnavailable(str(exc)) from None
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,396 @@
+"""The verifier: a lexical check on semantic cache candidates that cosine similarity cannot do.
+
+all-MiniLM-L6-v2 puts "how do I enable 2FA" and "how do I disable 2FA" at ~0.9 cosine, and so
+it does "convert USD to EUR" / "convert EUR to USD", "3 cows" / "2 cows", "red gate" / "yellow
+gate". A candidate above the threshold is served only if its user text and the query agree on:
+
+- negation (parity of negation markers),
+- numbers and quantities (digits and number words; "a"/"one" count as 1),
+- units (km vs miles, USD vs EUR, hours vs minutes, ...),
+- direction ("A to B" vs "B to A", "from A to B"),
+- antonym pairs (enable/disable, increase/decrease, add/remove, ... and un-/dis-/de- prefixes),
+- closed word classes whose members exclude each other (colours, genders, weekdays, ...),
+- named entities (capitalised or mixed-case tokens, acronyms, version-like tokens).
+
+Each check is deliberately conservative in one direction: it may turn a true paraphrase into a
+miss (costing recall: one more upstream call) but aims to never let a changed meaning through
+(costing precision: a wrong answer). Tuned on STS-B train and the GPTCache pairs; the numbers are
+in `aigov eval cache` output and the README.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+_TOKEN_RE = re.compile(r"[$€£¥%°]|\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z0-9]*(?:['’][A-Za-z]+)?(?:[-_.][A-Za-z0-9]+)*")
+_SENTENCE_START_RE = re.compile(r"(?:^|[.!?:;\n]\s*|[\"'(\[]\s*)$")
+
+NEGATIONS = frozenset("""not no never none nothing nobody nowhere neither nor cannot without
+unable n't cant dont doesnt didnt isnt arent wasnt werent wont wouldnt shouldnt couldnt hasnt
+havent hadnt mustnt neednt aint""".split())
+
+NUMBER_WORDS = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14,
+    "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
+    "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
+    "ninety": 90, "hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9,
+    "trillion": 10**12, "dozen": 12, "half": 0.5, "twice": 2, "thrice": 3,
+}
+ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6,
+            "seventh": 7, "eighth": 8, "ninth": 9, "tenth": 10, "last": "last"}
+
+UNITS = {
+    "km": "km", "kilometer": "km", "kilometre": "km", "kms": "km",
+    "mile": "mile", "mi": "mile", "m": "m", "meter": "m", "metre": "m", "cm": "cm",
+    "centimeter": "cm", "mm": "mm", "millimeter": "mm", "inch": "inch", "in.": "inch",
+    "foot": "foot", "feet": "foot", "ft": "foot", "yard": "yard", "yd": "yard",
+    "kg": "kg", "kilogram": "kg", "kilo": "kg", "g": "g", "gram": "g", "mg": "mg",
+    "lb": "lb", "lbs": "lb", "pound": "lb", "oz": "oz", "ounce": "oz", "ton": "ton", "tonne": "ton",
+    "celsius": "celsius", "centigrade": "celsius", "fahrenheit": "fahrenheit", "kelvin": "kelvin",
+    "°": "degree", "degree": "degree",
+    "$": "usd", "usd": "usd", "dollar": "usd", "€": "eur", "eur": "eur", "euro": "eur",
+    "£": "gbp", "gbp": "gbp", "sterling": "gbp", "¥": "jpy", "yen": "jpy", "jpy": "jpy",
+    "inr": "inr", "rupee": "inr", "cad": "cad", "aud": "aud", "chf": "chf", "franc": "chf",
+    "yuan": "cny", "cny": "cny", "rmb": "cny", "bitcoin": "btc", "btc": "btc",
+    "%": "percent", "percent": "percent", "percentage": "percent",
+    "ms": "ms", "millisecond": "ms", "second": "second", "sec": "second", "minute": "minute",
+    "min": "minute", "hour": "hour", "hr": "hour", "day": "day", "week": "week",
+    "month": "month", "year": "year", "decade": "decade", "century": "century",
+    "byte": "byte", "kb": "kb", "kilobyte": "kb", "mb": "mb", "megabyte": "mb", "gb": "gb",
+    "gigabyte": "gb", "tb": "tb", "terabyte": "tb", "bit": "bit", "mbps": "mbps", "gbps": "gbps",
+    "liter": "liter", "litre": "liter", "l": "liter", "ml": "ml", "milliliter": "ml",
+    "gallon": "gallon", "gal": "gallon", "cup": "cup", "tablespoon": "tbsp", "tbsp": "tbsp",
+    "teaspoon": "tsp", "tsp": "tsp", "mph": "mph", "kph": "kph", "kmh": "kph", "knot": "knot",
+    "watt": "watt", "w": "watt", "kw": "kw", "kwh": "kwh", "volt": "volt", "v": "volt",
+    "amp": "amp", "hz": "hz", "ghz": "ghz", "mhz": "mhz", "calorie": "calorie", "kcal": "calorie",
+    "acre": "acre", "hectare": "hectare",
+}
+
+# Pairs of opposite words (both directions are checked). Verb/adjective pairs users actually
+# flip in support questions, plus common opposites of description.
+ANTONYM_PAIRS = [
+    ("enable", "disable"), ("enabled", "disabled"), ("activate", "deactivate"), ("increase", "decrease"),
+    ("add", "remove"), ("add", "delete"), ("allow", "deny"), ("allow", "block"), ("allow", "forbid"),
+    ("accept", "reject"), ("accept", "decline"), ("approve", "reject"), ("open", "close"),
+    ("start", "stop"), ("start", "end"), ("begin", "end"), ("buy", "sell"), ("import", "export"),
+    ("upload", "download"), ("encrypt", "decrypt"), ("compress", "decompress"), ("include", "exclude"),
+    ("maximum", "minimum"), ("max", "min"), ("maximize", "minimize"), ("before", "after"),
+    ("above", "below"), ("inside", "outside"), ("input", "output"), ("push", "pull"),
+    ("lock", "unlock"), ("login", "logout"), ("subscribe", "unsubscribe"), ("connect", "disconnect"),
+    ("show", "hide"), ("expand", "collapse"), ("win", "lose"), ("hot", "cold"), ("warm", "cool"),
+    ("high", "low"), ("fast", "slow"), ("big", "small"), ("large", "small"), ("long", "short"),
+    ("tall", "short"), ("cheap", "expensive"), ("true", "false"), ("yes", "no"),
+    ("positive", "negative"), ("best", "worst"), ("better", "worse"), ("more", "less"),
+    ("more", "fewer"), ("most", "least"), ("first", "last"), ("early", "late"), ("old", "new"),
+    ("old", "young"), ("left", "right"), ("up", "down"), ("north", "south"), ("east", "west"),
+    ("encode", "decode"), ("serialize", "deserialize"), ("ascending", "descending"), ("asc", "desc"),
+    ("horizontal", "vertical"), ("internal", "external"), ("public", "private"),
+    ("synchronous", "asynchronous"), ("sync", "async"), ("client", "server"), ("send", "receive"),
+    ("read", "write"), ("create", "delete"), ("create", "destroy"), ("insert", "delete"),
+    ("success", "failure"), ("succeed", "fail"), ("pass", "fail"), ("valid", "invalid"),
+    ("legal", "illegal"), ("possible", "impossible"), ("front", "back"), ("top", "bottom"),
+    ("forward", "backward"), ("plus", "minus"), ("income", "expense"), ("credit", "debit"),
+    ("deposit", "withdraw"), ("borrow", "lend"), ("asleep", "awake"), ("light", "dark"),
+    ("light", "heavy"), ("day", "night"), ("morning", "evening"), ("summer", "winter"),
+    ("wet", "dry"), ("full", "empty"), ("rich", "poor"), ("strong", "weak"), ("safe", "dangerous"),
+    ("easy", "hard"), ("easy", "difficult"), ("simple", "complex"), ("inner", "outer"),
+    ("upper", "lower"), ("uppercase", "lowercase"), ("min", "max"), ("join", "leave"),
+    ("arrive", "depart"), ("arrival", "departure"), ("entry", "exit"), ("enter", "exit"),
+    ("attach", "detach"), ("install", "uninstall"), ("mount", "unmount"), ("freeze", "unfreeze"),
+    ("on", "off"), ("in", "out"), ("online", "offline"), ("sunrise", "sunset"), ("wide", "narrow"),
+    ("thick", "thin"), ("love", "hate"), ("like", "dislike"), ("agree", "disagree"),
+    ("gain", "lose"), ("profit", "loss"), ("raise", "lower"), ("upgrade", "downgrade"),
+    ("inbound", "outbound"), ("incoming", "outgoing"), ("sender", "recipient"), ("buyer", "seller"),
+    ("parent", "child"), ("debug", "release"),
+    ("sitting", "standing"), ("sit", "stand"), ("coming", "going"), ("come", "go"),
+    ("catch", "throw"), ("give", "take"), ("win", "loss"), ("winner", "loser"),
+]
+
+# Closed classes whose members exclude each other: "red bus" is not a "white bus".
+EXCLUSIVE_CLASSES = {
+    "colour": """red orange yellow green blue purple violet pink brown black white grey gray
+        silver gold golden beige tan maroon navy teal turquoise cyan magenta""".split(),
+    "gender": """man men woman women boy boys girl girls male female husband wife father mother
+        son daughter brother sister king queen gentleman lady ladies he she his her him""".split(),
+    "weekday": "monday tuesday wednesday thursday friday saturday sunday weekday weekend".split(),
+    "month": """january february march april may june july august september october november
+        december""".split(),
+    "season": "spring summer autumn fall winter".split(),
+    "os": "windows linux macos mac osx ios android ubuntu debian centos fedora".split(),
+    "language": """python java javascript typescript ruby php perl rust golang kotlin swift scala
+        haskell c++ c# csharp sql bash powershell lua""".split(),
+    "cloud": "aws azure gcp".split(),
+    "browser": "chrome firefox safari edge opera".split(),
+    "animal": """dog dogs cat cats horse horses cow cows sheep lamb bird birds duck ducks bull
+        bulls goat goats pig pigs bear bears lion lions tiger tigers elephant elephants""".split(),
+}
+
+_SIMPLE_STOP = frozenset("""a an the of to in on at for from by with and or is are was were be been
+being it its this that these those i you we they me my your our their what which who whom how why
+when where do does did can could should would will shall may might must have has had as into onto
+about over than then so if any some there here""".split())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str = ""          # the first failing check, e.g. "negation", "numbers:2!=3"
+
+
+def _lemma(word: str) -> str:
+    """A crude lemma for matching word lists: plural and common verb suffixes stripped."""
+    w = word.lower().replace("’", "'")
+    for suffix, repl in (("ies", "y"), ("ing", ""), ("ied", "y"), ("ed", ""), ("es", ""), ("s", "")):
+        if len(w) > len(suffix) + 2 and w.endswith(suffix):
+            stem = w[: -len(suffix)] + repl
+            return stem
+    return w
+
+
+def _variants(word: str) -> set[str]:
+    """The word and its plausible base forms (so 'enabled'/'enabling' match 'enable')."""
+    w = word.lower()
+    out = {w, _lemma(w)}
+    for suffix in ("ing", "ed", "es", "s", "d"):
+        if w.endswith(suffix) and len(w) > len(suffix) + 2:
+            base = w[: -len(suffix)]
+            out.update({base, base + "e"})
+    return out
+
+
+_ANTONYMS: dict[str, set[str]] = {}
+for _a, _b in ANTONYM_PAIRS:
+    _ANTONYMS.setdefault(_a, set()).add(_b)
+    _ANTONYMS.setdefault(_b, set()).add(_a)
+_CLASS_OF: dict[str, str] = {w: cls for cls, words in EXCLUSIVE_CLASSES.items() for w in words}
+_OPPOSITE_PREFIXES = ("un", "dis", "de", "non", "in", "im", "il", "ir", "anti")
+
+
+@dataclass
+class _Text:
+    raw: str
+    tokens: list[str]          # as written
+    lower: list[str]
+    lemmas: set[str]
+    words: set[str]            # lower + variants
+
+    @property
+    def content(self) -> list[str]:
+        return [t for t in self.lower if t not in _SIMPLE_STOP and t not in NEGATIONS and t.isalpha()]
+
+
+@lru_cache(maxsize=4096)
+def _analyse(text: str) -> _Text:
+    tokens = _TOKEN_RE.findall(text)
+    lower = [t.lower().replace("’", "'") for t in tokens]
+    words: set[str] = set()
+    for t in lower:
+        words |= _variants(t)
+    return _Text(text, tokens, lower, {_lemma(t) for t in lower}, words)
+
+
+def _negated(t: _Text) -> bool:
+    """Whether the text carries a negation ("No, it doesn't" and "it does not" both count once)."""
+    return any(w in NEGATIONS or w.endswith("n't") or w.startswith(("non-", "no-")) for w in t.lower)
+
+
+def _number_value(tok: str) -> float | str:
+    try:
+        if tok.count(",") == 1 and len(tok.split(",")[1]) != 3:
+            return float(tok.replace(",", "."))  # decimal comma
+        return float(tok.replace(",", ""))
+    except ValueError:
+        return tok
+
+
+def _numbers(t: _Text) -> tuple[frozenset, frozenset]:
+    """(exact numbers, ordinals). 1 ("a", "one", "1") is left out: "a cat" and "one cat" agree."""
+    exact: set = set()
+    ordinals: set = set()
+    for w in t.lower:
+        if w[0].isdigit():
+            exact.add(_number_value(w))
+        elif w in NUMBER_WORDS:
+            exact.add(float(NUMBER_WORDS[w]))
+        elif w in ORDINALS:
+            ordinals.add(ORDINALS[w])
+    exact.discard(1.0)
+    return frozenset(exact), frozenset(ordinals)
+
+
+# Unit words that are also ordinary words ("a cloudy day", "a yard", "ML tasks") count only next
+# to a number; the others count wherever they appear ("hours in a week" vs "minutes in a week").
+_AMBIGUOUS_UNITS = frozenset("""m g l w v mi min sec second day week month year decade century yard
+    yd foot feet ft inch pound cup degree bit byte ml mb gb kb tb hr ms""".split())
+
+
+def _units(t: _Text) -> frozenset:
+    found = set()
+    low = t.lower
+    for i, w in enumerate(low):
+        for cand in [w, w.rstrip(".")] + sorted(_variants(w)):
+            if cand in UNITS:
+                if cand in _AMBIGUOUS_UNITS or w in _AMBIGUOUS_UNITS:
+                    near = low[max(0, i - 2):i] + low[i + 1:i + 2]
+                    if not any(x[0].isdigit() or x in NUMBER_WORDS for x in near):
+                        break
+                found.add(UNITS[cand])
+                break
+    return frozenset(found)
+
+
+def _direction_pairs(t: _Text) -> set[tuple[str, str]]:
+    """Ordered (source, target) pairs from 'X to Y', 'from X to Y', 'X into Y', 'X -> Y'."""
+    pairs: set[tuple[str, str]] = set()
+    low = t.lower
+    arrows = {i for i, tok in enumerate(re.findall(r"->|→|=>|\S+", t.raw)) if tok in ("->", "→", "=>")}
+    for i, w in enumerate(low):
+        if w in ("to", "into", "2") and 0 < i < len(low) - 1:
+            left = next((low[j] for j in range(i - 1, -1, -1) if low[j] not in _SIMPLE_STOP), None)
+            right = next((low[j] for j in range(i + 1, len(low)) if low[j] not in _SIMPLE_STOP), None)
+            if left and right and left != right:
+                pairs.add((_lemma(left), _lemma(right)))
+    if arrows:
+        parts = re.split(r"->|→|=>", t.raw)
+        for a, b in zip(parts, parts[1:]):
+            la = _TOKEN_RE.findall(a.lower())
+            lb = _TOKEN_RE.findall(b.lower())
+            if la and lb:
+                pairs.add((_lemma(la[-1]), _lemma(lb[0])))
+    return pairs
+
+
+def _entities(t: _Text) -> set[str]:
+    """Names: capitalised words not at a sentence start, ALL-CAPS acronyms, mixed case, versions."""
+    ents: set[str] = set()
+    for m in _TOKEN_RE.finditer(t.raw):
+        tok = m.group(0)
+        if not tok[0].isalpha():
+            continue
+        at_start = bool(_SENTENCE_START_RE.search(t.raw[: m.start()]))
+        low = tok.lower()
+        if tok.isupper() and len(tok) >= 2 and low not in ("ok", "i"):
+            ents.add(low)
+        elif any(c.isdigit() for c in tok):
+            ents.add(low)
+        elif tok[0].isupper() and not at_start and low not in _SIMPLE_STOP:
+            ents.add(low)
+        elif any(c.isupper() for c in tok[1:]):
+            ents.add(low)
+    return ents
+
+
+def _antonym_clash(a: _Text, b: _Text) -> str | None:
+    only_a = a.words - b.words
+    only_b = b.words - a.words
+    for w in only_a:
+        for opp in _ANTONYMS.get(w, ()):
+            if opp in only_b:
+                return f"{w}/{opp}"
+    # un-/dis-/de- prefixes: "install" vs "uninstall", "able" vs "disable" style flips
+    for x, y in ((only_a, only_b), (only_b, only_a)):
+        for w in x:
+            for p in _OPPOSITE_PREFIXES:
+                if w.startswith(p) and len(w) - len(p) >= 4 and w[len(p):] in y:
+                    return f"{w[len(p):]}/{w}"
+    return None
+
+
+_CANONICAL = {"grey": "gray", "golden": "gold", "lady": "woman", "ladies": "woman", "women": "woman",
+              "men": "man", "gentleman": "man", "female": "woman", "male": "man", "boys": "boy",
+              "girls": "girl", "mac": "macos", "osx": "macos", "c#": "csharp", "golang": "go"}
+
+
+def _class_clash(a: _Text, b: _Text) -> str | None:
+    """A member of a closed class replaced by another member ("red" -> "blue", "Monday" -> "Friday")."""
+    def by_class(t: _Text) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for w in t.lower:
+            cls = _CLASS_OF.get(w)
+            base = w
+            if cls is None and _lemma(w) in _CLASS_OF:
+                base = _lemma(w)
+                cls = _CLASS_OF[base]
+            if cls:
+                base = _CANONICAL.get(base, base)
+                out.setdefault(cls, set()).add(_lemma(base) if cls == "animal" else base)
+        return out
+
+    ca, cb = by_class(a), by_class(b)
+    for cls in ca.keys() & cb.keys():
+        only_a, only_b = ca[cls] - cb[cls], cb[cls] - ca[cls]
+        if only_a and only_b:
+            return f"{cls}:{','.join(sorted(only_a))}!={','.join(sorted(only_b))}"
+    return None
+
+
+def _role_swap(a: _Text, b: _Text) -> str | None:
+    """'A man carries a dog' vs 'A dog carries a man': two shared words swap sides of a shared pivot."""
+    ca, cb = [_lemma(w) for w in a.content], [_lemma(w) for w in b.content]
+    if len(ca) > 30 or len(cb) > 30:
+        return None  # long texts reorder clauses freely; the check is meant for questions
+    pa = {w: i for i, w in enumerate(ca) if ca.count(w) == 1}
+    pb = {w: i for i, w in enumerate(cb) if cb.count(w) == 1}
+    shared = [w for w in pa if w in pb]
+    for v in shared:
+        before_a = {w for w in shared if pa[w] < pa[v]}
+        after_a = {w for w in shared if pa[w] > pa[v]}
+        before_b = {w for w in shared if pb[w] < pb[v]}
+        after_b = {w for w in shared if pb[w] > pb[v]}
+        near = (lambda w: abs(pa[w] - pa[v]) <= 2 and abs(pb[w] - pb[v]) <= 2)
+        for x in before_a & after_b:
+            for y in after_a & before_b:
+                if near(x) and near(y):
+                    return f"{x}<{v}<{y}"
+    return None
+
+
+def _entity_known(entity: str, other: _Text) -> bool:
+    """An entity of one text is present in the other, allowing for case, hyphens and truncation."""
+    if entity in other.words:
+        return True
+    parts = [p for p in re.split(r"[-_.]", entity) if p]
+    if len(parts) > 1 and all(p in other.words for p in parts):
+        return True
+    joined = other.raw.lower().replace(" ", "").replace("-", "")
+    if len(entity) >= 4 and entity.replace("-", "") in joined:
+        return True
+    return any(len(w) >= 5 and len(entity) >= 5 and (w.startswith(entity) or entity.startswith(w))
+               for w in other.words)
+
+
+def verify(query: str, candidate: str) -> Verdict:
+    """Whether `candidate` (a cached prompt) may answer `query`. Identical texts always pass."""
+    if query == candidate:
+        return Verdict(True)
+    a, b = _analyse(query), _analyse(candidate)
+    if _negated(a) != _negated(b):
+        return Verdict(False, "negation")
+    (na, oa), (nb, ob) = _numbers(a), _numbers(b)
+    if na != nb:
+        return Verdict(False, f"numbers:{sorted(map(str, na))}!={sorted(map(str, nb))}")
+    if oa and ob and oa != ob:
+        return Verdict(False, f"ordinals:{sorted(map(str, oa))}!={sorted(map(str, ob))}")
+    ua, ub = _units(a), _units(b)
+    if ua != ub:
+        return Verdict(False, f"units:{sorted(ua)}!={sorted(ub)}")
+    da, db = _direction_pairs(a), _direction_pairs(b)
+    for x, y in da:
+        if (y, x) in db and (x, y) not in db:
+            return Verdict(False, f"direction:{x}->{y}")
+    clash = _role_swap(a, b)
+    if clash:
+        return Verdict(False, f"direction:{clash}")
+    clash = _antonym_clash(a, b)
+    if clash:
+        return Verdict(False, f"antonym:{clash}")
+    clash = _class_clash(a, b)
+    if clash:
+        return Verdict(False, f"class:{clash}")
+    missing_in_b = {e for e in _entities(a) if not _entity_known(e, b)}
+    missing_in_a = {e for e in _entities(b) if not _entity_known(e, a)}
+    if missing_in_a and missing_in_b:  # one name replaced by another
+        return Verdict(False, f"entities:{sorted(missing_in_b)}!={sorted(missing_in_a)}")
+    return Verdict(True)

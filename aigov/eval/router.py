@@ -1,0 +1,220 @@
+"""`aigov eval router`: in-scope accuracy and out-of-scope recall of the semantic router.
+
+    aigov eval router --train TRAIN.jsonl --test TEST.jsonl [--per-route N] [--json] [--routes FILE]
+
+Lines are `{"text": ..., "route": NAME-or-null}`; CLINC150's own format (`{"text", "intent"}` with
+intent "oos" for out-of-scope) is accepted as is. In train, null lines are negatives; in test, null
+means "should go to the default route". Routes are built from the train utterances (at most N per
+route, first come first kept) through the plugin's own code (aigov.routing.core.Router), or taken
+from a real plugin config with --routes (a JSON/YAML file holding the plugin's `config`, or a
+kong.yml whose first llm-semantic-router plugin is used).
+
+in_scope_accuracy = share of in-scope test lines routed to their route (a correct route above the
+threshold); oos_recall = share of out-of-scope lines sent to the default. p50_ms is the decision
+latency of one prompt through the plugin path (embed + score), measured on a sample.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+SAMPLE_LATENCY = 100  # prompts embedded one at a time to measure the request-path latency
+
+
+class EvalInputError(ValueError):
+    """An input file that cannot be read as labelled routing lines."""
+
+
+def read_lines(path: str | Path) -> list[tuple[str, str | None]]:
+    """(text, route-or-None) pairs from our format or CLINC150's."""
+    out: list[tuple[str, str | None]] = []
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise EvalInputError(f"{path}: {exc.strerror}") from None
+    with fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise EvalInputError(f"{path}:{n}: not a JSON line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise EvalInputError(f"{path}:{n}: expected an object with a string 'text'")
+            if "route" in row:
+                route = row["route"]
+            elif "intent" in row:  # CLINC150
+                route = None if row["intent"] == "oos" else row["intent"]
+            else:
+                raise EvalInputError(f"{path}:{n}: needs 'route' (name or null) or CLINC150's 'intent'")
+            if route is not None and not isinstance(route, str):
+                raise EvalInputError(f"{path}:{n}: 'route' must be a string or null")
+            out.append((row["text"], route))
+    return out
+
+
+def load_plugin_config(path: str | Path) -> dict[str, Any]:
+    """A plugin config from a JSON/YAML file: the config itself, {"config": ...}, or a kong.yml."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise EvalInputError(f"{path}: {exc}") from None
+    found = _find_router_config(doc)
+    if found is None:
+        raise EvalInputError(f"{path}: no llm-semantic-router config (routes + default_route) found")
+    return found
+
+
+def _find_router_config(doc: Any) -> dict[str, Any] | None:
+    if isinstance(doc, dict):
+        if "routes" in doc and "default_route" in doc:
+            return doc
+        if doc.get("name") == "llm-semantic-router" and isinstance(doc.get("config"), dict):
+            return doc["config"]
+        for v in doc.values():
+            hit = _find_router_config(v)
+            if hit is not None:
+                return hit
+    elif isinstance(doc, list):
+        for v in doc:
+            hit = _find_router_config(v)
+            if hit is not None:
+                return hit
+    return None
+
+
+def build_router(conf: dict[str, Any]) -> Any:
+    from aigov.embeddings import embedder_from_config
+    from aigov.plugins.semantic_router.schema import SCHEMA
+    from aigov.routing.core import Router, settings_from_config
+    from kongsim.metaschema import process_config
+
+    # Kong's own processing (defaults, validation) so the config means what it means in Kong.
+    processed = process_config(SCHEMA, conf, plugin="llm-semantic-router")
+    settings = settings_from_config(processed)
+    return Router(settings, embedder_from_config(processed.get("embeddings")))
+
+
+def evaluate(router: Any, test: list[tuple[str, str | None]], latency_sample: int = SAMPLE_LATENCY,
+             worst: int = 5) -> dict[str, Any]:
+    """Score the test lines with the plugin's decision code; returns the report dict."""
+    t0 = time.perf_counter()
+    model, source = router.model(wait_s=3600)
+    build_s = time.perf_counter() - t0
+    texts = [t for t, _ in test]
+    encode = getattr(router.embedder, "encode_direct", None) or router.embedder.embed
+    vecs = np.asarray(encode(texts), dtype=np.float32) if texts else np.zeros((0, 1), np.float32)
+    decisions = router.decide_vectors(model, vecs) if texts else []
+    default_name = router.settings.default_route
+    known = {r.name for r in router.settings.routes}
+    in_total = in_ok = oos_total = oos_ok = 0
+    confusion: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for (_, want), d in zip(test, decisions):
+        matched = d.reason == "matched"
+        got = d.route.name if (matched and d.route) else "(default)"
+        if want is None or want not in known:
+            oos_total += 1
+            oos_ok += not matched
+            if matched:
+                confusion["(out-of-scope)"][got] += 1
+        else:
+            in_total += 1
+            in_ok += got == want
+            if got != want:
+                confusion[want][got] += 1
+    latencies = []
+    for text in texts[:latency_sample]:
+        t = time.perf_counter()
+        router.decide_text(text)
+        latencies.append((time.perf_counter() - t) * 1000.0)
+    worst_rows = sorted(confusion.items(), key=lambda kv: -sum(kv[1].values()))[:worst]
+    return {
+        "in_scope_accuracy": round(in_ok / in_total, 4) if in_total else None,
+        "oos_recall": round(oos_ok / oos_total, 4) if oos_total else None,
+        "routes": len(router.settings.routes),
+        "test_size": len(test),
+        "in_scope_size": in_total,
+        "oos_size": oos_total,
+        "p50_ms": round(float(np.percentile(latencies, 50)), 2) if latencies else None,
+        "p95_ms": round(float(np.percentile(latencies, 95)), 2) if latencies else None,
+        "threshold": round(router.threshold(model), 4),
+        "threshold_method": "configured" if router.configured_threshold is not None else model.calibration.method,
+        "calibration": model.calibration.to_dict(),
+        "default_route": default_name,
+        "model_id": router.model_id,
+        "model_source": source,
+        "build_s": round(build_s, 2),
+        "worst_routes": [{"route": name, "errors": sum(c.values()), "sent_to": dict(c.most_common(3))}
+                         for name, c in worst_rows],
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", help="labelled utterances (JSONL: text + route|null, or CLINC150)")
+    parser.add_argument("--test", required=True, help="labelled test lines (null route = out of scope)")
+    parser.add_argument("--per-route", type=int, default=None, help="keep at most N train utterances per route")
+    parser.add_argument("--routes", help="evaluate this plugin config (JSON/YAML/kong.yml) instead of --train")
+    parser.add_argument("--target-oos-recall", type=float, default=None,
+                        help="thresholds.target_oos_recall for routes built from --train")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from aigov.routing.core import RouterConfigError, routes_from_pairs
+
+    try:
+        if args.routes:
+            conf = load_plugin_config(args.routes)
+        elif args.train:
+            conf = routes_from_pairs(read_lines(args.train), args.per_route)
+            if args.target_oos_recall is not None:
+                conf["thresholds"] = {"target_oos_recall": args.target_oos_recall}
+        else:
+            print("aigov eval router: give --train or --routes", file=sys.stderr)
+            return 2
+        test = read_lines(args.test)
+        router = build_router(conf)
+        report = evaluate(router, test)
+    except (EvalInputError, RouterConfigError) as exc:
+        print(f"aigov eval router: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # kongsim ConfigError: the config Kong would reject
+        print(f"aigov eval router: invalid plugin config: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    print(_format(report))
+    return 0
+
+
+def _format(r: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    lines = [
+        f"routes: {r['routes']}  test lines: {r['test_size']} ({r['in_scope_size']} in scope, {r['oos_size']} out of scope)",
+        f"in-scope accuracy: {pct(r['in_scope_accuracy'])}",
+        f"out-of-scope recall: {pct(r['oos_recall'])}",
+        f"threshold: {r['threshold']} ({r['threshold_method']}); embedding model {r['model_id']}",
+        f"decision latency: p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms; model {r['model_source']} in {r['build_s']} s",
+    ]
+    if r["worst_routes"]:
+        lines.append("worst routes (true → sent to):")
+        for row in r["worst_routes"]:
+            sent = ", ".join(f"{k} x{v}" for k, v in row["sent_to"].items())
+            lines.append(f"  {row['route']}: {row['errors']} errors → {sent}")
+    return "\n".join(lines)

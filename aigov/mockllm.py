@@ -1,0 +1,614 @@
+"""`aigov mock-llm`: a deterministic OpenAI-compatible upstream for tests and the demo.
+
+Endpoints: POST /v1/chat/completions (JSON, or SSE with `stream: true`), POST /v1/embeddings,
+GET /v1/models, GET /health, GET /mock/stats, POST /mock/reset.
+
+Answers are derived from the prompt ("Answer to: <last user text> [<hash of model+messages>]"),
+`usage` is counted with aigov.tokens, and `max_tokens` / `max_completion_tokens` truncate the
+answer with finish_reason "length".
+
+Per-request behaviour, switched by request headers:
+  X-Mock-Fail: 429          rate-limit error (Retry-After: 1)
+               500          server error
+               cut          the body stops mid-way: a stream without finish chunk or [DONE]
+                            (chunked encoding not terminated); JSON cut after half its bytes
+               length       finish_reason "length" with the answer cut to half its tokens
+               timeout      no response; the connection closes after `hang_s` (or at stop())
+               slow-stream  stream chunks are sent `slow_chunk_ms` apart
+  X-Mock-Latency-Ms: N      wait N ms before answering (capped at 60 s)
+  X-Mock-Usage: none        no usage anywhere (no usage chunk even with include_usage)
+                final       streams end with the usage chunk even without include_usage
+                total=N[,prompt=P][,completion=C]   report these numbers instead of the counts
+
+Response headers tell tests what reached the upstream without exposing secrets:
+X-Mock-Model (the model asked for), X-Mock-Auth-Header (which credential header arrived) and
+X-Mock-Auth-Sha256 (first 16 hex digits of the SHA-256 of its value). Credentials are never
+logged or stored.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import hashlib
+import http.server
+import json
+import logging
+import math
+import signal
+import socket
+import socketserver
+import struct
+import threading
+import time
+import uuid
+from typing import Any, Mapping
+
+from aigov import sse, tokens
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
+DEFAULT_EMBEDDING_DIM = 384
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_LATENCY_MS = 60_000
+MAX_CONCURRENT_REQUESTS = 64
+ANSWER_ECHO_CHARS = 200  # the answer quotes at most this much of the prompt
+AUTH_HEADERS = ("authorization", "api-key", "x-api-key")  # OpenAI, Azure, Anthropic-style
+
+
+def auth_fingerprint(value: str) -> str:
+    """What X-Mock-Auth-Sha256 reports for a credential header value (16 hex digits)."""
+    return hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+def last_user_text(messages: Any) -> str:
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if isinstance(message, Mapping) and message.get("role") == "user":
+            return tokens.content_text(message.get("content"))
+    return ""
+
+
+def answer_for(model: str, messages: Any) -> str:
+    """The deterministic answer: quotes the last user text, hashes the whole conversation."""
+    digest = hashlib.sha256(json.dumps([model, messages], sort_keys=True, default=str)
+                            .encode("utf-8", "replace")).hexdigest()[:8]
+    quoted = " ".join(last_user_text(messages).split())[:ANSWER_ECHO_CHARS]
+    return f"Answer to: {quoted} [{digest}]"
+
+
+def embedding_for(text: str, dimensions: int = DEFAULT_EMBEDDING_DIM) -> list[float]:
+    """A deterministic unit vector for `text` (hash-based: equal texts get equal vectors,
+    different texts nearly orthogonal ones; no semantics)."""
+    values: list[float] = []
+    counter = 0
+    seed = text.encode("utf-8", "replace")
+    while len(values) < dimensions:
+        block = hashlib.sha256(seed + counter.to_bytes(4, "big")).digest()
+        values.extend((b - 127.5) / 127.5 for b in block)
+        counter += 1
+    values = values[:dimensions]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+class MockError(Exception):
+    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.code, self.param = (
+            status, message, error_type, code, param)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "param": self.param, "code": self.code}}
+
+
+def parse_usage_override(value: str) -> dict[str, int] | None:
+    """`total=298[,prompt=P][,completion=C]` → the numbers to report; None if not an override."""
+    numbers: dict[str, int] = {}
+    for part in value.split(","):
+        key, sep, number = part.strip().partition("=")
+        if not sep:
+            return None
+        key = key.strip().lower()
+        if key not in ("total", "prompt", "completion") or not number.strip().isdigit():
+            raise MockError(400, f"X-Mock-Usage: cannot parse {part.strip()!r}; expected "
+                                 "none, final or total=N[,prompt=P][,completion=C]")
+        numbers[key] = int(number)
+    return numbers
+
+
+class MockStats:
+    """Per-instance counters, safe across handler threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests = 0
+            self.by_model: collections.Counter[str] = collections.Counter()
+            self.by_path: collections.Counter[str] = collections.Counter()
+            self.by_status: collections.Counter[int] = collections.Counter()
+            self.by_fail: collections.Counter[str] = collections.Counter()
+            # Recent calls for assertions (which model/key reached the upstream); bounded.
+            self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests += 1
+            self.by_path[entry["path"]] += 1
+            self.by_status[entry["status"]] += 1
+            if entry.get("model"):
+                self.by_model[entry["model"]] += 1
+            if entry.get("fail"):
+                self.by_fail[entry["fail"]] += 1
+            self.recent.append(entry)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"requests": self.requests, "by_model": dict(self.by_model),
+                    "by_path": dict(self.by_path),
+                    "by_status": {str(k): v for k, v in self.by_status.items()},
+                    "by_fail": dict(self.by_fail), "recent": list(self.recent)}
+
+
+class _BoundedThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type, mock: "MockLLM") -> None:
+        self.mock = mock
+        # Bounded concurrency: the accept loop waits for a free slot (backpressure via backlog).
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive for JSON, chunked encoding for streams
+    server_version = "aigov-mock-llm/0.1"
+    timeout = 30  # a silent client must not hold a handler thread forever
+
+    server: _BoundedThreadingHTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("mock-llm %s - %s", self.address_string(), format % args)
+
+    # ---- plumbing -------------------------------------------------------------------------
+    @property
+    def mock(self) -> "MockLLM":
+        return self.server.mock
+
+    def _auth(self) -> tuple[str, str]:
+        for name in AUTH_HEADERS:
+            value = self.headers.get(name)
+            if value is not None:
+                return name, auth_fingerprint(value)
+        return "none", "none"
+
+    def _common_headers(self, model: str | None) -> dict[str, str]:
+        header_name, fingerprint = self._auth()
+        headers = {"X-Mock-Auth-Header": header_name, "X-Mock-Auth-Sha256": fingerprint,
+                   "X-Mock-Request-Id": self._request_id}
+        if model is not None:
+            headers["X-Mock-Model"] = model
+        return headers
+
+    def _send_json(self, status: int, body: Any, model: str | None = None,
+                   extra: Mapping[str, str] | None = None) -> None:
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for key, value in {**self._common_headers(model), **(extra or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(payload)
+        self._status = status
+
+    def _read_json(self) -> Any:
+        length_header = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            raise MockError(411, "chunked request bodies are not supported; send Content-Length")
+        try:
+            length = int(length_header or 0)
+        except ValueError:
+            raise MockError(400, "invalid Content-Length") from None
+        if length < 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body would poison a kept-alive connection
+            raise MockError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        raw = self.rfile.read(length) if length else b""
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise MockError(400, f"request body is not valid JSON: {exc}") from None
+
+    def _sleep(self, milliseconds: float) -> None:
+        if milliseconds > 0:
+            # Interruptible: stop() does not wait for sleeping handlers.
+            self.mock._stopping.wait(min(milliseconds, MAX_LATENCY_MS) / 1000.0)
+
+    # ---- dispatch ---------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        self._request_id = uuid.uuid4().hex[:12]
+        self._status = 0
+        self._model: str | None = None
+        self._fail: str | None = None
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        routes = {
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/embeddings"): self._embeddings,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/health"): lambda: self._send_json(200, {"status": "ok"}),
+            ("GET", "/mock/stats"): lambda: self._send_json(200, self.mock.stats.snapshot()),
+            ("POST", "/mock/reset"): self._reset,
+        }
+        handler = routes.get((method, path))
+        try:
+            if handler is None:
+                known = {p for (_, p) in routes}
+                raise MockError(405 if path in known else 404,
+                                f"{method} {path} is not served by the mock LLM")
+            handler()
+        except MockError as exc:
+            self._send_json(exc.status, exc.body(), self._model)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:  # a bug in the mock: answer 500 rather than drop the client
+            log.exception("mock-llm: internal error")
+            try:
+                self._send_json(500, MockError(500, f"mock internal error: {exc}", "server_error").body())
+            except OSError:
+                self.close_connection = True
+        finally:
+            if path.startswith("/v1/"):
+                header_name, fingerprint = self._auth()
+                self.mock.stats.record({"path": path, "model": self._model, "status": self._status,
+                                        "fail": self._fail, "auth_header": header_name,
+                                        "auth_sha256": fingerprint, "request_id": self._request_id})
+
+    def _reset(self) -> None:
+        self.mock.stats.reset()
+        self._send_json(200, {"reset": True})
+
+    def _models(self) -> None:
+        self._send_json(200, {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "aigov-mock"}
+            for m in self.mock.models]})
+
+    def _check_model(self, body: Mapping[str, Any]) -> str:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise MockError(400, "you must provide a model parameter", param="model")
+        self._model = model
+        if self.mock.restrict_models and model not in self.mock.models:
+            raise MockError(404, f"The model `{model}` does not exist", code="model_not_found",
+                            param="model")
+        return model
+
+    def _apply_failure_headers(self) -> str | None:
+        """Latency and the X-Mock-Fail modes that answer before any work. Returns the mode."""
+        latency = self.mock.latency_ms
+        header_latency = self.headers.get("X-Mock-Latency-Ms")
+        if header_latency is not None:
+            try:
+                latency = float(header_latency)
+            except ValueError:
+                raise MockError(400, "X-Mock-Latency-Ms must be a number of milliseconds") from None
+        self._sleep(latency)
+        fail = (self.headers.get("X-Mock-Fail") or "").strip().lower() or None
+        self._fail = fail
+        if fail is None:
+            return None
+        if fail == "429":
+            raise _RateLimited()
+        if fail == "500":
+            raise MockError(500, "The server had an error while processing your request (mock)",
+                            "server_error")
+        if fail == "timeout":
+            self.mock._stopping.wait(self.mock.hang_s)
+            self.close_connection = True
+            raise _NoResponse()
+        if fail not in ("cut", "length", "slow-stream"):
+            raise MockError(400, f"X-Mock-Fail: unknown mode {fail!r} "
+                                 "(429, 500, cut, length, timeout, slow-stream)")
+        return fail
+
+    # ---- chat ------------------------------------------------------------------------------
+    def _chat(self) -> None:
+        try:
+            self._chat_inner()
+        except _RateLimited:
+            self._send_json(429, MockError(429, "Rate limit reached for requests (mock)",
+                                           "rate_limit_exceeded", "rate_limit_exceeded").body(),
+                            self._model, {"Retry-After": "1"})
+        except _NoResponse:
+            pass
+
+    def _chat_inner(self) -> None:
+        body = self._read_json()
+        if not isinstance(body, Mapping):
+            raise MockError(400, "request body must be a JSON object")
+        model = self._check_model(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise MockError(400, "messages must be a non-empty array", param="messages")
+        max_tokens = body.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise MockError(400, "max_tokens must be a positive integer", param="max_tokens")
+        usage_mode = (self.headers.get("X-Mock-Usage") or "").strip().lower()
+        usage_override = None
+        if usage_mode not in ("", "none", "final"):
+            usage_override = parse_usage_override(usage_mode)
+            if usage_override is None:
+                raise MockError(400, f"X-Mock-Usage: unknown value {usage_mode!r}")
+        fail = self._apply_failure_headers()
+
+        encoding = tokens.encoding_for(model)
+        answer_tokens = encoding.encode_ordinary(answer_for(model, messages))
+        finish_reason = "stop"
+        limit = max_tokens
+        if fail == "length":
+            limit = max(1, len(answer_tokens) // 2) if limit is None else min(limit, max(1, len(answer_tokens) // 2))
+        if limit is not None and len(answer_tokens) > limit:
+            answer_tokens, finish_reason = answer_tokens[:limit], "length"
+        content = encoding.decode(answer_tokens)
+        prompt_tokens = tokens.count_chat_messages(messages, model, body.get("tools"))
+        completion_tokens = tokens.count_text(content, model)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        if usage_override:
+            usage = _overridden_usage(usage, usage_override)
+        completion = {
+            "id": f"chatcmpl-mock-{self._request_id}", "object": "chat.completion",
+            "created": int(time.time()), "model": model, "system_fingerprint": "fp_aigov_mock",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content,
+                                                  "refusal": None},
+                         "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage,
+        }
+        if usage_mode == "none":
+            del completion["usage"]
+        if body.get("stream") is True:
+            stream_options = body.get("stream_options")
+            include_usage = isinstance(stream_options, Mapping) and stream_options.get("include_usage") is True
+            include_usage = (include_usage or usage_mode == "final") and usage_mode != "none"
+            self._stream(completion, include_usage, fail)
+        elif fail == "cut":
+            payload = json.dumps(completion).encode("utf-8")
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))  # promises more than it sends
+            for key, value in self._common_headers(model).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(payload[: len(payload) // 2])
+            self._status = 200
+            self._abort_connection()
+        else:
+            self._send_json(200, completion, model)
+
+    def _stream(self, completion: dict[str, Any], include_usage: bool, fail: str | None) -> None:
+        chunks = sse.chat_stream_chunks(completion, include_usage)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        for key, value in self._common_headers(self._model).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self._status = 200
+        if fail == "cut":
+            # Role chunk and about half the content; no finish chunk, no usage, no [DONE].
+            content_chunks = len(chunks) - 1 - (1 if include_usage else 0) - 1
+            chunks = chunks[: 1 + max(1, content_chunks // 2)]
+        delay_ms = self.mock.slow_chunk_ms if fail == "slow-stream" else self.mock.chunk_delay_ms
+        for chunk in chunks:
+            self._write_chunk(sse.sse_event(chunk))
+            self._sleep(delay_ms)
+            if self.mock._stopping.is_set():
+                break
+        if fail == "cut":
+            self._abort_connection()
+            return
+        self._write_chunk(sse.DONE)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _abort_connection(self) -> None:
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # ---- embeddings ----------------------------------------------------------------------------
+    def _embeddings(self) -> None:
+        try:
+            body = self._read_json()
+            if not isinstance(body, Mapping):
+                raise MockError(400, "request body must be a JSON object")
+            model = self._check_model(body)
+            self._apply_failure_headers()
+        except _RateLimited:
+            self._send_json(429, MockError(429, "Rate limit reached (mock)", "rate_limit_exceeded",
+                                           "rate_limit_exceeded").body(), self._model,
+                            {"Retry-After": "1"})
+            return
+        except _NoResponse:
+            return
+        raw_input = body.get("input")
+        if isinstance(raw_input, str):
+            texts = [raw_input]
+        elif isinstance(raw_input, list) and raw_input and all(isinstance(t, str) for t in raw_input):
+            texts = list(raw_input)
+        elif isinstance(raw_input, list) and raw_input and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in raw_input):
+            texts = [json.dumps(raw_input)]  # one token array
+        else:
+            raise MockError(400, "input must be a string or a non-empty array of strings",
+                            param="input")
+        dimensions = body.get("dimensions", DEFAULT_EMBEDDING_DIM)
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= 4096:
+            raise MockError(400, "dimensions must be an integer from 1 to 4096", param="dimensions")
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(texts):
+            vector = embedding_for(text, dimensions)
+            value: Any = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode() \
+                if as_base64 else vector
+            data.append({"object": "embedding", "index": index, "embedding": value})
+        prompt_tokens = sum(tokens.count_text(t, model) for t in texts)
+        self._send_json(200, {"object": "list", "data": data, "model": model,
+                              "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}},
+                        model)
+
+
+class _RateLimited(Exception):
+    pass
+
+
+class _NoResponse(Exception):
+    pass
+
+
+def _overridden_usage(counted: dict[str, int], override: dict[str, int]) -> dict[str, int]:
+    prompt = override.get("prompt", counted["prompt_tokens"])
+    if "total" in override:
+        total = override["total"]
+        prompt = min(prompt, total)
+        completion = override.get("completion", total - prompt)
+    else:
+        completion = override.get("completion", counted["completion_tokens"])
+        total = prompt + completion
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
+
+class MockLLM:
+    """The mock upstream, in-process: `MockLLM("127.0.0.1").start()`, `.url`, `.stop()`.
+
+    models: names listed by /v1/models; with restrict_models=True other names get 404.
+    latency_ms: wait before every answer. chunk_delay_ms: gap between stream chunks.
+    hang_s: how long `X-Mock-Fail: timeout` holds the connection.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0,
+                 models: list[str] | tuple[str, ...] | None = None, restrict_models: bool | None = None,
+                 chunk_delay_ms: float = 0, slow_chunk_ms: float = 200, hang_s: float = 30) -> None:
+        self.host = host
+        self.port = port
+        self.latency_ms = latency_ms
+        self.models = tuple(models) if models else DEFAULT_MODELS
+        self.restrict_models = bool(models) if restrict_models is None else restrict_models
+        self.chunk_delay_ms = chunk_delay_ms
+        self.slow_chunk_ms = slow_chunk_ms
+        self.hang_s = hang_s
+        self.stats = MockStats()
+        self._stopping = threading.Event()
+        self._server: _BoundedThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL without /v1, e.g. http://127.0.0.1:40123."""
+        if self._server is None:
+            raise RuntimeError("MockLLM is not started")
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "MockLLM":
+        if self._server is not None:
+            return self
+        tokens.ensure_offline_encodings()
+        self._stopping.clear()
+        self._server = _BoundedThreadingHTTPServer((self.host, self.port), _Handler, self)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=f"mock-llm:{self.port}", daemon=True)
+        self._thread.start()
+        log.info("mock LLM listening on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()  # wakes sleeping/hanging handlers
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "MockLLM":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- CLI: aigov mock-llm ---------------------------------------------------------------------------
+def _listen_address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", type=_listen_address, default=("127.0.0.1", 8081),
+                        metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8081)")
+    parser.add_argument("--latency-ms", type=float, default=0, help="wait before every answer")
+    parser.add_argument("--chunk-delay-ms", type=float, default=0, help="gap between stream chunks")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated model names to serve; others get 404 "
+                             f"(default: any model; /v1/models lists {','.join(DEFAULT_MODELS)})")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    host, port = args.listen
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    mock = MockLLM(host, port, latency_ms=args.latency_ms, models=models,
+                   chunk_delay_ms=args.chunk_delay_ms)
+    try:
+        mock.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", host, port, exc)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    mock.stop()
+    return 0

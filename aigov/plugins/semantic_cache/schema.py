@@ -1,0 +1,55 @@
+"""Config schema of the llm-semantic-cache plugin (close to Kong's ai-semantic-cache where it fits).
+
+Differences from Kong's, on purpose: `vectordb.threshold` is a cosine SIMILARITY (higher is
+stricter; Kong's is a distance), `scope` defaults to per-consumer, `exact_caching` and the
+`verifier` are on by default, and an in-process `memory` strategy exists.
+"""
+from __future__ import annotations
+
+from aigov.cache.core import DEFAULT_THRESHOLD
+from aigov.schema import Field, array, field, record, redis_record, secret
+
+SCHEMA: list[Field] = [
+    record("embeddings", "How prompts are embedded: the local all-MiniLM-L6-v2 or an OpenAI-compatible endpoint.", [
+        field("provider", "string", "Embedding provider: local (in-process MiniLM) or openai (HTTP endpoint).",
+              default="local", one_of=["local", "openai"]),
+        field("model", "string", "Embedding model name (openai provider; ignored by local)."),
+        field("url", "string", "Full URL of the OpenAI-compatible /embeddings endpoint (openai provider)."),
+        secret("api_key", "API key for the embeddings endpoint; may be a Kong Vault reference."),
+        field("timeout_ms", "integer", "Timeout of one embeddings call in milliseconds.", default=10000,
+              between=[1, 120000]),
+    ], required=True),
+    record("vectordb", "Where entries live and how similar a cached prompt must be to answer.", [
+        field("strategy", "string", "Store: memory (in-process, single node) or redis (RediSearch vectors).",
+              default="memory", one_of=["memory", "redis"]),
+        field("threshold", "number",
+              "Minimum cosine SIMILARITY (0.5-1, higher is stricter) for a semantic hit. Not a distance: "
+              "for a Kong/RedisVL distance d use 1 - d.", default=DEFAULT_THRESHOLD, between=[0.5, 1]),
+        field("namespace", "string", "Key and index namespace; `aigov purge --namespace` drops it.",
+              default="aigov", len_min=1, len_max=64),
+        field("max_entries", "integer", "Memory strategy: most entries kept per namespace (LRU eviction).",
+              default=10000, between=[1, 10000000]),
+        redis_record("Redis connection used when the strategy is redis (needs RediSearch / Redis 8)."),
+    ], required=True),
+    field("cache_ttl", "integer", "Seconds an entry lives (absolute: a hit does not extend it).",
+          default=300, between=[1, 31536000]),
+    field("scope", "string", "consumer: entries are per consumer (anonymous traffic shares one scope); "
+          "global: every consumer shares entries.", default="consumer", one_of=["consumer", "global"]),
+    field("message_countback", "integer", "How many of the last user messages form the semantic part.",
+          default=1, between=[1, 100]),
+    field("exact_caching", "boolean", "Check an exact (normalized text) layer before the vector search.",
+          default=True),
+    field("verifier", "boolean", "Refuse semantic candidates that differ in negation, numbers, units, "
+          "direction, antonyms or names.", default=True),
+    array("store_finish_reasons", "Answers are stored only when every choice ended with one of these.",
+          {"type": "string"}, default=["stop"]),
+    field("max_body_bytes", "integer", "Requests and responses bigger than this are neither looked up nor stored.",
+          default=1048576, between=[1, 67108864]),
+    field("max_temperature", "number", "Requests with a higher temperature bypass the cache (sampled answers).",
+          default=1.0, between=[0, 2]),
+    field("stop_on_failure", "boolean", "When the store or embedder fails: answer 503 instead of proxying.",
+          default=False),
+    field("admin_path", "string", "Optional request path on the route that purges this namespace "
+          "(DELETE or POST with the X-Cache-Admin-Key header).", starts_with="/"),
+    secret("admin_key", "Key the X-Cache-Admin-Key header must carry on admin_path; a Vault reference is fine."),
+]

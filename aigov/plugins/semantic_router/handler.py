@@ -1,0 +1,185 @@
+"""Handler of the llm-semantic-router Kong plugin: pick a route by intent in access, then send
+the request to that route's upstream, with that route's model and that route's credential only.
+
+access
+1. Read the body (the first PDK call: no heavy work before it, reference offline-dependencies.md).
+2. Decide: a forced route (force_route_header, off by default) → reason `forced`; else embed the
+   prompt (last user message, or the last N user turns) and score it against the route model
+   (trained once per config and cached; see aigov.routing) → `matched`, or `default` when below
+   the calibrated threshold. Embedder down / model not built in time → default route, `error`.
+   A body that is not a chat request (invalid JSON, no messages, too large) → default route,
+   reason `default`, body untouched.
+3. Act: set_upstream (Kong upstream name) or set_target (host, port), scheme, path; rewrite the
+   body's `model` when the route names one; strip the client's Authorization and every target's
+   auth header, then set the target's headers and its own key. default_route "reject" answers
+   `reject_status` with an OpenAI-shaped JSON error instead.
+4. Report: X-Semantic-Route, X-Semantic-Route-Score, X-Semantic-Route-Reason response headers;
+   kong.ctx.shared["aigov"] route/model; log fields aigov.router.*; Prometheus metrics.
+
+Priority 907: after acl (950) and rate-limiting (910), before llm-token-quota (906, which then
+prices the routed model), ai-rate-limiting-advanced (905) and every bundled AI plugin (<= 778),
+so ai-proxy / ai-proxy-advanced (770) see the rewritten body. For ai-proxy to use the routed
+model, leave its `model.name` unset (it then takes `model` from the request body) and let its
+`model.options.upstream_url` unset or equal to the route's target, since ai-proxy sets the
+upstream itself in its own access phase.
+
+A config error (bad default_route, calibrated_for_model mismatch with on_model_mismatch=error)
+answers every request with 500 and a JSON message naming the problem: routing silently with
+thresholds tuned for another embedding model is what the issue forbids.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aigov import __version__
+from aigov import metrics
+from aigov.embeddings import embedder_from_config
+from aigov.pdk import guarded, raw, text, value
+from aigov.request import RequestError, parse_chat_request
+from aigov.routing.core import (Decision, Route, Router, RouterConfigError, RouterSettings, prompt_text,
+                                settings_from_config)
+
+NAME = "llm-semantic-router"
+VERSION = __version__
+PRIORITY = 907
+SHARED_KEY = "aigov"
+
+HEADER_ROUTE = "X-Semantic-Route"
+HEADER_SCORE = "X-Semantic-Route-Score"
+HEADER_REASON = "X-Semantic-Route-Reason"
+
+
+def _error_body(message: str, type_: str, code: str) -> str:
+    return json.dumps({"error": {"message": message, "type": type_, "code": code}})
+
+
+class SemanticRouterHandler:
+    def __init__(self, config: dict[str, Any]) -> None:
+        # Cheap only: no model load, no embedding here (the stock server holds a global lock).
+        self.config = config
+        self.settings: RouterSettings | None = None
+        self.config_error: str | None = None
+        self._router: Router | None = None
+        self._warned = False
+        try:
+            self.settings = settings_from_config(config)
+        except (RouterConfigError, TypeError, ValueError) as exc:
+            self.config_error = f"llm-semantic-router config error: {exc}"
+
+    def _get_router(self) -> Router:
+        if self._router is None:
+            assert self.settings is not None
+            self._router = Router(self.settings, embedder_from_config(self.config.get("embeddings")))
+        return self._router
+
+    @guarded
+    def access(self, kong: Any) -> None:
+        started = time.perf_counter()
+        body = raw(kong.request.get_raw_body())  # first PDK call: heavy work only after it
+        if self.config_error is not None:
+            kong.log.err(self.config_error)
+            kong.response.exit(500, _error_body(self.config_error, "router_config_error", "config_error"),
+                               {"Content-Type": "application/json"})
+            return
+        settings = self.settings
+        assert settings is not None
+        router = self._get_router()
+        if router.mismatch:
+            if router.config_error:
+                kong.log.err(router.config_error)
+                kong.response.exit(500, _error_body(f"llm-semantic-router config error: {router.config_error}",
+                                                    "router_config_error", "model_mismatch"),
+                                   {"Content-Type": "application/json"})
+                return
+            if not self._warned:  # loud once per instance (every request would flood the log)
+                kong.log.warn(f"{router.mismatch}; on_model_mismatch=warn: configured min_confidence "
+                              "ignored, threshold self-calibrated from the route data")
+                self._warned = True
+
+        chat = None
+        decision: Decision | None = None
+        try:
+            chat = parse_chat_request(body, settings.max_body_bytes)
+        except RequestError as exc:
+            decision = router.default("default", detail=exc.reason)
+
+        if decision is None and settings.force_route_header:
+            forced_name = text(kong.request.get_header(settings.force_route_header))
+            if forced_name:
+                decision = router.forced(forced_name)
+                if decision is None:
+                    kong.log.notice(f"{settings.force_route_header}: no route named that; deciding normally")
+        if decision is None:
+            assert chat is not None
+            decision = router.decide_text(prompt_text(chat, settings))
+            if decision.reason == "error":
+                kong.log.warn(f"semantic routing failed open to the default route: {decision.detail}")
+
+        if decision.route is None:  # default_route: reject
+            self._report(kong, decision, None, started)
+            kong.response.exit(settings.reject_status,
+                               _error_body("no route matches this prompt confidently", "invalid_request_error",
+                                           "no_route"),
+                               {"Content-Type": "application/json", **self._headers(decision)})
+            return
+        model = self._apply(kong, settings, decision.route, chat)
+        self._report(kong, decision, model, started)
+
+    def _apply(self, kong: Any, settings: RouterSettings, route: Route, chat: Any) -> str | None:
+        """Point the request at the route's target; returns the model the upstream will see."""
+        t = route.target
+        if t.upstream:
+            kong.service.set_upstream(t.upstream)
+        elif t.host:
+            kong.service.set_target(t.host, int(t.port or 80))
+        if t.scheme:
+            kong.service.request.set_scheme(t.scheme)
+        if t.path:
+            kong.service.request.set_path(t.path)
+        model = chat.model if chat is not None else None
+        if t.model and chat is not None:
+            if chat.model != t.model:
+                new_body = dict(chat.body)
+                new_body["model"] = t.model
+                kong.service.request.set_raw_body(json.dumps(new_body, ensure_ascii=False))
+            model = t.model
+        if settings.strip_client_auth:
+            # The client's credential (e.g. its Kong key) and any other target's key header must
+            # never reach this upstream: clear them all, then set this target's own.
+            for name in sorted(settings.credential_headers):
+                kong.service.request.clear_header(name)
+        for name, val in t.headers:
+            kong.service.request.set_header(name, val)
+        credential = t.credential_value()
+        if credential:
+            kong.service.request.set_header(t.auth_header, credential)
+        return model
+
+    @staticmethod
+    def _headers(decision: Decision) -> dict[str, str]:
+        h = {HEADER_ROUTE: decision.route_name, HEADER_REASON: decision.reason}
+        if decision.score is not None:
+            h[HEADER_SCORE] = f"{decision.score:.4f}"
+        return h
+
+    def _report(self, kong: Any, decision: Decision, model: str | None, started: float) -> None:
+        for name, val in self._headers(decision).items():
+            kong.response.set_header(name, val)
+        shared = value(kong.ctx.shared.get(SHARED_KEY))
+        shared = shared if isinstance(shared, dict) else {}
+        shared["route"] = decision.route_name
+        if model:
+            shared["model"] = model
+        kong.ctx.shared.set(SHARED_KEY, shared)
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        kong.log.set_serialize_value("aigov.router.route", decision.route_name)
+        kong.log.set_serialize_value("aigov.router.reason", decision.reason)
+        if decision.score is not None:
+            kong.log.set_serialize_value("aigov.router.score", round(decision.score, 4))
+        if decision.best:
+            kong.log.set_serialize_value("aigov.router.best", decision.best)
+        kong.log.set_serialize_value("aigov.router.latency_ms", round(elapsed_ms, 2))
+        metrics.ROUTER_DECISIONS.labels(route=decision.route_name, reason=decision.reason).inc()
+        metrics.ROUTER_DECISION_LATENCY.observe(elapsed_ms)

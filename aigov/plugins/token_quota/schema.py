@@ -1,0 +1,78 @@
+"""Config schema of the llm-token-quota plugin (a Kong plugin schema: see aigov.schema).
+
+Prices are USD per 1M tokens; the `between` bounds reject per-token numbers (0.0000025) and
+absurd ones at config time, in Kong's own validation. Cross-field rules Kong's metaschema cannot
+express for an external plugin (default_price required by unknown_model=default_price, the
+identifier header) are checked by aigov.quota.core.QuotaConfig when the instance starts.
+"""
+from __future__ import annotations
+
+from aigov.quota.windows import WINDOWS
+from aigov.schema import Field, array, field, record, redis_record
+
+_PRICE_BOUNDS = [0.001, 10000]
+
+
+def _price_fields(required: bool) -> list[Field]:
+    return [
+        field("input", "number", "USD per 1M prompt tokens (not per token: gpt-4o is 2.5).",
+              between=_PRICE_BOUNDS, required=required),
+        field("output", "number", "USD per 1M completion tokens (gpt-4o is 10).",
+              between=_PRICE_BOUNDS, required=required),
+        field("cached_input", "number", "USD per 1M cached prompt tokens; defaults to the input price.",
+              between=_PRICE_BOUNDS),
+        field("reasoning", "number", "USD per 1M reasoning tokens; defaults to the output price.",
+              between=_PRICE_BOUNDS),
+    ]
+
+
+SCHEMA: list[Field] = [
+    array("limits", "Budgets a caller must fit in; every limit that applies is checked and reserved at once.", {
+        "type": "record",
+        "fields": [
+            field("window", "string", "Fixed UTC window: minute, hour, day, week (Monday) or month (calendar).",
+                  one_of=list(WINDOWS), required=True),
+            field("tokens", "integer", "Token budget per window (provider-metered total tokens).", gt=0),
+            field("cost_usd", "number", "Cost budget per window in USD, priced with the price table.", gt=0),
+            field("name", "string", "Optional name, used in the 429 message and the header suffix."),
+            field("per_model", "boolean", "Keep a separate counter per model for this limit.", default=False),
+            field("per_route", "boolean", "Keep a separate counter per Kong route for this limit.", default=False),
+            array("models", "Apply this limit only to these models (empty: every model).",
+                  {"type": "string"}, default=[]),
+        ],
+    }, default=[]),
+    field("limit_by", "string",
+          "consumer: each caller has its own counters; global: every caller shares them.",
+          one_of=["consumer", "global"], default="consumer"),
+    array("identifier_sources", "How a caller is identified, first match wins: consumer, credential, header, ip.",
+          {"type": "string", "one_of": ["consumer", "credential", "header", "ip"]},
+          default=["consumer", "credential", "ip"]),
+    field("identifier_header", "string", "Request header naming the caller when 'header' is a source."),
+    field("policy", "string", "Where counters live: memory (one node) or redis (shared by every node).",
+          one_of=["memory", "redis"], default="memory"),
+    redis_record("Redis connection used when policy is redis."),
+    field("key_prefix", "string", "Prefix of the Redis keys of this plugin's counters.", default="aigov:quota"),
+    field("on_store_failure", "string",
+          "Redis down: fail_open serves and counts in local memory; fail_closed answers 503.",
+          one_of=["fail_open", "fail_closed"], default="fail_open"),
+    field("on_malformed_request", "string",
+          "Body that is not a readable chat request: pass it on unmetered, or reject it with 400.",
+          one_of=["pass", "reject"], default="pass"),
+    field("unknown_model", "string",
+          "Model missing from the price table: block with 400, or charge default_price.",
+          one_of=["block", "default_price"], default="block"),
+    record("default_price", "Price charged for unknown models when unknown_model is default_price.",
+           _price_fields(required=False)),
+    array("prices", "Per-model price overrides (USD per 1M tokens) on top of the shipped table.", {
+        "type": "record",
+        "fields": [field("model", "string", "Model name as clients send it (dated variants match).",
+                         required=True), *_price_fields(required=True)],
+    }, default=[]),
+    field("completion_estimate_tokens", "integer",
+          "Completion tokens reserved when the request sets no max_tokens.", default=512, between=[1, 1000000]),
+    field("reservation_ttl_seconds", "integer",
+          "A reservation nobody settles (node died) is given back after this many seconds.",
+          default=600, between=[10, 86400]),
+    field("hide_client_headers", "boolean", "Do not send the X-AI-RateLimit-* and X-AI-Tokens-* headers.",
+          default=False),
+]

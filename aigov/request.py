@@ -1,0 +1,152 @@
+"""The one chat-request parser: an OpenAI Chat Completions body as the plugins see it.
+
+Every plugin reads the client's body through `parse_chat_request`, so "what is the prompt", "is it
+streamed" and "which parameters change the answer" have one definition. Errors are typed so each
+plugin can map them to its documented behaviour (Bypass, pass-through or a clear 400).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+# Parameters that change what the model answers (issue 3's hard scope). `stream` is kept apart:
+# a streamed and a non-streamed answer carry the same text but differ on the wire.
+ANSWER_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop",
+                 "seed", "tools", "tool_choice", "response_format", "functions", "function_call",
+                 "logit_bias", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
+                 "reasoning_effort", "modalities", "audio", "parallel_tool_calls")
+
+
+class RequestError(ValueError):
+    """The body is not a chat request the plugins can reason about.
+
+    `reason` is one of: too_large, invalid_utf8, invalid_json, not_object, not_chat, bad_field.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def message_text(message: Any) -> str:
+    """The text of one chat message; content may be a string or a list of content parts."""
+    if not isinstance(message, dict):
+        return ""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "\n".join(parts)
+    return ""
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON text for hashing (sorted keys, no whitespace, non-ASCII kept)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_hex(value: Any) -> str:
+    data = value if isinstance(value, (bytes, bytearray)) else canonical_json(value).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class ChatRequest:
+    body: dict[str, Any]
+    messages: list[dict[str, Any]]
+    model: str | None
+    stream: bool
+    include_usage: bool
+    raw_size: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The completion cap the client asked for (max_completion_tokens wins, as OpenAI does)."""
+        for key in ("max_completion_tokens", "max_tokens"):
+            v = self.body.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    @property
+    def temperature(self) -> float | None:
+        v = self.body.get("temperature")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        return None
+
+    def user_indices(self) -> list[int]:
+        return [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
+
+    def last_user_texts(self, count: int = 1) -> list[str]:
+        """The texts of the last `count` user messages, oldest first."""
+        idx = self.user_indices()[-max(1, count):]
+        return [message_text(self.messages[i]) for i in idx]
+
+    def prompt_text(self, count: int = 1) -> str:
+        """The semantic part of the request: the last `count` user messages joined."""
+        return "\n".join(t for t in self.last_user_texts(count) if t)
+
+    def context_messages(self, count: int = 1) -> list[dict[str, Any]]:
+        """Everything that is not the semantic part: system prompts and earlier turns.
+
+        The cache hashes this as an exact scope so the same question under another system prompt
+        or another conversation never shares an answer.
+        """
+        idx = self.user_indices()[-max(1, count):]
+        first = idx[0] if idx else len(self.messages)
+        tail_non_user = [m for m in self.messages[first:] if m.get("role") != "user"]
+        return self.messages[:first] + tail_non_user
+
+    def answer_params(self) -> dict[str, Any]:
+        return {k: self.body[k] for k in ANSWER_PARAMS if k in self.body and self.body[k] is not None}
+
+    def has_tools(self) -> bool:
+        return bool(self.body.get("tools") or self.body.get("functions"))
+
+
+def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> ChatRequest:
+    """Parse and check a Chat Completions body. Raises RequestError with a clear reason."""
+    if raw is None:
+        raise RequestError("not_chat", "request has no body")
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")
+    if len(raw) > max_bytes:
+        raise RequestError("too_large", f"request body is {len(raw)} bytes, over the {max_bytes}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError("invalid_utf8", f"request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError("invalid_json", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError("not_object", "request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("not_chat", "request has no 'messages' array: not a chat completion")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError("bad_field", f"messages[{i}] must be an object with a string 'role'")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("bad_field", "'model' must be a string")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("bad_field", "'stream' must be a boolean")
+    opts = body.get("stream_options")
+    include_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage") is True)
+    return ChatRequest(body=body, messages=messages, model=model, stream=stream,
+                       include_usage=include_usage, raw_size=len(raw))

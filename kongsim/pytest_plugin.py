@@ -1,0 +1,158 @@
+"""Reusable pytest fixtures for testing kong-pdk plugins against the Kong stand-in.
+
+Enable with `pytest_plugins = ["kongsim.pytest_plugin"]`. The `kong_gateway` fixture is a
+factory:
+
+    gw = kong_gateway(kong_yml_path_or_dict, server="stock", plugin_files=[...])
+    r = gw.request("POST", "/chat", headers={"apikey": "k"}, json={...})
+    assert r.status == 200
+
+`server` is "stock" (one kong-pdk dedicated server per plugin file, as Kong's docs configure
+it), "aigov" (one `aigov serve` process for every aigov plugin), or a list of
+PluginServerEntry. `http=False` skips the HTTP front: `.request()` then goes through
+`Gateway.handle()` in-process (faster, same runloop). Every gateway is closed at teardown.
+"""
+from __future__ import annotations
+
+import http.client
+import json as jsonlib
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import pytest
+
+from kongsim.gateway import Gateway, Request, aigov_entries, stock_entries
+from kongsim.process import PluginServerEntry
+
+AIGOV_PLUGINS = ("llm-semantic-cache", "llm-token-quota", "llm-semantic-router")
+
+
+class Reply:
+    """A finished response: status, headers (case-insensitive get), body, json()."""
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self.header_list = headers
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.header_list:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.header_list}
+
+    def json(self) -> Any:
+        return jsonlib.loads(self.body or b"null")
+
+
+class GatewayHandle:
+    """A started stand-in (plugin servers + optional HTTP front) for one test."""
+
+    def __init__(self, gateway: Gateway, prefix: str, http: bool) -> None:
+        self.gateway = gateway
+        self.prefix = prefix
+        self.url = gateway.serve() if http else None
+
+    def request(self, method: str, path: str, headers: Mapping[str, str] | None = None,
+                json: Any = None, body: bytes | str | None = None, stream: bool = False,
+                worker: int | None = None, timeout: float = 30.0) -> Any:
+        """Send a request; with stream=True returns (Reply without body, chunk iterator)."""
+        hdrs = dict(headers or {})
+        data = b""
+        if json is not None:
+            data = jsonlib.dumps(json).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        elif body is not None:
+            data = body.encode() if isinstance(body, str) else body
+        if self.url is None:
+            resp = self.gateway.handle(Request(method, path, list(hdrs.items()), data), worker)
+            if stream:
+                def chunks() -> Iterator[bytes]:
+                    try:
+                        if resp.chunks is not None:
+                            yield from resp.chunks
+                        else:
+                            yield resp.body
+                    finally:
+                        resp.sent()
+                return Reply(resp.status, resp.headers.items(), b""), chunks()
+            return Reply(resp.status, resp.headers.items(), resp.read())
+        u = urlsplit(self.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+        conn.request(method, path, body=data or None, headers=hdrs)
+        r = conn.getresponse()
+        if stream:
+            def read_chunks() -> Iterator[bytes]:
+                try:
+                    while True:
+                        c = r.read1(65536)
+                        if not c:
+                            return
+                        yield c
+                finally:
+                    conn.close()
+            return Reply(r.status, r.getheaders(), b""), read_chunks()
+        out = Reply(r.status, r.getheaders(), r.read())
+        conn.close()
+        return out
+
+    def wait_logs(self, timeout_s: float = 10.0) -> bool:
+        assert self.gateway.runloop is not None
+        return self.gateway.runloop.wait_logs(timeout_s)
+
+    def close(self) -> None:
+        self.gateway.close()
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+def make_prefix() -> str:
+    """A short directory for sockets (Unix socket paths are limited to ~107 bytes)."""
+    return tempfile.mkdtemp(prefix="kongsim-", dir="/tmp")
+
+
+def start_gateway(config: str | Path | Mapping[str, Any], server: str | Sequence[PluginServerEntry] = "stock",
+                  plugin_files: Sequence[str | Path] = (), workers: int = 1, http: bool = True,
+                  pythonpath: str | None = None, extra_env: Mapping[str, str] | None = None,
+                  python: str = sys.executable, prefix: str | None = None,
+                  **gateway_kwargs: Any) -> GatewayHandle:
+    """Start plugin servers and a gateway; the caller must close() the handle."""
+    prefix = prefix or make_prefix()
+    if isinstance(server, str):
+        if server == "stock":
+            entries = stock_entries(plugin_files, prefix, python, pythonpath, extra_env)
+        elif server == "aigov":
+            entries = aigov_entries(AIGOV_PLUGINS, prefix, python, pythonpath, extra_env)
+        else:
+            raise ValueError(f"unknown server preset {server!r} (use 'stock', 'aigov' or entries)")
+    else:
+        entries = list(server)
+    gw = Gateway(config, entries, workers=workers, **gateway_kwargs)
+    try:
+        gw.start()
+        return GatewayHandle(gw, prefix, http)
+    except BaseException:
+        shutil.rmtree(prefix, ignore_errors=True)
+        raise
+
+
+@pytest.fixture()
+def kong_gateway() -> Iterator[Callable[..., GatewayHandle]]:
+    """Factory fixture: `kong_gateway(config, server=..., ...)` -> started GatewayHandle."""
+    handles: list[GatewayHandle] = []
+
+    def factory(config: str | Path | Mapping[str, Any], **kwargs: Any) -> GatewayHandle:
+        handle = start_gateway(config, **kwargs)
+        handles.append(handle)
+        return handle
+
+    yield factory
+    for h in handles:
+        h.close()

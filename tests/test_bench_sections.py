@@ -1,0 +1,148 @@
+"""Smoke tests of `aigov bench`: each section at tiny sizes against the real parts.
+
+No timing assertions (targets are judged by the benchmark output only): these check that the
+sections run, that the JSON has its shape, and that every ratio is computed from the figures
+measured in the same run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aigov.bench import common, peer, plugin_server, run as bench_run, scale
+from aigov.bench.common import BenchContext, SectionSkipped, Target
+
+QUICK_LINES: list[str] = []
+
+
+def quick_ctx(**kwargs) -> BenchContext:
+    return BenchContext(quick=True, echo=QUICK_LINES.append, **kwargs)
+
+
+def test_target_verdicts_follow_measured_values() -> None:
+    assert Target("a", 6.0, "x", ">=", 5.0).holds is True
+    assert Target("a", 4.9, "x", ">=", 5.0).holds is False
+    assert Target("b", 0.5, "ms", "<=", 1.0).holds is True
+    assert Target("b", None, "ms", "<=", 1.0).holds is None
+    assert Target("b", float("nan"), "ms", "<=", 1.0).as_dict()["holds"] is None
+    assert common.ratio(10, 0) is None and common.ratio(10, 4) == 2.5
+
+
+def test_latency_stats_percentiles() -> None:
+    stats = common.latency_stats([0.001 * i for i in range(1, 101)])
+    assert stats["n"] == 100
+    assert stats["p50_ms"] == pytest.approx(50.5)
+    assert stats["p99_ms"] == pytest.approx(99.01)
+    assert common.latency_stats([])["p50_ms"] is None
+
+
+def test_plugin_server_section_measures_both_servers() -> None:
+    out = plugin_server.run(quick_ctx())
+    res = out["results"]
+    assert set(res["servers"]) == {"stock", "aigov"}
+    for kind in ("stock", "aigov"):
+        levels = res["servers"][kind]["levels"]
+        assert [lv["concurrency"] for lv in levels] == [1, 8, 32]
+        for lv in levels:
+            # Every event is one HandleEvent plus one Step per PDK call of the no-op plugin.
+            assert lv["round_trips"] == lv["events"] * (1 + plugin_server.PDK_CALLS)
+            assert lv["round_trips_per_s"] == pytest.approx(lv["round_trips"] / lv["elapsed_s"], rel=0.01)
+        soak = res["servers"][kind]["soak"]
+        assert soak["thread_growth"] == soak["after"]["threads"] - soak["before"]["threads"]
+        assert soak["before"]["rss_kib"] > 0
+    speed = out["targets"][0]
+    rt = {k: next(lv["round_trips_per_s"] for lv in res["servers"][k]["levels"] if lv["concurrency"] == 8)
+          for k in ("stock", "aigov")}
+    assert speed.measured == pytest.approx(rt["aigov"] / rt["stock"])
+    assert speed.baseline == rt["stock"]
+
+
+def test_aigov_serve_missing_skips(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_server(name, *args, **kwargs):
+        if name == "aigov.server.server":
+            raise ImportError("simulated")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_server)
+    with pytest.raises(SectionSkipped, match="aigov serve"):
+        plugin_server.start_server("aigov", "python3")
+
+
+def test_cache_scoring_counts_only_own_entry_hits() -> None:
+    pairs = [{"sentence1": "a", "label": 1}, {"sentence1": "b", "label": 1},
+             {"sentence1": "c", "label": 0}, {"sentence1": "d", "label": 1}]
+    entry_of = {"a": 0, "b": 1, "c": 2, "d": 3}
+    # pair 0: own entry at 0.95; pair 1: a wrong entry at 0.9; pair 2 (different meaning): own
+    # entry at 0.8 (a false hit); pair 3: nothing returned.
+    results = [(0, 0.95), (0, 0.90), (2, 0.80), (None, -1.0)]
+    scored = peer.score_cache(pairs, entry_of, results)
+    at_085 = peer.at_threshold(scored["sweep"], 0.85)
+    assert (at_085["hits"], at_085["precision"], at_085["recall"]) == (2, 0.5, pytest.approx(1 / 3, abs=1e-4))
+    at_093 = peer.at_threshold(scored["sweep"], 0.93)
+    assert (at_093["precision"], at_093["recall"]) == (1.0, pytest.approx(1 / 3, abs=1e-4))
+    assert scored["best"]["f1"] == max(r["f1"] for r in scored["sweep"])
+
+
+def test_router_scores() -> None:
+    s = peer.score_routes(["a", "b", "oos", "oos"], ["a", "oos", "oos", "b"])
+    assert s == {"accuracy": 0.5, "in_scope_accuracy": 0.5, "oos_recall": 0.5, "n": 4, "n_oos": 2}
+
+
+def test_quota_scale_on_real_redis(redis_server) -> None:
+    ctx = quick_ctx(redis_url=redis_server.url)
+    out = scale.run(ctx)
+    quota = out["results"]["quota"]
+    for policy in ("memory", "redis"):
+        r = quota[policy]
+        assert r["status"] == "ok", r
+        assert r["one_consumer"]["n"] == r["many_consumers"]["n"] == 200
+    t = next(t for t in out["targets"] if "(redis)" in t.name)
+    assert t.measured == pytest.approx(quota["redis"]["many_consumers"]["p50_ms"] / quota["redis"]["one_consumer"]["p50_ms"])
+    # The benchmark cleans its keys out of the shared Redis.
+    client = redis_server.client()
+    try:
+        assert not list(client.scan_iter(match="aigov:bench:*", count=1000))
+    finally:
+        client.close()
+
+
+def test_cli_writes_json_and_survives_section_failures(tmp_path: Path, redis_server,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from aigov import cli
+
+    out = tmp_path / "bench.json"
+    # Section 3 is made to crash: the run records it as an error and still writes section 5.
+    import aigov.bench.embeddings as emb
+
+    monkeypatch.setattr(emb, "run", lambda ctx: (_ for _ in ()).throw(RuntimeError("boom")))
+    code = cli.main(["bench", "--quick", "--sections", "3,5", "--out", str(out),
+                     "--redis-url", redis_server.url])
+    report = json.loads(out.read_text())
+    assert code == 1
+    assert report["quick"] is True and report["machine"]["cores"] >= 1
+    assert report["sections"]["3"]["status"] == "error" and "boom" in report["sections"]["3"]["reason"]
+    assert report["sections"]["5"]["status"] == "ok"
+    assert "| 5 |" in report["table_markdown"]
+    assert cli.main(["bench", "--sections", "9", "--out", str(out)]) == 2
+
+
+def test_embeddings_section_ratio_from_measured_rates() -> None:
+    from aigov.bench import embeddings
+
+    out = embeddings.run(quick_ctx())
+    levels = out["results"]["levels"]
+    assert {(lv["mode"], lv["concurrency"]) for lv in levels} == {
+        (m, c) for m in ("batch1", "microbatch") for c in (1, 8, 32)}
+    rate = {(lv["mode"], lv["concurrency"]): lv["embeddings_per_s"] for lv in levels}
+    assert out["targets"][0].measured == rate[("microbatch", 32)]
+    assert out["results"]["speedup_vs_batch1"]["32"] == pytest.approx(
+        rate[("microbatch", 32)] / rate[("batch1", 32)], abs=0.01)
+    # Concurrent requests really were merged into fewer model calls.
+    mb32 = next(lv for lv in levels if lv["mode"] == "microbatch" and lv["concurrency"] == 32)
+    assert mb32["model_calls"] < mb32["embeddings"]

@@ -1,0 +1,253 @@
+"""llm-semantic-cache end to end: the Kong stand-in, the real plugin-server process, real Redis
+with RediSearch, the real MiniLM model; only the LLM upstream is the mock."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from aigov import sse
+from kongsim.pytest_plugin import GatewayHandle, start_gateway
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN_FILE = REPO / "plugins" / "llm-semantic-cache.py"
+MODEL = "gpt-4o-mini"
+CONSUMERS = [{"username": "alice", "keyauth_credentials": [{"key": "key-alice"}]},
+             {"username": "bob", "keyauth_credentials": [{"key": "key-bob"}]}]
+
+
+def cache_plugin(redis_port: int, namespace: str, **conf: Any) -> dict[str, Any]:
+    vectordb = {"strategy": "redis", "namespace": namespace,
+                "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 300}}
+    vectordb.update(conf.pop("vectordb", {}))
+    return {"name": "llm-semantic-cache", "config": {"vectordb": vectordb, **conf}}
+
+
+def kong_yml(mock_url: str, routes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    return {"_format_version": "3.0", "consumers": CONSUMERS,
+            "services": [{"name": "llm", "url": mock_url, "routes": [
+                {"name": name, "paths": [f"/{name}"], "strip_path": True,
+                 "plugins": [{"name": "key-auth", "config": {"key_names": ["apikey"]}}] + plugins}
+                for name, plugins in routes.items()]}]}
+
+
+def chat(text: str, system: str | None = None, **extra: Any) -> dict[str, Any]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return {"model": MODEL, "messages": messages, **extra}
+
+
+def post(gw: GatewayHandle, route: str, body: dict[str, Any], key: str = "key-alice", **headers: str) -> Any:
+    return gw.request("POST", f"/{route}/v1/chat/completions", json=body, headers={"apikey": key, **headers})
+
+
+def status(reply: Any) -> str | None:
+    return reply.header("X-Cache-Status")
+
+
+def answer_text(reply: Any) -> str:
+    return reply.json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def gw(redis_server: Any, mock_llm: Any) -> Iterator[GatewayHandle]:
+    """One aigov-served gateway for the module (the model loads once in the plugin server)."""
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    routes = {
+        "c": [cache_plugin(port, "e2e")],
+        "strict": [cache_plugin(port, "e2e-strict", exact_caching=False, vectordb={"threshold": 1.0})],
+        "cadmin": [cache_plugin(port, "e2e-admin", admin_path="/cadmin/purge", admin_key="s3cret")],
+        "failing": [cache_plugin(port, "e2e-fail", stop_on_failure=True)],
+    }
+    handle = start_gateway(kong_yml(mock_llm.url, routes), server="aigov", pythonpath=str(REPO))
+    try:
+        # warm the embedder inside the plugin server so per-test timings are not the model load
+        post(handle, "c", chat(f"warm-up {uuid.uuid4().hex}"))
+        yield handle
+    finally:
+        handle.close()
+
+
+def _ensure_redis(redis_server: Any) -> None:
+    if not redis_server.running:
+        redis_server.start()
+
+
+def test_three_unrelated_prompts_miss(gw: GatewayHandle) -> None:
+    assert status(post(gw, "c", chat("What is the boiling point of water at sea level?"))) == "Miss"
+    for text in ("Write a haiku about autumn leaves.", "How do I configure nginx as a reverse proxy?",
+                 "What are the health benefits of green tea?"):
+        r = post(gw, "c", chat(text))
+        assert r.status == 200
+        assert status(r) == "Miss", text
+
+
+def test_consumer_b_never_gets_consumer_a_answer(gw: GatewayHandle) -> None:
+    r = post(gw, "c", chat("How much money is left in my savings account?"), key="key-alice")
+    assert status(r) == "Miss"
+    assert status(post(gw, "c", chat("How much money is left in my savings account?"), key="key-alice")) == "Hit"
+    other = post(gw, "c", chat("How much money remains in my savings account?"), key="key-bob")
+    assert other.status == 200 and status(other) == "Miss"
+
+
+def test_consumer_exact_layer_is_scoped(gw: GatewayHandle) -> None:
+    r = post(gw, "c", chat("What is my current account balance?"), key="key-alice")
+    assert status(r) == "Miss"
+    again = post(gw, "c", chat("What is my current account balance?"), key="key-alice")
+    assert status(again) == "Hit"
+    # same text for bob: the exact layer is scoped too
+    exact_other = post(gw, "c", chat("What is my current account balance?"), key="key-bob")
+    assert exact_other.status == 200 and status(exact_other) == "Miss"
+
+
+def test_context_and_parameters_are_hard_scope(gw: GatewayHandle) -> None:
+    q = "Summarise the plot of Hamlet in two sentences."
+    assert status(post(gw, "c", chat(q, system="You are a literature teacher."))) == "Miss"
+    assert status(post(gw, "c", chat(q, system="You are a literature teacher."))) == "Hit"
+    assert status(post(gw, "c", chat(q, system="You answer only in French."))) == "Miss"
+    base = chat(q, system="You are a literature teacher.")
+    for variant in ({"response_format": {"type": "json_object"}}, {"max_tokens": 17},
+                    {"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]}):
+        r = post(gw, "c", {**base, **variant})
+        assert status(r) == "Miss", variant
+
+
+def test_enable_vs_disable_two_factor_is_a_miss(gw: GatewayHandle) -> None:
+    assert status(post(gw, "c", chat("How do I enable two-factor authentication on my account?"))) == "Miss"
+    r = post(gw, "c", chat("How do I disable two-factor authentication on my account?"))
+    assert r.status == 200 and status(r) == "Miss"
+
+
+@pytest.mark.parametrize("fail", ["length", "429", "500", "cut"])
+def test_failed_or_partial_answers_are_not_stored(gw: GatewayHandle, fail: str) -> None:
+    text = f"Explain quantum entanglement simply, variant {fail}."
+    body = chat(text, stream=(fail == "cut"))
+    first = post(gw, "c", body, **{"X-Mock-Fail": fail})
+    if fail != "cut":  # a cut stream reaches the client broken, without a readable header block
+        assert status(first) == "Miss"
+    gw.wait_logs()
+    second = post(gw, "c", body)
+    assert status(second) == "Miss", "a failed or partial answer was replayed"
+    assert second.status == 200
+    third = post(gw, "c", body)
+    assert status(third) == "Hit"  # the good answer was stored
+
+
+def test_streamed_request_twice_replays_valid_sse(gw: GatewayHandle) -> None:
+    body = chat("List three uses of the Python zip function.", stream=True,
+                stream_options={"include_usage": True})
+    first = post(gw, "c", body)
+    assert status(first) == "Miss"
+    upstream, complete = sse.completion_from_chat_chunks(first.body)
+    assert complete
+    second = post(gw, "c", body)
+    assert status(second) == "Hit"
+    assert "text/event-stream" in (second.header("Content-Type") or "")
+    assert second.body.count(b"data: [DONE]") == 1 and second.body.rstrip().endswith(b"data: [DONE]")
+    replay, complete = sse.completion_from_chat_chunks(second.body)
+    assert complete
+    assert replay["choices"][0]["message"]["content"] == upstream["choices"][0]["message"]["content"]
+    events = [e.json() for e in sse.parse_sse(second.body) if not e.is_done]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
+    # a non-stream request with the same text is another entry (stream is part of the scope)
+    assert status(post(gw, "c", chat("List three uses of the Python zip function."))) == "Miss"
+
+
+def test_identical_prompt_hits_at_threshold_one_without_exact_layer(gw: GatewayHandle) -> None:
+    q = "What is the time complexity of binary search?"
+    assert status(post(gw, "strict", chat(q))) == "Miss"
+    r = post(gw, "strict", chat(q))
+    assert status(r) == "Hit"
+    assert float(r.header("X-Cache-Similarity")) >= 0.9999
+
+
+def test_hit_headers_age_and_ttl(gw: GatewayHandle) -> None:
+    q = "Give me a two-line poem about the sea."
+    first = post(gw, "c", chat(q))
+    assert status(first) == "Miss" and first.header("X-Cache-Key")
+    time.sleep(1.1)
+    hit = post(gw, "c", chat(q))
+    assert status(hit) == "Hit"
+    assert hit.header("X-Cache-Key") == first.header("X-Cache-Key")
+    assert int(hit.header("Age")) >= 1
+    assert 290 <= int(hit.header("X-Cache-Ttl")) <= 299
+    assert answer_text(hit) == answer_text(first)
+
+
+def test_malformed_bodies_bypass(gw: GatewayHandle) -> None:
+    for raw in (b"{not json", b"\xff\xfe\x00garbage", json.dumps({"prompt": "legacy"}).encode()):
+        r = gw.request("POST", "/c/v1/chat/completions", body=raw,
+                       headers={"apikey": "key-alice", "Content-Type": "application/json"})
+        assert status(r) == "Bypass"
+        assert r.status != 500
+
+
+def test_redis_outage_fails_open_then_recovers(gw: GatewayHandle, redis_server: Any) -> None:
+    q = "What is the capital city of Australia?"
+    try:
+        redis_server.stop()
+        down = post(gw, "c", chat(q))
+        assert down.status == 200 and status(down) == "Failed"
+        assert answer_text(down)
+        strict = post(gw, "failing", chat(q))
+        assert strict.status == 503 and status(strict) == "Failed"
+    finally:
+        _ensure_redis(redis_server)
+    deadline = time.monotonic() + 10
+    got = None
+    while time.monotonic() < deadline:  # the breaker lets a probe through after its cooldown
+        got = status(post(gw, "c", chat(q)))
+        if got != "Failed":
+            break
+        time.sleep(0.3)
+    assert got == "Miss"
+    assert status(post(gw, "c", chat(q))) == "Hit"
+
+
+def test_purge_removes_every_key_of_a_namespace(gw: GatewayHandle, redis_server: Any) -> None:
+    _ensure_redis(redis_server)
+    client = redis_server.client()
+    for q in ("How do I bake sourdough bread?", "How do I brew cold coffee?"):
+        post(gw, "cadmin", chat(q))
+    assert status(post(gw, "cadmin", chat("How do I bake sourdough bread?"))) == "Hit"
+    post(gw, "c", chat("A key that must survive the purge of another namespace"))
+    assert client.keys("aigov:cache:e2e-admin:*")
+    denied = gw.request("POST", "/cadmin/purge", headers={"apikey": "key-alice", "X-Cache-Admin-Key": "no"})
+    assert denied.status == 403
+    assert client.keys("aigov:cache:e2e-admin:*")
+    # admin_path is matched against the client's path (kong.request.get_path)
+    r = gw.request("POST", "/cadmin/purge", headers={"apikey": "key-alice", "X-Cache-Admin-Key": "s3cret"})
+    assert r.status == 200 and r.json()["purged"] >= 2
+    assert client.keys("aigov:cache:e2e-admin:*") == []
+    assert client.keys("aigov:cache:e2e:*")
+    assert status(post(gw, "cadmin", chat("How do I bake sourdough bread?"))) == "Miss"
+    # the CLI does the same for a namespace
+    out = subprocess.run([sys.executable, "-m", "aigov.cli", "purge", "--namespace", "e2e-admin",
+                          "--redis-url", redis_server.url], capture_output=True, text=True, timeout=60,
+                         cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["purged"] >= 1
+    assert client.keys("aigov:cache:e2e-admin:*") == []
+    assert not [i for i in client.execute_command("FT._LIST") if i.decode().startswith("aigov_cache:e2e-admin:")]
+    client.close()
+
+
+@pytest.mark.parametrize("server", ["aigov", "stock"])
+def test_password_reset_paraphrase_is_a_semantic_hit(server: str, redis_server: Any, mock_llm: Any,
+                                                     kong_gateway: Any) -> None:
+    _ensure_redis(redis_server)
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    ns = f"pw-{server}-{uuid.uuid4().hex[:6]}"
+    g = kong_gateway(kong_yml(mock_llm.url, {"c": [cache_plugin(port, ns)]}), server=server,
+                     plugin_files=[PLUGIN_FILE], pythonpath=str(REPO))
+    first = post(g, "c", chat("How do I reset my password?"))
+    assert first.status == 200 and status(first) == "Miss"
+    hit = post(g, "c", chat("How can I reset my password?"))
+    assert status(hit) == "Hit", hit.headers
+    assert float(hit.header("X-Cache-Similarity")) >= 0.82
+    assert answer_text(hit) == answer_text(first)

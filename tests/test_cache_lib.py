@@ -1,0 +1,103 @@
+"""Library-level checks of the cache (real model, real Redis); the end-to-end ones are in
+test_cache_gateway.py."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aigov.cache.core import CacheConfigError, CacheSettings, SemanticCache
+from aigov.cache.key import exact_key, scope_for
+from aigov.cache.policies.memory import MemoryStore
+from aigov.cache.verifier import verify
+from aigov.request import parse_chat_request
+
+ANSWER = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                                                    "finish_reason": "stop"}]}
+
+
+def _req(text: str, **extra: Any) -> Any:
+    return parse_chat_request(json.dumps({"model": "m", "messages": [{"role": "user", "content": text}], **extra}))
+
+
+@pytest.mark.parametrize("conf, needle", [
+    ({"vectordb": {"threshold": 0.2}}, "looks like a distance"),
+    ({"vectordb": {"threshold": 1.5}}, "outside [0, 1]"),
+    ({"vectordb": {"distance_threshold": 0.1}}, "SIMILARITY"),
+    ({"vectordb": {"namespace": "a b"}}, "namespace"),
+    ({"embeddings": {"provider": "openai"}}, "needs embeddings.url"),
+    ({"admin_path": "/purge"}, "admin_key"),
+])
+def test_bad_config_is_a_clear_error(conf: dict, needle: str) -> None:
+    with pytest.raises(CacheConfigError, match=None) as err:
+        CacheSettings.from_config(conf)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("a, b", [
+    ("how do I enable two-factor authentication", "how do I disable two-factor authentication"),
+    ("convert 100 USD to EUR", "convert 100 EUR to USD"),
+    ("flights from Paris to London", "flights from London to Paris"),
+    ("Is it safe to eat raw eggs?", "Is it not safe to eat raw eggs?"),
+    ("Explain 3 ways to sort a list", "Explain 5 ways to sort a list"),
+    ("How many hours are in a week?", "How many minutes are in a week?"),
+    ("What is the capital of France?", "What is the capital of Germany?"),
+    ("How do I increase the request timeout?", "How do I decrease the request timeout?"),
+])
+def test_verifier_refuses_changed_meaning(a: str, b: str) -> None:
+    assert not verify(b, a).ok
+
+
+@pytest.mark.parametrize("a, b", [
+    ("How do I reset my password?", "How can I reset my password?"),
+    ("What is my account balance?", "Show me my account balance"),
+])
+def test_verifier_keeps_paraphrases(a: str, b: str) -> None:
+    assert verify(b, a).ok
+
+
+@pytest.mark.parametrize("strategy", ["memory", "redis"])
+def test_identical_prompt_hits_at_every_allowed_threshold(strategy: str, redis_server: Any) -> None:
+    if not redis_server.running:
+        redis_server.start()
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    ns = f"thr-{uuid.uuid4().hex[:6]}"
+    settings = CacheSettings.from_config({"exact_caching": False, "vectordb": {
+        "strategy": strategy, "namespace": ns, "redis": {"host": "127.0.0.1", "port": port}}})
+    cache = SemanticCache(settings)
+    req = _req("What is the time complexity of quicksort?")
+    scope = scope_for(req, namespace=ns, consumer_id="c1", route_id="r")
+    key = exact_key(scope, req.prompt_text())
+    cache.save(scope, key, req.prompt_text(), cache.embed(req.prompt_text()), ANSWER, None, "m")
+    try:
+        for t in (0.5, 0.7, 0.82, 0.9, 0.95, 0.99, 1.0):
+            cache.settings.threshold = t
+            found = cache.lookup(scope, req.prompt_text(), key)
+            assert found.status == "Hit" and found.layer == "semantic", t
+        other = scope_for(req, namespace=ns, consumer_id="c2", route_id="r")
+        assert cache.lookup(other, req.prompt_text(), exact_key(other, req.prompt_text())).status == "Miss"
+    finally:
+        cache.store.purge()
+
+
+def test_memory_store_bounds_size_and_ttl() -> None:
+    store = MemoryStore("t", max_entries=3)
+    settings = CacheSettings.from_config({"cache_ttl": 1})
+    cache = SemanticCache(settings, store=store, embedder=None)
+    req = _req("q")
+    scope = scope_for(req, namespace="t", consumer_id="c", route_id="r")
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(5, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    for i in range(5):
+        cache.save(scope, f"k{i}", f"prompt {i}", vecs[i], ANSWER, None, "m")
+    assert len(store) == 3
+    assert store.get_exact(scope, "k0") is None and store.get_exact(scope, "k4") is not None
+    assert store.search(scope, vecs[4], 1, 0.99)[0][0].key == "k4"
+    time.sleep(1.05)
+    assert store.get_exact(scope, "k4") is None
+    assert store.search(scope, vecs[4], 1, 0.5) == []

@@ -1,0 +1,158 @@
+"""The stand-in's HTTP front and log bookkeeping: wait_logs() waits for every log phase that is
+due, and the listener takes bursts of simultaneous connects (real kong-pdk probe plugin)."""
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "kongsim"))
+from helpers import Upstream, probe_entry, read_records  # noqa: E402
+
+from kongsim.gateway import FrontServer, Request  # noqa: E402
+from kongsim.pytest_plugin import make_prefix, start_gateway  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture()
+def upstream():
+    up = Upstream()
+    yield up
+    up.close()
+
+
+def kong_yml(up: Upstream, rec: Path) -> dict:
+    return {"_format_version": "3.0",
+            "services": [{"name": "svc", "url": up.url,
+                          "routes": [{"name": "r", "paths": ["/p"]}]}],
+            "plugins": [{"name": "kt-probe", "config": {"record_file": str(rec)}}]}
+
+
+def log_count(rec: Path) -> int:
+    return sum(1 for r in read_records(rec) if r["event"] == "log")
+
+
+def test_wait_logs_covers_a_response_whose_log_has_not_started(upstream) -> None:
+    prefix = make_prefix()
+    rec = Path(prefix) / "rec.jsonl"
+    gw = start_gateway(kong_yml(upstream, rec), server=[probe_entry(prefix)], prefix=prefix,
+                       http=False)
+    try:
+        runloop = gw.gateway.runloop
+        resp = gw.gateway.handle(Request("GET", "/p"))
+        assert resp.status == 200
+        # The response exists but is not sent yet: its log phase is due, not started.
+        assert runloop.pending_logs == 1
+        assert runloop.wait_logs(0.3) is False
+        assert log_count(rec) == 0
+        resp.read()  # sent: the log timer starts
+        assert runloop.wait_logs(10) is True
+        assert runloop.pending_logs == 0 and log_count(rec) == 1
+    finally:
+        gw.close()
+
+
+def test_wait_logs_after_each_http_response_and_under_concurrency(upstream) -> None:
+    prefix = make_prefix()
+    rec = Path(prefix) / "rec.jsonl"
+    gw = start_gateway(kong_yml(upstream, rec), server=[probe_entry(prefix)], prefix=prefix)
+    try:
+        # The front calls sent() after writing the response: a client that already read it
+        # must still find its log phase counted.
+        for i in range(15):
+            assert gw.request("GET", "/p").status == 200
+            assert gw.wait_logs(10)
+            assert log_count(rec) == i + 1
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def waiter() -> None:
+            while not stop.is_set():
+                try:
+                    gw.wait_logs(0.05)
+                except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                    errors.append(exc)
+                    return
+
+        def client() -> None:
+            for _ in range(5):
+                if gw.request("GET", "/p").status != 200:
+                    errors.append(AssertionError("non-200"))
+
+        w = threading.Thread(target=waiter)
+        w.start()
+        clients = [threading.Thread(target=client) for _ in range(6)]
+        [t.start() for t in clients]
+        [t.join(60) for t in clients]
+        stop.set()
+        w.join(10)
+        assert errors == []
+        assert gw.wait_logs(20) and log_count(rec) == 15 + 30
+    finally:
+        gw.close()
+
+
+def test_listen_backlog_holds_64_connects_before_accept() -> None:
+    """Connects complete in the kernel's accept queue; the stdlib's backlog of 5 drops the SYNs
+    beyond it. The server is not accepting yet, so only the backlog decides."""
+    server = FrontServer(("127.0.0.1", 0), http.server_handler_placeholder())
+    port = server.server_address[1]
+    socks = []
+    try:
+        for _ in range(64):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            socks.append(s)
+        pending = set(socks)
+        deadline = time.monotonic() + 1.5
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], 0.1)
+            pending -= set(writable)
+        assert not pending, f"{len(pending)} of 64 connects did not complete"
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+        server.server_close()
+
+
+def test_64_simultaneous_clients_all_answered(upstream) -> None:
+    gw = start_gateway({"_format_version": "3.0",
+                        "services": [{"name": "svc", "url": upstream.url,
+                                      "routes": [{"name": "r", "paths": ["/p"]}]}]},
+                       server=[], prefix=make_prefix())
+    try:
+        port = int(gw.url.rsplit(":", 1)[1])
+        barrier = threading.Barrier(64)
+        statuses: list[object] = []
+
+        def one(i: int) -> None:
+            barrier.wait(10)
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+                conn.request("GET", f"/p/{i}")
+                r = conn.getresponse()
+                r.read()
+                statuses.append(r.status)
+                conn.close()
+            except OSError as exc:
+                statuses.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+        assert statuses == [200] * 64
+        assert len(upstream.requests) == 64
+        assert all(t.daemon for t in threading.enumerate() if t.name.startswith("Thread-")
+                   and "process_request_thread" in repr(getattr(t, "_target", "")))
+        assert gw.gateway._http is not None and gw.gateway._http.daemon_threads
+    finally:
+        gw.close()

@@ -1,0 +1,122 @@
+"""End to end through `aigov gateway` (a subprocess with a kong.conf): key-auth, a probe plugin
+on the stock server, llm-token-quota on the stock server or on `aigov serve`, ai-proxy, and the
+mock LLM upstream."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "kongsim"))
+from helpers import PROBE, REPO, read_records  # noqa: E402
+
+from kongsim.pytest_plugin import make_prefix  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+PY = sys.executable
+KEY = "alice-key-5b7e91"
+PROVIDER_KEY = "sk-provider-secret-77aa"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _conf(prefix: str, server: str) -> str:
+    env = f"/usr/bin/env PYTHONPATH={REPO}"
+    lines = ["pluginserver_names = kt-probe, llm-token-quota",
+             f"pluginserver_kt_probe_socket = {prefix}/kt-probe.socket",
+             f"pluginserver_kt_probe_start_cmd = {PY} {PROBE} --socket-name kt-probe.socket -p {prefix}",
+             f"pluginserver_kt_probe_query_cmd = {PY} {PROBE} --dump",
+             f"pluginserver_llm_token_quota_socket = {prefix}/llm-token-quota.socket"]
+    quota = REPO / "plugins" / "llm-token-quota.py"
+    if server == "stock":
+        lines += [f"pluginserver_llm_token_quota_start_cmd = {env} {PY} {quota} "
+                  f"--socket-name llm-token-quota.socket -p {prefix}",
+                  f"pluginserver_llm_token_quota_query_cmd = {env} {PY} {quota} --dump"]
+    else:
+        lines += [f"pluginserver_llm_token_quota_start_cmd = {env} {PY} -m aigov.cli serve -p {prefix}",
+                  f"pluginserver_llm_token_quota_query_cmd = {env} {PY} -m aigov.cli dump llm-token-quota"]
+    lines.append("plugins = bundled,kt-probe,llm-token-quota")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("server", ["stock", "aigov"])
+def test_aigov_gateway_end_to_end_to_mock_llm(server: str, mock_llm) -> None:
+    prefix = make_prefix()
+    rec = Path(prefix) / "rec.jsonl"
+    kong_yml = {
+        "_format_version": "3.0",
+        "services": [{"name": "llm", "url": mock_llm.url, "routes": [{
+            "name": "chat", "paths": ["/chat"],
+            "plugins": [
+                {"name": "key-auth"},
+                {"name": "kt-probe", "config": {"record_file": str(rec), "tag": server}},
+                {"name": "llm-token-quota"},
+                {"name": "ai-proxy", "config": {
+                    "route_type": "llm/v1/chat",
+                    "model": {"provider": "openai", "name": "gpt-4o-mini",
+                              "options": {"upstream_url": mock_llm.url + "/v1/chat/completions"}},
+                    "auth": {"header_name": "Authorization",
+                             "header_value": "Bearer " + PROVIDER_KEY},
+                    "logging": {"log_statistics": True}}}]}]}],
+        "consumers": [{"username": "alice", "keyauth_credentials": [{"key": KEY}]}],
+    }
+    (Path(prefix) / "kong.yml").write_text(yaml.safe_dump(kong_yml))
+    (Path(prefix) / "kong.conf").write_text(_conf(prefix, server))
+    port = _free_port()
+    log_path = Path(prefix) / "gateway.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([PY, "-m", "aigov.cli", "gateway", "-c", f"{prefix}/kong.yml",
+                                 "--conf", f"{prefix}/kong.conf", "--listen", f"127.0.0.1:{port}",
+                                 "--log-level", "debug"],
+                                cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+        def post(headers: dict) -> tuple[int, dict, dict]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi"}]}
+            conn.request("POST", "/chat", json.dumps(body), {"Content-Type": "application/json", **headers})
+            r = conn.getresponse()
+            out = (r.status, {k.lower(): v for k, v in r.getheaders()}, json.loads(r.read() or b"null"))
+            conn.close()
+            return out
+
+        status, headers, body = post({"apikey": KEY})
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"]  # the mock LLM answered
+        assert headers["x-kong-llm-model"] == "openai/gpt-4o-mini"
+        assert headers["x-kt-probe-tag"] == server and headers["via"] == "1.1 kong/3.9.1"
+        status, _, body = post({})
+        assert status == 401 and body == {"message": "No API key found in request"}
+        deadline = time.monotonic() + 10
+        while len([r for r in read_records(rec) if r["event"] == "log"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first_log = [r for r in read_records(rec) if r["event"] == "log"][0]
+        usage = first_log["serialize"]["ai"]["proxy"]["usage"]
+        assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert first_log["serialize"]["consumer"]["username"] == "alice"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log_path.read_text()
+    assert "started pluginserver 'llm-token-quota'" in text
+    assert KEY not in text and PROVIDER_KEY not in text

@@ -1,0 +1,68 @@
+"""Quota config validation, counter planning, charges, headers and the 429 body (library level)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aigov.prices import Price
+from aigov.quota.core import (QuotaConfig, QuotaConfigError, charge_from_usage, identity_tag, plan_counters,
+                              rate_limit_headers, rejection_body)
+
+NOW = 1_800_000_030.0
+
+
+def test_config_errors_are_reported_together_and_clearly() -> None:
+    with pytest.raises(QuotaConfigError) as err:
+        QuotaConfig.from_plugin_config({
+            "limits": [{"window": "fortnight", "tokens": 5}, {"window": "day"}, {"window": "day", "tokens": -3}],
+            "identifier_sources": ["header"], "unknown_model": "default_price",
+            "default_price": {"input": None, "output": None},
+            "prices": [{"model": "gpt-4o", "input": 0.0000025, "output": 10}]})
+    msg = str(err.value)
+    for fragment in ("limits[0].window", "limits[1] needs", "limits[2].tokens", "identifier_header is not set",
+                     "default_price {input, output} is not set", "did you mean 2.5"):
+        assert fragment in msg, fragment
+
+
+def test_identity_tags_cannot_break_the_cluster_hash_tag() -> None:
+    assert identity_tag("consumer", "4f1c-aa") == "consumer:4f1c-aa"
+    weird = identity_tag("header", "evil}{tag value")
+    assert "{" not in weird and "}" not in weird and weird.startswith("header:h")
+    assert identity_tag("header", "evil}{tag value") == weird  # stable
+    assert identity_tag("header", "x" * 500) != identity_tag("header", "x" * 501)
+
+
+def test_counters_are_scoped_by_model_route_and_filtered_by_model() -> None:
+    cfg = QuotaConfig.from_plugin_config({"limits": [
+        {"window": "day", "tokens": 1000, "per_model": True},
+        {"window": "month", "cost_usd": 20, "per_route": True},
+        {"window": "minute", "tokens": 50, "models": ["gpt-4o"]}]})
+    mini = plan_counters(cfg, "consumer:a", "gpt-4o-mini", "chat", NOW)
+    assert [c.header for c in mini] == ["Day", "Cost-Month"]
+    assert ":gpt-4o-mini:" in mini[0].key and ":chat:" in mini[1].key
+    assert mini[1].limit == 20_000_000_000  # nano-USD
+    full = plan_counters(cfg, "consumer:a", "gpt-4o", "chat", NOW)
+    assert [c.header for c in full] == ["Day", "Cost-Month", "Minute"]
+    assert full[0].key != mini[0].key and full[1].key == mini[1].key
+
+
+def test_charge_meters_the_provider_total() -> None:
+    c = charge_from_usage(Price(input=1, output=2), 3, 7, total=298)
+    assert (c.prompt_tokens, c.completion_tokens, c.total_tokens) == (3, 7, 298)
+    assert c.cost_nano == (3 * 1 + 295 * 2) * 1000
+
+
+def test_headers_and_rejection_body_agree_with_the_counter() -> None:
+    cfg = QuotaConfig.from_plugin_config({"limits": [{"window": "minute", "tokens": 400},
+                                                     {"window": "day", "cost_usd": 0.01}]})
+    counters = plan_counters(cfg, "consumer:a", "gpt-4o", None, NOW)
+    headers = rate_limit_headers(counters, [350, 9_000_000], NOW)
+    assert headers["X-AI-RateLimit-Remaining-Minute"] == "50"
+    assert headers["X-AI-RateLimit-Reset-Minute"] == "30"
+    assert headers["X-AI-RateLimit-Remaining-Cost-Day"] == "0.001000000"
+    body, retry_after = rejection_body(counters[0], 350, 120, NOW)
+    err = json.loads(body)["error"]
+    assert retry_after == 30 and err["retry_after"] == 30
+    assert err["type"] == "rate_limit_exceeded" and err["window"] == "minute"
+    assert "400 tokens per minute" in err["message"] and "120 tokens, 50 tokens left" in err["message"]

@@ -1,0 +1,435 @@
+"""llm-token-quota end to end: the Kong stand-in, the real plugin-server process(es), real Redis,
+real tiktoken, the mock LLM upstream (the only mocked part)."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import redis as redislib
+
+from aigov import sse, tokens
+from aigov.prices import default_prices
+from kongsim.pytest_plugin import GatewayHandle, start_gateway
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN_FILE = REPO / "plugins" / "llm-token-quota.py"
+MODEL = "gpt-4o-mini"
+PRICE = default_prices().lookup(MODEL)
+
+
+def quota_plugin(redis_port: int, **conf: Any) -> dict[str, Any]:
+    config = {"policy": "redis", "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 500},
+              "identifier_sources": ["header"], "identifier_header": "X-User"}
+    config.update(conf)
+    return {"name": "llm-token-quota", "config": config}
+
+
+def kong_yml(mock_url: str, routes: dict[str, list[dict[str, Any]]], consumers: list | None = None) -> dict:
+    return {"_format_version": "3.0",
+            "consumers": consumers or [],
+            "services": [{"name": "llm", "url": mock_url, "routes": [
+                {"name": name, "paths": [f"/{name}"], "strip_path": True, "plugins": plugins}
+                for name, plugins in routes.items()]}]}
+
+
+def chat(text: str = "hello", max_tokens: int | None = 32, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": text}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    body.update(extra)
+    return body
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    return tokens.count_chat_messages(body["messages"], body["model"])
+
+
+def avoid_window_edge(margin_s: float = 4.0, size_s: int = 60) -> None:
+    """Minute-window tests must not straddle a boundary: wait (< margin_s) for a fresh window."""
+    left = size_s - time.time() % size_s
+    if left < margin_s:
+        time.sleep(left + 0.05)
+
+
+def counter_values(client: redislib.Redis, user: str, metric: str = "tokens") -> list[int]:
+    return [int(client.get(k)) for k in client.keys(f"aigov:quota:{{header:{user}}}:{metric}:*")]
+
+
+def post(gw: GatewayHandle, route: str, body: dict[str, Any], user: str, **headers: str) -> Any:
+    return gw.request("POST", f"/{route}/v1/chat/completions", json=body, headers={"X-User": user, **headers})
+
+
+def wait_logs(gw: GatewayHandle, timeout_s: float = 20.0) -> bool:
+    """Wait for the deferred log phases (where reservations of failed requests are released).
+    Retries kongsim's wait_logs, which can race with a log thread that is not started yet."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return gw.wait_logs(max(0.1, deadline - time.monotonic()))
+        except RuntimeError:
+            time.sleep(0.02)
+    return False
+
+
+def wait_settled(gw: GatewayHandle, client: redislib.Redis, user: str, timeout_s: float = 20.0) -> None:
+    """Wait until every reservation of `user` is settled or released. The log phase runs after
+    the client has its response (Kong's timer), so a test must wait for it before reading."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        wait_logs(gw, 5)
+        if client.hlen(f"aigov:quota:{{header:{user}}}:res") == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"reservations of {user} still pending after {timeout_s}s")
+
+
+def run_parallel(n: int, fn: Callable[[int], Any], stagger_s: float = 0.0) -> list[Any]:
+    """Run fn(0..n-1) in n threads released together. stagger_s spreads the connects a little:
+    the stand-in's HTTP front has the stdlib's listen backlog of 5, which drops simultaneous
+    connects beyond it; a slow upstream keeps the requests in flight together anyway."""
+    results: list[Any] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def worker(i: int) -> None:
+        barrier.wait(timeout=30)
+        time.sleep(i * stagger_s)
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(redis_server, mock_llm) -> Iterator[GatewayHandle]:
+    """One `aigov serve` gateway with several quota routes (separate X-User values per test)."""
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    routes = {
+        "day": [quota_plugin(port, limits=[{"window": "day", "tokens": 1000}])],
+        "minute": [{"name": "key-auth", "config": {"key_names": ["apikey"]}},
+                   quota_plugin(port, identifier_sources=["consumer"], identifier_header=None,
+                                limits=[{"window": "minute", "tokens": 400}])],
+        "cost": [quota_plugin(port, limits=[{"window": "day", "tokens": 1_000_000, "cost_usd": 5}])],
+        "strict": [quota_plugin(port, on_malformed_request="reject", on_store_failure="fail_closed",
+                                limits=[{"window": "day", "tokens": 100000}])],
+        "priced": [quota_plugin(port, unknown_model="default_price", default_price={"input": 1, "output": 2},
+                                limits=[{"window": "day", "cost_usd": 1}])],
+    }
+    consumers = [{"username": "alice", "keyauth_credentials": [{"key": "key-alice"}]},
+                 {"username": "bob", "keyauth_credentials": [{"key": "key-bob"}]}]
+    gw = start_gateway(kong_yml(mock_llm.url, routes, consumers), server="aigov", pythonpath=str(REPO))
+    try:
+        yield gw
+    finally:
+        gw.close()
+
+
+@pytest.fixture()
+def rclient(redis_server) -> Iterator[redislib.Redis]:
+    if not redis_server.running:
+        redis_server.start()
+    client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+# ------------------------------------------------------------------ the issue's scenarios
+
+@pytest.mark.parametrize("server", ["aigov", "stock"])
+def test_one_cent_left_eight_parallel_half_cent_requests_admit_at_most_two(server, redis_server, mock_llm,
+                                                                            rclient, kong_gateway) -> None:
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    gw = kong_gateway(kong_yml(mock_llm.url, {"c": [quota_plugin(port, limits=[{"window": "day", "cost_usd": 0.01}])]}),
+                      server=server, plugin_files=[PLUGIN_FILE], pythonpath=str(REPO))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "write a long story"}], "max_tokens": 480}
+    estimate = default_prices().lookup("gpt-4o").cost_nano(prompt_tokens(body), 480)
+    assert 4_500_000 < estimate < 5_000_000  # "about $0.005" each, so two fit in $0.01 and three do not
+    # The provider really generates max_tokens and the upstream is slow, so all eight are in flight together.
+    replies = run_parallel(8, lambda i: post(gw, "c", body, "spender", **{"X-Mock-Usage": "completion=480",
+                                                                         "X-Mock-Latency-Ms": "500"}),
+                           stagger_s=0.01)
+    admitted = [r for r in replies if r.status == 200]
+    rejected = [r for r in replies if r.status == 429]
+    assert len(admitted) + len(rejected) == 8
+    assert 1 <= len(admitted) <= 2
+    spent = sum(float(r.header("X-AI-Cost-USD")) for r in admitted)
+    assert spent <= 0.01
+    wait_settled(gw, rclient, "spender")
+    (counter,) = counter_values(rclient, "spender", "cost")
+    assert counter <= 10_000_000 and abs(counter / 1e9 - spent) < 1e-5
+    err = rejected[0].json()["error"]
+    assert err["code"] == "quota_exceeded" and err["window"] == "day"
+    assert int(rejected[0].header("Retry-After")) > 0
+
+
+def test_three_server_processes_sharing_redis_never_overshoot(redis_server, mock_llm, rclient) -> None:
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    config = kong_yml(mock_llm.url, {"q": [quota_plugin(port, limits=[{"window": "day", "tokens": 2000}])]})
+    gateways = [start_gateway(config, server="aigov", pythonpath=str(REPO)) for _ in range(3)]
+    try:
+        body = chat("count me", max_tokens=90)
+        per_request = prompt_tokens(body) + 90
+        # 64 requests in flight together: connects spread over ~0.4 s, each upstream call takes 1 s
+        replies = run_parallel(64, lambda i: post(gateways[i % 3], "q", body, "fleet",
+                                                  **{"X-Mock-Usage": "completion=90", "X-Mock-Latency-Ms": "1000"}),
+                               stagger_s=0.006)
+        statuses = [r.status for r in replies]
+        assert set(statuses) <= {200, 429}
+        assert statuses.count(200) == 2000 // per_request  # exactly what fits, on three processes
+        for gw in gateways:
+            wait_settled(gw, rclient, "fleet")
+        (counter,) = counter_values(rclient, "fleet")
+        assert counter == statuses.count(200) * per_request <= 2000
+    finally:
+        for gw in gateways:
+            gw.close()
+
+
+def test_consumer_a_exhausting_a_minute_budget_does_not_block_consumer_b(shared_gateway, rclient) -> None:
+    avoid_window_edge()
+    body = chat("tell me something", max_tokens=150)
+    statuses = []
+    for _ in range(4):
+        r = shared_gateway.request("POST", "/minute/v1/chat/completions", json=body,
+                                   headers={"apikey": "key-alice", "X-Mock-Usage": "completion=150"})
+        statuses.append(r.status)
+    assert statuses[:2] == [200, 200] and statuses[-1] == 429
+    blocked = shared_gateway.request("POST", "/minute/v1/chat/completions", json=body, headers={"apikey": "key-alice"})
+    assert blocked.status == 429 and "per minute" in blocked.json()["error"]["message"]
+    assert 0 < int(blocked.header("Retry-After")) <= 60
+    ok = shared_gateway.request("POST", "/minute/v1/chat/completions", json=body, headers={"apikey": "key-bob"})
+    assert ok.status == 200
+    assert int(ok.header("X-AI-RateLimit-Remaining-Minute")) == 400 - int(ok.header("X-AI-Tokens-Prompt")) \
+        - int(ok.header("X-AI-Tokens-Completion"))
+
+
+def test_three_fifty_token_requests_show_950_900_850(shared_gateway, rclient) -> None:
+    remaining = []
+    for _ in range(3):
+        r = post(shared_gateway, "day", chat(), "fifty", **{"X-Mock-Usage": "total=50"})
+        assert r.status == 200
+        remaining.append(int(r.header("X-AI-RateLimit-Remaining-Day")))
+        assert r.header("X-AI-RateLimit-Limit-Day") == "1000"
+        assert int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion")) == 50
+    assert remaining == [950, 900, 850]
+    wait_settled(shared_gateway, rclient, "fifty")
+    assert counter_values(rclient, "fifty") == [150]  # the headers agree with the counter
+
+
+def test_reply_larger_than_the_budget_is_charged_and_the_next_request_gets_429(shared_gateway, rclient) -> None:
+    r = post(shared_gateway, "day", chat(max_tokens=10), "big", **{"X-Mock-Usage": "total=1500"})
+    assert r.status == 200 and r.header("X-AI-RateLimit-Remaining-Day") == "0"
+    wait_settled(shared_gateway, rclient, "big")
+    assert counter_values(rclient, "big") == [1500]
+    nxt = post(shared_gateway, "day", chat(max_tokens=10), "big")
+    assert nxt.status == 429
+    assert int(nxt.header("Retry-After")) > 0
+    err = nxt.json()["error"]
+    assert err["type"] == "rate_limit_exceeded" and "1000 tokens per day" in err["message"]
+    assert err["retry_after"] == int(nxt.header("Retry-After"))
+
+
+def test_stream_without_usage_is_counted_with_tiktoken(shared_gateway, rclient) -> None:
+    body = chat("stream me a reply", max_tokens=None, stream=True)
+    r = post(shared_gateway, "day", body, "stream-nousage")
+    assert r.status == 200
+    completion, complete = sse.completion_from_chat_chunks(r.body)
+    assert complete and "usage" not in completion or completion.get("usage") is None
+    text = completion["choices"][0]["message"]["content"]
+    expected_completion = tokens.count_text(text, MODEL)
+    assert expected_completion > 0
+    assert int(r.header("X-AI-Tokens-Completion")) == expected_completion
+    assert int(r.header("X-AI-Tokens-Prompt")) == prompt_tokens(body)
+    expected_cost = PRICE.cost_nano(prompt_tokens(body), expected_completion) / 1e9
+    assert float(r.header("X-AI-Cost-USD")) == pytest.approx(expected_cost, abs=1e-6)
+    wait_settled(shared_gateway, rclient, "stream-nousage")
+    assert counter_values(rclient, "stream-nousage") == [prompt_tokens(body) + expected_completion]
+
+
+def test_stream_with_usage_only_in_the_final_chunk(shared_gateway, rclient) -> None:
+    body = chat("stream with usage", max_tokens=None, stream=True, stream_options={"include_usage": True})
+    r = post(shared_gateway, "day", body, "stream-usage", **{"X-Mock-Usage": "total=77,prompt=20"})
+    completion, _ = sse.completion_from_chat_chunks(r.body)
+    assert completion["usage"]["total_tokens"] == 77
+    assert (r.header("X-AI-Tokens-Prompt"), r.header("X-AI-Tokens-Completion")) == ("20", "57")
+    assert PRICE.cost_nano(20, 57) > 0
+    assert float(r.header("X-AI-Cost-USD")) == pytest.approx(PRICE.cost_nano(20, 57) / 1e9, abs=1e-6)
+    wait_settled(shared_gateway, rclient, "stream-usage")
+    assert counter_values(rclient, "stream-usage") == [77]
+
+
+def test_provider_total_above_prompt_plus_completion_is_metered(shared_gateway, rclient) -> None:
+    r = post(shared_gateway, "day", chat(), "reasoner", **{"X-Mock-Usage": "total=298,prompt=3,completion=7"})
+    assert r.status == 200
+    assert r.header("X-AI-RateLimit-Remaining-Day") == str(1000 - 298)
+    assert float(r.header("X-AI-Cost-USD")) == pytest.approx(PRICE.cost_nano(3, 7, total_tokens=298) / 1e9, abs=1e-9)
+    wait_settled(shared_gateway, rclient, "reasoner")
+    assert counter_values(rclient, "reasoner") == [298]
+
+
+def test_failures_and_cut_streams_release_or_settle_exactly(shared_gateway, rclient) -> None:
+    """200 requests, 10% failing (500s and cut streams): the counter is the sum of the charges."""
+    max_tokens = 40
+
+    def one(i: int) -> tuple[int, int]:
+        body = chat(f"question number {i}", max_tokens=max_tokens, stream=(i % 2 == 0))
+        fail = {0: "500", 10: "cut"}.get(i % 20)
+        headers = {"X-Mock-Fail": fail} if fail else {}
+        r = post(shared_gateway, "cost", body, "flaky", **headers)
+        if fail == "500":
+            assert r.status == 500
+            return r.status, 0  # the provider failed and billed nothing: released
+        if fail == "cut":
+            assert r.status == 502
+            return r.status, prompt_tokens(body) + max_tokens  # cut mid-body: the reservation is kept
+        assert r.status == 200
+        return r.status, int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion"))
+
+    results: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def batch(start: int) -> None:
+        for i in range(start, 200, 8):
+            res = one(i)
+            with lock:
+                results.append(res)
+
+    run_parallel(8, batch)
+    assert len(results) == 200
+    assert sum(1 for s, _ in results if s != 200) == 20
+    wait_settled(shared_gateway, rclient, "flaky")
+    assert counter_values(rclient, "flaky") == [sum(c for _, c in results)]
+    assert rclient.hlen("aigov:quota:{header:flaky}:res") == 0  # every reservation was settled
+
+
+# ------------------------------------------------------------------ failure policy and bad input
+
+def test_malformed_request_passes_unmetered_or_gets_a_clear_400(shared_gateway, rclient) -> None:
+    r = shared_gateway.request("POST", "/day/v1/chat/completions", body=b"{not json", headers={"X-User": "bad"})
+    assert r.status == 400  # the mock upstream's own answer: the plugin passed it on
+    assert counter_values(rclient, "bad") == []
+    strict = shared_gateway.request("POST", "/strict/v1/chat/completions", body=b"{not json",
+                                    headers={"X-User": "bad"})
+    assert strict.status == 400
+    err = strict.json()["error"]
+    assert err["code"] == "invalid_request" and "not valid JSON" in err["message"]
+
+
+def test_unknown_model_blocks_or_uses_the_default_price(shared_gateway, rclient) -> None:
+    body = {"model": "mystery-model-9", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    blocked = post(shared_gateway, "day", body, "unknown")
+    assert blocked.status == 400 and blocked.json()["error"]["code"] == "model_not_priced"
+    assert "mystery-model-9" in blocked.json()["error"]["message"]
+    priced = post(shared_gateway, "priced", body, "unknown")
+    assert priced.status == 200
+    cost = float(priced.header("X-AI-Cost-USD"))
+    p, c = int(priced.header("X-AI-Tokens-Prompt")), int(priced.header("X-AI-Tokens-Completion"))
+    assert cost > 0  # never $0 silently
+    assert cost == pytest.approx((p * 1 + c * 2) / 1e6, abs=1e-6)
+
+
+def test_redis_down_fail_open_serves_and_fail_closed_answers_503(shared_gateway, redis_server, rclient) -> None:
+    redis_server.stop()
+    try:
+        open_ = post(shared_gateway, "day", chat(), "outage")
+        assert open_.status == 200 and open_.header("X-AI-Tokens-Prompt")  # counted locally
+        closed = post(shared_gateway, "strict", chat(), "outage")
+        assert closed.status == 503
+        assert closed.json()["error"]["code"] == "quota_store_unavailable"
+    finally:
+        redis_server.start()
+    time.sleep(1.1)  # the Redis layer's circuit breaker lets a probe through after its cooldown
+    again = post(shared_gateway, "day", chat(), "outage")
+    assert again.status == 200
+
+
+# ------------------------------------------------------------------ cache hits, log mode, windows
+
+def test_cache_hit_on_a_route_with_both_plugins_charges_nothing(redis_server, mock_llm, rclient, kong_gateway) -> None:
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    cache = {"name": "llm-semantic-cache", "config": {"vectordb": {"strategy": "memory"}, "exact_caching": True}}
+    gw = kong_gateway(kong_yml(mock_llm.url, {"both": [quota_plugin(port, limits=[{"window": "day", "tokens": 5000}]),
+                                                       cache]}), server="aigov", pythonpath=str(REPO))
+    body = chat("What is the capital of France?", max_tokens=40)
+    first = post(gw, "both", body, "cached")
+    assert first.status == 200
+    charged = int(first.header("X-AI-Tokens-Prompt")) + int(first.header("X-AI-Tokens-Completion"))
+    hit = None
+    for _ in range(50):  # the cache stores the answer after the response; bounded wait for it
+        wait_logs(gw)
+        r = post(gw, "both", body, "cached")
+        if r.header("X-Cache-Status") == "Hit":
+            hit = r
+            break
+        charged += int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion"))
+        time.sleep(0.1)
+    assert hit is not None and hit.status == 200
+    assert hit.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    wait_settled(gw, rclient, "cached")
+    assert counter_values(rclient, "cached") == [charged]  # the hit released its reservation
+    assert int(hit.header("X-AI-RateLimit-Remaining-Day")) == 5000 - charged
+    assert rclient.hlen("aigov:quota:{header:cached}:res") == 0
+
+
+@pytest.fixture(scope="module")
+def log_mode_gateway(redis_server, mock_llm) -> Iterator[GatewayHandle]:
+    """AIGOV_CAPTURE_PHASE=log: no response phase (no buffering); settle from ai-proxy's logged usage."""
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    ai_proxy = {"name": "ai-proxy", "config": {
+        "route_type": "llm/v1/chat", "auth": {"header_name": "Authorization", "header_value": "Bearer sk-test"},
+        "model": {"provider": "openai", "options": {"upstream_url": f"{mock_llm.url}/v1/chat/completions"}},
+        "logging": {"log_statistics": True, "log_payloads": False}}}
+    routes = {"ai": [quota_plugin(port, limits=[{"window": "day", "tokens": 1000}]), ai_proxy]}
+    gw = start_gateway(kong_yml(mock_llm.url, routes), server="stock", plugin_files=[PLUGIN_FILE],
+                       pythonpath=str(REPO), extra_env={"AIGOV_CAPTURE_PHASE": "log"})
+    try:
+        yield gw
+    finally:
+        gw.close()
+
+
+def test_log_mode_settles_from_ai_proxy_usage_without_buffering(log_mode_gateway, rclient) -> None:
+    info = log_mode_gateway.gateway.infos["llm-token-quota"]
+    assert "response" not in info.phases and "log" in info.phases  # Kong will not buffer
+    body = chat("through ai-proxy", max_tokens=100, stream=True, stream_options={"include_usage": True})
+    r = post(log_mode_gateway, "ai", body, "logmode", **{"X-Mock-Usage": "total=120,prompt=20"})
+    assert r.status == 200
+    reserved = prompt_tokens(body) + 100
+    # headers left before the usage was known: they show the reservation, and no per-request figures
+    assert r.header("X-AI-RateLimit-Remaining-Day") == str(1000 - reserved)
+    assert r.header("X-AI-Tokens-Prompt") is None
+    wait_settled(log_mode_gateway, rclient, "logmode")
+    assert counter_values(rclient, "logmode") == [120]  # settled to ai-proxy's logged usage
+    failed = post(log_mode_gateway, "ai", chat(max_tokens=50), "logmode", **{"X-Mock-Fail": "500"})
+    assert failed.status == 500
+    wait_settled(log_mode_gateway, rclient, "logmode")
+    assert counter_values(rclient, "logmode") == [120]  # the failed call was released
+
+
+def test_first_request_of_a_new_minute_window_sees_a_full_budget(redis_server, mock_llm, rclient,
+                                                                  kong_gateway) -> None:
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    gw = kong_gateway(kong_yml(mock_llm.url, {"w": [quota_plugin(port, limits=[{"window": "minute", "tokens": 100}])]}),
+                      server="aigov", pythonpath=str(REPO))
+    # Start close to the end of a minute so the test waits at most ~10 s for the boundary.
+    left = 60 - time.time() % 60
+    if left > 10:
+        time.sleep(left - 8)
+    elif left < 3:
+        time.sleep(left + 0.05 + 52)  # too close to the edge: use the next minute's end
+    first = post(gw, "w", chat(max_tokens=10), "edge", **{"X-Mock-Usage": "total=100"})
+    assert first.status == 200 and first.header("X-AI-RateLimit-Remaining-Minute") == "0"
+    reset = int(first.header("X-AI-RateLimit-Reset-Minute"))
+    assert post(gw, "w", chat(max_tokens=10), "edge").status == 429
+    time.sleep(60 - time.time() % 60 + 0.2)  # the next window
+    fresh = post(gw, "w", chat(max_tokens=10), "edge", **{"X-Mock-Usage": "total=30"})
+    assert fresh.status == 200 and reset <= 11
+    assert fresh.header("X-AI-RateLimit-Remaining-Minute") == "70"

@@ -1,0 +1,300 @@
+"""llm-semantic-router end to end: the Kong stand-in, the real plugin-server process (aigov serve
+and kong-pdk's stock server), the real all-MiniLM-L6-v2 model, and two mock LLM upstreams on two
+ports (the only mocked part) that echo which model and which credential reached them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from aigov.embeddings import LOCAL_MODEL_ID
+from aigov.mockllm import MockLLM, auth_fingerprint
+from kongsim.pytest_plugin import GatewayHandle, start_gateway
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN_FILE = REPO / "plugins" / "llm-semantic-router.py"
+
+CODING_KEY = "sk-coding-target-key"
+BILLING_KEY = "sk-billing-target-key"
+CLIENT_AUTH = "Bearer client-kong-key"
+
+CODING = ["how do I reverse a list in python", "my javascript function returns undefined",
+          "fix this segmentation fault in my C program", "write a SQL query joining two tables",
+          "what does this regular expression match", "how do I resolve a git merge conflict",
+          "explain recursion with a code example", "why does my java code throw a NullPointerException",
+          "how to write a unit test with pytest", "convert this bash loop to python",
+          "what is the time complexity of quicksort", "how do I declare a struct in rust"]
+BILLING = ["why was I charged twice this month", "I want a refund for my last invoice",
+           "how do I update my credit card on file", "cancel my subscription please",
+           "where can I download my invoices", "my payment was declined",
+           "what plan am I on and how much does it cost", "change my billing address",
+           "I was billed after cancelling", "do you offer annual billing discounts",
+           "how do I get a receipt for my payment", "upgrade my plan to the pro tier"]
+GENERAL = ["hello there", "good morning", "hi, how are you today", "thanks, that's all",
+           "who are you", "nice to meet you"]
+NEGATIVES = ["what's the weather like tomorrow", "who won the football match last night",
+             "tell me a joke about cats", "what is the capital of australia",
+             "recommend a good movie for tonight", "how tall is mount everest",
+             "translate good night into french", "what year did the second world war end"]
+# Held out: not in the config, must still land on their route.
+HELD_OUT = {
+    "coding": ["how can I sort a dictionary by value in python", "my C++ code does not compile, missing semicolon"],
+    "billing": ["I see an unexpected charge on my bank statement from you", "please send me a refund for the double payment"],
+}
+LASAGNA = "what is a good recipe for vegetable lasagna with béchamel"
+
+
+def router_config(mock_a: MockLLM, mock_b: MockLLM, **overrides: Any) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "routes": [
+            {"name": "coding", "utterances": CODING,
+             "target": {"host": "127.0.0.1", "port": mock_a.port, "path": "/v1/chat/completions",
+                        "model": "gpt-4o", "api_key": CODING_KEY,
+                        "headers": {"X-Target": "coding"}}},
+            {"name": "billing", "utterances": BILLING,
+             "target": {"host": "127.0.0.1", "port": mock_b.port, "path": "/v1/chat/completions",
+                        "model": "gpt-4o-mini", "api_key": BILLING_KEY, "auth_header": "api-key"}},
+            {"name": "general", "utterances": GENERAL,
+             "target": {"host": "127.0.0.1", "port": mock_b.port, "path": "/v1/chat/completions",
+                        "model": "gpt-4.1-mini"}},
+        ],
+        "default_route": "general",
+        "negative_utterances": NEGATIVES,
+        "force_route_header": "X-Force-Route",
+    }
+    conf.update(overrides)
+    return conf
+
+
+def kong_yml(mock_a: MockLLM, routes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    # The service points at a dead port: only the router's target choice can reach a mock.
+    return {"_format_version": "3.0", "services": [{
+        "name": "llm", "url": "http://127.0.0.1:9/unrouted",
+        "routes": [{"name": name, "paths": [f"/{name}"], "strip_path": True,
+                    "plugins": [{"name": "llm-semantic-router", "config": conf}]}
+                   for name, conf in routes.items()]}]}
+
+
+def chat(text: str, model: str = "client-model") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "system", "content": "be brief"},
+                                         {"role": "user", "content": text}]}
+
+
+def post(gw: GatewayHandle, route: str, body: Any, **headers: str) -> Any:
+    hdrs = {"Authorization": CLIENT_AUTH, **headers}
+    if isinstance(body, (bytes, str)):
+        return gw.request("POST", f"/{route}", body=body, headers={"Content-Type": "application/json", **hdrs},
+                          timeout=90)
+    return gw.request("POST", f"/{route}", json=body, headers=hdrs, timeout=90)
+
+
+@pytest.fixture(scope="module")
+def mocks() -> Iterator[tuple[MockLLM, MockLLM]]:
+    a = MockLLM("127.0.0.1", 0).start()
+    b = MockLLM("127.0.0.1", 0).start()
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("router-cache")
+    d.chmod(0o700)
+    return d
+
+
+def _routes(mocks: tuple[MockLLM, MockLLM], cache_dir: Path) -> dict[str, dict[str, Any]]:
+    a, b = mocks
+    return {
+        "main": router_config(a, b, cache_dir=str(cache_dir)),
+        "reject": router_config(a, b, default_route="reject"),
+        "mismatch-error": router_config(a, b, calibrated_for_model="text-embedding-3-small",
+                                        thresholds={"min_confidence": 0.5}),
+        "mismatch-warn": router_config(a, b, calibrated_for_model="text-embedding-3-small",
+                                       thresholds={"min_confidence": 0.5}, on_model_mismatch="warn"),
+        "calibrated-ok": router_config(a, b, calibrated_for_model=LOCAL_MODEL_ID,
+                                       thresholds={"min_confidence": 2.5}),
+        # An embeddings endpoint nobody listens on: the embedder is down.
+        "embedder-down": router_config(a, b, embeddings={
+            "provider": "openai", "model": "text-embedding-3-small",
+            "url": "http://127.0.0.1:9/v1/embeddings", "timeout_ms": 500}),
+    }
+
+
+def _start(server: str, mocks: tuple[MockLLM, MockLLM], cache_dir: Path) -> GatewayHandle:
+    kwargs: dict[str, Any] = {"server": server, "pythonpath": str(REPO),
+                              "extra_env": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                            "TOKENIZERS_PARALLELISM": "false"}}
+    if server == "stock":
+        kwargs["plugin_files"] = [PLUGIN_FILE]
+    return start_gateway(kong_yml(mocks[0], _routes(mocks, cache_dir)), **kwargs)
+
+
+@pytest.fixture(scope="module", params=["aigov", "stock"])
+def gateway(request: pytest.FixtureRequest, mocks: tuple[MockLLM, MockLLM], cache_dir: Path) -> Iterator[GatewayHandle]:
+    gw = _start(request.param, mocks, cache_dir)
+    try:
+        warm(gw, "main")
+        yield gw
+    finally:
+        gw.close()
+
+
+def warm(gw: GatewayHandle, route: str, timeout_s: float = 180.0) -> None:
+    """Wait out the cold start (model load + route training): until then requests take the
+    default route with reason error, by design."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = post(gw, route, chat(HELD_OUT["coding"][0]))
+        if r.header("X-Semantic-Route-Reason") not in (None, "error"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"router on /{route} not ready after {timeout_s}s")
+
+
+def _reached(mock: MockLLM, request_id: str | None, wait_s: float = 2.0) -> dict[str, Any] | None:
+    """The mock's record of this request (it records just after answering: poll briefly)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for entry in mock.stats.snapshot()["recent"]:
+            if entry["request_id"] == request_id:
+                return entry
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+
+
+def test_coding_billing_and_lasagna_to_default(gateway: GatewayHandle, mocks: tuple[MockLLM, MockLLM]) -> None:
+    a, b = mocks
+    r = post(gateway, "main", chat(HELD_OUT["coding"][0]))
+    assert r.status == 200, r.body
+    assert (r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Reason")) == ("coding", "matched")
+    assert float(r.header("X-Semantic-Route-Score")) > 0
+    assert r.header("X-Mock-Model") == "gpt-4o"
+    assert _reached(a, r.header("X-Mock-Request-Id")) is not None  # mock A (coding's port)
+    assert r.json()["model"] == "gpt-4o"
+
+    r = post(gateway, "main", chat(HELD_OUT["billing"][0]))
+    assert r.status == 200, r.body
+    assert (r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Reason")) == ("billing", "matched")
+    assert r.header("X-Mock-Model") == "gpt-4o-mini"
+    assert _reached(b, r.header("X-Mock-Request-Id")) is not None
+    assert _reached(a, r.header("X-Mock-Request-Id"), wait_s=0.2) is None
+
+    r = post(gateway, "main", chat(LASAGNA))
+    assert r.status == 200, r.body
+    assert r.header("X-Semantic-Route") == "general"
+    assert r.header("X-Semantic-Route-Reason") == "default"
+    assert r.header("X-Mock-Model") == "gpt-4.1-mini"
+    assert _reached(b, r.header("X-Mock-Request-Id")) is not None
+
+
+@pytest.mark.parametrize("route", ["coding", "billing"])
+def test_held_out_utterances_land_on_their_route(gateway: GatewayHandle, mocks: tuple[MockLLM, MockLLM],
+                                                 route: str) -> None:
+    a, b = mocks
+    want_mock, want_model = (a, "gpt-4o") if route == "coding" else (b, "gpt-4o-mini")
+    for text in HELD_OUT[route]:
+        r = post(gateway, "main", chat(text))
+        assert r.status == 200, r.body
+        assert r.header("X-Semantic-Route") == route, (text, r.header("X-Semantic-Route-Score"))
+        assert r.header("X-Semantic-Route-Reason") == "matched"
+        entry = _reached(want_mock, r.header("X-Mock-Request-Id"))
+        assert entry is not None and entry["model"] == want_model
+
+
+def test_each_target_gets_only_its_own_key(gateway: GatewayHandle) -> None:
+    r = post(gateway, "main", chat(HELD_OUT["coding"][1]))
+    assert r.header("X-Semantic-Route") == "coding"
+    # Authorization carries coding's key, not the client's credential.
+    assert r.header("X-Mock-Auth-Header") == "authorization"
+    assert r.header("X-Mock-Auth-Sha256") == auth_fingerprint(f"Bearer {CODING_KEY}")
+
+    r = post(gateway, "main", chat(HELD_OUT["billing"][1]))
+    assert r.header("X-Semantic-Route") == "billing"
+    # The mock reports Authorization first if present: api-key here proves the client's
+    # Authorization was removed and coding's key is nowhere.
+    assert r.header("X-Mock-Auth-Header") == "api-key"
+    assert r.header("X-Mock-Auth-Sha256") == auth_fingerprint(BILLING_KEY)
+
+    r = post(gateway, "main", chat(LASAGNA), **{"api-key": "client-sent-api-key"})
+    assert r.header("X-Semantic-Route") == "general"
+    assert r.header("X-Mock-Auth-Header") == "none"  # general has no key; client keys stripped
+
+
+def test_reject_default_gives_clear_4xx(gateway: GatewayHandle) -> None:
+    r = post(gateway, "reject", chat(LASAGNA))
+    assert r.status == 400
+    assert r.json()["error"]["code"] == "no_route"
+    assert r.header("X-Semantic-Route") == "reject"
+    assert r.header("X-Semantic-Route-Reason") == "default"
+    r = post(gateway, "reject", chat(HELD_OUT["coding"][0]))
+    assert r.status == 200 and r.header("X-Semantic-Route") == "coding"
+
+
+def test_model_mismatch_error_and_warn(gateway: GatewayHandle) -> None:
+    r = post(gateway, "mismatch-error", chat(HELD_OUT["coding"][0]))
+    assert r.status == 500
+    msg = r.json()["error"]["message"]
+    assert "text-embedding-3-small" in msg and LOCAL_MODEL_ID in msg and "recalibrate" in msg
+    # warn: still routes, with the self-calibrated threshold instead of the foreign one.
+    r = post(gateway, "mismatch-warn", chat(HELD_OUT["coding"][0]))
+    assert r.status == 200 and r.header("X-Semantic-Route") == "coding"
+    # Matching model id: the configured threshold is used (2.5 is above any confidence).
+    r = post(gateway, "calibrated-ok", chat(HELD_OUT["coding"][0]))
+    assert r.status == 200
+    assert (r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Reason")) == ("general", "default")
+
+
+def test_embedder_failure_takes_default_route(gateway: GatewayHandle) -> None:
+    r = post(gateway, "embedder-down", chat(HELD_OUT["coding"][0]))
+    assert r.status == 200, r.body
+    assert r.header("X-Semantic-Route") == "general"
+    assert r.header("X-Semantic-Route-Reason") == "error"
+    assert r.header("X-Mock-Model") == "gpt-4.1-mini"
+
+
+def test_forced_route_and_malformed_body(gateway: GatewayHandle) -> None:
+    r = post(gateway, "main", chat(LASAGNA), **{"X-Force-Route": "billing"})
+    assert (r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Reason")) == ("billing", "forced")
+    assert r.header("X-Mock-Model") == "gpt-4o-mini"
+    # Unknown forced name: decided normally.
+    r = post(gateway, "main", chat(HELD_OUT["coding"][0]), **{"X-Force-Route": "nope"})
+    assert r.header("X-Semantic-Route") == "coding"
+    # Not JSON: default route, body untouched (the mock answers 400 to it), never a 500.
+    r = post(gateway, "main", b"{not json")
+    assert r.header("X-Semantic-Route") == "general"
+    assert r.header("X-Semantic-Route-Reason") == "default"
+    assert r.status == 400
+
+
+def test_restart_keeps_decisions(gateway: GatewayHandle, cache_dir: Path) -> None:
+    prompts = [HELD_OUT["coding"][0], HELD_OUT["billing"][0], LASAGNA, "is my invoice wrong?",
+               "how do I center a div with css"]
+    before = [(r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Score"))
+              for r in (post(gateway, "main", chat(p)) for p in prompts)]
+    assert list(cache_dir.glob("router-*.npz")), "the trained model was not stored in cache_dir"
+    managed = next(iter(gateway.gateway.managed.values()))
+    old_pid = managed.pid
+    managed.kill(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (managed.pid == old_pid or not os.path.exists(managed.entry.socket)):
+        time.sleep(0.1)
+    assert managed.pid != old_pid, "plugin server was not respawned"
+    after = []
+    for p in prompts:
+        for _ in range(50):  # the socket may not accept yet right after respawn
+            r = post(gateway, "main", chat(p))
+            if r.header("X-Semantic-Route"):
+                break
+            time.sleep(0.2)
+        after.append((r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Score")))
+    assert after == before

@@ -1,0 +1,245 @@
+"""The routing model and core with the real all-MiniLM-L6-v2 embedder: decisions, calibration,
+caching (memory + disk), config validation, and the eval/calibrate commands on small files."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aigov.embeddings import get_embedder
+from aigov.routing import core, model as rmodel
+from test_router_gateway import BILLING, CODING, GENERAL, HELD_OUT, LASAGNA, NEGATIVES
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Any:
+    return get_embedder("local")
+
+
+def conf(**over: Any) -> dict[str, Any]:
+    c: dict[str, Any] = {"routes": [{"name": "coding", "utterances": CODING, "target": {}},
+                                    {"name": "billing", "utterances": BILLING, "target": {}},
+                                    {"name": "general", "utterances": GENERAL, "target": {}}],
+                         "default_route": "general", "negative_utterances": NEGATIVES}
+    c.update(over)
+    return c
+
+
+def test_decisions_and_calibration(embedder: Any) -> None:
+    router = core.Router(core.settings_from_config(conf()), embedder)
+    m, _ = router.model(wait_s=300)
+    assert m.calibration.method == "negatives"
+    assert m.calibration.heldout_negatives == len(NEGATIVES)
+    assert m.calibration.heldout_inscope == len(CODING) + len(BILLING) + len(GENERAL)
+    for route, texts in HELD_OUT.items():
+        for t in texts:
+            d = router.decide_text(t)
+            assert (d.route_name, d.reason) == (route, "matched"), (t, d)
+    d = router.decide_text(LASAGNA)
+    assert (d.route_name, d.reason) == ("general", "default")
+    assert d.score is not None and d.score < router.threshold(m)
+    assert router.decide_text("   ").reason == "default"
+
+
+def test_training_is_deterministic_and_fast(embedder: Any) -> None:
+    rng = np.random.default_rng(1)
+    # 150 routes x 100 utterances of synthetic unit vectors: the head must train in seconds.
+    centers = rng.normal(size=(150, 384)).astype(np.float32)
+    labels = np.repeat(np.arange(150), 100)
+    vecs = centers[labels] + 0.8 * rng.normal(size=(15000, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    # CPU time, not wall time: the 2 CI cores are shared, so wall time measures the neighbours.
+    t = time.process_time()
+    head = rmodel.train_head(vecs, labels, 150)
+    elapsed = time.process_time() - t
+    assert elapsed < 8, f"head training took {elapsed:.1f}s of CPU"
+    head2 = rmodel.train_head(vecs, labels, 150)
+    assert np.array_equal(head.weights, head2.weights)
+    assert (head.proba(vecs[:500]).argmax(1) == labels[:500]).mean() > 0.95
+
+
+def test_topk_similarity_matches_bruteforce() -> None:
+    rng = np.random.default_rng(2)
+    vecs = rng.normal(size=(40, 8)).astype(np.float32)
+    labels = np.array([0] * 3 + [1] * 30 + [2] * 7)
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    got = rmodel.topk_similarity(q, vecs, labels, 3, top_k=5)
+    sims = q @ vecs.T
+    for r in range(3):
+        block = np.sort(sims[:, labels == r], axis=1)[:, ::-1][:, :5]
+        np.testing.assert_allclose(got[:, r], block.mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_without_negatives_uses_inscope_quantile(embedder: Any) -> None:
+    router = core.Router(core.settings_from_config(conf(negative_utterances=[])), embedder)
+    m, _ = router.model(wait_s=300)
+    assert m.calibration.method == "inscope_quantile"
+    assert router.decide_text(HELD_OUT["coding"][0]).route_name == "coding"
+
+
+def test_disk_cache_round_trip(embedder: Any, tmp_path: Path) -> None:
+    d = tmp_path / "cache"
+    settings = core.settings_from_config(conf(cache_dir=str(d), negative_utterances=NEGATIVES[:5]))
+    core.clear_model_cache()
+    m1, src1 = core.get_model(settings, embedder, 300)
+    assert src1 == "built" and len(list(d.glob("router-*.npz"))) == 1
+    core.clear_model_cache()  # as a restarted process: memory empty, disk kept
+    m2, src2 = core.get_model(settings, embedder, 300)
+    assert src2 == "disk"
+    q = embedder.embed([LASAGNA, HELD_OUT["billing"][0]])
+    s1, s2 = m1.score(q), m2.score(q)
+    assert np.array_equal(s1.route_index, s2.route_index)
+    np.testing.assert_array_equal(s1.confidence, s2.confidence)
+    assert m2.threshold == m1.threshold
+    _, src3 = core.get_model(settings, embedder, 300)
+    assert src3 == "memory"
+
+
+def test_disk_cache_refuses_world_writable_dir(embedder: Any, tmp_path: Path) -> None:
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o777)
+    assert core._safe_cache_dir(str(d)) is None
+
+
+def test_build_failure_is_reported_not_raised() -> None:
+    class Down:
+        model_id = "down-model"
+
+        def embed(self, texts: list[str]) -> Any:
+            raise RuntimeError("connection refused")
+
+    core.clear_model_cache()
+    router = core.Router(core.settings_from_config(conf()), Down())
+    d = router.decide_text(HELD_OUT["coding"][0], wait_s=5)
+    assert (d.route_name, d.reason) == ("general", "error")
+    assert "build failed" in d.detail
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"default_route": "nowhere"}, "default_route 'nowhere'"),
+    ({"default_route": None}, "default_route is required"),
+    ({"routes": []}, "at least one route"),
+    ({"routes": [{"name": "a", "utterances": ["x"]}, {"name": "a", "utterances": ["y"]}],
+      "default_route": "a"}, "appears twice"),
+    ({"routes": [{"name": "a", "utterances": ["  "]}], "default_route": "a"}, "at least one utterance"),
+    ({"routes": [{"name": "a", "utterances": ["x"], "target": {"upstream": "u", "host": "h"}}],
+      "default_route": "a"}, "both upstream and host"),
+])
+def test_config_errors_are_clear(bad: dict[str, Any], needle: str) -> None:
+    with pytest.raises(core.RouterConfigError, match=needle):
+        core.settings_from_config(conf(**bad))
+
+
+def test_model_key_ignores_targets_and_keys() -> None:
+    a = core.settings_from_config(conf())
+    c = conf()
+    c["routes"][0]["target"] = {"host": "x", "api_key": "secret"}
+    b = core.settings_from_config(c)
+    assert a.model_key("m") == b.model_key("m")
+    assert a.model_key("m") != a.model_key("other-model")
+    assert "secret" not in repr(b.routes[0].target)
+
+
+def test_schema_is_kong_valid_and_fills_defaults() -> None:
+    from aigov.plugins.semantic_router.schema import SCHEMA
+    from kongsim.metaschema import ConfigError, process_config, validate_plugin_schema
+
+    validate_plugin_schema({"Name": "llm-semantic-router", "Version": "0.1.0", "Priority": 907,
+                            "Phases": ["access"],
+                            "Schema": {"name": "llm-semantic-router",
+                                       "fields": [{"config": {"type": "record", "fields": SCHEMA}}]}})
+    processed = process_config(SCHEMA, conf())
+    assert processed["embed_text"] == "last_user" and processed["on_model_mismatch"] == "error"
+    assert processed["routes"][0]["target"]["auth_header"] == "Authorization"
+    assert processed["force_route_header"] is None
+    with pytest.raises(ConfigError):
+        process_config(SCHEMA, conf(embed_text="everything"))
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> dict[str, Path]:
+    train = [{"text": t, "route": "coding"} for t in CODING] + \
+            [{"text": t, "route": "billing"} for t in BILLING] + \
+            [{"text": t, "route": None} for t in NEGATIVES]
+    test = [{"text": t, "route": r} for r, ts in HELD_OUT.items() for t in ts] + \
+           [{"text": LASAGNA, "route": None}, {"text": "what's the population of brazil", "route": None}]
+    # CLINC150's format is accepted directly
+    clinc = [{"text": t, "intent": "coding"} for t in CODING] + [{"text": t, "intent": "oos"} for t in NEGATIVES]
+    return {"train": _write(tmp_path / "train.jsonl", train), "test": _write(tmp_path / "test.jsonl", test),
+            "clinc": _write(tmp_path / "clinc.jsonl", clinc),
+            "nonneg": _write(tmp_path / "noneg.jsonl", train[:len(CODING) + len(BILLING)])}
+
+
+def test_eval_router_json(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from aigov.cli import main
+
+    assert main(["eval", "router", "--train", str(files["train"]), "--test", str(files["test"]), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"in_scope_accuracy", "oos_recall", "routes", "test_size", "p50_ms"} <= set(out)
+    assert out["routes"] == 2 and out["test_size"] == 6
+    assert out["in_scope_accuracy"] == 1.0 and out["oos_recall"] == 1.0
+    assert out["p50_ms"] > 0
+
+
+def test_eval_router_text_and_clinc_format(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from aigov.cli import main
+
+    assert main(["eval", "router", "--train", str(files["clinc"]), "--test", str(files["test"]),
+                 "--per-route", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "in-scope accuracy" in out and "out-of-scope recall" in out and "routes: 1" in out
+
+
+def test_eval_router_with_plugin_config(files: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from aigov.cli import main
+
+    kong = {"_format_version": "3.0", "plugins": [{"name": "llm-semantic-router", "config": conf()}]}
+    p = tmp_path / "kong.yml"
+    p.write_text(json.dumps(kong))  # JSON is YAML
+    assert main(["eval", "router", "--routes", str(p), "--test", str(files["test"]), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["routes"] == 3 and out["default_route"] == "general"
+
+
+def test_eval_router_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aigov.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    assert main(["eval", "router", "--train", str(bad), "--test", str(bad)]) == 2
+    assert "needs 'route'" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_without_negatives(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from aigov.cli import main
+
+    assert main(["calibrate", "router", "--train", str(files["nonneg"])]) == 3
+    assert "refusing to calibrate" in capsys.readouterr().err
+
+
+def test_calibrate_prints_tradeoff_and_config(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from aigov.cli import main
+    from aigov.embeddings import LOCAL_MODEL_ID
+
+    assert main(["calibrate", "router", "--train", str(files["train"]), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibrated_for_model"] == LOCAL_MODEL_ID
+    assert out["source"] == "out-of-fold" and out["tradeoff"]
+    # With held-out data (which has out-of-scope lines) even training without negatives works.
+    assert main(["calibrate", "router", "--train", str(files["nonneg"]), "--heldout", str(files["test"])]) == 0
+    text = capsys.readouterr().out
+    assert "trade-off" in text and '"min_confidence"' in text

@@ -1,0 +1,198 @@
+"""aigov.tokens against real tiktoken with the offline encoding files."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiktoken_ext.openai_public as openai_public
+
+from aigov import tokens
+
+REPO = Path(__file__).resolve().parent.parent
+
+# OpenAI cookbook "How to count tokens with tiktoken": these messages were billed by the API as
+# 129 prompt tokens on gpt-3.5-turbo / gpt-4 and 124 on gpt-4o / gpt-4o-mini.
+COOKBOOK_MESSAGES = [
+    {"role": "system", "content": "You are a helpful, pattern-following assistant that translates "
+                                  "corporate jargon into plain English."},
+    {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+    {"role": "system", "name": "example_assistant",
+     "content": "Things working well together will increase revenue."},
+    {"role": "system", "name": "example_user",
+     "content": "Let's circle back when we have more bandwidth to touch base on opportunities for "
+                "increased leverage."},
+    {"role": "system", "name": "example_assistant",
+     "content": "Let's talk later when we're less busy about how to do better."},
+    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the "
+                                "client deliverable."},
+]
+
+
+def test_our_urls_and_hashes_are_the_ones_tiktoken_uses() -> None:
+    source = Path(openai_public.__file__).read_text()
+    for spec in tokens.ENCODING_FILES.values():
+        assert spec.url in source and spec.sha256 in source
+    assert tokens.ENCODING_FILES["cl100k_base"].cache_name == "9b5ad71b2ce5302211f9c61530b329a4922fc6a4"
+    assert tokens.ENCODING_FILES["o200k_base"].cache_name == "fb374d419588a4632f3f557e76b4b70aebbca790"
+
+
+def test_install_writes_verified_files_and_repairs_a_corrupt_one(tmp_path: Path) -> None:
+    target = tokens.install_encodings(tmp_path)
+    for spec in tokens.ENCODING_FILES.values():
+        assert hashlib.sha256((target / spec.cache_name).read_bytes()).hexdigest() == spec.sha256
+    corrupt = tmp_path / tokens.ENCODING_FILES["cl100k_base"].cache_name
+    corrupt.write_bytes(b"garbage")
+    tokens.install_encodings(tmp_path)
+    assert hashlib.sha256(corrupt.read_bytes()).hexdigest() == tokens.ENCODING_FILES["cl100k_base"].sha256
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_tiktoken_loads_from_our_cache_with_downloads_disabled(tmp_path: Path) -> None:
+    # A fresh process whose only source is the directory we populate: any download attempt raises.
+    code = (
+        "import tiktoken.load as L\n"
+        "def no_network(*a, **k): raise SystemExit('tiktoken tried to download')\n"
+        "L.read_file = no_network\n"
+        "from aigov import tokens\n"
+        "print(tokens.ensure_offline_encodings())\n"
+        "print(tokens.count_text('hello world', 'gpt-4'), tokens.count_text('hello world', 'gpt-4o'))\n"
+    )
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "fresh"), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    cache_dir, counts = result.stdout.splitlines()
+    assert cache_dir == str(tmp_path / "fresh")
+    assert counts == "2 2"
+
+
+def test_default_cache_dir_without_home_is_private_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kong spawns the plugin server with a near-empty environment.
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    path = tokens._default_cache_dir()
+    assert str(path).startswith("/tmp") and str(os.getuid()) in path.name
+
+
+def test_shipped_gz_matches_tiktoken_hash() -> None:
+    for spec in tokens.ENCODING_FILES.values():
+        data = gzip.decompress(tokens._shipped_file(spec.name).read_bytes())
+        assert hashlib.sha256(data).hexdigest() == spec.sha256
+
+
+@pytest.mark.parametrize("model, encoding", [
+    ("gpt-4o", "o200k_base"), ("gpt-4o-2024-08-06", "o200k_base"), ("gpt-4o-mini", "o200k_base"),
+    ("chatgpt-4o-latest", "o200k_base"), ("gpt-4.1", "o200k_base"), ("gpt-4.1-nano-2025-04-14", "o200k_base"),
+    ("gpt-5", "o200k_base"), ("gpt-5-mini", "o200k_base"), ("gpt-5.1", "o200k_base"),
+    ("o1", "o200k_base"), ("o1-mini", "o200k_base"), ("o3-mini-2025-01-31", "o200k_base"),
+    ("o4-mini", "o200k_base"), ("openai/gpt-4o", "o200k_base"), ("ft:gpt-4o-mini:org::abc", "o200k_base"),
+    ("gpt-4", "cl100k_base"), ("gpt-4-0613", "cl100k_base"), ("gpt-4-turbo", "cl100k_base"),
+    ("gpt-3.5-turbo", "cl100k_base"), ("gpt-3.5-turbo-0125", "cl100k_base"), ("gpt-35-turbo", "cl100k_base"),
+    ("text-embedding-3-small", "cl100k_base"), ("text-embedding-3-large", "cl100k_base"),
+    ("GPT-4O", "o200k_base"),
+    # documented default for unknown or missing model names
+    ("llama-3-70b", "o200k_base"), ("", "o200k_base"), (None, "o200k_base"), (42, "o200k_base"),
+])
+def test_encoding_choice(model: object, encoding: str) -> None:
+    assert tokens.encoding_for(model).name == encoding
+
+
+def test_encoding_choice_agrees_with_tiktoken_for_known_models() -> None:
+    import tiktoken
+
+    for model in ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-5", "o1", "o3", "gpt-4", "gpt-3.5-turbo",
+                  "text-embedding-3-small", "gpt-4-0613", "gpt-4o-2024-05-13"):
+        assert tokens.encoding_for(model).name == tiktoken.encoding_for_model(model).name, model
+
+
+def test_unhashable_model_does_not_raise() -> None:
+    assert tokens.encoding_for({"bad": "model"}).name == tokens.DEFAULT_ENCODING  # type: ignore[arg-type]
+
+
+def test_count_text_known_values() -> None:
+    assert tokens.count_text("hello world", "gpt-4") == 2
+    assert tokens.count_text("hello world", "gpt-4o") == 2
+    assert tokens.encoding_for("gpt-4").encode("hello world") == [15339, 1917]
+    assert tokens.encoding_for("gpt-4o").encode("hello world") == [24912, 2375]
+    assert tokens.count_text("", "gpt-4o") == 0
+    assert tokens.count_text(None, "gpt-4o") == 0
+    assert tokens.count_text(b"hello world", "gpt-4o") == 2
+    assert tokens.count_text(b"\xff\xfe", "gpt-4o") >= 1  # invalid UTF-8 is replaced, not raised
+
+
+def test_special_token_text_is_counted_not_rejected() -> None:
+    # tiktoken's encode() raises on "<|endoftext|>" in text; user prompts may contain it.
+    assert tokens.count_text("<|endoftext|>", "gpt-4") > 1
+
+
+def test_cookbook_chat_counts() -> None:
+    assert tokens.count_chat_messages(COOKBOOK_MESSAGES, "gpt-4") == 129
+    assert tokens.count_chat_messages(COOKBOOK_MESSAGES, "gpt-3.5-turbo-0125") == 129
+    assert tokens.count_chat_messages(COOKBOOK_MESSAGES, "gpt-4o") == 124
+    assert tokens.count_chat_messages(COOKBOOK_MESSAGES, "gpt-4o-mini") == 124
+
+
+def test_chat_overhead_formula() -> None:
+    one = [{"role": "user", "content": "hello world"}]
+    # 3 per message + "user" (1) + "hello world" (2) + 3 reply priming
+    assert tokens.count_chat_messages(one, "gpt-4o") == 3 + 1 + 2 + 3
+    named = [{"role": "user", "name": "bob", "content": "hello world"}]
+    assert tokens.count_chat_messages(named, "gpt-4o") == 9 + tokens.count_text("bob", "gpt-4o") + 1
+    assert tokens.count_chat_messages([], "gpt-4o") == 3
+
+
+def test_content_parts_count_text_only() -> None:
+    as_string = [{"role": "user", "content": "describe this picture please"}]
+    as_parts = [{"role": "user", "content": [
+        {"type": "text", "text": "describe this "},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": "picture please"},
+    ]}]
+    assert tokens.count_chat_messages(as_parts, "gpt-4o") == tokens.count_chat_messages(as_string, "gpt-4o")
+
+
+def test_odd_messages_are_tolerated() -> None:
+    odd = [None, "text", 3, {"content": None}, {"role": 5, "content": {"x": 1}},
+           {"role": "assistant", "content": None,
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                           "junk", {"function": None}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    count = tokens.count_chat_messages(odd, "gpt-4o")
+    # 4 dict messages × 3, priming 3, plus the texts that are there
+    texts = ["assistant", "get_weather", "{\"city\":\"Paris\"}", "tool", "call_1", "sunny"]
+    assert count == 4 * 3 + 3 + sum(tokens.count_text(t, "gpt-4o") for t in texts)
+    assert tokens.count_chat_messages("not a list", "gpt-4o") == 3
+    assert tokens.count_chat_messages(None, None) == 3
+
+
+def test_tools_add_prompt_tokens_and_bad_tools_are_tolerated() -> None:
+    messages = [{"role": "user", "content": "What's the weather like in Paris?"}]
+    tools = [{"type": "function", "function": {
+        "name": "get_current_weather", "description": "Get the current weather in a given location",
+        "parameters": {"type": "object", "properties": {
+            "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+            "unit": {"type": "string", "description": "The unit of temperature to return",
+                     "enum": ["celsius", "fahrenheit"]}},
+            "required": ["location"]}}}]
+    def expected_tool_tokens(model: str, func_init: int) -> int:
+        # The cookbook's layout: "name:description", then per property "key:type:description"
+        # (trailing periods dropped), with its per-function/property/enum constants.
+        enc = tokens.encoding_for(model)
+        n = lambda s: len(enc.encode(s))  # noqa: E731
+        return (func_init + n("get_current_weather:Get the current weather in a given location") + 3
+                + 3 + n("location:string:The city and state, e.g. San Francisco, CA")
+                + 3 - 3 + 3 + n("celsius") + 3 + n("fahrenheit")
+                + n("unit:string:The unit of temperature to return") + 12)
+
+    base = tokens.count_chat_messages(messages, "gpt-4o")
+    assert tokens.count_chat_messages(messages, "gpt-4o", tools=tools) - base == \
+        expected_tool_tokens("gpt-4o", 7)
+    assert (tokens.count_chat_messages(messages, "gpt-4", tools=tools)
+            - tokens.count_chat_messages(messages, "gpt-4")) == expected_tool_tokens("gpt-4", 10)
+    assert tokens.count_chat_messages(messages, "gpt-4o", tools=[None, "x", {"function": 3}]) == base
+    assert tokens.count_chat_messages(messages, "gpt-4o", tools="nonsense") == base  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ service, global; the first combination with an enabled plugin wins.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import uuid
@@ -231,6 +232,85 @@ def load(source: str | Path | Mapping[str, Any]) -> DeclarativeConfig:
     if not isinstance(doc, dict):
         raise DeclarativeError("declarative config must be a mapping at the top level")
     return _Loader(doc).build()
+
+
+def read_document(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """The raw kong.yml document (a deep copy when given a dict), not yet validated."""
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source))
+    p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+    if p is not None and not p.exists():
+        raise DeclarativeError(f"{p}: no such declarative config file")
+    try:
+        doc = yaml.safe_load(p.read_text() if p is not None else str(source))
+    except yaml.YAMLError as exc:
+        raise DeclarativeError(f"declarative config is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DeclarativeError("declarative config must be a mapping at the top level")
+    return doc
+
+
+def override_hosts(source: str | Path | Mapping[str, Any],
+                   mapping: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of a kong.yml document with `host:port` addresses rewritten, for local runs.
+
+    `mapping` maps "host:port" to "host:port", e.g. {"mock-llm:8080": "127.0.0.1:40123",
+    "redis:6379": "127.0.0.1:40124"}. Rewritten wherever a kong.yml carries an address: URLs
+    (services[].url, a plugin's upstream_url, ...) whose authority is a mapped host:port (or a
+    mapped host with its scheme's default port), and every mapping with `host` and `port` keys
+    (a service's host/port, a plugin's redis record). Everything else is left untouched, so the
+    file stays what real Kong reads. Raises DeclarativeError if a mapped address never occurs
+    (a typo would otherwise silently leave the demo pointing at docker hostnames)."""
+    targets: dict[tuple[str, int], tuple[str, int]] = {}
+    for old, new in mapping.items():
+        targets[_host_port(old, "mapping key")] = _host_port(new, "mapping value")
+    used: set[tuple[str, int]] = set()
+
+    def url(value: str) -> str:
+        parts = urlsplit(value)
+        if not parts.scheme or not parts.hostname:
+            return value
+        try:
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        except ValueError:
+            return value
+        key = (parts.hostname.lower(), port or 0)
+        if key not in targets:
+            return value
+        used.add(key)
+        host, new_port = targets[key]
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = (userinfo + "@" if userinfo else "") + f"{host}:{new_port}"
+        return parts._replace(netloc=netloc).geturl()
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: walk(v) for k, v in node.items()}
+            host, port = out.get("host"), out.get("port")
+            if isinstance(host, str) and isinstance(port, int) and not isinstance(port, bool):
+                key = (host.lower(), port)
+                if key in targets:
+                    used.add(key)
+                    out["host"], out["port"] = targets[key]
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if isinstance(node, str) and "://" in node:
+            return url(node)
+        return node
+
+    doc = walk(read_document(source))
+    unused = [f"{h}:{p}" for (h, p) in targets if (h, p) not in used]
+    if unused:
+        raise DeclarativeError(f"override_hosts: {', '.join(unused)} does not occur in the config")
+    return doc
+
+
+def _host_port(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise DeclarativeError(f"override_hosts: {what} {value!r} is not HOST:PORT")
+    return host.lower(), int(port)
 
 
 class _Loader:

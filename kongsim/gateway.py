@@ -22,6 +22,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -99,6 +100,7 @@ class Gateway:
         self._http: ThreadingHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
         self._target_rr = itertools.count()
+        self._wheels: dict[str, list[declarative.Target]] = {}
         self.url: str | None = None
         # Kong's request debugging (kong.conf request_debug / request_debug_token): a random
         # token per start unless given. It is a credential: registered for redaction.
@@ -145,8 +147,10 @@ class Gateway:
         assert self.runloop is not None
         self.decl = declarative.load(config)
         self.runloop.load(self.decl)
+        self._wheels.clear()  # upstream targets may have changed
 
     def close(self) -> None:
+        self._wheels.clear()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -320,10 +324,14 @@ class Gateway:
         name = up.upstream_name or up.host
         upstream = self.runloop.config.upstream_for_host(name)
         if upstream is not None and upstream.targets:
-            # weighted round robin over targets (Kong's default balancer algorithm)
-            wheel = [t for t in upstream.targets for _ in range(max(t.weight, 0) // 10 or 1)]
-            t = wheel[next(self._target_rr) % len(wheel)]
-            return t.host, t.port
+            # Weighted round robin over targets (Kong's default balancer algorithm); weight 0
+            # disables a target. The interleaved order spreads even short bursts.
+            wheel = self._wheels.get(name)
+            if wheel is None:
+                wheel = self._wheels.setdefault(name, _smooth_wrr(upstream.targets))
+            if wheel:
+                t = wheel[next(self._target_rr) % len(wheel)]
+                return t.host, t.port
         return up.host, up.port
 
     def _proxy(self, wk: Any, ctx: RequestContext, collected: list[Any], t0: float) -> Response:
@@ -351,7 +359,9 @@ class Gateway:
             conn.putrequest(up.method, target, skip_host=True, skip_accept_encoding=True)
             for k, v in up.headers.items():
                 if k.lower() != "content-length":
-                    conn.putheader(k, v.encode("latin-1", "replace"))
+                    # header strings hold the client's bytes (surrogateescape, see the front):
+                    # send those bytes unchanged, like nginx; plugin-set text goes out as UTF-8
+                    conn.putheader(k, v.encode("utf-8", "surrogateescape"))
             if up.body or up.method in ("POST", "PUT", "PATCH"):
                 conn.putheader("Content-Length", str(len(up.body)))
             conn.endheaders(up.body or None)
@@ -474,6 +484,31 @@ class Gateway:
         return self.url
 
 
+def _smooth_wrr(targets: Sequence[declarative.Target]) -> list[declarative.Target]:
+    """One cycle of smooth weighted round robin (as nginx does): A,B,A,B for equal weights,
+    A,A,B,A,... for 3:1, instead of all of A's slots first."""
+    live = [t for t in targets if t.weight > 0]
+    if not live:
+        return []
+    g = 0
+    for t in live:
+        g = math.gcd(g, t.weight)
+    weights = [t.weight // g for t in live]
+    total = sum(weights)
+    if total > 10000:  # keep the cycle small; proportions stay within 0.01 %
+        weights = [max(1, w * 10000 // total) for w in weights]
+        total = sum(weights)
+    current = [0] * len(live)
+    cycle = []
+    for _ in range(total):
+        for i, w in enumerate(weights):
+            current[i] += w
+        best = max(range(len(live)), key=lambda i: current[i])
+        current[best] -= total
+        cycle.append(live[best])
+    return cycle
+
+
 def _is_loopback(ip: str) -> bool:
     """Kong's is_loopback: IPv4 127.0.0.0/8 or IPv6 ::1."""
     try:
@@ -486,6 +521,9 @@ def _is_loopback(ip: str) -> bool:
 def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Status line + headers and the body are separate writes; with Nagle on, the body waits
+        # for the client's delayed ACK (~40 ms). nginx sets TCP_NODELAY on keep-alive too.
+        disable_nagle_algorithm = True
         server_version = f"kong/{KONG_VERSION}"
 
         def log_message(self, fmt: str, *args: Any) -> None:

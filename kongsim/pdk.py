@@ -446,7 +446,7 @@ class PDK:
         return live
 
     def _get_header(self, ctx: RequestContext, name: str) -> str | None:
-        return self._headers_source(ctx, "request_headers", ctx.headers).get(str(name))
+        return self._headers_source(ctx, "request_headers", ctx.headers).get(_header_name(name))
 
     def _get_headers(self, ctx: RequestContext, max_headers: int | None = None) -> Any:
         return _fix(self._headers_source(ctx, "request_headers", ctx.headers).multimap())
@@ -557,7 +557,7 @@ class PDK:
 
     def _resp_header(self, ctx: RequestContext, name: str) -> Any:
         _check(ctx, "kong.response.get_header", RESPONSE_READ)
-        return self._headers_source(ctx, "response_headers", ctx.response_headers).get(str(name))
+        return self._headers_source(ctx, "response_headers", ctx.response_headers).get(_header_name(name))
 
     def _resp_headers(self, ctx: RequestContext, max_headers: int | None = None) -> Any:
         _check(ctx, "kong.response.get_headers", RESPONSE_READ)
@@ -674,7 +674,8 @@ class PDK:
 
     def _svc_header(self, ctx: RequestContext, name: str) -> Any:
         _check(ctx, "kong.service.response.get_header", RESPONSE_READ)
-        return ctx.service_headers.get(str(name)) if ctx.service_headers else None
+        name = _header_name(name)
+        return ctx.service_headers.get(name) if ctx.service_headers else None
 
     def _svc_headers(self, ctx: RequestContext, max_headers: int | None = None) -> Any:
         _check(ctx, "kong.service.response.get_headers", RESPONSE_READ)
@@ -762,6 +763,13 @@ class _CredentialRef:
         consumer = d.get("consumer")
         cid = consumer.get("id") if isinstance(consumer, dict) else d.get("consumer_id")
         return cls(str(d.get("id") or ""), cid)
+
+
+def _header_name(name: Any) -> str:
+    """kong/pdk/request.lua & response.lua: a nil or non-string name is a Lua error."""
+    if not isinstance(name, str):
+        raise PdkLuaError("header name must be a string")
+    return name
 
 
 def _header_value(value: Any) -> Any:

@@ -3,6 +3,7 @@ due, and the listener takes bursts of simultaneous connects (real kong-pdk probe
 from __future__ import annotations
 
 import http.client
+from http.server import BaseHTTPRequestHandler
 import select
 import socket
 import sys
@@ -102,7 +103,7 @@ def test_wait_logs_after_each_http_response_and_under_concurrency(upstream) -> N
 def test_listen_backlog_holds_64_connects_before_accept() -> None:
     """Connects complete in the kernel's accept queue; the stdlib's backlog of 5 drops the SYNs
     beyond it. The server is not accepting yet, so only the backlog decides."""
-    server = FrontServer(("127.0.0.1", 0), http.server_handler_placeholder())
+    server = FrontServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
     port = server.server_address[1]
     socks = []
     try:
@@ -151,8 +152,7 @@ def test_64_simultaneous_clients_all_answered(upstream) -> None:
         [t.join(60) for t in threads]
         assert statuses == [200] * 64
         assert len(upstream.requests) == 64
-        assert all(t.daemon for t in threading.enumerate() if t.name.startswith("Thread-")
-                   and "process_request_thread" in repr(getattr(t, "_target", "")))
-        assert gw.gateway._http is not None and gw.gateway._http.daemon_threads
+        # handler threads are daemons: a client that never finishes cannot block shutdown
+        assert isinstance(gw.gateway._http, FrontServer) and gw.gateway._http.daemon_threads
     finally:
         gw.close()

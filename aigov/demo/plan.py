@@ -32,7 +32,7 @@ DEFAULT_ROUTE = "general"
 PREMIUM_DOMAINS = ("banking", "credit_cards")
 PREMIUM_MODEL = "gpt-4o"
 ECONOMY_MODEL = "gpt-4o-mini"
-CONSUMER_SHARES = (("alice", 0.5), ("bob", 0.25), ("carol", 0.25))
+CONSUMER_SHARES = (("alice", 0.45), ("bob", 0.3), ("carol", 0.25))
 KIND_WEIGHTS = (("first", 0.34), ("repeat", 0.18), ("paraphrase", 0.2), ("near_miss", 0.16), ("oos", 0.12))
 STREAM_SHARE = 0.25
 AI_PROXY_SHARE = 0.15  # share of first/oos queries sent to the ai-proxy route (repeats follow them)
@@ -198,10 +198,12 @@ def build_plan(requests: int, seed: int, rows: list[Utterance]) -> list[PlannedR
         if same_text is not None and kind != "repeat":
             # e.g. the same near miss drawn twice: the second one is honestly a repeat
             kind, of = "repeat", same_text
+        stream_draw = rng.random() < STREAM_SHARE
         req = PlannedRequest(index=index, seq=seqs[consumer], consumer=consumer, path=path, text=utt.text,
                              intent=utt.intent, domain=utt.domain, kind=kind,
                              of_index=of.index if of is not None else None,
-                             stream=rng.random() < STREAM_SHARE)
+                             # the same request again, worded differently: only the text varies
+                             stream=of.stream if of is not None else stream_draw)
         seqs[consumer] += 1
         plan.append(req)
         said.setdefault((consumer, path, req.text), req)

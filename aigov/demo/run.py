@@ -51,6 +51,10 @@ VAULT_AUTH_VAR = "AIGOV_DEMO_AUTHORIZATION"
 CONSUMER_KEYS = {"alice": "alice-demo-key", "bob": "bob-demo-key", "carol": "carol-demo-key"}
 CALIBRATION_ROUTES = ("none", "llm-semantic-router", "llm-token-quota", "llm-semantic-cache")
 REQUEST_TIMEOUT_S = 60.0
+DEBUG_HEADER = "X-Kong-Request-Debug"
+DEBUG_OUTPUT_HEADER = "x-kong-request-debug-output"
+# Phases that keep the client waiting; `log` runs after the response (Kong's timer).
+CLIENT_PHASES = ("rewrite", "access", "response", "header_filter", "body_filter")
 
 
 class DemoError(RuntimeError):
@@ -318,6 +322,27 @@ def _error_message(reply: Reply) -> str | None:
         return reply.body[:300].decode("utf-8", "replace")
 
 
+def plugin_times(debug_output: str | None) -> dict[str, float] | None:
+    """Plugin name -> ms it kept the client waiting, from X-Kong-Request-Debug-Output (Kong's
+    timing tree: <phase>.child.plugins.child.<name>.total_time); None without the header."""
+    if not debug_output:
+        return None
+    try:
+        tree = json.loads(debug_output)
+    except ValueError:
+        return None
+    out: dict[str, float] = {}
+    phases = tree.get("child") if isinstance(tree, dict) else None
+    for phase, node in (phases or {}).items():
+        if phase not in CLIENT_PHASES or not isinstance(node, dict):
+            continue
+        plugins = ((node.get("child") or {}).get("plugins") or {}).get("child") or {}
+        for name, pnode in plugins.items():
+            if isinstance(pnode, dict):
+                out[name] = out.get(name, 0.0) + float(pnode.get("total_time") or 0)
+    return out
+
+
 def result_record(req: demo_plan.PlannedRequest, reply: Reply, t_s: float) -> dict[str, Any]:
     """What the client saw for one request, with the plan's labels."""
     completion = _completion(reply, req.stream)
@@ -347,6 +372,7 @@ def result_record(req: demo_plan.PlannedRequest, reply: Reply, t_s: float) -> di
         "spent_cost_usd": float(reply.header("x-ai-cost-usd") or 0),
         "saved_prompt_tokens": 0, "saved_completion_tokens": 0, "saved_cost_usd": 0.0,
         "error": _error_message(reply), "hit_of": None,
+        "plugin_ms": plugin_times(reply.header(DEBUG_OUTPUT_HEADER)),
     }
     if hit:
         rec["saved_prompt_tokens"] = rec["usage_prompt_tokens"]
@@ -383,7 +409,8 @@ def replay(url: str, planned: Sequence[demo_plan.PlannedRequest], progress: bool
     def worker(reqs: list[demo_plan.PlannedRequest]) -> None:
         try:
             for req in reqs:
-                headers = {"apikey": CONSUMER_KEYS[req.consumer]}
+                # Kong's request debugging (honoured from loopback): per-plugin time per request
+                headers = {"apikey": CONSUMER_KEYS[req.consumer], DEBUG_HEADER: "*"}
                 reply = post(url, req.path, req.body(), headers)
                 rec = result_record(req, reply, time.monotonic() - started)
                 with lock:
@@ -512,8 +539,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of the mock; the key comes from --api-key-env")
     parser.add_argument("--api-key-env", default=API_KEY_ENV,
                         help=f"environment variable that holds the provider's key (default {API_KEY_ENV})")
-    parser.add_argument("--calibration", type=int, default=20,
-                        help="requests per calibration route for the per-plugin latency (0: skip)")
+    parser.add_argument("--calibration", type=int, default=0,
+                        help="also measure per-plugin latency with N requests per calibration route "
+                             "(each plugin alone vs none); the report uses it when the gateway sends no "
+                             "X-Kong-Request-Debug-Output (default 0: warm-up only)")
     parser.add_argument("--mock-latency-ms", type=float, default=20.0, help="the mock LLM's answer delay")
     parser.add_argument("--data-dir", default=None,
                         help=f"directory of CLINC150 (default ${demo_plan.DATA_ENV} or ../shared/data)")
@@ -534,6 +563,9 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO_ROOT / ".cache" / "tiktoken"))
     if args.requests < 1 or args.calibration < 0:
         print("aigov demo: --requests must be >= 1 and --calibration >= 0", file=sys.stderr)
+        return 2
+    if args.store not in ("redis", "memory"):  # a bad $DEMO_STORE bypasses argparse's choices
+        print(f"aigov demo: store {args.store!r} is neither redis nor memory (check DEMO_STORE)", file=sys.stderr)
         return 2
     try:
         directory = demo_plan.data_dir(args.data_dir)
@@ -560,7 +592,7 @@ def run(args: argparse.Namespace) -> int:
             latency = calibrate(stack.url, prompts, args.calibration)
         else:
             calibrate(stack.url, prompts, 0)  # still warms the model and trains the router
-            latency = {"reason": "--calibration 0"}
+            latency = {}
         stack.gateway.runloop.wait_logs(10)
         before = scrape(stack.metrics_url)
         mock_before = stack.mock.stats.snapshot()["by_path"].get("/v1/chat/completions", 0)
@@ -594,6 +626,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"aigov demo: {exc}", file=sys.stderr)
         return 1
     finally:
+        # a second signal must not cut the shutdown short: ignore them until everything stopped
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            previous.setdefault(s, signal.getsignal(s))
+            signal.signal(s, signal.SIG_IGN)
         runner.close()
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -1,26 +1,43 @@
 """The `aigov serve` plugin server: every plugin in one process, one Unix socket per plugin.
 
-Threads and queues (why: reference §3.3/§3.4, the stock server's failure modes):
+Threads, greenlets and who answers what (why: reference §2.1/§3.3/§3.4, the stock server's
+failure modes, and the cost of thread handoffs on the hot path):
 
-- one listener thread per socket, one reader thread per Kong connection. A connection carries
-  sequential calls (Kong waits for each reply), so a reader answers its frames in order;
-- each event's handler runs on a worker of a bounded pool and talks to the reader only through
-  the event's two queues; no lock is held while a handler runs, so events run concurrently;
+- one listener thread per socket and one *hub* thread per accepted Kong connection. The hub waits
+  (poll) on its socket and on a wakeup eventfd, and owns the greenlets of the events whose
+  HandleEvent arrived on its connection;
+- a handler runs as a greenlet (no monkey-patching): a Step for it switches straight into it, it
+  runs until its next PDK call, packs the callback frame and switches back; the hub sends it.
+  No queue, no second thread on the hot path. A handler that blocks between PDK calls (Redis,
+  embeddings, sleep) blocks only its hub: Kong keeps at most one call outstanding per connection
+  (§2.1), and every connection has its own hub, so concurrency across connections is real. It
+  does delay forwarded Steps of other events the same hub owns, by that blocking time;
+- Kong may send an event's next Step on another pooled connection: that hub posts the Step to the
+  owner's inbox and wakes it; the owner resumes the greenlet and answers on the connection that
+  asked (every send holds that connection's send lock);
+- step timeout: each accepted request has a deadline. A watchdog answers an overdue request with
+  an error (the claim of a request and its send happen under the connection's send lock, so
+  exactly one reply goes out) and closes the event. If the overdue handler is still running on
+  its hub, the hub's socket would go unread while Kong may reuse the connection, so the watchdog
+  hands the socket to a new hub thread; the old hub keeps only its greenlets and exits once they
+  are done. The same hand-over happens for any handler that keeps its hub busy past the step
+  timeout (for example work after kong.response.exit);
 - the event table loses an entry on "ret", on a terminal call (kong.response.exit/error, after
   which Kong never steps again), on a handler exception (answered "ret": the request continues),
-  when a reply cannot be delivered, and by the reaper after `event_timeout` of silence or
-  shortly after the connection it last used died;
-- a PDK call made after the event ended raises at once in the handler instead of blocking a
-  worker forever; instance and event ids start at a time-based offset so ids from a previous
-  process answer "no plugin instance #N" (Kong then re-creates) instead of hitting another config.
+  when a reply cannot be delivered, on a step timeout, and by the reaper after `event_timeout` of
+  silence or shortly after the connection it last used died. A closed event's greenlet gets
+  EventClosedError thrown at its pending PDK call, and any later PDK call raises at once;
+- instance and event ids start at a time-based offset so ids from a previous process answer
+  "no plugin instance #N" (Kong then re-creates) instead of hitting another config.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
 import os
-import queue
+import select
 import socket
 import threading
 import time
@@ -29,12 +46,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import greenlet
 import msgpack
 
 from aigov.server import protocol
 from aigov.server.loader import LoadedPlugin
 
 log = logging.getLogger("aigov.server")
+
+_monotonic = time.monotonic
+_TERMINAL_METHODS = protocol.TERMINAL_METHODS
+_POLLIN = select.POLLIN
+_POLL_ERRORS = select.POLLERR | select.POLLHUP | select.POLLNVAL
+# Unix socket buffers: an 8 MB exit body goes out in a few large writes instead of many wakeups.
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+# How long a hub sleeps in poll() when nothing arrives (only bounds its reaction to shutdown).
+_IDLE_POLL_MS = 1000
+# Reusable handler greenlets kept per hub (a hub rarely runs more than a few events at once).
+_IDLE_GREENLETS = 16
 
 
 class PluginServerError(Exception):
@@ -59,76 +88,6 @@ def _id_offset() -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Worker pool
-
-
-class WorkerPool:
-    """At most `max_workers` daemon threads; a submit beyond that is refused, never queued.
-
-    Each accepted task has a thread reserved for it, so a new event never waits behind a
-    long-running handler. Idle threads exit after `idle_seconds`.
-    """
-
-    def __init__(self, max_workers: int, idle_seconds: float = 30.0) -> None:
-        if max_workers < 1:
-            raise ValueError("max_workers must be >= 1")
-        self.max_workers = max_workers
-        self._idle_seconds = idle_seconds
-        self._lock = threading.Lock()
-        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._threads = 0
-        self._idle = 0  # threads waiting for a task and not reserved by a submit
-        self._busy = 0
-        self._names = itertools.count(1)
-
-    def try_submit(self, task: Callable[[], None]) -> bool:
-        with self._lock:
-            if self._busy >= self.max_workers:
-                return False
-            self._busy += 1
-            if self._idle > 0:
-                self._idle -= 1
-            else:
-                self._threads += 1
-                threading.Thread(target=self._work, name=f"aigov-handler-{next(self._names)}",
-                                 daemon=True).start()
-            self._tasks.put(task)
-        return True
-
-    def _work(self) -> None:
-        while True:
-            try:
-                task = self._tasks.get(timeout=self._idle_seconds)
-            except queue.Empty:
-                with self._lock:
-                    if self._idle > 0 and self._tasks.empty():
-                        self._idle -= 1
-                        self._threads -= 1
-                        return
-                continue
-            if task is None:  # shutdown
-                with self._lock:
-                    self._threads -= 1
-                return
-            try:
-                task()
-            finally:
-                with self._lock:
-                    self._busy -= 1
-                    self._idle += 1
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {"max": self.max_workers, "threads": self._threads, "busy": self._busy}
-
-    def shutdown(self) -> None:
-        with self._lock:
-            count = self._threads
-        for _ in range(count):
-            self._tasks.put(None)
-
-
-# --------------------------------------------------------------------------------------------
 # Instances and events
 
 
@@ -145,31 +104,56 @@ class Instance:
                 "StartTime": self.start_time}
 
 
-# Messages from a handler thread to the connection: ("call", packed_callback, method),
-# ("ret",) or ("error", traceback_text).
-_ABANDONED = object()
+# What a handler greenlet hands its hub when it switches back or finishes.
+_RET = object()  # returned normally
+
+
+class _Terminal:
+    """A terminal callback (exit/error): send it, then let the handler run to its end."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+
+
+class _Failed:
+    """The handler raised; `text` is the traceback."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
 class Event:
-    """One phase run of one instance: the handler thread on one side, Kong's steps on the other."""
+    """One phase run of one instance: a greenlet on its owner hub, Kong's requests on the other side.
 
-    def __init__(self, event_id: int, instance: Instance, phase: str, conn_id: int) -> None:
+    `waiting` is True while a request (HandleEvent or Step) for the event awaits its reply; the
+    request's connection and msgid are `reply_conn`/`reply_msgid`, its deadline `deadline`.
+    Whoever clears `waiting` under the connection's send lock (the hub or the watchdog) answers.
+    """
+
+    __slots__ = ("id", "instance", "phase", "owner", "greenlet", "closed", "waiting", "reply_conn",
+                 "reply_msgid", "deadline", "last_activity", "last_conn", "orphaned_at")
+
+    def __init__(self, event_id: int, instance: Instance, phase: str) -> None:
         self.id = event_id
         self.instance = instance
         self.phase = phase
-        self.to_handler: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.from_handler: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self.closed = threading.Event()  # set once Kong will never step this event again
-        self.last_activity = time.monotonic()
-        self.last_conn = conn_id
+        self.owner: Hub | None = None
+        self.greenlet: greenlet.greenlet | None = None
+        self.closed = False  # set once Kong will never step this event again
+        self.waiting = False
+        self.reply_conn: Connection | None = None
+        self.reply_msgid = 0
+        self.deadline = 0.0
+        self.last_activity = _monotonic()
+        self.last_conn = 0
         self.orphaned_at: float | None = None
-        self.in_flight = True  # a reader is waiting for the handler's next message
 
-    def close(self) -> None:
-        """Mark ended and wake a handler blocked on a reply (its PDK call raises)."""
-        if not self.closed.is_set():
-            self.closed.set()
-            self.to_handler.put(_ABANDONED)
+    def describe(self) -> str:
+        return f"event #{self.id} ({self.instance.plugin.name}.{self.phase})"
 
 
 class PDKProxy:
@@ -177,19 +161,27 @@ class PDKProxy:
 
     Behaves like kong-pdk's FakeClasses/rpc_of (log args stringified, exit/error not awaited,
     lua-style `(data, err)` returns by default), but never blocks forever: it raises once the
-    event is over.
+    event is over. Child proxies are cached on their parent, so a handler that calls
+    `kong.request.get_header` three times builds the chain once.
     """
 
-    __slots__ = ("_path", "_channel")
+    __slots__ = ("_path", "_channel", "_children")
 
     def __init__(self, path: str, channel: "_HandlerChannel") -> None:
         self._path = path
         self._channel = channel
+        self._children: dict[str, PDKProxy] | None = None
 
     def __getattr__(self, name: str) -> "PDKProxy":
         if name.startswith("__"):
             raise AttributeError(name)  # copy/pickle/inspect probes are not PDK calls
-        return PDKProxy(f"{self._path}.{name}", self._channel)
+        children = self._children
+        if children is None:
+            children = self._children = {}
+        child = children.get(name)
+        if child is None:
+            child = children[name] = PDKProxy(f"{self._path}.{name}", self._channel)
+        return child
 
     def __call__(self, *args: Any) -> Any:
         return self._channel.call(self._path, args)
@@ -199,41 +191,59 @@ class PDKProxy:
 
 
 class _HandlerChannel:
-    def __init__(self, event: Event, lua_style: bool, reply_timeout: float) -> None:
+    """The handler side of an event: packs callbacks and switches to the hub for the answer."""
+
+    __slots__ = ("event", "lua_style")
+
+    def __init__(self, event: Event, lua_style: bool) -> None:
         self.event = event
         self.lua_style = lua_style
-        self.reply_timeout = reply_timeout
-        self.packer = protocol.new_packer()
 
     def call(self, method: str, args: tuple[Any, ...]) -> Any:
         event = self.event
-        if event.closed.is_set():
+        if event.closed:
             raise EventClosedError(
                 f"PDK call {method} after event #{event.id} ended "
                 "(kong.response.exit/error was called, or Kong abandoned the event)")
-        if method == "kong.log" or method.startswith("kong.log."):
+        if method.startswith("kong.log"):
             # Same sanitizing as kong-pdk: Kong can only log what it can unpack.
             args = tuple(a if type(a) in (str, int, list, dict) else str(a) for a in args)
-        packed = self.packer.pack({"Method": method, "Args": list(args)})  # TypeError -> handler
-        if method in protocol.TERMINAL_METHODS:
+        hub = event.owner
+        if hub is None or greenlet.getcurrent() is not event.greenlet:
+            raise RuntimeError(f"PDK call {method} from outside event #{event.id}'s handler "
+                               "(another thread or greenlet); call the PDK from the handler itself")
+        # The whole reply frame, packed here so an unserializable argument raises TypeError in
+        # the handler (not in the hub), and an 8 MB exit body is packed exactly once.
+        frame = hub.packer.pack([protocol.RESPONSE, event.reply_msgid, None,
+                                 {"Data": {"Method": method, "Args": list(args)}, "EventId": event.id}])
+        if method in _TERMINAL_METHODS:
             # Kong never answers exit/error: from here on every PDK call raises at once.
-            event.closed.set()
-            event.from_handler.put(("call", packed, method))
+            event.closed = True
+            hub.main.switch(_Terminal(frame))
             return None
-        event.from_handler.put(("call", packed, method))
-        try:
-            reply = event.to_handler.get(timeout=self.reply_timeout)
-        except queue.Empty:
-            event.close()
-            raise EventClosedError(f"no reply from Kong to {method} within {self.reply_timeout:g}s")
-        if reply is _ABANDONED:
-            raise EventClosedError(f"event #{event.id} was abandoned while waiting for {method}")
-        data, err = reply
+        data, err = hub.main.switch(frame)  # EventClosedError is thrown here if abandoned
         if self.lua_style:
             return data, err
         if err:
             raise PDKError(f"exception from {method}: {err}")
         return data
+
+
+def _handler_loop(job: tuple[Callable[[Any], Any], PDKProxy] | None) -> None:
+    """A pooled handler greenlet: one handler per job, then back to the hub for the next job.
+
+    Creating a greenlet costs about 15x a switch, so hubs reuse them; None ends the loop. The
+    finished handler is reported as _RET or _Failed, and no exception ever reaches the hub.
+    """
+    while job is not None:
+        method, kong = job
+        try:
+            method(kong)
+            result: Any = _RET
+        except BaseException:  # noqa: BLE001 - SystemExit in a handler must not end the server
+            result = _Failed(traceback.format_exc())
+        del job, method, kong  # an idle greenlet must not keep the last event alive
+        job = greenlet.getcurrent().parent.switch(result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,30 +261,35 @@ class PluginServer:
         event_timeout: float = 65.0,
         orphan_grace: float = 2.0,
     ) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
         self.plugins = dict(plugins)
         self.plugin_dir: str | None = None
         self.lua_style = lua_style
+        self.max_workers = max_workers  # live handlers (events whose handler has not returned)
         # Kong's socket read timeout is 60 s; answering before it avoids a late reply sitting on
         # a pooled connection (msgid mismatch, §2.7).
         self.step_timeout = step_timeout
         self.event_timeout = event_timeout
         self.orphan_grace = orphan_grace
-        self.pool = WorkerPool(max_workers)
-        self._lock = threading.Lock()  # guards the two tables and counters, never held in a handler
+        # Guards the tables, the counters and Event.waiting; never held while a handler runs.
+        self._lock = threading.Lock()
         self._instances: dict[int, Instance] = {}
         self._events: dict[int, Event] = {}
+        self._hubs: set[Hub] = set()
+        self._live_handlers = 0
         offset = _id_offset()
         self._instance_ids = itertools.count(offset)
         self._event_ids = itertools.count(offset)
         self._last_start: dict[str, float] = {}
         self._last_close: dict[str, float] = {}
-        self._closed_conns: dict[int, float] = {}
         self._stopping = threading.Event()
+        self.debug = log.isEnabledFor(logging.DEBUG)  # checked once: no logging calls on the hot path
 
-    # ---- dispatch ------------------------------------------------------------------------
+    # ---- non-event RPCs ------------------------------------------------------------------
 
     def dispatch(self, request: protocol.Request, conn_id: int, plugin_name: str) -> Any:
-        """Run one RPC; returns the result (an EventReply for HandleEvent and Step*)."""
+        """Run one RPC that is not HandleEvent/Step* (a hub runs those); returns the result."""
         if request.namespace != protocol.NAMESPACE:
             raise PluginServerError(f"RPC for {request.namespace} is not supported")
         if request.method not in protocol.METHODS:
@@ -300,9 +315,7 @@ class PluginServer:
                 raise PluginServerError(f"{param} not exists")
             self.plugin_dir = param  # recorded like kong-pdk; plugins are loaded at start only
             return "ok"
-        if request.method == "HandleEvent":
-            return self.handle_event(param, conn_id, plugin_name)
-        return self.step(param, conn_id, is_error=request.method == "StepError")
+        raise PluginServerError(f"plugin.{request.method} must be sent on a plugin socket")
 
     # ---- instances -----------------------------------------------------------------------
 
@@ -310,7 +323,7 @@ class PluginServer:
         if not isinstance(param, dict):
             raise PluginServerError("plugin.StartInstance expects {Name, Config}")
         name = param.get("Name")
-        if name not in self.plugins:
+        if not isinstance(name, str) or name not in self.plugins:
             raise PluginServerError(f"{name} not initialized")
         if name != plugin_name:
             raise PluginServerError(f"plugin {name} is not served on the socket of {plugin_name}")
@@ -335,12 +348,12 @@ class PluginServer:
             instance = Instance(iid, plugin, config, handler)
             self._instances[iid] = instance
             self._last_start[name] = time.time()
-        log.debug("instance #%d of %s started", iid, name)
+        if self.debug:
+            log.debug("instance #%d of %s started", iid, name)
         return {"Name": name, "Id": iid, "Config": config, "StartTime": instance.start_time}
 
     def instance(self, iid: Any) -> Instance:
-        with self._lock:
-            instance = self._instances.get(iid) if isinstance(iid, int) else None
+        instance = self._instances.get(iid) if type(iid) is int else None
         if instance is None:
             # Kong resets its instance cache and retries when the error says "no plugin instance".
             raise PluginServerError(f"no plugin instance #{iid}")
@@ -348,18 +361,21 @@ class PluginServer:
 
     def close_instance(self, iid: Any) -> dict[str, Any]:
         with self._lock:
-            instance = self._instances.pop(iid, None) if isinstance(iid, int) else None
+            instance = self._instances.pop(iid, None) if type(iid) is int else None
             if instance is not None:
                 self._last_close[instance.plugin.name] = time.time()
         if instance is None:
             raise PluginServerError(f"no plugin instance #{iid}")
-        log.debug("instance #%d of %s closed", iid, instance.plugin.name)
+        if self.debug:
+            log.debug("instance #%d of %s closed", iid, instance.plugin.name)
         return {"Name": instance.plugin.name, "Id": iid, "Config": instance.config}
 
     def get_status(self) -> dict[str, Any]:
         with self._lock:
             instances = list(self._instances.values())
             events = len(self._events)
+            workers = {"max": self.max_workers, "threads": len(self._hubs),
+                       "busy": self._live_handlers}
         plugins = {}
         for name, plugin in self.plugins.items():
             plugins[name] = {
@@ -370,103 +386,73 @@ class PluginServer:
                 "LastStartInstance": self._last_start.get(name, 0),
                 "LastCloseInstance": self._last_close.get(name, 0),
             }
-        # Pid and Plugins are kong-pdk's shape; Events and Workers are ours (observability).
-        return {"Pid": os.getpid(), "Plugins": plugins, "Events": events, "Workers": self.pool.stats()}
+        # Pid and Plugins are kong-pdk's shape; Events and Workers are ours (observability):
+        # Workers.threads counts connection hubs, Workers.busy the handlers that have not returned.
+        return {"Pid": os.getpid(), "Plugins": plugins, "Events": events, "Workers": workers}
 
     # ---- events --------------------------------------------------------------------------
 
-    def handle_event(self, param: Any, conn_id: int, plugin_name: str) -> Any:
-        if not isinstance(param, dict):
+    def new_event(self, param: Any, plugin_name: str) -> tuple[Event, Callable[[Any], Any]]:
+        """Validate a HandleEvent and register its event (counted as a live handler)."""
+        if type(param) is not dict:
             raise PluginServerError("plugin.HandleEvent expects {InstanceId, EventName}")
         instance = self.instance(param.get("InstanceId"))
         if instance.plugin.name != plugin_name:
             raise PluginServerError(f"no plugin instance #{instance.id}")
         phase = param.get("EventName")
-        if not isinstance(phase, str) or phase not in instance.plugin.phases:
+        if type(phase) is not str or phase not in instance.plugin.phases:
             raise PluginServerError(
                 f"{instance.plugin.name} does not implement phase {phase!r}")
         method = getattr(instance.handler, phase, None)
         if not callable(method):
             raise PluginServerError(f"{instance.plugin.name} does not implement phase {phase!r}")
         with self._lock:
-            event = Event(next(self._event_ids), instance, phase, conn_id)
+            if self._live_handlers >= self.max_workers:
+                raise PluginServerError(
+                    f"plugin server overloaded: all {self.max_workers} handler workers are busy")
+            self._live_handlers += 1
+            event = Event(next(self._event_ids), instance, phase)
             self._events[event.id] = event
-        channel = _HandlerChannel(event, self.lua_style, self.event_timeout)
-        if not self.pool.try_submit(lambda: self._run_handler(event, method, channel)):
-            self._drop_event(event)
-            raise PluginServerError(
-                f"plugin server overloaded: all {self.pool.max_workers} handler workers are busy")
-        return self._next_reply(event)
+        return event, method
 
-    def step(self, param: Any, conn_id: int, is_error: bool) -> Any:
-        if not isinstance(param, dict):
+    def accept_step(self, param: Any, conn: "Connection", msgid: int) -> Event:
+        """Validate a Step* request and mark its event as waiting for the reply to it."""
+        if type(param) is not dict:
             raise PluginServerError("plugin.Step expects {EventId, Data}")
         eid = param.get("EventId")
         with self._lock:
-            event = self._events.get(eid) if isinstance(eid, int) else None
+            event = self._events.get(eid) if type(eid) is int else None
             if event is not None:
-                if event.in_flight:
+                if event.waiting:
                     raise PluginServerError(f"event id {eid} already has a step in progress")
-                event.in_flight = True
-                event.last_activity = time.monotonic()
-                event.last_conn = conn_id
+                now = _monotonic()
+                event.reply_conn = conn
+                event.reply_msgid = msgid
+                event.deadline = now + self.step_timeout
+                event.last_activity = now
+                event.last_conn = conn.id
                 event.orphaned_at = None
+                event.waiting = True  # last: the watchdog reads the fields above once it sees this
         if event is None:
             raise PluginServerError(f"event id {eid} not found")
-        data = param.get("Data")
-        event.to_handler.put((None, data) if is_error else (data, None))
-        return self._next_reply(event)
+        return event
 
-    def _run_handler(self, event: Event, method: Callable[[Any], Any], channel: _HandlerChannel) -> None:
-        try:
-            method(PDKProxy("kong", channel))
-        except BaseException:  # noqa: BLE001 - SystemExit in a handler must not end the server
-            text = traceback.format_exc()
-            if event.closed.is_set():
-                log.warning("handler %s.%s of event #%d raised after the event ended:\n%s",
-                            event.instance.plugin.name, event.phase, event.id, text)
-            else:
-                event.from_handler.put(("error", text))
-        else:
-            if not event.closed.is_set():
-                event.from_handler.put(("ret",))
+    def handler_finished(self) -> None:
+        with self._lock:
+            self._live_handlers -= 1
 
-    def _next_reply(self, event: Event) -> "EventReply":
-        """Wait for the handler's next message: a callback, or "ret" once the event is over."""
-        try:
-            message = event.from_handler.get(timeout=self.step_timeout)
-        except queue.Empty:
-            self._drop_event(event)
-            raise PluginServerError(
-                f"event #{event.id} ({event.instance.plugin.name}.{event.phase}): the handler "
-                f"neither called the PDK nor returned within {self.step_timeout:g}s")
-        kind = message[0]
-        if kind == "call":
-            _, packed, method = message
-            if method in protocol.TERMINAL_METHODS:
-                self._drop_event(event)  # Kong never steps an event after exit/error
-            else:
-                with self._lock:
-                    event.last_activity = time.monotonic()
-                    event.in_flight = False
-            return EventReply(event.id, packed)
-        self._drop_event(event)
-        if kind == "error":
-            log.error("handler %s.%s of event #%d raised; the request continues:\n%s",
-                      event.instance.plugin.name, event.phase, event.id, message[1])
-        return EventReply(event.id, _PACKED_RET)
-
-    def _drop_event(self, event: Event) -> None:
+    def forget_event(self, event: Event) -> None:
+        """Remove an event from the table and mark it closed (called by its owner hub)."""
+        event.closed = True
         with self._lock:
             self._events.pop(event.id, None)
-        event.close()
 
-    def event_delivery_failed(self, event_id: int) -> None:
-        with self._lock:
-            event = self._events.get(event_id)
-        if event is not None:
-            log.warning("reply for event #%d could not be delivered; dropping the event", event_id)
-            self._drop_event(event)
+    def close_event(self, event: Event) -> None:
+        """Close an event from any thread: its owner throws EventClosedError into the handler."""
+        self.forget_event(event)
+        owner = event.owner
+        if owner is not None:
+            owner.post(event, _CLOSE)
 
     def connection_closed(self, conn_id: int) -> None:
         """Events last served on a dead connection are reaped after a grace period.
@@ -474,50 +460,498 @@ class PluginServer:
         Kong may send the next Step on another pooled connection, hence the grace period rather
         than an immediate drop.
         """
-        now = time.monotonic()
+        now = _monotonic()
         with self._lock:
             for event in self._events.values():
                 if event.last_conn == conn_id and event.orphaned_at is None:
                     event.orphaned_at = now
 
     def reap(self) -> int:
-        now = time.monotonic()
+        """Close events Kong has gone silent on (no request waiting for them)."""
+        now = _monotonic()
         with self._lock:
-            # An event whose reader waits for its handler is live (bounded by step_timeout).
-            dead = [e for e in self._events.values() if not e.in_flight and (
+            # An event with a request waiting is live (bounded by the step timeout instead).
+            dead = [e for e in self._events.values() if not e.waiting and (
                 now - e.last_activity > self.event_timeout
                 or (e.orphaned_at is not None and now - e.orphaned_at > self.orphan_grace))]
-            for event in dead:
-                del self._events[event.id]
         for event in dead:
-            log.warning("reaped abandoned event #%d (%s.%s)", event.id, event.instance.plugin.name,
-                        event.phase)
-            event.close()
+            log.warning("reaped abandoned %s", event.describe())
+            self.close_event(event)
         return len(dead)
+
+    def watch(self) -> int:
+        """Answer requests overdue by the step timeout; free sockets of hubs stuck in a handler."""
+        now = _monotonic()
+        with self._lock:
+            overdue = [e for e in self._events.values() if e.waiting and e.deadline < now]
+            hubs = list(self._hubs)
+        answered = 0
+        for event in overdue:
+            conn = event.reply_conn
+            if conn is None:
+                continue
+            with conn.send_lock:
+                if not (event.waiting and event.reply_conn is conn and event.deadline < now):
+                    continue  # answered meanwhile
+                event.waiting = False
+                message = (f"{event.describe()}: the handler neither called the PDK nor returned "
+                           f"within {self.step_timeout:g}s")
+                conn.send_locked(msgpack.packb([protocol.RESPONSE, event.reply_msgid, message, None]))
+            answered += 1
+            log.error("%s: no PDK call or return within %gs; answered an error", event.describe(),
+                      self.step_timeout)
+            self.close_event(event)
+        for hub in hubs:
+            hub.release_socket_if_stuck(now - self.step_timeout)
+        return answered
+
+    def hub_started(self, hub: "Hub") -> None:
+        with self._lock:
+            self._hubs.add(hub)
+
+    def hub_stopped(self, hub: "Hub") -> None:
+        with self._lock:
+            self._hubs.discard(hub)
+
+    def wait_for_hubs(self, timeout: float) -> bool:
+        """After stop(): True once every hub thread ended (bounded by `timeout`)."""
+        deadline = _monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._hubs:
+                    return True
+            if _monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
     def event_count(self) -> int:
         with self._lock:
             return len(self._events)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         self._stopping.set()
         with self._lock:
             events = list(self._events.values())
-            self._events.clear()
+            hubs = list(self._hubs)
         for event in events:
-            event.close()
-        self.pool.shutdown()
+            self.close_event(event)
+        for hub in hubs:
+            hub.wake()
 
 
-_PACKED_RET = msgpack.packb(protocol.MSG_RET)
+_CLOSE = object()  # inbox value: throw EventClosedError into the event's handler
+_PACKED_RET_DATA = "ret"
 
 
-@dataclass(frozen=True)
-class EventReply:
-    """`{"Data": ..., "EventId": ...}` with Data already packed by the handler thread."""
+# --------------------------------------------------------------------------------------------
+# Connections and hubs
 
-    event_id: int
-    packed_data: bytes
+
+class Connection:
+    """One accepted Kong connection: its socket, its stream decoder and its send lock.
+
+    Any hub may answer on it (a Step forwarded to the event's owner is answered on the
+    connection that asked), so every send holds `send_lock`; only its current reader hub recvs.
+    """
+
+    __slots__ = ("sock", "id", "plugin_name", "listener", "send_lock", "unpacker", "buffer", "view",
+                 "dead")
+
+    def __init__(self, sock: socket.socket, conn_id: int, plugin_name: str,
+                 listener: "SocketListener") -> None:
+        self.sock = sock
+        self.id = conn_id
+        self.plugin_name = plugin_name
+        self.listener = listener
+        self.send_lock = threading.Lock()
+        self.unpacker = protocol.new_unpacker()
+        self.buffer = bytearray(protocol.READ_CHUNK)
+        self.view = memoryview(self.buffer)
+        self.dead = False
+
+    def send(self, payload: bytes) -> bool:
+        with self.send_lock:
+            return self.send_locked(payload)
+
+    def send_locked(self, payload: bytes) -> bool:
+        """Send with `send_lock` held; False (and the connection counts as dead) on failure."""
+        if self.dead:
+            return False
+        try:
+            self.sock.sendall(payload)  # sendall: an 8 MB exit body must arrive whole (§3.4.2)
+            return True
+        except OSError:
+            self.dead = True
+            return False
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # unblocks a send in progress on another thread
+        except OSError:
+            pass
+        with self.send_lock:
+            self.dead = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+class Hub:
+    """A connection thread: reads its connection and runs the greenlets of the events it started.
+
+    `conn` is None once the connection closed or was handed to another hub; the hub then only
+    serves its inbox and exits when its last handler returned.
+    """
+
+    def __init__(self, server: PluginServer, conn: Connection) -> None:
+        self.server = server
+        self.conn: Connection | None = conn
+        self.name = f"aigov-conn-{conn.plugin_name}-{conn.id}"
+        self.inbox: collections.deque[tuple[Event, Any]] = collections.deque()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.packer = protocol.new_packer()  # shared by this thread's greenlets: pack() never switches
+        self.main: greenlet.greenlet | None = None
+        self.owned = 0  # handlers started here that have not returned
+        self.idle_greenlets: list[greenlet.greenlet] = []  # finished, reusable (_handler_loop)
+        # [monotonic start] while a handler runs on this hub, emptied when it switches back (see
+        # _switch): the watchdog finds hubs whose socket would otherwise go unread.
+        self.busy: list[float] = []
+        self.state_lock = threading.Lock()
+        self._exited = False
+
+    def start(self) -> None:
+        self.server.hub_started(self)
+        try:
+            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+        except BaseException:
+            self.server.hub_stopped(self)
+            os.close(self.wake_fd)
+            raise
+
+    # ---- called from other threads -------------------------------------------------------
+
+    def post(self, event: Event, value: Any) -> None:
+        """Hand this hub a Step value (or _CLOSE) for one of its events."""
+        self.inbox.append((event, value))
+        self.wake()
+
+    def wake(self) -> None:
+        with self.state_lock:
+            if not self._exited:  # the eventfd is closed (and its number reusable) after exit
+                try:
+                    os.eventfd_write(self.wake_fd, 1)
+                except OSError:
+                    pass
+
+    def release_socket_if_stuck(self, cutoff: float) -> None:
+        """If a handler has kept this hub busy since before `cutoff`, serve its socket elsewhere."""
+        busy = self.busy
+        try:
+            if busy[0] > cutoff:
+                return
+        except IndexError:
+            return  # not running a handler
+        conn = self.conn  # stable while the hub is inside the switch that `busy` belongs to
+        if conn is None:
+            return
+        try:
+            busy.pop()  # claims the switch: from now on the hub will not read this socket
+        except IndexError:
+            return  # the handler switched back meanwhile
+        self.conn = None
+        log.warning("connection %d of %s: a handler has run for more than %gs without a PDK call; "
+                    "a new thread now serves the connection", conn.id, conn.plugin_name,
+                    self.server.step_timeout)
+        Hub(self.server, conn).start()
+
+    # ---- the hub thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self.main = greenlet.getcurrent()
+        poller = select.poll()
+        poller.register(self.wake_fd, _POLLIN)
+        wake_fd = self.wake_fd
+        polled: Connection | None = None
+        polled_fd = -1  # kept: a closed socket's fileno() is -1
+        try:
+            while True:
+                conn = self.conn
+                if conn is not polled:
+                    if polled_fd >= 0:
+                        poller.unregister(polled_fd)
+                        polled_fd = -1
+                    if conn is not None:
+                        polled_fd = conn.sock.fileno()
+                        poller.register(polled_fd, _POLLIN)
+                    polled = conn
+                if self.inbox:
+                    self._drain_inbox()
+                    continue
+                if conn is None and self.owned == 0:
+                    return  # no socket and no handler left: nothing can reach this hub
+                try:
+                    ready = poller.poll(_IDLE_POLL_MS)
+                except InterruptedError:
+                    continue
+                for fd, _mask in ready:
+                    if fd == wake_fd:
+                        try:
+                            os.eventfd_read(wake_fd)
+                        except BlockingIOError:
+                            pass
+                    elif conn is not None and self.conn is conn:
+                        if not self._read(conn) and self.conn is conn:
+                            self._close_connection(conn)
+        except BaseException:  # noqa: BLE001 - a hub bug must not pass silently
+            log.exception("%s failed", self.name)
+            conn = self.conn
+            if conn is not None:
+                self._close_connection(conn)
+        finally:
+            with self.state_lock:
+                self._exited = True
+                os.close(self.wake_fd)
+            for handler in self.idle_greenlets:
+                handler.switch(None)  # end them on their own thread
+            self.idle_greenlets.clear()
+            self.server.hub_stopped(self)
+
+    def _close_connection(self, conn: Connection) -> None:
+        with self.state_lock:
+            if self.conn is conn:
+                self.conn = None
+        conn.close()
+        conn.listener.connection_closed(conn.id)
+        self.server.connection_closed(conn.id)
+
+    def _read(self, conn: Connection) -> bool:
+        """Read what arrived and answer every complete frame; False closes the connection."""
+        try:
+            received = conn.sock.recv_into(conn.buffer)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if not received:
+            return False
+        unpacker = conn.unpacker
+        try:
+            unpacker.feed(conn.view[:received])
+        except msgpack.BufferFull:
+            log.warning("%s connection %d: a frame larger than %d bytes; closing it",
+                        conn.plugin_name, conn.id, protocol.MAX_FRAME_BYTES)
+            return False
+        while True:
+            try:
+                frame = unpacker.unpack()
+            except msgpack.OutOfData:
+                return True
+            except Exception as exc:  # noqa: BLE001 - any undecodable frame
+                log.warning("%s connection %d: undecodable msgpack (%s: %s); closing it",
+                            conn.plugin_name, conn.id, type(exc).__name__, exc)
+                return False
+            if not self._answer(conn, frame):
+                return False
+            if self.conn is not conn:
+                return True  # handed to another hub while a handler ran: it reads from here on
+
+    def _answer(self, conn: Connection, frame: Any) -> bool:
+        """Answer one frame; False closes the connection."""
+        if type(frame) is list and len(frame) == 4 and frame[0] == 0:
+            # The hot path: Kong's Step and HandleEvent, checked without building a Request.
+            msgid, method, params = frame[1], frame[2], frame[3]
+            if type(msgid) is int and type(params) is list and len(params) == 1:
+                if method == "plugin.Step":
+                    return self._step(conn, msgid, params[0], False)
+                if method == "plugin.HandleEvent":
+                    return self._handle_event(conn, msgid, params[0])
+        if isinstance(frame, (list, tuple)) and frame and frame[0] == protocol.NOTIFICATION:
+            return True  # nothing to answer
+        try:
+            request = protocol.parse_request(frame)
+        except protocol.ProtocolError as exc:
+            if exc.msgid is None:
+                log.warning("%s connection %d: %s; closing it", conn.plugin_name, conn.id, exc)
+                return False
+            return self._send_error(conn, exc.msgid, str(exc))
+        name = request.method
+        if request.namespace == protocol.NAMESPACE and request.params and (
+                name == "HandleEvent" or name in protocol.STEP_METHODS):
+            if name == "HandleEvent":
+                return self._handle_event(conn, request.msgid, request.params[0])
+            return self._step(conn, request.msgid, request.params[0], name == "StepError")
+        server = self.server
+        try:
+            result = server.dispatch(request, conn.id, conn.plugin_name)
+            payload = protocol.pack_response(self.packer, request.msgid, None, result)
+        except PluginServerError as exc:
+            if server.debug:
+                log.debug("rpc #%d %s.%s: %s", request.msgid, request.namespace, name, exc)
+            payload = protocol.pack_response(self.packer, request.msgid, str(exc), None)
+        except Exception as exc:  # noqa: BLE001 - a bug here must cost one reply, not the connection
+            log.error("rpc #%d %s.%s failed:\n%s", request.msgid, request.namespace, name,
+                      traceback.format_exc())
+            payload = protocol.pack_response(self.packer, request.msgid,
+                                             f"{type(exc).__name__}: {exc}", None)
+        return conn.send(payload)
+
+    def _send_error(self, conn: Connection, msgid: int, message: str) -> bool:
+        if self.server.debug:
+            log.debug("rpc #%d: %s", msgid, message)
+        return conn.send(self.packer.pack([protocol.RESPONSE, msgid, message, None]))
+
+    def _handle_event(self, conn: Connection, msgid: int, param: Any) -> bool:
+        server = self.server
+        try:
+            event, method = server.new_event(param, conn.plugin_name)
+        except PluginServerError as exc:
+            return self._send_error(conn, msgid, str(exc))
+        now = _monotonic()
+        event.owner = self
+        event.reply_conn = conn
+        event.reply_msgid = msgid
+        event.deadline = now + server.step_timeout
+        event.last_activity = now
+        event.last_conn = conn.id
+        event.waiting = True  # last: the watchdog reads the fields above once it sees this
+        kong = PDKProxy("kong", _HandlerChannel(event, server.lua_style))
+        idle = self.idle_greenlets
+        event.greenlet = idle.pop() if idle else greenlet.greenlet(_handler_loop, parent=self.main)
+        self.owned += 1
+        self._drive(event, (method, kong), None)
+        return not conn.dead
+
+    def _step(self, conn: Connection, msgid: int, param: Any, is_error: bool) -> bool:
+        try:
+            event = self.server.accept_step(param, conn, msgid)
+        except PluginServerError as exc:
+            return self._send_error(conn, msgid, str(exc))
+        data = param.get("Data")
+        value = (None, data) if is_error else (data, None)
+        owner = event.owner
+        if owner is self:
+            self._drive(event, value, None)
+        else:
+            owner.post(event, value)  # greenlets run only on their own thread
+        return not conn.dead
+
+    def _drain_inbox(self) -> None:
+        inbox = self.inbox
+        while inbox:
+            event, value = inbox.popleft()
+            if event.greenlet is None:
+                continue  # the handler returned meanwhile (its greenlet may serve another event)
+            if value is _CLOSE or event.closed:
+                self._drive(event, None, _abandoned(event))
+            else:
+                self._drive(event, value, None)
+
+    def _switch(self, event: Event, value: Any, throw: BaseException | None) -> Any:
+        """Run the event's handler until it hands something back.
+
+        `busy` holds the switch's start time; exactly one of this hub (after the switch) and the
+        watchdog (a handler stuck past the step timeout) pops it (list.pop is atomic), and the
+        watchdog only hands the socket to a new hub if it popped first. No lock per switch.
+        """
+        handler = event.greenlet
+        assert handler is not None
+        busy = [_monotonic()]
+        self.busy = busy
+        try:
+            if throw is not None:
+                return handler.throw(throw)
+            return handler.switch(value)
+        finally:
+            try:
+                busy.pop()
+            except IndexError:
+                self.conn = None  # the watchdog gave our socket to a new hub: stop reading it
+
+    def _drive(self, event: Event, value: Any, throw: BaseException | None) -> None:
+        """Resume a handler and act on what it hands back until it waits for Kong or returns.
+
+        `value` is the job (method, kong) for a new event, else the Step's (data, err).
+        """
+        message = self._switch(event, value, throw)
+        if type(message) is bytes and not event.closed:
+            # The hot path inline: answer the waiting request; the handler waits for Kong's Step.
+            conn = event.reply_conn
+            assert conn is not None
+            lock = conn.send_lock
+            lock.acquire()
+            try:
+                if event.waiting and not conn.dead:
+                    event.waiting = False
+                    event.last_activity = _monotonic()
+                    try:
+                        conn.sock.sendall(message)
+                        return
+                    except OSError:
+                        conn.dead = True
+            finally:
+                lock.release()
+        self._settle(event, message)
+
+    def _settle(self, event: Event, message: Any) -> None:
+        """Every case but the hot path: the handler returned, exited, or cannot be answered."""
+        server = self.server
+        while True:
+            failed = message if type(message) is _Failed else None
+            if message is _RET or failed is not None:
+                handler = event.greenlet
+                event.greenlet = None
+                if len(self.idle_greenlets) < _IDLE_GREENLETS:
+                    self.idle_greenlets.append(handler)
+                else:
+                    handler.switch(None)  # ends its loop
+                self.owned -= 1
+                server.handler_finished()
+                if not event.closed:
+                    server.forget_event(event)
+                    if failed is not None:
+                        log.error("handler %s.%s of event #%d raised; the request continues:\n%s",
+                                  event.instance.plugin.name, event.phase, event.id, failed.text)
+                    self._reply(event, self.packer.pack(
+                        [protocol.RESPONSE, event.reply_msgid, None,
+                         {"Data": protocol.MSG_RET, "EventId": event.id}]))
+                elif failed is not None:
+                    log.warning("handler %s.%s of event #%d raised after the event ended:\n%s",
+                                event.instance.plugin.name, event.phase, event.id, failed.text)
+                return
+            if type(message) is _Terminal:
+                server.forget_event(event)  # Kong never steps an event after exit/error
+                self._reply(event, message.frame)
+                # exit/error return None in the handler, which runs on to its end; its PDK calls
+                # raise at once, so the next switch back is its return.
+                message = self._switch(event, None, None)
+                continue
+            if not event.closed and self._reply(event, message):
+                return  # the handler waits for Kong's next Step
+            if not event.closed:
+                log.warning("reply for event #%d could not be delivered; dropping the event", event.id)
+                server.forget_event(event)
+            message = self._switch(event, None, _abandoned(event))
+
+    def _reply(self, event: Event, frame: bytes) -> bool:
+        """Answer the event's waiting request, unless the watchdog already did."""
+        conn = event.reply_conn
+        assert conn is not None
+        with conn.send_lock:
+            if not event.waiting:
+                return False
+            event.waiting = False
+            event.last_activity = _monotonic()
+            return conn.send_locked(frame)
+
+
+def _abandoned(event: Event) -> EventClosedError:
+    return EventClosedError(f"event #{event.id} was abandoned (timed out, reaped or shut down) "
+                            "while its handler waited for a PDK reply")
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,7 +959,7 @@ class EventReply:
 
 
 class SocketListener:
-    """One Unix socket serving one plugin; one reader thread per accepted connection."""
+    """One Unix socket serving one plugin; one hub thread per accepted connection."""
 
     def __init__(self, server: PluginServer, plugin_name: str, path: Path,
                  backlog: int = 4096) -> None:
@@ -535,7 +969,7 @@ class SocketListener:
         self.backlog = backlog
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._conns: dict[int, socket.socket] = {}
+        self._conns: dict[int, Connection] = {}
         self._conns_lock = threading.Lock()
         self._conn_ids = itertools.count(1)
         self._closing = threading.Event()
@@ -556,90 +990,30 @@ class SocketListener:
         assert self._sock is not None
         while not self._closing.is_set():
             try:
-                conn, _ = self._sock.accept()
+                sock, _ = self._sock.accept()
             except OSError:
                 if self._closing.is_set():
                     return
                 time.sleep(0.05)  # EMFILE and the like: back off rather than spin
                 continue
-            conn_id = next(self._conn_ids)
-            with self._conns_lock:
-                self._conns[conn_id] = conn
-            threading.Thread(target=self._serve_connection, args=(conn, conn_id),
-                             name=f"aigov-conn-{self.plugin_name}-{conn_id}", daemon=True).start()
-
-    def _serve_connection(self, conn: socket.socket, conn_id: int) -> None:
-        unpacker = protocol.new_unpacker()
-        packer = protocol.new_packer()
-        try:
-            while not self._closing.is_set():
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 try:
-                    chunk = conn.recv(protocol.READ_CHUNK)
+                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
                 except OSError:
-                    return
-                if not chunk:
-                    return
-                unpacker.feed(chunk)
-                while True:
-                    try:
-                        frame = unpacker.unpack()
-                    except msgpack.OutOfData:
-                        break
-                    except Exception as exc:  # noqa: BLE001 - any undecodable frame
-                        log.warning("%s connection %d: undecodable msgpack (%s: %s); closing it",
-                                    self.plugin_name, conn_id, type(exc).__name__, exc)
-                        return
-                    if not self._answer(conn, conn_id, packer, frame):
-                        return
-        finally:
+                    pass  # the kernel's default buffers still work
+            conn = Connection(sock, next(self._conn_ids), self.plugin_name, self)
             with self._conns_lock:
-                self._conns.pop(conn_id, None)
+                self._conns[conn.id] = conn
             try:
+                Hub(self.server, conn).start()
+            except Exception:  # noqa: BLE001 - no thread (or fd) for it: refuse this connection only
+                log.exception("%s: cannot serve connection %d", self.plugin_name, conn.id)
+                self.connection_closed(conn.id)
                 conn.close()
-            except OSError:
-                pass
-            self.server.connection_closed(conn_id)
 
-    def _answer(self, conn: socket.socket, conn_id: int, packer: msgpack.Packer, frame: Any) -> bool:
-        """Answer one frame; False closes the connection."""
-        if isinstance(frame, (list, tuple)) and frame and frame[0] == protocol.NOTIFICATION:
-            return True  # nothing to answer
-        try:
-            request = protocol.parse_request(frame)
-        except protocol.ProtocolError as exc:
-            if exc.msgid is None:
-                log.warning("%s connection %d: %s; closing it", self.plugin_name, conn_id, exc)
-                return False
-            return self._send(conn, packer.pack([protocol.RESPONSE, exc.msgid, str(exc), None]))
-        event_id = None
-        try:
-            result = self.server.dispatch(request, conn_id, self.plugin_name)
-            if isinstance(result, EventReply):
-                event_id = result.event_id
-                payload = protocol.pack_event_response(packer, request.msgid, result.event_id,
-                                                       result.packed_data)
-            else:
-                payload = protocol.pack_response(packer, request.msgid, None, result)
-        except PluginServerError as exc:
-            log.debug("rpc #%d %s.%s: %s", request.msgid, request.namespace, request.method, exc)
-            payload = protocol.pack_response(packer, request.msgid, str(exc), None)
-        except Exception as exc:  # noqa: BLE001 - a bug here must cost one reply, not the connection
-            log.error("rpc #%d %s.%s failed:\n%s", request.msgid, request.namespace, request.method,
-                      traceback.format_exc())
-            payload = protocol.pack_response(packer, request.msgid, f"{type(exc).__name__}: {exc}", None)
-        if not self._send(conn, payload):
-            if event_id is not None:
-                self.server.event_delivery_failed(event_id)
-            return False
-        return True
-
-    @staticmethod
-    def _send(conn: socket.socket, payload: bytes) -> bool:
-        try:
-            conn.sendall(payload)  # sendall: an 8 MB exit body must arrive whole (§3.4.2)
-            return True
-        except OSError:
-            return False
+    def connection_closed(self, conn_id: int) -> None:
+        with self._conns_lock:
+            self._conns.pop(conn_id, None)
 
     def stop(self) -> None:
         self._closing.set()
@@ -653,7 +1027,7 @@ class SocketListener:
             conns = list(self._conns.values())
         for conn in conns:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                conn.sock.shutdown(socket.SHUT_RDWR)  # its hub sees EOF and closes it
             except OSError:
                 pass
         try:
@@ -667,7 +1041,7 @@ class SocketListener:
 
 
 class ServerProcess:
-    """Listeners + reaper + parent watchdog around a PluginServer; `stop()` unlinks the sockets."""
+    """Listeners + watchdog/reaper + parent watchdog around a PluginServer; `stop()` unlinks the sockets."""
 
     def __init__(self, server: PluginServer, prefix: Path, backlog: int = 4096,
                  reap_interval: float | None = None, parent_pid: int | None = None) -> None:
@@ -677,6 +1051,8 @@ class ServerProcess:
                           for name in server.plugins]
         self.reap_interval = reap_interval if reap_interval is not None else min(
             1.0, server.event_timeout / 4, server.orphan_grace / 2)
+        # Step timeouts are answered within a quarter of the timeout (at most 0.25 s late).
+        self.watch_interval = min(self.reap_interval, 0.25, max(0.01, server.step_timeout / 4))
         # Kong's stock watchdog tests getppid()==1, which misses subreapers; compare to the
         # parent we started with instead.
         self.parent_pid = os.getppid() if parent_pid is None else parent_pid
@@ -695,15 +1071,19 @@ class ServerProcess:
             for listener in started:
                 listener.stop()
             raise
-        threading.Thread(target=self._reap_loop, name="aigov-reaper", daemon=True).start()
+        threading.Thread(target=self._watch_loop, name="aigov-watchdog", daemon=True).start()
         threading.Thread(target=self._watch_parent, name="aigov-parent-watchdog", daemon=True).start()
 
-    def _reap_loop(self) -> None:
-        while not self.stopped.wait(self.reap_interval):
+    def _watch_loop(self) -> None:
+        next_reap = _monotonic() + self.reap_interval
+        while not self.stopped.wait(self.watch_interval):
             try:
-                self.server.reap()
-            except Exception:  # noqa: BLE001 - the reaper must outlive any bug
-                log.exception("reaper failed")
+                self.server.watch()
+                if _monotonic() >= next_reap:
+                    next_reap = _monotonic() + self.reap_interval
+                    self.server.reap()
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any bug
+                log.exception("watchdog failed")
 
     def _watch_parent(self) -> None:
         while not self.stopped.wait(0.5):
@@ -721,9 +1101,21 @@ class ServerProcess:
         while not self.stopped.wait(1.0):
             pass
 
-    def stop(self) -> None:
+    def stop(self, hub_timeout: float = 3.0) -> bool:
+        """Stop serving; True if every connection thread ended within `hub_timeout`.
+
+        Hub threads are joined (not left to interpreter shutdown) because a greenlet destroyed
+        during finalization, away from its thread, can crash the process. False means a handler
+        is still running (blocked in its own code): the caller should end the process with
+        os._exit rather than a normal interpreter shutdown.
+        """
         self.request_stop(self.stop_reason or "stop requested")
         for listener in self.listeners:
             listener.stop()
         self.server.stop()
+        clean = self.server.wait_for_hubs(hub_timeout)
+        if not clean:
+            log.warning("a handler is still running %gs after stop; exiting without waiting for it",
+                        hub_timeout)
         log.info("plugin server stopped (%s); sockets removed", self.stop_reason)
+        return clean

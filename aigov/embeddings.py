@@ -61,6 +61,8 @@ class LocalEmbedder:
         self._queue: "queue.Queue[tuple[list[str], Future]]" = queue.Queue()
         self._worker: threading.Thread | None = None
         self.batches = 0  # number of model calls made by the batching worker (observability/bench)
+        self._arriving = 0  # texts submitted and not yet taken into a batch
+        self._arriving_lock = threading.Lock()
 
     def _load(self):
         with self._load_lock:
@@ -97,6 +99,8 @@ class LocalEmbedder:
         self._load()
         self._ensure_worker()
         fut: Future = Future()
+        with self._arriving_lock:
+            self._arriving += len(texts)
         self._queue.put((texts, fut))
         return fut.result(timeout=60)
 
@@ -116,17 +120,25 @@ class LocalEmbedder:
             first = self._queue.get()
             jobs = [first]
             count = len(first[0])
+            # Take everything already queued (it piled up while the previous batch ran), and
+            # wait up to max_wait only while other callers are known to be on their way in, so a
+            # lone request never pays the wait.
             deadline = time.monotonic() + self.max_wait_s
             while count < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
                 try:
-                    job = self._queue.get(timeout=remaining)
+                    job = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._arriving <= count:
+                        break
+                    try:
+                        job = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
                 jobs.append(job)
                 count += len(job[0])
+            with self._arriving_lock:
+                self._arriving -= sum(len(j[0]) for j in jobs)
             texts = [t for job in jobs for t in job[0]]
             try:
                 vecs = self.encode_direct(texts, batch_size=max(1, len(texts)))

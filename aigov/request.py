@@ -32,11 +32,9 @@ class RequestError(ValueError):
         self.reason = reason
 
 
-def message_text(message: Any) -> str:
-    """The text of one chat message; content may be a string or a list of content parts."""
-    if not isinstance(message, dict):
-        return ""
-    content = message.get("content")
+def content_text(content: Any, sep: str = "\n") -> str:
+    """The text of a message `content`: a string, or the text parts of a list of content parts
+    ({"type": "text"|"input_text"|..., "text": ...}); non-text parts such as images are skipped."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -46,8 +44,13 @@ def message_text(message: Any) -> str:
                 parts.append(part)
             elif isinstance(part, dict) and isinstance(part.get("text"), str):
                 parts.append(part["text"])
-        return "\n".join(parts)
+        return sep.join(parts)
     return ""
+
+
+def message_text(message: Any) -> str:
+    """The text of one chat message."""
+    return content_text(message.get("content")) if isinstance(message, dict) else ""
 
 
 def canonical_json(value: Any) -> str:

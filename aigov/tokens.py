@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping
 
 import tiktoken
 
+from aigov.request import content_text as _request_content_text
+
 log = logging.getLogger(__name__)
 
 
@@ -209,20 +211,8 @@ def count_text(text: Any, model: Any = None) -> int:
 
 
 def content_text(content: Any) -> str:
-    """The text of a message `content`: a string, or the text parts of a list of content parts
-    (non-text parts such as images are not counted)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                # {"type": "text"|"input_text"|"output_text", "text": ...}
-                texts.append(part["text"])
-        return "".join(texts)
-    return ""
+    """The text of a message `content` as the provider tokenizes it (parts joined with nothing)."""
+    return _request_content_text(content, sep="")
 
 
 TOKENS_PER_MESSAGE = 3

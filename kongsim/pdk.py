@@ -307,17 +307,26 @@ class PDK:
         self.config = config
         self.trusted_ips = set(trusted_ips)
         self.methods: dict[str, Handler] = {}
+        # Observer of every callback, called as on_call(ctx, method) before it is answered
+        # (plugin and phase are ctx.plugin_name / ctx.phase): tests count a plugin's PDK
+        # round trips with it. None costs one attribute check per call.
+        self.on_call: Callable[[RequestContext, str], None] | None = None
         self._register()
 
     def call(self, ctx: RequestContext, method: str, args: list[Any] | None) -> Any:
-        """One callback: the first Lua return value, after must_fix. Raises PdkLuaError/ExitSignal."""
+        """One callback: the first Lua return value, after must_fix. Raises PdkLuaError/ExitSignal.
+
+        `args` is owned by the callee from here on (the bridge loop passes values freshly
+        unpacked from the wire), so setters store them without copying."""
+        observer = self.on_call
+        if observer is not None:
+            observer(ctx, method)
         fn = self.methods.get(method)
         if fn is None:
             log.error("[%s] could not find pdk method: %s", ctx.plugin_name, method)
             return None
-        args = list(args or [])
         try:
-            return fn(ctx, *args)
+            return fn(ctx, *args) if args else fn(ctx)
         except (PdkLuaError, ExitSignal):
             raise
         except Exception as exc:  # noqa: BLE001 - bad arguments must never crash the stand-in
@@ -696,7 +705,9 @@ class PDK:
     # --- ctx / nginx ---------------------------------------------------------------------
     @staticmethod
     def _shared_set(ctx: RequestContext, key: str, value: Any) -> None:
-        ctx.ctx_shared[key] = copy.deepcopy(value)
+        # No copy: the value was unpacked from the wire for this call and nothing else holds it
+        # (get hands out _fix()ed copies), which matches Kong storing the unpacked Lua table.
+        ctx.ctx_shared[key] = value
 
     @staticmethod
     def _get_ctx(ctx: RequestContext, key: str) -> Any:
@@ -705,9 +716,9 @@ class PDK:
 
     @staticmethod
     def _set_ctx(ctx: RequestContext, key: str, value: Any) -> None:
-        ctx.ngx_ctx[key] = copy.deepcopy(value)
+        ctx.ngx_ctx[key] = value  # a fresh wire value (see _shared_set)
         if ctx.phase == "log" and ctx.saved is not None:
-            ctx.saved["ngx_ctx"][key] = copy.deepcopy(value)
+            ctx.saved["ngx_ctx"][key] = copy.deepcopy(value)  # two tables must not alias
 
     @staticmethod
     def _get_var(ctx: RequestContext, name: str) -> Any:
@@ -748,7 +759,7 @@ class PDK:
     def _set_serialize_value(ctx: RequestContext, key: str, value: Any, options: Any = None) -> None:
         if not isinstance(key, str):
             raise PdkLuaError("key must be a string")
-        ctx.serialize_values[key] = copy.deepcopy(value)
+        ctx.serialize_values[key] = value  # a fresh wire value (see _shared_set)
         if ctx.saved is not None:
             _set_dotted(ctx.saved["serialize"], key, copy.deepcopy(value))
 

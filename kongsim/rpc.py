@@ -55,24 +55,28 @@ class Connection:
         self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
                                          unicode_errors="surrogateescape")
         self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+        # recv_into one buffer per connection: recv(65536) would allocate 64 KB per reply.
+        self._buf = bytearray(65536)
+        self._view = memoryview(self._buf)
         self.calls = 0
 
     def send(self, message: Any) -> None:
         self.sock.sendall(self.packer.pack(message))
 
     def receive(self) -> Any:
+        unpacker = self.unpacker
         while True:
-            for msg in self.unpacker:
+            for msg in unpacker:
                 return msg
             try:
-                chunk = self.sock.recv(65536)
+                n = self.sock.recv_into(self._buf)
             except socket.timeout:
                 raise RpcTimeout("timeout") from None
             except OSError as exc:
                 raise RpcError(f"receive failed: {exc}") from None
-            if not chunk:
+            if not n:
                 raise RpcError("closed")
-            self.unpacker.feed(chunk)
+            unpacker.feed(self._view[:n])  # feed copies into the unpacker's own buffer
 
     def close(self) -> None:
         try:
@@ -98,14 +102,18 @@ class RpcClient:
             self._msgid += 1
             return self._msgid
 
-    def _acquire(self) -> Connection:
+    def _acquire(self) -> tuple[int, Connection]:
+        """A msgid and a pooled connection, under one lock acquisition (the per-call hot path)."""
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        conn = Connection(self.socket_path, self.timeout_s)
-        with self._lock:
-            self.connections_opened += 1
-        return conn
+            self._msgid += 1
+            self.calls += 1
+            msgid = self._msgid
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = Connection(self.socket_path, self.timeout_s)
+            with self._lock:
+                self.connections_opened += 1
+        return msgid, conn
 
     def _release(self, conn: Connection) -> None:
         with self._lock:
@@ -116,14 +124,11 @@ class RpcClient:
 
     def call(self, method: str, param: Any) -> Any:
         """`plugin.<method>` with one param; returns the result or raises RpcError/RpcTimeout."""
-        msgid = self.next_msgid()
-        conn = self._acquire()
+        msgid, conn = self._acquire()
         ok = False
         try:
-            conn.send([0, msgid, f"plugin.{method}", [param]])
+            conn.send([0, msgid, "plugin." + method, [param]])
             conn.calls += 1
-            with self._lock:
-                self.calls += 1
             while True:
                 msg = conn.receive()
                 if isinstance(msg, list) and msg and msg[0] == 2:

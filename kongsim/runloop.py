@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import queue
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -445,7 +446,7 @@ class Runloop:
             self._finish_request(ctx)
 
         try:
-            threading.Thread(target=run, name="kongsim-log", daemon=True).start()
+            _LOG_TIMERS.submit(run)
         except BaseException:
             self._log_done()
             raise
@@ -480,6 +481,55 @@ class Runloop:
                     return False
                 self._log_cond.wait(remaining)
             return True
+
+
+class _TimerThreads:
+    """Kong's ngx.timer.at(0) for log phases: daemon threads that are reused.
+
+    Starting a thread per request costs more than the log phase of a light plugin and lands
+    on the next request of a keep-alive client; reused threads start jobs at once. A job never
+    waits for another: a new thread is started whenever no idle one is there, up to `cap`
+    (beyond it jobs queue). Process-wide, so gateways that come and go share the same few.
+    """
+
+    def __init__(self, cap: int = 256) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0     # threads waiting for a job and not yet promised one
+        self._threads = 0
+        self.cap = cap
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1
+                spawn = False
+            else:
+                spawn = self._threads < self.cap
+                if spawn:
+                    self._threads += 1
+        self._jobs.put(job)
+        if spawn:
+            try:
+                threading.Thread(target=self._work, name="kongsim-log", daemon=True).start()
+            except BaseException:
+                with self._lock:
+                    self._threads -= 1
+                raise
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except BaseException:  # noqa: BLE001 - jobs handle their own errors; the thread lives on
+                log.exception("log timer job failed")
+            del job
+            with self._lock:
+                self._idle += 1
+
+
+_LOG_TIMERS = _TimerThreads()
 
 
 class _Desc(str):

@@ -1,5 +1,9 @@
 """llm-semantic-cache end to end: the Kong stand-in, the real plugin-server process, real Redis
-with RediSearch, the real MiniLM model; only the LLM upstream is the mock."""
+with RediSearch, the real MiniLM model; only the LLM upstream is the mock.
+
+Every scenario runs on both plugin servers: `aigov serve` and kong-pdk's stock dedicated server
+(`python3 plugins/llm-semantic-cache.py`), one gateway per server kind for the whole module.
+Each kind has its own namespaces, so entries of one run never answer the other."""
 from __future__ import annotations
 
 import json
@@ -54,17 +58,21 @@ def answer_text(reply: Any) -> str:
     return reply.json()["choices"][0]["message"]["content"]
 
 
-@pytest.fixture(scope="module")
-def gw(redis_server: Any, mock_llm: Any) -> Iterator[GatewayHandle]:
-    """One aigov-served gateway for the module (the model loads once in the plugin server)."""
+@pytest.fixture(scope="module", params=["aigov", "stock"])
+def gw(request: pytest.FixtureRequest, redis_server: Any, mock_llm: Any) -> Iterator[GatewayHandle]:
+    """One gateway per plugin-server kind for the module (the model loads once per server)."""
+    _ensure_redis(redis_server)
+    server = request.param
     port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
     routes = {
-        "c": [cache_plugin(port, "e2e")],
-        "strict": [cache_plugin(port, "e2e-strict", exact_caching=False, vectordb={"threshold": 1.0})],
-        "cadmin": [cache_plugin(port, "e2e-admin", admin_path="/cadmin/purge", admin_key="s3cret")],
-        "failing": [cache_plugin(port, "e2e-fail", stop_on_failure=True)],
+        "c": [cache_plugin(port, f"e2e-{server}")],
+        "strict": [cache_plugin(port, f"e2e-strict-{server}", exact_caching=False, vectordb={"threshold": 1.0})],
+        "cadmin": [cache_plugin(port, f"e2e-admin-{server}", admin_path="/cadmin/purge", admin_key="s3cret")],
+        "failing": [cache_plugin(port, f"e2e-fail-{server}", stop_on_failure=True)],
     }
-    handle = start_gateway(kong_yml(mock_llm.url, routes), server="aigov", pythonpath=str(REPO))
+    handle = start_gateway(kong_yml(mock_llm.url, routes), server=server, plugin_files=[PLUGIN_FILE],
+                           pythonpath=str(REPO))
+    handle.server_kind = server  # type: ignore[attr-defined]
     try:
         # warm the embedder inside the plugin server so per-test timings are not the model load
         post(handle, "c", chat(f"warm-up {uuid.uuid4().hex}"))
@@ -211,43 +219,61 @@ def test_redis_outage_fails_open_then_recovers(gw: GatewayHandle, redis_server: 
 
 def test_purge_removes_every_key_of_a_namespace(gw: GatewayHandle, redis_server: Any) -> None:
     _ensure_redis(redis_server)
+    kind = gw.server_kind  # type: ignore[attr-defined]
+    admin_ns, other_ns = f"e2e-admin-{kind}", f"e2e-{kind}"
     client = redis_server.client()
     for q in ("How do I bake sourdough bread?", "How do I brew cold coffee?"):
         post(gw, "cadmin", chat(q))
     assert status(post(gw, "cadmin", chat("How do I bake sourdough bread?"))) == "Hit"
     post(gw, "c", chat("A key that must survive the purge of another namespace"))
-    assert client.keys("aigov:cache:e2e-admin:*")
+    assert client.keys(f"aigov:cache:{admin_ns}:*")
     denied = gw.request("POST", "/cadmin/purge", headers={"apikey": "key-alice", "X-Cache-Admin-Key": "no"})
     assert denied.status == 403
-    assert client.keys("aigov:cache:e2e-admin:*")
+    assert client.keys(f"aigov:cache:{admin_ns}:*")
     # admin_path is matched against the client's path (kong.request.get_path)
     r = gw.request("POST", "/cadmin/purge", headers={"apikey": "key-alice", "X-Cache-Admin-Key": "s3cret"})
     assert r.status == 200 and r.json()["purged"] >= 2
-    assert client.keys("aigov:cache:e2e-admin:*") == []
-    assert client.keys("aigov:cache:e2e:*")
+    assert client.keys(f"aigov:cache:{admin_ns}:*") == []
+    assert client.keys(f"aigov:cache:{other_ns}:*")
     assert status(post(gw, "cadmin", chat("How do I bake sourdough bread?"))) == "Miss"
     # the CLI does the same for a namespace
-    out = subprocess.run([sys.executable, "-m", "aigov.cli", "purge", "--namespace", "e2e-admin",
+    out = subprocess.run([sys.executable, "-m", "aigov.cli", "purge", "--namespace", admin_ns,
                           "--redis-url", redis_server.url], capture_output=True, text=True, timeout=60,
                          cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["purged"] >= 1
-    assert client.keys("aigov:cache:e2e-admin:*") == []
-    assert not [i for i in client.execute_command("FT._LIST") if i.decode().startswith("aigov_cache:e2e-admin:")]
+    assert client.keys(f"aigov:cache:{admin_ns}:*") == []
+    assert not [i for i in client.execute_command("FT._LIST") if i.decode().startswith(f"aigov_cache:{admin_ns}:")]
     client.close()
 
 
-@pytest.mark.parametrize("server", ["aigov", "stock"])
-def test_password_reset_paraphrase_is_a_semantic_hit(server: str, redis_server: Any, mock_llm: Any,
-                                                     kong_gateway: Any) -> None:
-    _ensure_redis(redis_server)
-    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
-    ns = f"pw-{server}-{uuid.uuid4().hex[:6]}"
-    g = kong_gateway(kong_yml(mock_llm.url, {"c": [cache_plugin(port, ns)]}), server=server,
-                     plugin_files=[PLUGIN_FILE], pythonpath=str(REPO))
-    first = post(g, "c", chat("How do I reset my password?"))
+def test_password_reset_paraphrase_is_a_semantic_hit(gw: GatewayHandle) -> None:
+    first = post(gw, "c", chat("How do I reset my password?"))
     assert first.status == 200 and status(first) == "Miss"
-    hit = post(g, "c", chat("How can I reset my password?"))
+    hit = post(gw, "c", chat("How can I reset my password?"))
     assert status(hit) == "Hit", hit.headers
     assert float(hit.header("X-Cache-Similarity")) >= 0.82
     assert answer_text(hit) == answer_text(first)
+
+
+def test_stream_and_non_stream_entries_never_mix(gw: GatewayHandle) -> None:
+    """`stream` is part of the hard scope: a JSON answer is never replayed as SSE or back."""
+    q = "What are the three primary colours of light?"
+    plain = post(gw, "c", chat(q))
+    assert status(plain) == "Miss"
+    assert status(post(gw, "c", chat(q))) == "Hit"
+    streamed_body = chat(q, stream=True)
+    first_stream = post(gw, "c", streamed_body)
+    assert status(first_stream) == "Miss", "a non-stream entry answered a streamed request"
+    assert "text/event-stream" in (first_stream.header("Content-Type") or "")
+    assert first_stream.header("X-Cache-Key") != plain.header("X-Cache-Key")
+    gw.wait_logs()
+    stream_hit = post(gw, "c", streamed_body)
+    assert status(stream_hit) == "Hit" and "text/event-stream" in (stream_hit.header("Content-Type") or "")
+    replay, complete = sse.completion_from_chat_chunks(stream_hit.body)
+    assert complete and stream_hit.body.count(b"data: [DONE]") == 1
+    assert replay["choices"][0]["message"]["content"] == answer_text(plain)
+    plain_hit = post(gw, "c", chat(q))
+    assert status(plain_hit) == "Hit" and plain_hit.header("X-Cache-Key") == plain.header("X-Cache-Key")
+    assert (plain_hit.header("Content-Type") or "").startswith("application/json")
+    assert answer_text(plain_hit) == answer_text(plain)

@@ -40,11 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-lua-style", action="store_true",
                         help="PDK calls return data and raise on error instead of (data, err)")
     parser.add_argument("--max-workers", type=int, default=256,
-                        help="concurrent handler threads; beyond it HandleEvent answers an "
-                             "overload error (default: %(default)s)")
+                        help="handlers that may be running at once (events whose handler has not "
+                             "returned); beyond it HandleEvent answers an overload error "
+                             "(default: %(default)s)")
     parser.add_argument("--step-timeout", type=float, default=55.0,
                         help="seconds to wait for a handler's next PDK call before answering an "
-                             "error, kept under Kong's 60 s read timeout (default: %(default)s)")
+                             "error, kept under Kong's 60 s read timeout; a handler still running "
+                             "then has its connection handed to a new thread (default: %(default)s)")
     parser.add_argument("--event-timeout", type=float, default=65.0,
                         help="seconds without a Step after which an event is abandoned and its "
                              "handler released (default: %(default)s)")

@@ -38,8 +38,8 @@ METHODS = frozenset({
 # them to a str (the handler sees a string) and re-encodes the original bytes on the way back,
 # where the stock server's strict decoding kills the connection (§2.1).
 UNICODE_ERRORS = "surrogateescape"
-READ_CHUNK = 65536
 MAX_FRAME_BYTES = 256 * 1024 * 1024
+UNPACKER_INITIAL_BYTES = 64 * 1024
 
 
 class ProtocolError(Exception):
@@ -63,16 +63,20 @@ class Request:
 
 
 def new_packer() -> msgpack.Packer:
-    """A packer per thread (msgpack.Packer is not thread safe)."""
+    """A packer per thread (msgpack.Packer is not thread safe; a hub's greenlets share one)."""
     return msgpack.Packer(use_bin_type=True, unicode_errors=UNICODE_ERRORS)
 
 
 def new_unpacker() -> msgpack.Unpacker:
+    # read_size is the initial buffer: msgpack's default, min(max_buffer_size, 1 MiB), would add
+    # up to 1 MiB of resident memory per pooled connection as the stream walks through it. The
+    # buffer still grows on demand, up to MAX_FRAME_BYTES, for a large frame.
     return msgpack.Unpacker(
         raw=False,
         unicode_errors=UNICODE_ERRORS,
         strict_map_key=False,
         max_buffer_size=MAX_FRAME_BYTES,
+        read_size=UNPACKER_INITIAL_BYTES,
     )
 
 
@@ -95,15 +99,3 @@ def parse_request(frame: Any) -> Request:
 
 def pack_response(packer: msgpack.Packer, msgid: int, error: str | None, result: Any) -> bytes:
     return packer.pack([RESPONSE, msgid, error, result])
-
-
-def pack_event_response(packer: msgpack.Packer, msgid: int, event_id: int, packed_data: bytes) -> bytes:
-    """`[1, msgid, nil, {"Data": <packed_data>, "EventId": event_id}]` around pre-packed Data.
-
-    The handler thread packs its callback once (so an unserializable argument fails inside the
-    handler, not in the connection); an 8 MB exit body is then never packed twice.
-    """
-    return b"".join((
-        b"\x94", packer.pack(RESPONSE), packer.pack(msgid), packer.pack(None),
-        b"\x82", packer.pack("Data"), packed_data, packer.pack("EventId"), packer.pack(event_id),
-    ))

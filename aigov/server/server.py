@@ -29,6 +29,11 @@ failure modes, and the cost of thread handoffs on the hot path):
   EventClosedError thrown at its pending PDK call, and any later PDK call raises at once;
 - instance and event ids start at a time-based offset so ids from a previous process answer
   "no plugin instance #N" (Kong then re-creates) instead of hitting another config.
+
+What this asks of plugin code (the aigov plugins comply): PDK calls are made from the handler
+itself, not from threads it starts (refused with a clear RuntimeError); and a handler must not
+hold a lock across a PDK call, since the hub may run another event's handler, which could need
+that lock, on the same thread while the first waits for Kong. Blocking I/O needs no care.
 """
 from __future__ import annotations
 
@@ -60,6 +65,9 @@ _POLLIN = select.POLLIN
 _POLL_ERRORS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 # Unix socket buffers: an 8 MB exit body goes out in a few large writes instead of many wakeups.
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+# Per-connection receive buffer (recv_into): Kong pools up to 256 connections per worker, so
+# this is kept moderate; a larger frame simply takes several reads.
+RECV_BUFFER_BYTES = 32 * 1024
 # How long a hub sleeps in poll() when nothing arrives (only bounds its reaction to shutdown).
 _IDLE_POLL_MS = 1000
 # Reusable handler greenlets kept per hub (a hub rarely runs more than a few events at once).
@@ -156,38 +164,77 @@ class Event:
         return f"event #{self.id} ({self.instance.plugin.name}.{self.phase})"
 
 
-class PDKProxy:
-    """The `kong` object a handler receives: any attribute chain, called, becomes a callback.
+class _PDKNode(tuple):
+    """One PDK path bound to one event: the 1-tuple (channel,), built in C (tuple construction).
 
-    Behaves like kong-pdk's FakeClasses/rpc_of (log args stringified, exit/error not awaited,
-    lua-style `(data, err)` returns by default), but never blocks forever: it raises once the
-    event is over. Child proxies are cached on their parent, so a handler that calls
-    `kong.request.get_header` three times builds the chain once.
+    Every event gets its own objects (a `kong` kept past its event can only raise, never reach
+    another request), but each *path* is a class: `kong.request` is a cached descriptor on the
+    class of "kong" that builds an instance of the class of "kong.request". A plain
+    `__getattr__` proxy pays a failed attribute lookup (an AttributeError inside CPython) on
+    every access, about 3x the cost; here it only runs for a name not seen before on that path.
+    Path classes derive from this base only, never from each other, so no path inherits
+    another path's children.
     """
 
-    __slots__ = ("_path", "_channel", "_children")
+    __slots__ = ()
+    _path = "kong"
 
-    def __init__(self, path: str, channel: "_HandlerChannel") -> None:
-        self._path = path
-        self._channel = channel
-        self._children: dict[str, PDKProxy] | None = None
-
-    def __getattr__(self, name: str) -> "PDKProxy":
+    def __getattr__(self, name: str) -> "_PDKNode":
         if name.startswith("__"):
             raise AttributeError(name)  # copy/pickle/inspect probes are not PDK calls
-        children = self._children
-        if children is None:
-            children = self._children = {}
-        child = children.get(name)
-        if child is None:
-            child = children[name] = PDKProxy(f"{self._path}.{name}", self._channel)
-        return child
+        owner = type(self)
+        child = _PDKChild(name)
+        with _PATH_CLASS_LOCK:
+            if _PATH_CLASS_COUNT[0] < _MAX_PATH_CLASSES:
+                child = owner.__dict__.get(name) or child
+                setattr(owner, name, child)
+        return child.__get__(self, owner)
 
     def __call__(self, *args: Any) -> Any:
-        return self._channel.call(self._path, args)
+        return self[0].call(self._path, args)
 
     def __repr__(self) -> str:
         return f"<PDK {self._path}>"
+
+
+class _PDKChild:
+    """Class attribute of one path class: `node.<name>` is the node of "<path>.<name>"."""
+
+    __slots__ = ("name", "node_class")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.node_class: type[_PDKNode] | None = None
+
+    def __get__(self, node: _PDKNode | None, owner: type[_PDKNode]) -> Any:
+        if node is None:
+            return self
+        node_class = self.node_class
+        if node_class is None:
+            node_class = self.node_class = _path_class(f"{owner._path}.{self.name}")
+        return node_class((node[0],))
+
+
+_PATH_CLASS_LOCK = threading.Lock()
+_PATH_CLASS_COUNT = [0]
+# Path classes are shared by all events; a plugin that invents unbounded attribute names gets
+# uncached (slower, still correct) nodes past this many paths.
+_MAX_PATH_CLASSES = 4096
+
+
+def _path_class(path: str) -> type[_PDKNode]:
+    with _PATH_CLASS_LOCK:
+        _PATH_CLASS_COUNT[0] += 1
+    # tuple's own `count`/`index` would shadow PDK names: make them path children too.
+    return type("PDKProxy", (_PDKNode,), {"__slots__": (), "_path": path,
+                                          "count": _PDKChild("count"), "index": _PDKChild("index")})
+
+
+# The `kong` object a handler receives: PDKProxy((channel,)). Any attribute chain, called,
+# becomes a callback; it behaves like kong-pdk's FakeClasses/rpc_of (log args stringified,
+# exit/error not awaited, lua-style `(data, err)` returns by default), but never blocks forever:
+# it raises once the event is over.
+PDKProxy = _path_class("kong")
 
 
 class _HandlerChannel:
@@ -205,7 +252,7 @@ class _HandlerChannel:
             raise EventClosedError(
                 f"PDK call {method} after event #{event.id} ended "
                 "(kong.response.exit/error was called, or Kong abandoned the event)")
-        if method.startswith("kong.log"):
+        if method.startswith("kong.log") and (len(method) == 8 or method[8] == "."):
             # Same sanitizing as kong-pdk: Kong can only log what it can unpack.
             args = tuple(a if type(a) in (str, int, list, dict) else str(a) for a in args)
         hub = event.owner
@@ -544,7 +591,6 @@ class PluginServer:
 
 
 _CLOSE = object()  # inbox value: throw EventClosedError into the event's handler
-_PACKED_RET_DATA = "ret"
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,7 +615,7 @@ class Connection:
         self.listener = listener
         self.send_lock = threading.Lock()
         self.unpacker = protocol.new_unpacker()
-        self.buffer = bytearray(protocol.READ_CHUNK)
+        self.buffer = bytearray(RECV_BUFFER_BYTES)
         self.view = memoryview(self.buffer)
         self.dead = False
 
@@ -667,7 +713,14 @@ class Hub:
         log.warning("connection %d of %s: a handler has run for more than %gs without a PDK call; "
                     "a new thread now serves the connection", conn.id, conn.plugin_name,
                     self.server.step_timeout)
-        Hub(self.server, conn).start()
+        try:
+            Hub(self.server, conn).start()
+        except Exception:  # noqa: BLE001 - no thread: close it rather than leave it unread
+            log.exception("connection %d of %s: no thread to serve it; closing it", conn.id,
+                          conn.plugin_name)
+            conn.close()
+            conn.listener.connection_closed(conn.id)
+            self.server.connection_closed(conn.id)
 
     # ---- the hub thread -------------------------------------------------------------------
 
@@ -679,6 +732,10 @@ class Hub:
         polled: Connection | None = None
         polled_fd = -1  # kept: a closed socket's fileno() is -1
         try:
+            conn = self.conn
+            # A connection taken over from a stuck hub may hold complete frames already read.
+            if conn is not None and not self._answer_frames(conn) and self.conn is conn:
+                self._close_connection(conn)
             while True:
                 conn = self.conn
                 if conn is not polled:
@@ -692,8 +749,14 @@ class Hub:
                 if self.inbox:
                     self._drain_inbox()
                     continue
-                if conn is None and self.owned == 0:
-                    return  # no socket and no handler left: nothing can reach this hub
+                if self.owned == 0:
+                    if conn is None:
+                        return  # no socket and no handler left: nothing can reach this hub
+                    # Nothing can be posted to a hub that owns no handler, so wait in recv
+                    # itself and save the poll() call (shutdown still ends the recv).
+                    if not self._read(conn) and self.conn is conn:
+                        self._close_connection(conn)
+                    continue
                 try:
                     ready = poller.poll(_IDLE_POLL_MS)
                 except InterruptedError:
@@ -739,26 +802,35 @@ class Hub:
             return False
         if not received:
             return False
-        unpacker = conn.unpacker
         try:
-            unpacker.feed(conn.view[:received])
+            conn.unpacker.feed(conn.view[:received])
         except msgpack.BufferFull:
             log.warning("%s connection %d: a frame larger than %d bytes; closing it",
                         conn.plugin_name, conn.id, protocol.MAX_FRAME_BYTES)
             return False
-        while True:
-            try:
-                frame = unpacker.unpack()
-            except msgpack.OutOfData:
-                return True
-            except Exception as exc:  # noqa: BLE001 - any undecodable frame
+        return self._answer_frames(conn)
+
+    def _answer_frames(self, conn: Connection) -> bool:
+        """Answer every complete frame buffered for `conn`; False closes the connection."""
+        answering = False
+        try:
+            # Iterating ends without an exception object, unlike unpack()'s OutOfData.
+            for frame in conn.unpacker:
+                answering = True
+                if not self._answer(conn, frame):
+                    return False
+                answering = False
+                if self.conn is not conn:
+                    return True  # handed to another hub while a handler ran: it reads from now on
+        except Exception as exc:  # noqa: BLE001 - any undecodable frame
+            if answering:
+                log.exception("%s connection %d: answering a frame failed; closing it",
+                              conn.plugin_name, conn.id)
+            else:
                 log.warning("%s connection %d: undecodable msgpack (%s: %s); closing it",
                             conn.plugin_name, conn.id, type(exc).__name__, exc)
-                return False
-            if not self._answer(conn, frame):
-                return False
-            if self.conn is not conn:
-                return True  # handed to another hub while a handler ran: it reads from here on
+            return False
+        return True
 
     def _answer(self, conn: Connection, frame: Any) -> bool:
         """Answer one frame; False closes the connection."""
@@ -819,7 +891,7 @@ class Hub:
         event.last_activity = now
         event.last_conn = conn.id
         event.waiting = True  # last: the watchdog reads the fields above once it sees this
-        kong = PDKProxy("kong", _HandlerChannel(event, server.lua_style))
+        kong = PDKProxy((_HandlerChannel(event, server.lua_style),))
         idle = self.idle_greenlets
         event.greenlet = idle.pop() if idle else greenlet.greenlet(_handler_loop, parent=self.main)
         self.owned += 1

@@ -5,6 +5,11 @@ verifier; a hit answers with kong.response.exit in the client's format (JSON or 
 X-Cache-Status: Miss and remembers what to store. The answer is captured in `response` (buffered,
 the default) or in `log` from ai-proxy's logged payload (AIGOV_CAPTURE_PHASE=log), see capture_phase().
 
+Stream and non-stream entries never mix: `stream` is part of the hard scope (the params hash in
+aigov.cache.key.scope_for), so a streamed request never hits an entry stored from a JSON answer
+and the reverse; each kind hits its own entries. (A hit is replayed in the requesting client's
+format either way, but keeping the kinds apart means nothing depends on that conversion.)
+
 Priority 770 with the name "llm-semantic-cache": after ai-prompt-guard (771), before ai-proxy (770,
 equal priorities run by descending name), so a hit spends no provider tokens and a guarded prompt
 never reaches the cache (reference §4.4). It also runs after llm-token-quota (906), which reads
@@ -104,8 +109,9 @@ class SemanticCacheHandler:
         shared["cache"] = cache_info
         shared["cache_status"] = status.lower()
         kong.ctx.shared.set(SHARED_KEY, shared)
-        kong.log.set_serialize_value("aigov.cache.status", status)
-        kong.log.set_serialize_value("aigov.cache.capture", capture_phase())
+        # One round trip for both fields: the serializer nests dotted keys, so this is the same
+        # log entry as setting aigov.cache.status and aigov.cache.capture one by one.
+        kong.log.set_serialize_value("aigov.cache", {"status": status, "capture": capture_phase()})
 
     def _count(self, status: str, model: str | None) -> None:
         metrics.LLM_REQUESTS.labels(model or "", status.lower(), *self.labels).inc()
@@ -168,8 +174,7 @@ class SemanticCacheHandler:
             self._serve_hit(kong, shared, request, lookup.entry, lookup.similarity)
             return
         # Miss / Refresh: headers set in access persist to the client response (Kong semantics).
-        kong.response.set_header("X-Cache-Status", status)
-        kong.response.set_header("X-Cache-Key", key)
+        kong.response.set_headers({"X-Cache-Status": status, "X-Cache-Key": key})
         pending = {"key": key, "prompt": prompt, "scope": scope.__dict__, "stream": request.stream,
                    "model": request.model, "vector": _PENDING.put(vector) if vector is not None else None}
         extra: dict[str, Any] = {"key": key}

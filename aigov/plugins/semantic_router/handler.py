@@ -165,8 +165,10 @@ class SemanticRouterHandler:
         return h
 
     def _report(self, kong: Any, decision: Decision, model: str | None, started: float) -> None:
-        for name, val in self._headers(decision).items():
-            kong.response.set_header(name, val)
+        # Three round trips: the headers in one set_headers, the shared dict, and every log field
+        # in one set_serialize_value (the serializer nests dotted keys, so the entry is the same
+        # as setting aigov.router.route, .reason, ... one by one).
+        kong.response.set_headers(self._headers(decision))
         shared = value(kong.ctx.shared.get(SHARED_KEY))
         shared = shared if isinstance(shared, dict) else {}
         shared["route"] = decision.route_name
@@ -174,12 +176,12 @@ class SemanticRouterHandler:
             shared["model"] = model
         kong.ctx.shared.set(SHARED_KEY, shared)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        kong.log.set_serialize_value("aigov.router.route", decision.route_name)
-        kong.log.set_serialize_value("aigov.router.reason", decision.reason)
+        fields: dict[str, Any] = {"route": decision.route_name, "reason": decision.reason}
         if decision.score is not None:
-            kong.log.set_serialize_value("aigov.router.score", round(decision.score, 4))
+            fields["score"] = round(decision.score, 4)
         if decision.best:
-            kong.log.set_serialize_value("aigov.router.best", decision.best)
-        kong.log.set_serialize_value("aigov.router.latency_ms", round(elapsed_ms, 2))
+            fields["best"] = decision.best
+        fields["latency_ms"] = round(elapsed_ms, 2)
+        kong.log.set_serialize_value("aigov.router", fields)
         metrics.ROUTER_DECISIONS.labels(route=decision.route_name, reason=decision.reason).inc()
         metrics.ROUTER_DECISION_LATENCY.observe(elapsed_ms)

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from aigov import __version__
@@ -70,8 +72,55 @@ def store_for(config: QuotaConfig) -> QuotaStore:
     return store
 
 
+class _SettledCharges:
+    """Charges settled in `response`, kept in this process until the request's `log` phase.
+
+    Saves the response phase a kong.ctx.shared.set round trip on the client's path (Kong runs
+    every phase of a request on the same plugin server). If the log phase finds nothing here (the
+    plugin server restarted in between), it settles again and the store answers "duplicate"
+    (settle is idempotent per request id), so nothing is metered twice. Bounded: an entry whose
+    log phase never comes is dropped after `ttl_s` or when `cap` is exceeded.
+    """
+
+    def __init__(self, cap: int = 65536, ttl_s: float = 900.0) -> None:
+        self._items: "OrderedDict[str, tuple[float, Charge]]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.cap, self.ttl_s = cap, ttl_s
+
+    def put(self, request_id: str, charge: Charge) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._items[request_id] = (now, charge)
+            while len(self._items) > self.cap:
+                self._items.popitem(last=False)
+            while self._items:  # oldest first: drop the expired ones
+                first = next(iter(self._items.values()))
+                if now - first[0] <= self.ttl_s:
+                    break
+                self._items.popitem(last=False)
+
+    def pop(self, request_id: Any) -> Charge | None:
+        if not isinstance(request_id, str):
+            return None
+        with self._lock:
+            item = self._items.pop(request_id, None)
+        return None if item is None else item[1]
+
+
+_SETTLED = _SettledCharges()
+
+
 def _as_dict(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
+
+
+def _sniffed_headers(stream_requested: bool, body: bytes) -> dict[str, Any]:
+    """The Content-Type the upstream must have sent, without a get_headers round trip: a stream
+    request answered with anything but a JSON object is SSE (a failed stream request gets a JSON
+    error body); parse_upstream_response also recognises a body that starts with `data:`."""
+    if stream_requested and not body.lstrip()[:1] == b"{":
+        return {"content-type": "text/event-stream"}
+    return {}
 
 
 def _num(v: Any) -> int:
@@ -177,7 +226,7 @@ class TokenQuotaHandler:
             "price": [price.input, price.output, -1 if price.cached_input is None else price.cached_input,
                       -1 if price.reasoning is None else price.reasoning],
             "counters": [c.to_list() for c in counters], "reserved": amounts,
-            "estimate": [prompt_est, completion_est, estimate.cost_nano], "settled": False,
+            "estimate": [prompt_est, completion_est, estimate.cost_nano],
             "stream": bool(request.stream),
         }
         kong.ctx.shared.set(SHARED_KEY, shared)
@@ -192,20 +241,19 @@ class TokenQuotaHandler:
 
     # ------------------------------------------------------------------ response (buffered capture)
     def _response(self, kong: Any) -> None:
+        # Four PDK calls on the client's path: read state, status, body, then the headers. The
+        # upstream's headers are not read (the stream flag of the request and the body tell SSE
+        # from JSON) and the settled state stays in this process for `log` (_SETTLED).
         shared = _as_dict(value(kong.ctx.shared.get(SHARED_KEY)))
         state = _as_dict(shared.get("quota"))
-        if not state or state.get("settled") or self.quota is None:
+        if not state or self.quota is None:
             return
         status = value(kong.service.response.get_status()) or value(kong.response.get_status()) or 0
-        headers = _as_dict(value(kong.service.response.get_headers()))
         body = raw(kong.service.response.get_raw_body())
-        answer = parse_upstream_response(int(status), headers, body)
+        answer = parse_upstream_response(int(status), _sniffed_headers(bool(state.get("stream")), body), body)
         charge = self._charge_from_answer(state, answer)
         counters, values = self._settle(kong, state, charge)
-        state["settled"] = True
-        state["charge"] = charge.as_dict()
-        shared["quota"] = state
-        kong.ctx.shared.set(SHARED_KEY, shared)
+        _SETTLED.put(str(state.get("rid")), charge)
         if not self.quota.hide_client_headers:
             out = rate_limit_headers(counters, values, time.time()) if counters else {}
             out["X-AI-Tokens-Prompt"] = str(charge.prompt_tokens)
@@ -220,8 +268,9 @@ class TokenQuotaHandler:
         state = _as_dict(shared.get("quota"))
         if not state or self.quota is None:
             return
-        if state.get("settled"):
-            self._serialize(kong, state, Charge(**state["charge"]) if isinstance(state.get("charge"), dict) else None)
+        settled = _SETTLED.pop(state.get("rid"))
+        if settled is not None:
+            self._serialize(kong, state, settled)
             return
         cache = _as_dict(shared.get("cache"))
         cache_status = str(shared.get("cache_status") or cache.get("status") or cache.get("cache_status") or "")

@@ -1,0 +1,213 @@
+"""Request-path cost of the three plugins, as behaviour: PDK round trips per phase (issue 7 §2).
+
+Every PDK call is a full round trip between Kong and the plugin server, so the number of calls a
+phase makes is the cost we control. These tests count them with kongsim's `PDK.on_call` observer
+through the real gateway stand-in, the real `aigov serve` process, real Redis (RediSearch), real
+tiktoken and the real MiniLM model; only the LLM upstream is the mock. Each test also checks that
+the outcome did not change (headers, counters, log fields). No timings are asserted.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import redis as redislib
+
+from aigov import sse, tokens
+from kongsim.pdk import RequestContext, serialize
+from kongsim.pytest_plugin import GatewayHandle, start_gateway
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "gpt-4o-mini"
+DAY_TOKENS = 1_000_000
+
+
+class CallLog:
+    """Every PDK callback of the gateway, by request: (plugin, phase, method) in call order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_request: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+        self.contexts: dict[str, RequestContext] = {}
+        self.log_threads: dict[str, threading.Thread] = {}  # request id -> thread of its log phase
+
+    def __call__(self, ctx: RequestContext, method: str) -> None:
+        with self._lock:
+            self.by_request[ctx.request_id].append((ctx.plugin_name or "", ctx.phase, method))
+            self.contexts[ctx.request_id] = ctx
+            if ctx.phase == "log":
+                self.log_threads[ctx.request_id] = threading.current_thread()
+
+    def calls(self, request_id: str, plugin: str, phase: str) -> list[str]:
+        with self._lock:
+            return [m for p, ph, m in self.by_request.get(request_id, []) if p == plugin and ph == phase]
+
+
+def kong_yml(mock_url: str, redis_port: int) -> dict[str, Any]:
+    redis_conf = {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 1000}
+    quota = {"name": "llm-token-quota", "config": {
+        "policy": "redis", "redis": redis_conf, "limits": [{"window": "day", "tokens": DAY_TOKENS}]}}
+    cache = {"name": "llm-semantic-cache", "config": {
+        "scope": "consumer", "cache_ttl": 600,
+        "vectordb": {"strategy": "redis", "redis": redis_conf, "namespace": "perfcalls"}}}
+    router = {"name": "llm-semantic-router", "config": {
+        "embed_text": "last_user", "default_route": "general", "routes": [
+            {"name": "general", "target": {"model": MODEL},
+             "utterances": ["what is the capital of france", "tell me a fun fact about space"]},
+            {"name": "banking", "target": {"model": MODEL},
+             "utterances": ["what is my account balance", "why was my card declined"]}]}}
+    auth = {"name": "key-auth", "config": {"key_names": ["apikey"]}}
+
+    def route(name: str, *plugins: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "paths": [f"/{name}"], "strip_path": True, "plugins": [auth, *plugins]}
+
+    return {"_format_version": "3.0",
+            "consumers": [{"username": "perf", "keyauth_credentials": [{"key": "perf-key"}]}],
+            "services": [{"name": "llm", "url": mock_url, "routes": [
+                route("quota", quota), route("cache", cache), route("router", router),
+                route("all", router, quota, cache)]}]}
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_server, mock_llm) -> Iterator[tuple[GatewayHandle, CallLog]]:
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    gw = start_gateway(kong_yml(mock_llm.url, port), server="aigov", pythonpath=str(REPO))
+    recorder = CallLog()
+    assert gw.gateway.runloop is not None
+    gw.gateway.runloop.pdk.on_call = recorder
+    try:
+        yield gw, recorder
+    finally:
+        gw.close()
+
+
+@pytest.fixture()
+def rclient(redis_server) -> Iterator[redislib.Redis]:
+    client = redislib.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+def ask(gw: GatewayHandle, route: str, text: str, **extra: Any) -> Any:
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
+    reply = gw.request("POST", f"/{route}/v1/chat/completions", json=body, headers={"apikey": "perf-key"})
+    assert gw.wait_logs(20), "log phases still pending"
+    return reply
+
+
+def request_id(reply: Any) -> str:
+    rid = reply.header("X-Kong-Request-Id")
+    assert rid, "the stand-in names every request"
+    return rid
+
+
+def day_used(client: redislib.Redis) -> int:
+    keys = client.keys("aigov:quota:*:tokens:day:*")
+    assert len(keys) == 1, keys
+    return int(client.get(keys[0]))
+
+
+def test_quota_phases_make_five_four_and_two_calls_and_meter_exactly_once(gateway, rclient) -> None:
+    gw, calls = gateway
+    before = {k: int(rclient.get(k)) for k in rclient.keys("aigov:quota:*:tokens:day:*")}
+    reply = ask(gw, "quota", "count my tokens please", max_tokens=40)
+    assert reply.status == 200
+    usage = reply.json()["usage"]
+    rid = request_id(reply)
+
+    access = calls.calls(rid, "llm-token-quota", "access")
+    response = calls.calls(rid, "llm-token-quota", "response")
+    log = calls.calls(rid, "llm-token-quota", "log")
+    assert sorted(access) == sorted(["kong.request.get_raw_body", "kong.client.get_consumer", "kong.ctx.shared.get",
+                                     "kong.ctx.shared.set", "kong.response.set_headers"])
+    # No upstream header read and no ctx write-back on the client's path after the answer.
+    assert sorted(response) == sorted(["kong.ctx.shared.get", "kong.service.response.get_status",
+                                       "kong.service.response.get_raw_body", "kong.response.set_headers"])
+    assert log == ["kong.ctx.shared.get", "kong.log.set_serialize_value"]
+
+    # Same outcome as before: the provider's usage charged exactly once, headers agree with it.
+    assert int(reply.header("X-AI-Tokens-Prompt")) == usage["prompt_tokens"]
+    assert int(reply.header("X-AI-Tokens-Completion")) == usage["completion_tokens"]
+    key = rclient.keys("aigov:quota:*:tokens:day:*")[0]
+    used = int(rclient.get(key))
+    assert used - before.get(key, 0) == usage["total_tokens"]
+    assert int(reply.header("X-AI-RateLimit-Remaining-Day")) == DAY_TOKENS - used
+    assert rclient.hlen(key.decode().split(":tokens:")[0] + ":res") == 0  # nothing left reserved
+    logged = serialize(calls.contexts[rid])["aigov"]["quota"]
+    assert (logged["status"], logged["total_tokens"]) == ("usage", usage["total_tokens"])
+
+
+def test_quota_counts_a_stream_without_reading_upstream_headers(gateway, rclient) -> None:
+    gw, calls = gateway
+    used_before = day_used(rclient)
+    reply = ask(gw, "quota", "stream a short answer", stream=True, max_tokens=30)
+    assert reply.status == 200
+    completion, complete = sse.completion_from_chat_chunks(sse.parse_sse(reply.body))
+    assert complete
+    rid = request_id(reply)
+    assert "kong.service.response.get_headers" not in calls.calls(rid, "llm-token-quota", "response")
+    text = completion["choices"][0]["message"]["content"]
+    if completion.get("usage"):   # the mock reports usage in the last chunk: the provider's truth
+        expected = completion["usage"]["total_tokens"]
+    else:                         # otherwise the streamed text is counted with tiktoken
+        expected = int(reply.header("X-AI-Tokens-Prompt")) + tokens.count_text(text, MODEL)
+    assert int(reply.header("X-AI-Tokens-Completion")) > 0
+    assert day_used(rclient) - used_before == expected
+    assert int(reply.header("X-AI-RateLimit-Remaining-Day")) == DAY_TOKENS - day_used(rclient)
+
+
+def test_cache_miss_and_hit_make_seven_calls_with_one_log_field_write(gateway) -> None:
+    gw, calls = gateway
+    text = f"perf cache question {time.time_ns()}"
+    miss = ask(gw, "cache", text)
+    assert miss.status == 200 and miss.header("X-Cache-Status") == "Miss"
+    miss_calls = calls.calls(request_id(miss), "llm-semantic-cache", "access")
+    assert len(miss_calls) == 7, miss_calls
+    assert miss_calls.count("kong.response.set_headers") == 1 and "kong.response.set_header" not in miss_calls
+    assert miss_calls.count("kong.log.set_serialize_value") == 1
+
+    hit = ask(gw, "cache", text)
+    assert hit.status == 200 and hit.header("X-Cache-Status") == "Hit"
+    assert hit.json()["choices"] == miss.json()["choices"]
+    hit_calls = calls.calls(request_id(hit), "llm-semantic-cache", "access")
+    assert len(hit_calls) == 7 and hit_calls[-1] == "kong.response.exit", hit_calls
+    # One set_serialize_value("aigov.cache", {...}) logs the same nested fields as two dotted ones.
+    logged = serialize(calls.contexts[request_id(hit)])["aigov"]["cache"]
+    assert logged == {"status": "Hit", "capture": "response"}
+    stored = serialize(calls.contexts[request_id(miss)])["aigov"]["cache"]
+    assert stored == {"status": "Miss", "capture": "response", "stored": "stored"}
+
+
+def test_router_reports_in_three_calls_and_all_three_plugins_agree(gateway, rclient) -> None:
+    gw, calls = gateway
+    reply = ask(gw, "all", f"why was my card declined yesterday {time.time_ns()}")
+    assert reply.status == 200
+    assert reply.header("X-Semantic-Route") == "banking"
+    assert reply.header("X-Cache-Status") == "Miss"
+    rid = request_id(reply)
+    router_calls = calls.calls(rid, "llm-semantic-router", "access")
+    assert router_calls.count("kong.response.set_headers") == 1 and "kong.response.set_header" not in router_calls
+    assert router_calls.count("kong.log.set_serialize_value") == 1
+    assert len(router_calls) <= 6, router_calls
+    logged = serialize(calls.contexts[rid])["aigov"]
+    assert logged["router"]["route"] == "banking" and logged["router"]["reason"] == "matched"
+    assert set(logged["router"]) >= {"route", "reason", "score", "latency_ms"}
+    assert logged["quota"]["status"] == "usage" and logged["cache"]["status"] == "Miss"
+    # Every plugin's log-phase round trips, whole request: quota 2, cache none (it stores in response).
+    assert len(calls.calls(rid, "llm-token-quota", "log")) == 2
+    assert calls.calls(rid, "llm-semantic-cache", "log") == []
+
+
+def test_log_phases_reuse_timer_threads(gateway) -> None:
+    gw, calls = gateway
+    ids = [request_id(ask(gw, "quota", f"thread reuse {i}")) for i in range(12)]
+    threads = {calls.log_threads[rid] for rid in ids}  # Thread objects, kept alive by the log
+    # Sequential requests: each log phase finished before the next began, so a few reused
+    # timer threads ran all twelve (a thread per request would be twelve distinct threads).
+    assert 1 <= len(threads) <= 4, sorted(t.name for t in threads)
+    assert all(t.name == "kongsim-log" and t.daemon for t in threads)

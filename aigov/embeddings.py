@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from concurrent.futures import Future
 from typing import Protocol, Sequence
 
@@ -61,6 +62,9 @@ class LocalEmbedder:
         self._queue: "queue.Queue[tuple[list[str], Future]]" = queue.Queue()
         self._worker: threading.Thread | None = None
         self.batches = 0  # number of model calls made by the batching worker (observability/bench)
+        self.recent_size = 1024
+        self._recent: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        self._recent_lock = threading.Lock()
         self._arriving = 0  # texts submitted and not yet taken into a batch
         self._arriving_lock = threading.Lock()
 
@@ -92,17 +96,36 @@ class LocalEmbedder:
         return _normalise(vecs)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed through the shared micro-batching worker (request path)."""
+        """Embed through the shared micro-batching worker (request path).
+
+        A small LRU of recent texts comes first: with the router and the cache on one route the
+        same prompt is embedded twice per request otherwise.
+        """
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        self._load()
-        self._ensure_worker()
-        fut: Future = Future()
-        with self._arriving_lock:
-            self._arriving += len(texts)
-        self._queue.put((texts, fut))
-        return fut.result(timeout=60)
+        with self._recent_lock:
+            cached = [self._recent.get(t) for t in texts]
+            for t, v in zip(texts, cached):
+                if v is not None:
+                    self._recent.move_to_end(t)
+        missing = [t for t, v in zip(texts, cached) if v is None]
+        if missing:
+            self._load()
+            self._ensure_worker()
+            fut: Future = Future()
+            with self._arriving_lock:
+                self._arriving += len(missing)
+            self._queue.put((missing, fut))
+            fresh = iter(fut.result(timeout=60))
+            with self._recent_lock:
+                for i, v in enumerate(cached):
+                    if v is None:
+                        cached[i] = vec = next(fresh)
+                        self._recent[texts[i]] = vec
+                while len(self._recent) > self.recent_size:
+                    self._recent.popitem(last=False)
+        return np.stack(cached)
 
     def embed_unbatched(self, texts: Sequence[str]) -> np.ndarray:
         """Batch-1 path, kept as the benchmark's baseline."""

@@ -636,6 +636,21 @@ def aigov_entries(names: Sequence[str], prefix: str | Path, python: str = sys.ex
     return entries
 
 
+def _local_entries(kind: str, prefix: str | None) -> list[PluginServerEntry]:
+    """Pluginserver entries for this repository's plugins/ run from this interpreter."""
+    import tempfile
+
+    plugins_dir = Path(__file__).resolve().parent.parent / "plugins"
+    files = sorted(plugins_dir.glob("llm-*.py"))
+    if not files:
+        raise SystemExit(f"aigov gateway: no plugin modules in {plugins_dir}")
+    prefix = prefix or tempfile.mkdtemp(prefix="aigov-gw-")
+    pythonpath = str(plugins_dir.parent)
+    if kind == "stock":
+        return stock_entries(files, prefix, pythonpath=pythonpath)
+    return aigov_entries([f.stem for f in files], prefix, pythonpath=pythonpath)
+
+
 def _env_prefix(pythonpath: str | None, extra_env: Mapping[str, str] | None) -> str:
     import shlex
     pairs = dict(extra_env or {})
@@ -652,6 +667,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", required=True, help="declarative kong.yml")
     parser.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT of the HTTP front")
     parser.add_argument("--conf", help="kong.conf-style file with the pluginserver entries")
+    parser.add_argument("--plugin-server", choices=["aigov", "stock"],
+                        help="without --conf: run this repository's plugins locally on one "
+                             "`aigov serve` (aigov) or one kong-pdk dedicated server each (stock)")
+    parser.add_argument("--prefix", help="socket directory for --plugin-server (default: a temp dir)")
+    parser.add_argument("--override-host", action="append", default=[], metavar="FROM=TO",
+                        help="rewrite host:port FROM to TO in the kong.yml for a local run, e.g. "
+                             "mock-llm:8080=127.0.0.1:8080 (repeatable; the file is not changed)")
     parser.add_argument("--workers", type=int, default=1, help="simulated nginx workers")
     parser.add_argument("--step-timeout", type=float, default=60.0,
                         help="plugin-server read timeout in seconds (Kong: 60)")
@@ -681,9 +703,19 @@ def run(args: argparse.Namespace) -> int:
                 "off", "false", "0")
         if conf.get("request_debug_token"):
             debug_kwargs["request_debug_token"] = str(conf["request_debug_token"]).strip()
+    elif args.plugin_server:
+        entries = _local_entries(args.plugin_server, args.prefix)
+    config: Any = args.config
+    if args.override_host:
+        try:
+            mapping = dict(item.split("=", 1) for item in args.override_host)
+            config = declarative.override_hosts(args.config, mapping)
+        except (ValueError, declarative.DeclarativeError) as exc:
+            print(f"aigov gateway: --override-host: {exc}", file=sys.stderr)
+            return 2
     host, _, port = args.listen.rpartition(":")
     try:
-        gw = Gateway(args.config, entries, workers=args.workers, step_timeout_s=args.step_timeout,
+        gw = Gateway(config, entries, workers=args.workers, step_timeout_s=args.step_timeout,
                      installed=installed, allow_unimitated=args.allow_unimitated, **debug_kwargs)
         gw.start()
     except (declarative.DeclarativeError, ValueError, RuntimeError, TimeoutError) as exc:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import socket
 import time
 import uuid
@@ -31,6 +32,9 @@ from kongsim import redact
 from kongsim.timing import RequestTiming
 
 log = redact.get_logger("kongsim.pdk")
+# nginx's log levels between Python's: notice sits between info and warn.
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
 
 NODE_ID = str(uuid.uuid4())
 KONG_VERSION = "3.9.1"  # the Kong version whose behaviour is imitated (reference §0)
@@ -741,7 +745,7 @@ class PDK:
 
     # --- kong.log ------------------------------------------------------------------------
     def _make_log(self, level: str) -> Handler:
-        py_level = {"debug": 10, "info": 20, "notice": 25, "warn": 30, "err": 40, "crit": 50,
+        py_level = {"debug": 10, "info": 20, "notice": NOTICE, "warn": 30, "err": 40, "crit": 50,
                     "alert": 50, "emerg": 50}[level]
 
         def _log(ctx: RequestContext, *args: Any) -> None:

@@ -443,10 +443,9 @@ class Runloop:
                             log.error("[%s] log phase: %s", pdef.name, exc)
             except Exception:  # noqa: BLE001 - a timer's failure must not lose the accounting
                 log.exception("log phase failed")
-            self._finish_request(ctx)
 
         try:
-            _LOG_TIMERS.submit(run)
+            _LOG_TIMERS.submit(run, then=lambda: self._finish_request(ctx))
         except BaseException:
             self._log_done()
             raise
@@ -493,13 +492,15 @@ class _TimerThreads:
     """
 
     def __init__(self, cap: int = 256) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], Callable[[], None] | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0     # threads waiting for a job and not yet promised one
         self._threads = 0
         self.cap = cap
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None], then: Callable[[], None] | None = None) -> None:
+        """Run `job` on a timer thread; `then` runs after the thread is idle again, so whoever it
+        wakes (wait_logs) finds the thread reusable."""
         with self._lock:
             if self._idle > 0:
                 self._idle -= 1
@@ -508,7 +509,7 @@ class _TimerThreads:
                 spawn = self._threads < self.cap
                 if spawn:
                     self._threads += 1
-        self._jobs.put(job)
+        self._jobs.put((job, then))
         if spawn:
             try:
                 threading.Thread(target=self._work, name="kongsim-log", daemon=True).start()
@@ -519,7 +520,7 @@ class _TimerThreads:
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
+            job, then = self._jobs.get()
             try:
                 job()
             except BaseException:  # noqa: BLE001 - jobs handle their own errors; the thread lives on
@@ -527,6 +528,12 @@ class _TimerThreads:
             del job
             with self._lock:
                 self._idle += 1
+            if then is not None:
+                try:
+                    then()
+                except BaseException:  # noqa: BLE001
+                    log.exception("log timer completion failed")
+            del then
 
 
 _LOG_TIMERS = _TimerThreads()

@@ -110,7 +110,9 @@ def test_aigov_gateway_end_to_end_to_mock_llm(server: str, mock_llm) -> None:
         deadline = time.monotonic() + 10
         while len([r for r in read_records(rec) if r["event"] == "log"]) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        first_log = [r for r in read_records(rec) if r["event"] == "log"][0]
+        # The 401's log phase may finish first: pick the 200 request's log record.
+        first_log = next(r for r in read_records(rec)
+                         if r["event"] == "log" and r["serialize"]["response"]["status"] == 200)
         usage = first_log["serialize"]["ai"]["proxy"]["usage"]
         assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         assert first_log["serialize"]["consumer"]["username"] == "alice"

@@ -323,6 +323,19 @@ def test_malformed_request_passes_unmetered_or_gets_a_clear_400(shared_gateway, 
     assert err["code"] == "invalid_request" and "not valid JSON" in err["message"]
 
 
+def test_a_request_too_big_to_meter_is_rejected_not_passed_unmetered(shared_gateway, mock_llm,
+                                                                      rclient) -> None:
+    # Passing it on would let a client step around its quota by padding the prompt.
+    served_before = mock_llm.stats.snapshot()["requests"]
+    padded = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "pad " * 400_000}]}
+    r = shared_gateway.request("POST", "/day/v1/chat/completions", json=padded, headers={"X-User": "padder"})
+    assert r.status == 413
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and "byte limit" in err["message"]
+    assert mock_llm.stats.snapshot()["requests"] == served_before  # never reached the provider
+    assert counter_values(rclient, "padder") == []
+
+
 def test_unknown_model_blocks_or_uses_the_default_price(shared_gateway, rclient) -> None:
     body = {"model": "mystery-model-9", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
     blocked = post(shared_gateway, "day", body, "unknown")

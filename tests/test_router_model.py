@@ -243,3 +243,73 @@ def test_calibrate_prints_tradeoff_and_config(files: dict[str, Path], capsys: py
     assert main(["calibrate", "router", "--train", str(files["nonneg"]), "--heldout", str(files["test"])]) == 0
     text = capsys.readouterr().out
     assert "trade-off" in text and '"min_confidence"' in text
+
+
+# --- centring (issue 5 accuracy work) ---------------------------------------------------------
+
+def _clustered(routes: int, per_route: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit vectors around route centres that share a large common direction, as MiniLM's do."""
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=384).astype(np.float32) * 3.0
+    centres = rng.normal(size=(routes, 384)).astype(np.float32) + common
+    labels = np.repeat(np.arange(routes), per_route)
+    vecs = centres[labels] + 1.5 * rng.normal(size=(len(labels), 384)).astype(np.float32)
+    negs = common + 1.5 * rng.normal(size=(30, 384)).astype(np.float32)
+    for a in (vecs, negs):
+        a /= np.linalg.norm(a, axis=1, keepdims=True)
+    return vecs, labels, negs
+
+
+def test_many_routes_are_centred_and_round_trip() -> None:
+    vecs, labels, negs = _clustered(12, 8, seed=3)
+    names = [f"r{i}" for i in range(12)]
+    m = rmodel.fit(names, vecs, labels, negs)
+    assert m.center is not None
+    np.testing.assert_allclose(m.center, np.concatenate([vecs, negs]).mean(axis=0), atol=1e-5)
+    # Stored utterances live in the centred space; queries are centred by score() itself.
+    np.testing.assert_allclose(m.vectors, rmodel.center_vectors(vecs, m.center), atol=1e-6)
+    assert m.top_k == 5  # min(DEFAULT_TOP_K, 8 utterances)
+    arrays, meta = m.to_arrays()
+    m2 = rmodel.RouterModel.from_arrays(arrays, meta)
+    q = vecs[::7]
+    s1, s2 = m.score(q), m2.score(q)
+    np.testing.assert_array_equal(s1.route_index, s2.route_index)
+    np.testing.assert_array_equal(s1.confidence, s2.confidence)
+    assert (s1.route_index == labels[::7]).mean() > 0.9
+
+
+def test_few_routes_are_not_centred() -> None:
+    vecs, labels, negs = _clustered(3, 8, seed=4)
+    m = rmodel.fit(["a", "b", "c"], vecs, labels, negs)
+    assert m.center is None
+    np.testing.assert_array_equal(m.vectors, vecs)
+    arrays, meta = m.to_arrays()
+    assert rmodel.RouterModel.from_arrays(arrays, meta).center is None
+
+
+def test_centring_keeps_off_topic_prompts_out() -> None:
+    # Negatives sit on the shared direction: after centring they must still score below the
+    # threshold more often than the calibration target allows them through.
+    vecs, labels, negs = _clustered(20, 10, seed=5)
+    m = rmodel.fit([f"r{i}" for i in range(20)], vecs, labels, negs[:15])
+    held_out_negs = negs[15:]
+    assert (m.score(held_out_negs).confidence < m.threshold).mean() >= 0.8
+    assert m.calibration.method == "negatives"
+
+
+def test_old_model_format_is_refused() -> None:
+    vecs, labels, negs = _clustered(3, 4, seed=6)
+    arrays, meta = rmodel.fit(["a", "b", "c"], vecs, labels, negs).to_arrays()
+    with pytest.raises(rmodel.RouterModelError, match="format 1"):
+        rmodel.RouterModel.from_arrays(arrays, {**meta, "format": 1})
+
+
+def test_mismatched_negative_vectors_are_a_clear_error() -> None:
+    vecs, labels, _ = _clustered(3, 4, seed=7)
+    with pytest.raises(rmodel.RouterModelError, match="negative vectors"):
+        rmodel.fit(["a", "b", "c"], vecs, labels, np.ones((2, 10), np.float32))
+
+
+@pytest.mark.parametrize("per_route,k", [(1, 1), (3, 3), (5, 5), (10, 5), (100, 5)])
+def test_default_top_k(per_route: int, k: int) -> None:
+    assert rmodel.default_top_k(per_route) == k

@@ -211,8 +211,11 @@ def render_text(report: Mapping[str, Any]) -> str:
     else:
         out.append("latency   added per plugin: not measured (" + str(added.get("reason") or "disabled") + ")")
     e2e = lat["end_to_end"]
-    out.append(f"          end to end: hit p50 {e2e['hit']['p50_ms']}ms p95 {e2e['hit']['p95_ms']}ms; "
-               f"miss p50 {e2e['miss']['p50_ms']}ms p95 {e2e['miss']['p95_ms']}ms")
+    def ms(v: Any) -> str:
+        return "n/a" if v is None else f"{v}ms"
+
+    out.append(f"          end to end: hit p50 {ms(e2e['hit']['p50_ms'])} p95 {ms(e2e['hit']['p95_ms'])}; "
+               f"miss p50 {ms(e2e['miss']['p50_ms'])} p95 {ms(e2e['miss']['p95_ms'])}")
     checks = report.get("checks") or {}
     if checks:
         bad = [k for k, v in checks.items() if isinstance(v, dict) and v.get("ok") is False]

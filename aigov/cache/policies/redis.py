@@ -148,7 +148,9 @@ class RedisStore:
 
     def put(self, scope: CacheScope, vector: np.ndarray, entry: CacheEntry) -> None:
         dim = int(vector.shape[-1])
-        self._ready.discard(self.index_name(dim))  # re-check: a restart or purge may have dropped it
+        # Once per process and index, not per store (an FT.INFO round trip on the client's path).
+        # An index dropped later (Redis restarted empty, a purge from another node) is recreated
+        # by the next search, and FT.CREATE indexes the documents already under its prefix.
         self._ensure_index(dim)
         entry.meta["bucket"] = scope.bucket
         doc = json.dumps(entry.to_json_dict(), ensure_ascii=False, separators=(",", ":"))

@@ -278,8 +278,10 @@ class SemanticCacheHandler:
         pending = shared.get("cache_pending")
         return shared, pending if isinstance(pending, dict) and pending.get("key") else None
 
-    def _record_store(self, kong: Any, shared: dict[str, Any], outcome: str) -> None:
+    def _record_store(self, kong: Any, shared: dict[str, Any], outcome: str, write_back: bool = True) -> None:
         kong.log.set_serialize_value("aigov.cache.stored", outcome)
+        if not write_back:
+            return
         shared.pop("cache_pending", None)
         cache = shared.get("cache") if isinstance(shared.get("cache"), dict) else {}
         shared["cache"] = {**cache, "stored": outcome}
@@ -299,7 +301,11 @@ class SemanticCacheHandler:
         except (StoreUnavailable, EmbeddingError) as exc:
             outcome = f"failed: {exc}"
             kong.log.warn(f"semantic cache store failed: {exc}")
-        self._record_store(kong, shared, outcome)
+        # No ctx.shared write-back on the client's path: in this capture mode nothing after the
+        # response phase reads cache_pending or the store outcome from ctx (the cache has no log
+        # phase, the quota's log reads only the status and usage published in access); the
+        # outcome is in the log entry.
+        self._record_store(kong, shared, outcome, write_back=False)
 
     @guarded
     def capture_log(self, kong: Any) -> None:

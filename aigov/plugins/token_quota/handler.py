@@ -153,6 +153,16 @@ class TokenQuotaHandler:
         try:
             request = parse_chat_request(body)
         except RequestError as exc:
+            if exc.reason == "too_large":
+                # A readable request too big to meter is never passed on: the provider would
+                # answer it, so passing it would let any client step around its quota by padding.
+                kong.log.warn(f"llm-token-quota: rejected ({exc})")
+                kong.log.set_serialize_value("aigov.quota.status", "rejected:too_large")
+                kong.response.exit(413, openai_error(f"llm-token-quota: {exc}", "invalid_request_error",
+                                                     "request_too_large"), {"Content-Type": "application/json"})
+                return
+            # Other unreadable bodies are not answerable chat requests: the provider rejects them
+            # without spending tokens, so passing them on (the default) loses no accounting.
             if not body.strip() or q.on_malformed_request == "pass":
                 # Not a chat request (or unreadable): documented pass-through, unmetered.
                 kong.log.notice(f"llm-token-quota: not metering request ({exc.reason}: {exc})")

@@ -7,6 +7,7 @@ aigov.sse), and says when a response is incomplete (cut stream, error status, ga
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,8 @@ class Usage:
             return None
 
         def num(v: Any) -> int:
-            return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else 0
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            return int(v) if ok else 0
 
         ptd = d.get("prompt_tokens_details") if isinstance(d.get("prompt_tokens_details"), dict) else {}
         ctd = d.get("completion_tokens_details") if isinstance(d.get("completion_tokens_details"), dict) else {}
@@ -83,8 +85,8 @@ def parse_upstream_response(status: int, headers: dict[str, Any] | None, body: b
         try:
             completion = json.loads(body.decode("utf-8"))
             complete = isinstance(completion, dict) and isinstance(completion.get("choices"), list)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return LLMResponse(status, False, False, None, None, error=f"unreadable body: {exc}")
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return LLMResponse(status, False, False, None, None, error=f"unreadable body: {type(exc).__name__}")
         if not isinstance(completion, dict):
             return LLMResponse(status, False, False, None, None, error="body is not a JSON object")
     usage = Usage.from_dict(completion.get("usage")) if isinstance(completion, dict) else None

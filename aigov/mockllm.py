@@ -54,7 +54,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_LATENCY_MS = 60_000
 MAX_CONCURRENT_REQUESTS = 64
 ANSWER_ECHO_CHARS = 200  # the answer quotes at most this much of the prompt
-AUTH_HEADERS = ("authorization", "api-key", "x-api-key")  # OpenAI, Azure, Anthropic-style
+AUTH_HEADERS = ("authorization", "api-key", "x-api-key", "apikey")  # OpenAI, Azure, Anthropic; Kong key-auth
 
 
 def auth_fingerprint(value: str) -> str:

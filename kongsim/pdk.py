@@ -220,6 +220,9 @@ def serialize(ctx: RequestContext) -> dict[str, Any]:
                       "request": max(now_ms - started_ms, 0), "receive": 0},
         "client_ip": ctx.client_ip,
         "started_at": started_ms,
+        # var.upstream_status or ctx.buffered_status (kong/pdk/log.lua): a string, "" when no
+        # upstream answered
+        "upstream_status": "" if ctx.service_status is None else str(ctx.service_status),
         "source": ctx.response_source,
         "workspace": WORKSPACE_ID,
         "workspace_name": "default",
@@ -683,6 +686,10 @@ class PDK:
 
     def _svc_status(self, ctx: RequestContext) -> Any:
         _check(ctx, "kong.service.response.get_status", RESPONSE_READ)
+        if ctx.phase == "log":
+            # An external plugin's log handler runs in ngx.timer.at (§2.8), where ngx.var (the
+            # source of upstream_status) is unavailable; only the saved getters of §2.4 work.
+            raise PdkLuaError("kong.service.response.get_status: API disabled in the context of ngx.timer")
         return ctx.service_status
 
     def _svc_header(self, ctx: RequestContext, name: str) -> Any:

@@ -101,3 +101,23 @@ def test_memory_store_bounds_size_and_ttl() -> None:
     time.sleep(1.05)
     assert store.get_exact(scope, "k4") is None
     assert store.search(scope, vecs[4], 1, 0.5) == []
+
+
+def test_an_image_in_the_prompt_is_part_of_the_exact_scope() -> None:
+    # Only text is embedded: another picture with the same question must never share an answer.
+    import json as _json
+
+    from aigov.cache.key import exact_key, scope_for
+    from aigov.request import parse_chat_request
+
+    def scope(image: str):
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this image?"},
+            {"type": "image_url", "image_url": {"url": image}}]}]}
+        return scope_for(parse_chat_request(_json.dumps(body).encode()), namespace="n",
+                         consumer_id="c", route_id="r")
+
+    cat, dog, cat_again = scope("https://x/cat.png"), scope("https://x/dog.png"), scope("https://x/cat.png")
+    assert cat.params != dog.params
+    assert exact_key(cat, "What is in this image?") != exact_key(dog, "What is in this image?")
+    assert cat == cat_again

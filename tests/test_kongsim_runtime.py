@@ -185,9 +185,13 @@ def test_config_change_starts_new_instance_and_closes_old(upstream, prefix) -> N
     try:
         assert gw.request("GET", "/p").header("X-kt-probe-Tag") == "one"
         worker = gw.gateway.runloop.workers[0]
+        # Let request 1's log phase finish first: run after the reload, it would carry the old
+        # __seq__ and (as in Kong) start the old config's instance again.
+        assert gw.wait_logs(30)
         (old,) = worker.instances.values()
         gw.gateway.reload(kong_yml(upstream, [probe(rec, tag="two")]))
         assert gw.request("GET", "/p").header("X-kt-probe-Tag") == "two"
+        assert gw.wait_logs(30)
         (new,) = worker.instances.values()
         inits = events(rec, "init")
         assert [i["config"]["tag"] for i in inits] == ["one", "two"]

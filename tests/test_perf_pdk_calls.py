@@ -203,7 +203,9 @@ def test_router_reports_in_three_calls_and_all_three_plugins_agree(gateway, rcli
     router_calls = calls.calls(rid, "llm-semantic-router", "access")
     assert router_calls.count("kong.response.set_headers") == 1 and "kong.response.set_header" not in router_calls
     assert router_calls.count("kong.log.set_serialize_value") == 1
-    assert len(router_calls) <= 6, router_calls
+    # body, client headers (to clear only the credentials really sent), one clear, headers,
+    # ctx get/set, serializer
+    assert len(router_calls) <= 7, router_calls
     logged = serialize(calls.contexts[rid])["aigov"]
     assert logged["router"]["route"] == "banking" and logged["router"]["reason"] == "matched"
     assert set(logged["router"]) >= {"route", "reason", "score", "latency_ms"}

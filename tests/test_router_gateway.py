@@ -228,6 +228,10 @@ def test_each_target_gets_only_its_own_key(gateway: GatewayHandle) -> None:
     r = post(gateway, "main", chat(LASAGNA), **{"api-key": "client-sent-api-key"})
     assert r.header("X-Semantic-Route") == "general"
     assert r.header("X-Mock-Auth-Header") == "none"  # general has no key; client keys stripped
+    # A Kong key-auth key (without hide_credentials) never reaches the routed provider either.
+    r = post(gateway, "main", chat(LASAGNA), apikey="client-kong-key", **{"x-api-key": "client-x-key"})
+    assert r.header("X-Semantic-Route") == "general"
+    assert r.header("X-Mock-Auth-Header") == "none"
 
 
 def test_reject_default_gives_clear_4xx(gateway: GatewayHandle) -> None:

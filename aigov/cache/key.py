@@ -53,6 +53,14 @@ def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, 
         consumer = f"id:{consumer_id}" if consumer_id else ANONYMOUS_CONSUMER
     params = dict(request.answer_params())
     params["stream"] = bool(request.stream)
+    # Images, audio and files in the semantic messages are not embedded (only text is), so they
+    # go into the exact scope: the same question about another picture never shares an answer.
+    attachments = [part for i in request.user_indices()[-max(1, message_countback):]
+                   for part in (request.messages[i].get("content") or [])
+                   if isinstance(request.messages[i].get("content"), list)
+                   and not (isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text"), str)))]
+    if attachments:
+        params["attachments"] = sha256_hex(attachments)
     return CacheScope(
         namespace=namespace,
         consumer=consumer,

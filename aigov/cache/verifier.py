@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 _TOKEN_RE = re.compile(r"[$€£¥%°]|\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z0-9]*(?:['’][A-Za-z]+)?(?:[-_.][A-Za-z0-9]+)*")
-_SENTENCE_START_RE = re.compile(r"(?:^|[.!?:;\n]\s*|[\"'(\[]\s*)$")
+_SENTENCE_OPENERS = frozenset(".!?:;\"'([")
 
 NEGATIONS = frozenset("""not no never none nothing nobody nowhere neither nor cannot without
 unable n't cant dont doesnt didnt isnt arent wasnt werent wont wouldnt shouldnt couldnt hasnt
@@ -262,6 +262,20 @@ def _direction_pairs(t: _Text) -> set[tuple[str, str]]:
     return pairs
 
 
+def _at_sentence_start(raw: str, start: int) -> bool:
+    """Whether the token at `start` opens a sentence (after an end mark, a quote or a newline).
+
+    Looks back over whitespace only, so scanning every token stays linear in the text length
+    (a regex over the whole prefix made long prompts quadratic).
+    """
+    i = start
+    while i > 0 and raw[i - 1].isspace():
+        if raw[i - 1] == "\n":
+            return True
+        i -= 1
+    return i == 0 or raw[i - 1] in _SENTENCE_OPENERS
+
+
 def _entities(t: _Text) -> set[str]:
     """Names: capitalised words not at a sentence start, ALL-CAPS acronyms, mixed case, versions."""
     ents: set[str] = set()
@@ -269,7 +283,7 @@ def _entities(t: _Text) -> set[str]:
         tok = m.group(0)
         if not tok[0].isalpha():
             continue
-        at_start = bool(_SENTENCE_START_RE.search(t.raw[: m.start()]))
+        at_start = _at_sentence_start(t.raw, m.start())
         low = tok.lower()
         if tok.isupper() and len(tok) >= 2 and low not in ("ok", "i"):
             ents.add(low)

@@ -98,7 +98,9 @@ class RouterSettings:
     @property
     def credential_headers(self) -> set[str]:
         """Every header any target puts its key in: cleared before the chosen target's is set."""
-        names = {"authorization"}
+        # The client's own credentials too: key-auth's `apikey` reaches the upstream unless
+        # hide_credentials is set, and providers read x-api-key / api-key.
+        names = {"authorization", "proxy-authorization", "apikey", "x-api-key", "api-key"}
         for r in self.routes:
             names.add(r.target.auth_header.lower())
         return names

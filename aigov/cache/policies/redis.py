@@ -33,6 +33,11 @@ def namespace_prefix(namespace: str) -> str:
     return f"{KEY_ROOT}:{namespace}:"
 
 
+# HNSW candidates examined per KNN query. RediSearch's default (10) found the true nearest entry
+# for only 38% of lookups at 100k entries in the scale benchmark; a missed neighbour is a lost
+# hit, so the cache pays a little query time for recall.
+HNSW_EF_RUNTIME = 100
+
 class RedisStore:
     name = "redis"
 
@@ -45,7 +50,8 @@ class RedisStore:
 
     # -- naming -----------------------------------------------------------------------------
     def cfg_id(self, dim: int) -> str:
-        return sha256_hex([self.namespace, self.embeddings_model, int(dim), "HNSW", "COSINE"])[:12]
+        return sha256_hex([self.namespace, self.embeddings_model, int(dim), "HNSW", "COSINE",
+                           HNSW_EF_RUNTIME])[:12]
 
     def index_name(self, dim: int) -> str:
         return f"{INDEX_ROOT}:{self.namespace}:{self.cfg_id(dim)}"
@@ -79,8 +85,8 @@ class RedisStore:
                 schema: list[Any] = []
                 for part in SCOPE_PARTS:
                     schema += [part, "TAG"]
-                schema += ["vec", "VECTOR", "HNSW", "6", "TYPE", "FLOAT32", "DIM", str(dim),
-                           "DISTANCE_METRIC", "COSINE"]
+                schema += ["vec", "VECTOR", "HNSW", "8", "TYPE", "FLOAT32", "DIM", str(dim),
+                           "DISTANCE_METRIC", "COSINE", "EF_RUNTIME", str(HNSW_EF_RUNTIME)]
                 try:
                     r.execute_command("FT.CREATE", name, "ON", "HASH", "PREFIX", "1",
                                       self._prefix(dim) + "v:", "SCHEMA", *schema)

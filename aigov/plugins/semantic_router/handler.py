@@ -148,7 +148,10 @@ class SemanticRouterHandler:
         if settings.strip_client_auth:
             # The client's credential (e.g. its Kong key) and any other target's key header must
             # never reach this upstream: clear them all, then set this target's own.
-            for name in sorted(settings.credential_headers):
+            # One read of the client's headers, then a clear only for those it really sent.
+            sent = value(kong.request.get_headers())
+            sent_names = {str(k).lower() for k in sent} if isinstance(sent, dict) else set(settings.credential_headers)
+            for name in sorted(settings.credential_headers & sent_names):
                 kong.service.request.clear_header(name)
         for name, val in t.headers:
             kong.service.request.set_header(name, val)

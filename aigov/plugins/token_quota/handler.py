@@ -24,6 +24,7 @@ reservation (the estimate) and the three X-AI-Tokens-*/Cost headers are absent.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -124,7 +125,8 @@ def _sniffed_headers(stream_requested: bool, body: bytes) -> dict[str, Any]:
 
 
 def _num(v: Any) -> int:
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else 0
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return int(v) if ok else 0
 
 
 class TokenQuotaHandler:
@@ -300,8 +302,10 @@ class TokenQuotaHandler:
             # unknown part of it, so the reservation (prompt + max completion, an upper bound) is
             # kept. Otherwise nothing reached the provider or it failed (connect error, timeout,
             # another plugin's exit): release.
-            service_status = value(kong.service.response.get_status())
-            if isinstance(service_status, int) and 200 <= service_status < 300:
+            # kong.service.response.get_status is unavailable in the log timer; Kong's
+            # serializer carries the upstream status ("" when no upstream answered).
+            service_status = _upstream_status(value(kong.log.serialize()))
+            if service_status is not None and 200 <= service_status < 300:
                 est = state["estimate"]
                 charge = Charge(int(est[0]), int(est[1]), int(est[0]) + int(est[1]), int(est[2]), source="cut")
             else:
@@ -439,3 +443,14 @@ class TokenQuotaHandler:
 # upstream response, which log mode avoids (reference §2.8). kong-pdk reads phases with hasattr.
 if CAPTURE_PHASE == "response":
     TokenQuotaHandler.response = guarded(TokenQuotaHandler._response)  # type: ignore[attr-defined]
+
+
+def _upstream_status(serialized: Any) -> int | None:
+    """The last upstream status in Kong's serializer (nginx lists retries as "502, 200")."""
+    try:
+        entry = json.loads(serialized) if isinstance(serialized, (str, bytes)) else serialized
+        raw_status = str(entry.get("upstream_status") or "")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    codes = [c for c in raw_status.replace(":", ",").split(",") if c.strip().isdigit()]
+    return int(codes[-1]) if codes else None

@@ -116,7 +116,10 @@ for i = 1, n do
   local delta = tonumber(ARGV[2 * i + 2]) - (reserved[key] or 0)
   reserved[key] = nil
   local exists = redis.call('EXISTS', key) == 1
-  if delta ~= 0 and (exists or delta > 0) then
+  -- A settle that lands after its window ended must not recreate the counter: INCRBY would
+  -- make a key that keep_until cannot give a TTL (the window is over), and it would live forever.
+  local window_open = tonumber(ARGV[2 * i + 3]) > now_s
+  if delta ~= 0 and (exists or (delta > 0 and window_open)) then
     out[1 + i] = redis.call('INCRBY', key, delta)
     keep_until(key, tonumber(ARGV[2 * i + 3]), now_s)
   else

@@ -176,6 +176,16 @@ class LocalEmbedder:
                 start += len(job_texts)
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib re-sends added headers (the API key) to a redirect's target: refuse redirects."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused", headers, fp)
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+
+
 class OpenAIEmbedder:
     """An OpenAI-compatible `/embeddings` endpoint (`url` is the full endpoint URL)."""
 
@@ -200,7 +210,7 @@ class OpenAIEmbedder:
         if self._api_key:
             req.add_header("Authorization", f"Bearer {self._api_key}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with _NO_REDIRECTS.open(req, timeout=self.timeout_s) as resp:
                 payload = json.loads(resp.read())
             rows = sorted(payload["data"], key=lambda d: d.get("index", 0))
             vecs = np.array([r["embedding"] for r in rows], dtype=np.float32)

@@ -209,6 +209,16 @@ def start_stock(prefix: Path, *extra_args: str, plugin: str = TEST_PLUGIN,
     return _spawn(cmd, prefix, prefix / f"{plugin}.socket", "stock")
 
 
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 

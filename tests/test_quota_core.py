@@ -66,3 +66,14 @@ def test_headers_and_rejection_body_agree_with_the_counter() -> None:
     assert retry_after == 30 and err["retry_after"] == 30
     assert err["type"] == "rate_limit_exceeded" and err["window"] == "minute"
     assert "400 tokens per minute" in err["message"] and "120 tokens, 50 tokens left" in err["message"]
+
+
+def test_a_limit_naming_a_dated_or_prefixed_model_applies_to_that_family() -> None:
+    from aigov.quota.core import QuotaConfig
+
+    q = QuotaConfig.from_plugin_config({"limits": [
+        {"window": "minute", "tokens": 100, "models": ["gpt-4o-mini-2024-07-18", "openai/gpt-4o"]}]})
+    (limit,) = q.limits
+    assert limit.applies_to(q.prices.resolve("gpt-4o-mini"))
+    assert limit.applies_to(q.prices.resolve("gpt-4o-2024-08-06"))
+    assert not limit.applies_to(q.prices.resolve("o3-mini"))

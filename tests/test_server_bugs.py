@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _rpc_client import (  # noqa: E402
+    wait_until as _wait_until,
     ConnectionClosed, FIXTURE_PLUGINS, PYTHON, ReplyTimeout, TEST_PLUGIN, server_env,
     start_aigov, start_stock, thread_count,
     short_prefix,  # noqa: F401 - pytest fixture
@@ -47,15 +48,6 @@ def servers(short_prefix):
 def _status(server) -> dict:
     with server.client() as kong:
         return kong.call("plugin.GetStatus")
-
-
-def _wait_until(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def test_exception_before_first_pdk_call(servers):

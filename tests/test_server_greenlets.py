@@ -12,20 +12,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _rpc_client import (  # noqa: E402
+    wait_until as _wait_until,
     start_aigov, thread_count,
     aigov_server, short_prefix,  # noqa: F401 - pytest fixtures
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _wait_until(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def test_events_interleaved_on_one_connection_keep_their_own_data(aigov_server):

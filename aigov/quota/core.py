@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence
 
-from aigov.prices import PriceError, Price, PriceTable, default_prices, nano_to_usd, usd_to_nano
+from aigov.prices import (PriceError, Price, PriceTable, default_prices, nano_to_usd, normalize_model,
+                          usd_to_nano)
 from aigov.quota.windows import WINDOWS, window_at
 
 METRICS = ("tokens", "cost")
@@ -97,6 +98,10 @@ class QuotaConfig:
         except PriceError as exc:
             problems.append(str(exc))
             prices = default_prices()
+        # applies_to() compares the price table's name of the requested model: name the limit's
+        # models the same way, so "gpt-4o-mini-2024-07-18" or "openai/gpt-4o" match their family.
+        limits = [replace(lim, models=tuple(prices.resolve(m) or normalize_model(m) for m in lim.models))
+                  for lim in limits]
         default_price = None
         unknown = conf.get("unknown_model") or "block"
         if unknown not in ("block", "default_price"):

@@ -77,3 +77,15 @@ def test_a_limit_naming_a_dated_or_prefixed_model_applies_to_that_family() -> No
     assert limit.applies_to(q.prices.resolve("gpt-4o-mini"))
     assert limit.applies_to(q.prices.resolve("gpt-4o-2024-08-06"))
     assert not limit.applies_to(q.prices.resolve("o3-mini"))
+
+
+def test_two_limits_on_one_window_show_the_binding_one_in_the_headers() -> None:
+    cfg = QuotaConfig.from_plugin_config({"limits": [{"window": "minute", "tokens": 200, "per_model": True},
+                                                     {"window": "minute", "tokens": 1000}]})
+    counters = plan_counters(cfg, "consumer:a", "gpt-4o", None, NOW)
+    assert len(counters) == 2 and counters[0].header == counters[1].header
+    headers = rate_limit_headers(counters, [190, 190], NOW)
+    assert headers["X-AI-RateLimit-Limit-Minute"] == "200"      # the per-model limit binds
+    assert headers["X-AI-RateLimit-Remaining-Minute"] == "10"
+    headers = rate_limit_headers(list(reversed(counters)), [190, 190], NOW)
+    assert headers["X-AI-RateLimit-Remaining-Minute"] == "10"   # whatever the order

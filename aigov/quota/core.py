@@ -279,10 +279,18 @@ def meta_keys(prefix: str, tag: str) -> tuple[str, str, str]:
 # ---------------------------------------------------------------- client-facing output
 
 def rate_limit_headers(counters: Sequence[Counter], values: Sequence[int], now: float) -> dict[str, str]:
-    """Kong-style X-AI-RateLimit-{Limit,Remaining,Reset}-<suffix>; cost figures in USD."""
+    """Kong-style X-AI-RateLimit-{Limit,Remaining,Reset}-<suffix>; cost figures in USD.
+
+    Two limits can share a suffix (one per model and one overall on the same window): the
+    headers then show the binding one, the one with the least left, as the client will hit it.
+    """
     headers: dict[str, str] = {}
+    least_left: dict[str, int] = {}
     for counter, value in zip(counters, values):
         remaining = max(0, counter.limit - int(value))
+        if counter.header in least_left and least_left[counter.header] <= remaining:
+            continue
+        least_left[counter.header] = remaining
         if counter.metric == "cost":
             # 9 decimals: counters are whole nano-USD, so the header is the counter, not a rounding
             limit_s, remaining_s = f"{nano_to_usd(counter.limit):.9f}", f"{nano_to_usd(remaining):.9f}"

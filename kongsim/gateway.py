@@ -624,15 +624,22 @@ def stock_entries(plugin_files: Sequence[str | Path], prefix: str | Path,
 
 def aigov_entries(names: Sequence[str], prefix: str | Path, python: str = sys.executable,
                   pythonpath: str | None = None,
-                  extra_env: Mapping[str, str] | None = None) -> list[PluginServerEntry]:
-    """`aigov serve` hosts every plugin: the first entry starts it, the others are external."""
+                  extra_env: Mapping[str, str] | None = None,
+                  serve_args: Sequence[str] = ()) -> list[PluginServerEntry]:
+    """`aigov serve` hosts every plugin: the first entry starts it, the others are external.
+
+    `serve_args` are extra `aigov serve` options (e.g. `--metrics-listen`, `-v`)."""
+    import shlex
+
     env = _env_prefix(pythonpath, extra_env)
+    py = shlex.quote(str(python))
+    extra = "".join(" " + shlex.quote(str(a)) for a in serve_args)
     entries = []
     for i, name in enumerate(names):
         entries.append(PluginServerEntry(
             name=name, socket=f"{prefix}/{name}.socket",
-            query_cmd=f"{env}{python} -m aigov.cli dump {name}",
-            start_cmd=f"{env}{python} -m aigov.cli serve -p {prefix}" if i == 0 else None))
+            query_cmd=f"{env}{py} -m aigov.cli dump {name}",
+            start_cmd=f"{env}{py} -m aigov.cli serve -p {shlex.quote(str(prefix))}{extra}" if i == 0 else None))
     return entries
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +24,7 @@ import pytest
 from aigov.demo.run import metric_sum, scrape
 from aigov.devredis import free_port
 from aigov.mockllm import auth_fingerprint
+from kongsim.gateway import aigov_entries
 from kongsim.process import PluginServerEntry
 from kongsim.pytest_plugin import AIGOV_PLUGINS, GatewayHandle, make_prefix, start_gateway
 
@@ -47,18 +46,9 @@ class _Records(logging.Handler):
 
 
 def _entries(prefix: str, metrics_addr: str) -> list[PluginServerEntry]:
-    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    env_prefix = "/usr/bin/env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "
-    python = shlex.quote(sys.executable)
-    out = []
-    for i, name in enumerate(AIGOV_PLUGINS):
-        start = (f"{env_prefix}{python} -m aigov.cli serve -v -p {shlex.quote(prefix)} "
-                 f"--metrics-listen {metrics_addr}") if i == 0 else None
-        out.append(PluginServerEntry(name=name, socket=f"{prefix}/{name}.socket",
-                                     query_cmd=f"{env_prefix}{python} -m aigov.cli dump {name}",
-                                     start_cmd=start))
-    return out
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return aigov_entries(AIGOV_PLUGINS, prefix, pythonpath=str(REPO), extra_env=env,
+                         serve_args=["-v", "--metrics-listen", metrics_addr])
 
 
 def _cache(redis_port: int, namespace: str, embeddings: dict[str, Any] | None = None,

@@ -25,7 +25,6 @@ import http.client
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 import tempfile
@@ -145,17 +144,10 @@ def demo_kong_config(spec: Mapping[str, Any], *, upstream_url: str, calibration_
 def plugin_server_entries(prefix: str, metrics_addr: str, extra_env: Mapping[str, str],
                           python: str = sys.executable) -> list[Any]:
     """One `aigov serve` for the three plugins (started by the first entry), with metrics on."""
-    from kongsim.process import PluginServerEntry
+    from kongsim.gateway import aigov_entries
 
-    env = "/usr/bin/env " + " ".join(shlex.quote(f"{k}={v}") for k, v in extra_env.items()) + " "
-    entries = []
-    for i, name in enumerate(PLUGINS):
-        start = (f"{env}{shlex.quote(python)} -m aigov.cli serve -p {shlex.quote(prefix)} "
-                 f"--metrics-listen {metrics_addr}") if i == 0 else None
-        entries.append(PluginServerEntry(name=name, socket=f"{prefix}/{name}.socket",
-                                         query_cmd=f"{env}{shlex.quote(python)} -m aigov.cli dump {name}",
-                                         start_cmd=start))
-    return entries
+    return aigov_entries(PLUGINS, prefix, python=python, extra_env=extra_env,
+                         serve_args=["--metrics-listen", metrics_addr])
 
 
 # --------------------------------------------------------------------------- the stack

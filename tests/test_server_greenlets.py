@@ -188,7 +188,9 @@ def test_hub_threads_end_with_their_connections(aigov_server):
         # each hub keeps its suspended handler until the orphan reaper closes the event (2 s)
         assert _wait_until(lambda: admin.call("plugin.GetStatus")["Workers"] == {
             "max": 256, "threads": 1, "busy": 0}, timeout=10)
-        assert _wait_until(lambda: thread_count(pid) == baseline)
+        # No hub thread outlives its connection (a transient thread present at the baseline
+        # reading may be gone too, so fewer is fine; more would be a leak).
+        assert _wait_until(lambda: thread_count(pid) <= baseline, timeout=15)
 
 
 def test_sigterm_under_load_exits_cleanly(short_prefix):

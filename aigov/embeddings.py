@@ -127,6 +127,11 @@ class LocalEmbedder:
                     self._recent.popitem(last=False)
         return np.stack(cached)
 
+    def forget_recent(self) -> None:
+        """Empty the LRU of recent texts (benchmarks: the system timed second must embed too)."""
+        with self._recent_lock:
+            self._recent.clear()
+
     def embed_unbatched(self, texts: Sequence[str]) -> np.ndarray:
         """Batch-1 path, kept as the benchmark's baseline."""
         return self.encode_direct(texts, batch_size=1)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import http.client
 import json as jsonlib
+import collections
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -26,6 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from kongsim.gateway import Gateway, Request, aigov_entries, stock_entries
+from kongsim.pdk import RequestContext
 from kongsim.process import PluginServerEntry
 
 AIGOV_PLUGINS = ("llm-semantic-cache", "llm-token-quota", "llm-semantic-router")
@@ -141,6 +144,43 @@ def start_gateway(config: str | Path | Mapping[str, Any], server: str | Sequence
     except BaseException:
         shutil.rmtree(prefix, ignore_errors=True)
         raise
+
+
+class PdkCallLog:
+    """Every PDK callback a gateway served, by request id: (plugin, phase, method) in call order.
+
+    Install with `start_recorded_gateway`; tests count calls per plugin and phase with it (the
+    cost of a phase is its round trips, so "at most N calls" is the behavioural check).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_request: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+        self.contexts: dict[str, RequestContext] = {}
+        self.log_threads: dict[str, threading.Thread] = {}  # request id -> thread of its log phase
+
+    def __call__(self, ctx: RequestContext, method: str) -> None:
+        with self._lock:
+            self.by_request[ctx.request_id].append((ctx.plugin_name or "", ctx.phase, method))
+            self.contexts[ctx.request_id] = ctx
+            if ctx.phase == "log":
+                self.log_threads[ctx.request_id] = threading.current_thread()
+
+    def calls(self, request_id: str, plugin: str, phase: str) -> list[str]:
+        with self._lock:
+            return [m for p, ph, m in self.by_request.get(request_id, []) if p == plugin and ph == phase]
+
+
+def start_recorded_gateway(config: str | Path | Mapping[str, Any],
+                           **kwargs: Any) -> tuple[GatewayHandle, PdkCallLog]:
+    """start_gateway with a PdkCallLog on the stand-in's PDK dispatch; the caller closes the handle."""
+    handle = start_gateway(config, **kwargs)
+    recorder = PdkCallLog()
+    if handle.gateway.runloop is None:
+        handle.close()
+        raise RuntimeError("the gateway has no runloop to record")
+    handle.gateway.runloop.pdk.on_call = recorder
+    return handle, recorder
 
 
 @pytest.fixture()

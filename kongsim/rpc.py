@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import itertools
 import socket
+import struct
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import msgpack
 
@@ -28,6 +29,7 @@ log = redact.get_logger("kongsim.rpc")
 
 DEFAULT_TIMEOUT_S = 60.0
 POOL_SIZE = 256  # lua_socket_pool_size default
+RECV_BUFFER_BYTES = 65536
 
 
 class RpcError(RuntimeError):
@@ -38,16 +40,29 @@ class RpcTimeout(RpcError):
     """No reply within the read timeout (Kong logs it and continues the request)."""
 
 
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
 class Connection:
-    """One Unix-socket connection with a streaming unpacker."""
+    """One Unix-socket connection with a reusable packer, receive buffer and streaming unpacker.
+
+    The read/write timeouts are the kernel's SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket, not
+    Python's settimeout(): with settimeout CPython polls before every recv and every send, two
+    extra system calls per round trip. An expired timeout surfaces as EAGAIN (BlockingIOError).
+    """
 
     _ids = itertools.count(1)
 
     def __init__(self, path: str, timeout_s: float) -> None:
         self.id = next(self._ids)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout_s)
         try:
+            timeval = _timeval(max(timeout_s, 0.001))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            # SO_SNDTIMEO also bounds connect() on a Unix socket whose backlog is full.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
             self.sock.connect(path)
         except OSError as exc:
             self.sock.close()
@@ -56,33 +71,69 @@ class Connection:
                                          unicode_errors="surrogateescape")
         self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
         # recv_into one buffer per connection: recv(65536) would allocate 64 KB per reply.
-        self._buf = bytearray(65536)
+        self._buf = bytearray(RECV_BUFFER_BYTES)
         self._view = memoryview(self._buf)
         self.calls = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     def send(self, message: Any) -> None:
         self.sock.sendall(self.packer.pack(message))
 
+    def send_request(self, msgid: int, method: str, param: Any) -> None:
+        """Send `[0, msgid, "plugin.<method>", [param]]` (what Kong's mp_rpc.lua sends)."""
+        try:
+            self.sock.sendall(self.packer.pack([0, msgid, "plugin." + method, [param]]))
+        except OSError as exc:
+            raise RpcError(f"send failed: {exc}") from None
+        self.calls += 1
+
     def receive(self) -> Any:
+        """The next message; blocks up to the read timeout (RpcTimeout)."""
         unpacker = self.unpacker
         while True:
             for msg in unpacker:
                 return msg
-            try:
-                n = self.sock.recv_into(self._buf)
-            except socket.timeout:
-                raise RpcTimeout("timeout") from None
-            except OSError as exc:
-                raise RpcError(f"receive failed: {exc}") from None
-            if not n:
-                raise RpcError("closed")
-            unpacker.feed(self._view[:n])  # feed copies into the unpacker's own buffer
+            self._fill()
+
+    def receive_ready(self) -> Iterator[Any]:
+        """One recv (the caller knows the socket is readable), then every complete message."""
+        self._fill()
+        return self.unpacker
+
+    def _fill(self) -> None:
+        try:
+            n = self.sock.recv_into(self._buf)
+        except BlockingIOError:
+            raise RpcTimeout("timeout") from None
+        except OSError as exc:
+            raise RpcError(f"receive failed: {exc}") from None
+        if not n:
+            raise RpcError("closed")
+        self.unpacker.feed(self._view[:n])  # feed copies into the unpacker's own buffer
 
     def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+def check_reply(msg: Any, msgid: int) -> Any:
+    """The result of reply `msg` to request `msgid`; RpcError for an error or a stray frame."""
+    if type(msg) is not list or len(msg) != 4 or msg[0] != 1:
+        raise RpcError(f"unexpected message from plugin server: type {msg!r:.80}")
+    if msg[1] != msgid:
+        raise RpcError(f"msgid mismatch: sent {msgid}, got {msg[1]}")
+    if msg[2] is not None:
+        raise RpcError(str(msg[2]))
+    return msg[3]
+
+
+def is_notification(msg: Any) -> bool:
+    """`[2, label, args]`, e.g. Go's ["serverPid", pid]: Kong accepts and ignores them."""
+    return type(msg) is list and bool(msg) and msg[0] == 2
 
 
 class RpcClient:
@@ -127,21 +178,16 @@ class RpcClient:
         msgid, conn = self._acquire()
         ok = False
         try:
-            conn.send([0, msgid, "plugin." + method, [param]])
+            conn.sock.sendall(conn.packer.pack([0, msgid, "plugin." + method, [param]]))
             conn.calls += 1
-            while True:
-                msg = conn.receive()
-                if isinstance(msg, list) and msg and msg[0] == 2:
-                    continue  # notification, e.g. ["serverPid", pid]: ignored
-                break
-            if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == 1):
-                raise RpcError(f"unexpected message from plugin server: type {msg!r:.80}")
-            if msg[1] != msgid:
-                raise RpcError(f"msgid mismatch: sent {msgid}, got {msg[1]}")
-            ok = True
-            if msg[2] is not None:
-                raise RpcError(str(msg[2]))
-            return msg[3]
+            msg = conn.receive()
+            while is_notification(msg):
+                msg = conn.receive()  # notification, e.g. ["serverPid", pid]: ignored
+            if type(msg) is list and len(msg) == 4 and msg[0] == 1 and msg[1] == msgid:
+                ok = True  # a well-formed reply: the connection may be pooled again
+            return check_reply(msg, msgid)
+        except BlockingIOError:
+            raise RpcTimeout("timeout sending the request") from None
         except (OSError, ValueError, msgpack.ExtraData) as exc:
             raise RpcError(f"{type(exc).__name__}: {exc}") from None
         finally:

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _rpc_client import (  # noqa: E402
-    FIXTURE_PLUGINS, PYTHON, REPO, TEST_PLUGIN, server_env, start_aigov,
+    FIXTURE_PLUGINS, PYTHON, REPO, TEST_PLUGIN, server_env, start_aigov, wait_for_socket,
     short_prefix,  # noqa: F401 - pytest fixture
 )
 
@@ -152,6 +152,8 @@ def test_serve_never_writes_stdout_and_sigterm_unlinks_sockets(short_prefix):
     plugins = _plugin_dir(short_prefix, {"noisy": NOISY})
     (plugins / f"{TEST_PLUGIN}.py").write_text((FIXTURE_PLUGINS / f"{TEST_PLUGIN}.py").read_text())
     server = start_aigov(short_prefix, plugins_dir=plugins)
+    # start_aigov waits for the aigov-test socket only; the listeners start one after another.
+    wait_for_socket(short_prefix / "noisy.socket", server.proc)
     assert (short_prefix / "noisy.socket").exists()
     with server.client() as kong:
         iid = kong.start_instance({"mode": "print"})

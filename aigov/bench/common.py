@@ -233,6 +233,16 @@ class BenchContext:
             self._redis_server = None
 
 
+def guard_part(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one part of a section; a skip or a failure becomes its status, the others still run."""
+    try:
+        return fn()
+    except SectionSkipped as exc:
+        return {"status": "skipped", "reason": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one broken part keeps the section's other parts
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -7,7 +7,13 @@ Each pair's sentence2 is then looked up. A lookup is a correct hit when the pair
 same-meaning and the entry returned is the pair's own sentence1; any other hit serves a wrong
 answer. Precision/recall are swept over the similarity threshold and each system is reported at
 its own best-F1 threshold (an oracle on this split, the same advantage for both) and at its
-shipped default.
+shipped default. Our lookup is also run with the verifier off on the same store: what the
+verifier costs in recall and buys in precision, and which labelled-true pairs it refused.
+
+Latency: the full lookup (embedding included) runs one system after the other with the shared
+embedder's LRU emptied before each, so neither gets the other's embeddings; the lookup given the
+query vector runs both on the same query back to back, alternating which goes first, over every
+pair twice, so the shared machine's load falls on both alike.
 
 Router: CLINC150 intents as routes, references from train, the out-of-scope threshold of the
 RedisVL router and of a 1-nearest-neighbour baseline calibrated on held-out train rows (train's
@@ -22,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from aigov.bench.common import (BenchContext, SectionSkipped, Target, latency_stats, ratio,
+from aigov.bench.common import (BenchContext, SectionSkipped, Target, guard_part, latency_stats, ratio,
                                 read_jsonl)
 
 REDISVL_DEFAULT_DISTANCE = 0.1   # SemanticCache(distance_threshold=0.1): cosine distance
@@ -102,87 +108,132 @@ def score_cache(pairs: list[dict[str, Any]], entry_of: dict[str, int],
     return {"best": best_row(rows), "sweep": rows}
 
 
-def cache_redisvl(ctx: BenchContext, pairs: list[dict[str, Any]], entries: list[str],
-                  table: VectorTable, embed_request: Callable[[str], np.ndarray]) -> dict[str, Any]:
-    vectorizer = redisvl_vectorizer(lambda text, **_: embed_request(text).tolist(),
-                                    lambda texts, **_: [embed_request(t).tolist() for t in texts])
-    from redisvl.extensions.cache.llm import SemanticCache
+def _forget_recent_embeddings(embedder: Any) -> None:
+    """Empty the shared embedder's LRU of recent texts, so the system timed second does not get
+    the first one's embeddings for free (both embed the same sentence2 texts)."""
+    forget = getattr(embedder, "forget_recent", None)  # the OpenAI-compatible embedder has none
+    if forget is not None:
+        forget()
 
-    name = f"aigov_bench_rvl_{random.Random(ctx.seed).randrange(1 << 30)}"
-    cache = SemanticCache(name=name, distance_threshold=REDISVL_DEFAULT_DISTANCE, vectorizer=vectorizer,
-                          redis_url=ctx.redis(), overwrite=True)
-    try:
+
+def _redisvl_hit(found: list[dict[str, Any]]) -> tuple[int | None, float]:
+    if not found:
+        return None, -1.0
+    return int(found[0]["metadata"]["entry"]), 1.0 - float(found[0]["vector_distance"])
+
+
+def _ours_hit(found: Any) -> tuple[int | None, float]:
+    return (found.meta["entry"], found.similarity) if found else (None, -1.0)
+
+
+class _RedisVLCache:
+    """RedisVL's SemanticCache with the entries stored, checked at the loosest distance (the
+    threshold is applied afterwards, in the sweep)."""
+
+    def __init__(self, ctx: BenchContext, entries: list[str], table: VectorTable,
+                 embed_request: Callable[[str], np.ndarray]) -> None:
+        vectorizer = redisvl_vectorizer(lambda text, **_: embed_request(text).tolist(),
+                                        lambda texts, **_: [embed_request(t).tolist() for t in texts])
+        from redisvl.extensions.cache.llm import SemanticCache
+
+        name = f"aigov_bench_rvl_{random.Random(ctx.seed).randrange(1 << 30)}"
+        self.cache = SemanticCache(name=name, distance_threshold=REDISVL_DEFAULT_DISTANCE,
+                                   vectorizer=vectorizer, redis_url=ctx.redis(), overwrite=True)
         for i, text in enumerate(entries):
-            cache.store(prompt=text, response=f"answer-{i}", vector=table[text].tolist(),
-                        metadata={"entry": i})
-        latencies: list[float] = []
-        results: list[tuple[int | None, float]] = []
-        for p in pairs:
+            self.cache.store(prompt=text, response=f"answer-{i}", vector=table[text].tolist(),
+                             metadata={"entry": i})
+
+    def check_text(self, text: str) -> tuple[int | None, float]:
+        return _redisvl_hit(self.cache.check(prompt=text, num_results=1, distance_threshold=2.0))
+
+    def check_vector(self, vec: list[float]) -> tuple[int | None, float]:
+        return _redisvl_hit(self.cache.check(vector=vec, num_results=1, distance_threshold=2.0))
+
+    def close(self) -> None:
+        self.cache.delete()
+
+
+def _close_quietly(rvl: "_RedisVLCache | None") -> None:
+    if rvl is not None:
+        try:
+            rvl.close()
+        except Exception:  # noqa: BLE001 - cleanup of a bench index must not hide the result
+            pass
+    return None
+
+
+def _drop_quietly(ours: Any) -> None:
+    if ours is not None:
+        try:
+            ours.drop()
+        except Exception:  # noqa: BLE001
+            pass
+    return None
+
+
+def _text_lookups(pairs: list[dict[str, Any]], embedder: Any,
+                  lookup: Callable[[str], tuple[int | None, float]]) -> tuple[list[Any], list[float]]:
+    """Each pair's sentence2 looked up from its text (the embedding included), cold LRU."""
+    _forget_recent_embeddings(embedder)
+    results, latencies = [], []
+    for p in pairs:
+        t0 = time.perf_counter()
+        results.append(lookup(p["sentence2"]))
+        latencies.append(time.perf_counter() - t0)
+    return results, latencies
+
+
+VECTOR_ROUNDS = 2   # passes over every pair for the given-vector latency (paired, interleaved)
+
+
+def _paired_vector_latency(pairs: list[dict[str, Any]], table: VectorTable, rvl: _RedisVLCache,
+                           ours: Any) -> tuple[list[float], list[float]]:
+    """Lookup latency given the query vector, both systems on the same query back to back, the
+    order alternating, so load on the shared machine falls on both alike."""
+    rvl_lat: list[float] = []
+    ours_lat: list[float] = []
+    queries = [(p["sentence2"], table[p["sentence2"]]) for p in pairs]
+    for n in range(VECTOR_ROUNDS * len(queries)):
+        text, vec = queries[n % len(queries)]
+        as_list = vec.tolist()   # RedisVL takes a list (its own conversion is part of its cost)
+        steps = [("rvl", lambda: rvl.check_vector(as_list)), ("ours", lambda: ours.lookup_vector(vec, text))]
+        for who, step in (steps if n % 2 == 0 else steps[::-1]):
             t0 = time.perf_counter()
-            # Loosest distance: the threshold is applied afterwards in the sweep.
-            found = cache.check(prompt=p["sentence2"], num_results=1, distance_threshold=2.0)
-            latencies.append(time.perf_counter() - t0)
-            if found:
-                entry = int(found[0]["metadata"]["entry"])
-                results.append((entry, 1.0 - float(found[0]["vector_distance"])))
-            else:
-                results.append((None, -1.0))
-        vec_lat = []
-        for p in pairs[:100]:
-            vec = table[p["sentence2"]].tolist()
-            t0 = time.perf_counter()
-            cache.check(vector=vec, num_results=1, distance_threshold=2.0)
-            vec_lat.append(time.perf_counter() - t0)
-    finally:
-        cache.delete()
-    entry_of = {t: i for i, t in enumerate(entries)}
-    scored = score_cache(pairs, entry_of, results)
-    default = at_threshold(scored["sweep"], 1.0 - REDISVL_DEFAULT_DISTANCE)
-    return {"status": "ok", "check_latency": latency_stats(latencies),
-            "check_latency_given_vector": latency_stats(vec_lat), "best": scored["best"],
-            "at_default": default, "default_similarity": 1.0 - REDISVL_DEFAULT_DISTANCE,
-            "sweep": scored["sweep"]}
+            step()
+            (rvl_lat if who == "rvl" else ours_lat).append(time.perf_counter() - t0)
+    return rvl_lat, ours_lat
 
 
-def cache_ours(ctx: BenchContext, pairs: list[dict[str, Any]], entries: list[str],
-               table: VectorTable) -> dict[str, Any]:
-    from aigov.bench import adapters
-
-    store = adapters.cache_store(ctx, table.embedder, namespace="peer")  # SectionSkipped if missing
+def _verifier_effect(pairs: list[dict[str, Any]], entry_of: dict[str, int], table: VectorTable,
+                     ours: Any, threshold: float) -> dict[str, Any]:
+    """Our lookup with the verifier on vs off (same store, same vectors), at one threshold: what
+    the verifier costs in recall and buys in precision, and the true pairs it turned away."""
+    settings = ours.settings
+    runs: dict[str, list[tuple[int | None, float]]] = {}
+    saved = settings.verifier
     try:
-        for i, text in enumerate(entries):
-            store.put(text, table[text], f"answer-{i}", {"entry": i})
-        latencies: list[float] = []
-        results: list[tuple[int | None, float]] = []
-        for p in pairs:
-            t0 = time.perf_counter()
-            found = store.lookup_text(p["sentence2"])
-            latencies.append(time.perf_counter() - t0)
-            results.append((found.meta["entry"], found.similarity) if found else (None, -1.0))
-        vec_lat = []
-        for p in pairs[:100]:
-            vec = table[p["sentence2"]]
-            t0 = time.perf_counter()
-            store.lookup_vector(vec, p["sentence2"])
-            vec_lat.append(time.perf_counter() - t0)
+        for flag in (True, False):
+            settings.verifier = flag
+            runs["on" if flag else "off"] = [_ours_hit(ours.lookup_vector(table[p["sentence2"]], p["sentence2"]))
+                                             for p in pairs]
     finally:
-        store.drop()
-    entry_of = {t: i for i, t in enumerate(entries)}
-    scored = score_cache(pairs, entry_of, results)
-    return {"status": "ok", "lookup_latency": latency_stats(latencies),
-            "lookup_latency_given_vector": latency_stats(vec_lat), "best": scored["best"],
-            "at_default": at_threshold(scored["sweep"], store.default_threshold),
-            "default_similarity": store.default_threshold, "sweep": scored["sweep"],
-            "store": store.description}
+        settings.verifier = saved
+    out: dict[str, Any] = {"threshold": threshold}
+    for name, results in runs.items():
+        scored = score_cache(pairs, entry_of, results)
+        out[f"verifier_{name}"] = at_threshold(scored["sweep"], threshold)
+        out[f"verifier_{name}_best"] = scored["best"]   # each at its own best threshold
+    from aigov.cache.verifier import verify
 
-
-def _guard(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    try:
-        return fn()
-    except SectionSkipped as exc:
-        return {"status": "skipped", "reason": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - one broken part keeps the section's other parts
-        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
+    lost = []
+    for p, on, off in zip(pairs, runs["on"], runs["off"]):
+        correct_off = p["label"] == 1 and off[0] == entry_of[p["sentence1"]] and off[1] >= threshold
+        correct_on = p["label"] == 1 and on[0] == entry_of[p["sentence1"]] and on[1] >= threshold
+        if correct_off and not correct_on:
+            lost.append({"query": p["sentence2"], "entry": p["sentence1"],
+                         "reason": verify(p["sentence2"], p["sentence1"]).reason})
+    out["true_hits_refused"] = lost
+    return out
 
 
 def compare_cache(ctx: BenchContext, table: VectorTable) -> dict[str, Any]:
@@ -190,20 +241,95 @@ def compare_cache(ctx: BenchContext, table: VectorTable) -> dict[str, Any]:
     entries = list(dict.fromkeys(p["sentence1"] for p in pairs))
     table.add(entries + [p["sentence2"] for p in pairs])
     embedder = table.embedder
+    entry_of = {t: i for i, t in enumerate(entries)}
     # Both systems embed each lookup with the same shared embedder call the plugin uses.
     embed_request = lambda text: embedder.embed([text])[0]  # noqa: E731
     out: dict[str, Any] = {"pairs": len(pairs), "entries": len(entries),
-                           "positives": sum(1 for p in pairs if p["label"] == 1)}
-    out["redisvl"] = _guard(lambda: cache_redisvl(ctx, pairs, entries, table, embed_request))
-    out["ours"] = _guard(lambda: cache_ours(ctx, pairs, entries, table))
+                           "positives": sum(1 for p in pairs if p["label"] == 1),
+                           "method": ("same pairs, same threshold grid "
+                                      f"{THRESHOLDS[0]:.2f}..{THRESHOLDS[-1]:.2f} step 0.01, a hit is correct "
+                                      "only for a same-meaning pair answered by its own sentence1; "
+                                      "given-vector latency paired and interleaved")}
+    rvl: _RedisVLCache | None = None
+    ours: Any = None
+    try:
+        try:
+            rvl = _RedisVLCache(ctx, entries, table, embed_request)
+        except SectionSkipped as exc:
+            out["redisvl"] = {"status": "skipped", "reason": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - one broken part keeps the section's other parts
+            out["redisvl"] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
+        try:
+            from aigov.bench import adapters
+
+            ours = adapters.cache_store(ctx, embedder, namespace="peer")  # SectionSkipped if missing
+            for i, text in enumerate(entries):
+                ours.put(text, table[text], f"answer-{i}", {"entry": i})
+        except SectionSkipped as exc:
+            out["ours"] = {"status": "skipped", "reason": str(exc)}
+        except Exception as exc:  # noqa: BLE001
+            out["ours"] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
+        scored: dict[str, Any] = {}
+
+        def attempt(who: str, fn: Callable[[], None]) -> bool:
+            try:
+                fn()
+                return True
+            except Exception as exc:  # noqa: BLE001 - one broken part keeps the section's other parts
+                out[who] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
+                scored.pop(who, None)
+                return False
+
+        def text_pass(who: str, lookup: Callable[[str], tuple[int | None, float]], latency_key: str) -> None:
+            results, lat = _text_lookups(pairs, embedder, lookup)
+            scored[who] = score_cache(pairs, entry_of, results)
+            out[who] = {"status": "ok", latency_key: latency_stats(lat)}
+
+        if rvl is not None and not attempt("redisvl", lambda: text_pass("redisvl", rvl.check_text, "check_latency")):
+            rvl = _close_quietly(rvl)
+        if ours is not None and not attempt("ours", lambda: text_pass(
+                "ours", lambda text: _ours_hit(ours.lookup_text(text)), "lookup_latency")):
+            ours = _drop_quietly(ours)
+        if rvl is not None and ours is not None:
+            def vector_pass() -> None:
+                rvl_lat, ours_lat = _paired_vector_latency(pairs, table, rvl, ours)
+                out["redisvl"]["check_latency_given_vector"] = latency_stats(rvl_lat)
+                out["ours"]["lookup_latency_given_vector"] = latency_stats(ours_lat)
+            attempt("ours", vector_pass)
+        if "redisvl" in scored:
+            out["redisvl"].update(best=scored["redisvl"]["best"],
+                                  at_default=at_threshold(scored["redisvl"]["sweep"], 1.0 - REDISVL_DEFAULT_DISTANCE),
+                                  default_similarity=1.0 - REDISVL_DEFAULT_DISTANCE,
+                                  sweep=scored["redisvl"]["sweep"])
+        if "ours" in scored:
+            out["ours"].update(best=scored["ours"]["best"],
+                               at_default=at_threshold(scored["ours"]["sweep"], ours.default_threshold),
+                               default_similarity=ours.default_threshold, sweep=scored["ours"]["sweep"],
+                               store=ours.description)
+            best_t = scored["ours"]["best"]["threshold"]
+
+            def effect() -> None:
+                out["ours"]["verifier_effect"] = _verifier_effect(pairs, entry_of, table, ours, best_t)
+            attempt("ours_verifier_effect", effect)
+    finally:
+        _close_quietly(rvl)
+        _drop_quietly(ours)
     for who in ("ours", "redisvl"):
-        r = out[who]
-        if r["status"] == "ok":
+        r = out.get(who) or {"status": "error", "reason": "not run"}
+        if r["status"] == "ok" and "best" in r:
             lat = r.get("lookup_latency") or r.get("check_latency")
+            vec_lat = r.get("lookup_latency_given_vector") or r.get("check_latency_given_vector") or {}
             ctx.echo(f"  cache {who:7s} best t={r['best']['threshold']:.2f} P={r['best']['precision']:.3f} "
-                     f"R={r['best']['recall']:.3f} F1={r['best']['f1']:.3f}  lookup p50 {lat['p50_ms']} ms")
+                     f"R={r['best']['recall']:.3f} F1={r['best']['f1']:.3f}  lookup p50 {lat['p50_ms']} ms"
+                     f"  given vector p50 {vec_lat.get('p50_ms')} ms")
         else:
             ctx.echo(f"  cache {who:7s} {r['status']}: {r['reason']}")
+    effect = out.get("ours", {}).get("verifier_effect")
+    if effect:
+        on, off = effect["verifier_on"], effect["verifier_off"]
+        ctx.echo(f"  cache ours at t={effect['threshold']:.2f}: verifier on P={on['precision']:.3f} "
+                 f"R={on['recall']:.3f} F1={on['f1']:.3f} | off P={off['precision']:.3f} R={off['recall']:.3f} "
+                 f"F1={off['f1']:.3f} | true hits refused {len(effect['true_hits_refused'])}")
     return out
 
 
@@ -323,8 +449,8 @@ def compare_router(ctx: BenchContext, table: VectorTable) -> dict[str, Any]:
     out: dict[str, Any] = {"intents": len(split["intents"]), "refs_per_intent": split["refs_per_intent"],
                            "calibration_rows": len(split["calibration"]), "test_rows": len(split["test"])}
     out["nearest_neighbour"] = router_nn(split, table)
-    out["redisvl"] = _guard(lambda: router_redisvl(ctx, split, table))
-    out["ours"] = _guard(lambda: router_ours(ctx, split, table))
+    out["redisvl"] = guard_part(lambda: router_redisvl(ctx, split, table))
+    out["ours"] = guard_part(lambda: router_ours(ctx, split, table))
     for who in ("ours", "redisvl", "nearest_neighbour"):
         r = out[who]
         if r["status"] == "ok":

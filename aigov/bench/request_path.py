@@ -3,7 +3,11 @@
 Variants of one route in front of the mock LLM (fixed latency per request through its
 X-Mock-Latency-Ms header): key-auth only (the baseline) vs key-auth + each of our plugins alone
 vs all three. Added latency = a variant's p50/p95 minus the baseline's, measured in the same
-run. Every request carries a prompt never sent before (a cache miss, a fresh routing decision),
+run. The quota is measured in both capture setups (DESIGN.md "Capture phase"): the default
+(a `response` phase: Kong buffers the upstream answer, the settle happens before the response
+leaves) against the key-auth baseline, and the recommended AI-route setup (AIGOV_CAPTURE_PHASE=log
+with ai-proxy on the route: only the access phase is on the client's path, the settle runs in
+`log` from ai-proxy's logged usage) against a key-auth + ai-proxy baseline. Every request carries a prompt never sent before (a cache miss, a fresh routing decision),
 except the cache-hit requests, which repeat a prompt already answered and stored.
 """
 from __future__ import annotations
@@ -24,6 +28,10 @@ HIT_MISS_LATENCY_MS = 200   # upstream latency of the hit-vs-miss comparison (is
 TARGET_QUOTA_ADDED_P50_MS = 1.0
 TARGET_HIT_P50_MS = 8.0
 TARGET_HIT_SPEEDUP = 20.0
+BASELINE = "baseline (key-auth)"
+LOG_BASELINE = "baseline (key-auth + ai-proxy)"
+QUOTA_LOG = "llm-token-quota (log capture, ai-proxy)"
+LOG_CAPTURE_ENV = {"AIGOV_CAPTURE_PHASE": "log"}
 
 
 def plugin_configs(redis_host: str, redis_port: int) -> dict[str, dict[str, Any]]:
@@ -39,6 +47,14 @@ def plugin_configs(redis_host: str, redis_port: int) -> dict[str, dict[str, Any]
             {"name": "banking", "target": {"model": "gpt-4o-mini"},
              "utterances": ["what is my account balance", "why was my card declined"]}]},
     }
+
+
+def ai_proxy_plugin(upstream: str) -> dict[str, Any]:
+    """The stand-in's ai-proxy imitation in front of the mock (OpenAI chat, usage logged)."""
+    return {"name": "ai-proxy", "config": {
+        "route_type": "llm/v1/chat", "auth": {"header_name": "Authorization", "header_value": "Bearer sk-bench"},
+        "model": {"provider": "openai", "options": {"upstream_url": f"{upstream}/v1/chat/completions"}},
+        "logging": {"log_statistics": True, "log_payloads": False}}}
 
 
 def declarative(upstream: str, plugins: list[dict[str, Any]]) -> dict[str, Any]:
@@ -81,11 +97,12 @@ def cache_status(headers: dict[str, str]) -> str:
 
 
 def run_variant(ctx: BenchContext, name: str, plugins: list[dict[str, Any]], mock_url: str,
-                prompts: list[str], upstream_ms: int, hits: int = 0) -> dict[str, Any]:
+                prompts: list[str], upstream_ms: int, hits: int = 0,
+                extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     from kongsim.pytest_plugin import start_gateway
 
     handle = start_gateway(declarative(mock_url, plugins), server="aigov", pythonpath=str(REPO_ROOT),
-                           http=True)
+                           http=True, extra_env=extra_env)
     client = Client(handle.url)
     try:
         for text in prompts[:5]:          # warm-up: model load, connections, instances
@@ -125,28 +142,32 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     texts = list(dict.fromkeys(r["text"] for r in rows))
     per_variant = ctx.size(25, 205)
     hits = ctx.size(10, 100)
-    variants: list[tuple[str, list[dict[str, Any]]]] = [("baseline (key-auth)", [])]
-    variants += [(n, [{"name": n, "config": c}]) for n, c in configs.items()]
-    variants.append(("all three", [{"name": n, "config": c} for n, c in configs.items()]))
-
     mock = mockllm.MockLLM("127.0.0.1").start()
+    quota_entry = {"name": "llm-token-quota", "config": configs["llm-token-quota"]}
+    # (name, plugins, plugin-server environment, baseline it is compared with)
+    variants: list[tuple[str, list[dict[str, Any]], dict[str, str] | None, str | None]] = [(BASELINE, [], None, None)]
+    variants += [(n, [{"name": n, "config": c}], None, BASELINE) for n, c in configs.items()]
+    variants.append(("all three", [{"name": n, "config": c} for n, c in configs.items()], None, BASELINE))
+    variants.append((LOG_BASELINE, [ai_proxy_plugin(mock.url)], LOG_CAPTURE_ENV, None))
+    variants.append((QUOTA_LOG, [ai_proxy_plugin(mock.url), quota_entry], LOG_CAPTURE_ENV, LOG_BASELINE))
     results: list[dict[str, Any]] = []
     offset = 0
     try:
-        for name, plugins in variants:
+        for name, plugins, env, against in variants:
             prompts = texts[offset:offset + per_variant]
             offset += per_variant
             try:
                 rec = run_variant(ctx, name, plugins, mock.url, prompts, PATH_LATENCY_MS,
-                                  hits=hits if name == "llm-semantic-cache" else 0)
+                                  hits=hits if name == "llm-semantic-cache" else 0, extra_env=env)
+                rec["baseline"] = against
             except Exception as exc:  # noqa: BLE001 - one variant failing keeps the others
                 rec = {"variant": name, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
             results.append(rec)
             if rec["status"] == "ok":
-                ctx.echo(f"  {name:22s} p50 {rec['latency']['p50_ms']} ms p95 {rec['latency']['p95_ms']} ms "
+                ctx.echo(f"  {name:40s} p50 {rec['latency']['p50_ms']} ms p95 {rec['latency']['p95_ms']} ms "
                          f"statuses {rec['http_statuses']}")
             else:
-                ctx.echo(f"  {name:22s} error: {rec['reason']}")
+                ctx.echo(f"  {name:40s} error: {rec['reason']}")
         # Hit vs the miss it replaces, at 200 ms upstream latency.
         prompts = texts[offset:offset + ctx.size(15, 45)]
         try:
@@ -161,22 +182,34 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         mock.stop()
 
     by_name = {r["variant"]: r for r in results}
-    base = by_name["baseline (key-auth)"]
+    base = by_name[BASELINE]
     if base["status"] != "ok":
         raise SectionSkipped(f"the baseline gateway did not run: {base['reason']}")
     added = {}
     for r in results:
-        if r["status"] == "ok" and r is not base and r["upstream_ms"] == PATH_LATENCY_MS:
-            added[r["variant"]] = {q: round(r["latency"][q] - base["latency"][q], 3) for q in ("p50_ms", "p95_ms")}
+        against = by_name.get(r.get("baseline") or "")
+        if (r["status"] == "ok" and against is not None and against["status"] == "ok"
+                and r["upstream_ms"] == PATH_LATENCY_MS):
+            added[r["variant"]] = {q: round(r["latency"][q] - against["latency"][q], 3) for q in ("p50_ms", "p95_ms")}
+            added[r["variant"]]["baseline"] = against["variant"]
     for n, a in added.items():
-        ctx.echo(f"  added by {n:22s} p50 {a['p50_ms']} ms  p95 {a['p95_ms']} ms")
+        ctx.echo(f"  added by {n:40s} p50 {a['p50_ms']} ms  p95 {a['p95_ms']} ms  (vs {a['baseline']})")
     cache_rec = by_name.get("llm-semantic-cache", {})
     hit_p50 = (cache_rec.get("hit_latency") or {}).get("p50_ms")
     slow_hit = (slow.get("hit_latency") or {}).get("p50_ms") if slow["status"] == "ok" else None
     slow_miss = slow["latency"]["p50_ms"] if slow["status"] == "ok" else None
+    log_base = by_name.get(LOG_BASELINE) or {}
     targets = [
-        Target("quota added latency p50", (added.get("llm-token-quota") or {}).get("p50_ms"), "ms", "<=",
-               TARGET_QUOTA_ADDED_P50_MS, baseline=base["latency"]["p50_ms"]),
+        # The issue's target is judged on the default setup (response capture); the recommended
+        # AI-route setup is reported beside it as its own row, against its own baseline.
+        Target("quota added latency p50 (default: response capture; the judged row)",
+               (added.get("llm-token-quota") or {}).get("p50_ms"), "ms", "<=",
+               TARGET_QUOTA_ADDED_P50_MS, baseline=base["latency"]["p50_ms"],
+               note="vs key-auth only; buffered proxying because the quota declares `response`"),
+        Target("quota added latency p50 (log capture + ai-proxy, recommended AI route)",
+               (added.get(QUOTA_LOG) or {}).get("p50_ms"), "ms", "<=", TARGET_QUOTA_ADDED_P50_MS,
+               baseline=(log_base.get("latency") or {}).get("p50_ms"),
+               note="vs key-auth + ai-proxy, AIGOV_CAPTURE_PHASE=log: only access on the client's path"),
         Target("cache hit end to end p50", hit_p50, "ms", "<=", TARGET_HIT_P50_MS,
                note=f"repeat statuses {cache_rec.get('repeat_cache_status')}"),
         Target(f"cache hit speedup vs miss at {HIT_MISS_LATENCY_MS} ms upstream", ratio(slow_miss, slow_hit),

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from aigov.bench.common import BenchContext, SectionSkipped, Target, latency_stats, ratio
+from aigov.bench.common import BenchContext, SectionSkipped, Target, guard_part, latency_stats, ratio
 
 DIM = 384
 # Our own bar (the issue asks for the figures): 100x the entries or consumers may cost at most
@@ -130,20 +130,11 @@ def _delete_prefix(url: str, prefix: str) -> None:
         client.close()
 
 
-def _guard(fn: Any) -> dict[str, Any]:
-    try:
-        return fn()
-    except SectionSkipped as exc:
-        return {"status": "skipped", "reason": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - one broken part keeps the section's other parts
-        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
-
-
 def run(ctx: BenchContext) -> dict[str, Any]:
-    cache = _guard(lambda: cache_scale(ctx))
+    cache = guard_part(lambda: cache_scale(ctx))
     if cache["status"] != "ok":
         ctx.echo(f"  cache scale {cache['status']}: {cache['reason']}")
-    quota = {policy: _guard(lambda p=policy: quota_scale(ctx, p)) for policy in ("memory", "redis")}
+    quota = {policy: guard_part(lambda p=policy: quota_scale(ctx, p)) for policy in ("memory", "redis")}
     targets: list[Target] = []
     if cache["status"] == "ok":
         first, last = cache["levels"][0], cache["levels"][-1]

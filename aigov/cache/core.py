@@ -26,6 +26,10 @@ log = logging.getLogger("aigov.cache")
 DEFAULT_THRESHOLD = 0.82   # chosen on STS-B train / GPTCache pairs with the verifier on (README)
 SIMILARITY_EPSILON = 1e-5  # float32 cosine of identical texts can be 0.9999999: threshold 1.0 still hits
 SEARCH_K = 4               # candidates checked by the verifier before giving up
+# The first query asks for the nearest entry only (a smaller reply, one entry to decode); the
+# other SEARCH_K - 1 are fetched only when the verifier refuses it, so the outcome is the same
+# as one query for SEARCH_K.
+FIRST_K = 1
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -193,30 +197,53 @@ class SemanticCache:
                vector: np.ndarray | Callable[[], np.ndarray] | None = None) -> Lookup:
         """Raises StoreUnavailable / EmbeddingError; the caller maps them to Failed."""
         started = time.perf_counter()
-        if self.settings.exact_caching:
-            entry = self.store.get_exact(scope, key)
-            if entry is not None:
-                return Lookup("Hit", entry, None, "exact", fetch_ms=(time.perf_counter() - started) * 1000)
-        t0 = time.perf_counter()
-        if vector is None:
-            vec = self.embed(prompt)
-        elif callable(vector):
-            vec = vector()
+        min_similarity = self.settings.threshold - SIMILARITY_EPSILON
+        if vector is not None and not callable(vector):
+            # The vector is known: the exact probe and the KNN query share one round trip.
+            vec, embed_ms = np.asarray(vector, dtype=np.float32), 0.0
+            if self.settings.exact_caching:
+                entry, candidates = self.store.get_exact_and_search(scope, key, vec, FIRST_K, min_similarity)
+                if entry is not None:
+                    return Lookup("Hit", entry, None, "exact", fetch_ms=(time.perf_counter() - started) * 1000)
+            else:
+                candidates = self.store.search(scope, vec, FIRST_K, min_similarity)
         else:
-            vec = vector
-        embed_ms = (time.perf_counter() - t0) * 1000
-        candidates = self.store.search(scope, vec, SEARCH_K, self.settings.threshold - SIMILARITY_EPSILON)
+            # Exact probe first: an exact hit never pays for the embedding.
+            if self.settings.exact_caching:
+                entry = self.store.get_exact(scope, key)
+                if entry is not None:
+                    return Lookup("Hit", entry, None, "exact", fetch_ms=(time.perf_counter() - started) * 1000)
+            t0 = time.perf_counter()
+            vec = self.embed(prompt) if vector is None else vector()  # None or a callable here
+            embed_ms = (time.perf_counter() - t0) * 1000
+            candidates = self.store.search(scope, vec, FIRST_K, min_similarity)
         result = Lookup("Miss", vector=vec, embed_ms=embed_ms)
+        hit = self._first_verified(prompt, candidates, result.rejected)
+        if hit is None and result.rejected and len(candidates) == FIRST_K < SEARCH_K:
+            # The nearest entry was refused: look at the next ones (fewer round trips on average
+            # than always fetching SEARCH_K, since most lookups stop at the first candidate).
+            refused = {entry.key for entry, _ in candidates}
+            more = [(e, s) for e, s in self.store.search(scope, vec, SEARCH_K, min_similarity)
+                    if e.key not in refused]
+            hit = self._first_verified(prompt, more, result.rejected)
+        if hit is not None:
+            entry, sim = hit
+            result = Lookup("Hit", entry, min(1.0, sim), "semantic", vector=vec, embed_ms=embed_ms,
+                            rejected=result.rejected)
+        result.fetch_ms = (time.perf_counter() - started) * 1000 - embed_ms
+        return result
+
+    def _first_verified(self, prompt: str, candidates: list[tuple[CacheEntry, float]],
+                        rejected: list[str]) -> tuple[CacheEntry, float] | None:
+        """The best candidate the verifier accepts; the refusal reasons go into `rejected`."""
         for entry, sim in candidates:
             if self.settings.verifier:
                 verdict = verify(prompt, entry.prompt)
                 if not verdict.ok:
-                    result.rejected.append(verdict.reason)
+                    rejected.append(verdict.reason)
                     continue
-            result = Lookup("Hit", entry, min(1.0, sim), "semantic", vector=vec, embed_ms=embed_ms)
-            break
-        result.fetch_ms = (time.perf_counter() - started) * 1000 - embed_ms
-        return result
+            return entry, sim
+        return None
 
     def save(self, scope: CacheScope, key: str, prompt: str, vector: np.ndarray,
              completion: dict[str, Any], usage: dict[str, Any] | None, model: str | None,

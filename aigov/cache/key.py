@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 
 from aigov.request import ChatRequest, sha256_hex
 
@@ -31,12 +32,26 @@ class CacheScope:
 
     def tags(self) -> dict[str, str]:
         """Hashed, tag-safe value per scope part (RediSearch TAG filters, memory buckets)."""
-        return {part: sha256_hex(f"{part}\0{getattr(self, part)}")[:20] for part in SCOPE_PARTS}
+        return dict(zip(SCOPE_PARTS, self.tag_values()))
+
+    def tag_values(self) -> tuple[str, ...]:
+        """The hashed tag values in SCOPE_PARTS order (memoised: scopes recur across requests)."""
+        return _tag_values(tuple(getattr(self, part) for part in SCOPE_PARTS))
 
     @property
     def bucket(self) -> str:
         """One id for the whole scope (the memory store's bucket key)."""
-        return sha256_hex([self.namespace] + [getattr(self, p) for p in SCOPE_PARTS])[:32]
+        return _bucket((self.namespace,) + tuple(getattr(self, p) for p in SCOPE_PARTS))
+
+
+@lru_cache(maxsize=4096)
+def _tag_values(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(sha256_hex(f"{part}\0{value}")[:20] for part, value in zip(SCOPE_PARTS, values))
+
+
+@lru_cache(maxsize=4096)
+def _bucket(values: tuple[str, ...]) -> str:
+    return sha256_hex(list(values))[:32]
 
 
 def normalize_prompt(text: str) -> str:

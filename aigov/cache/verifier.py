@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache, wraps
+from typing import Any
 
 _TOKEN_RE = re.compile(r"[$€£¥%°]|\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z0-9]*(?:['’][A-Za-z]+)?(?:[-_.][A-Za-z0-9]+)*")
 _SENTENCE_OPENERS = frozenset(".!?:;\"'([")
@@ -139,6 +140,29 @@ class Verdict:
     reason: str = ""          # the first failing check, e.g. "negation", "numbers:2!=3"
 
 
+# Word-level helpers are memoised: the vocabulary of prompts is small next to the number of
+# times each word is looked at, and a new query's analysis is on the request path. Only short
+# words and texts go into the caches, so a client sending huge tokens cannot grow them.
+_MAX_CACHED_WORD = 40
+_MAX_CACHED_TEXT = 4000
+
+
+def _memo_short(limit: int, maxsize: int) -> Any:
+    """lru_cache for calls whose string argument is at most `limit` long; longer ones are computed."""
+    def wrap(fn: Any) -> Any:
+        cached = lru_cache(maxsize=maxsize)(fn)
+
+        @wraps(fn)
+        def call(arg: str) -> Any:
+            return cached(arg) if len(arg) <= limit else fn(arg)
+
+        call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+        call.cache_info = cached.cache_info    # type: ignore[attr-defined]
+        return call
+    return wrap
+
+
+@_memo_short(_MAX_CACHED_WORD, 16384)
 def _lemma(word: str) -> str:
     """A crude lemma for matching word lists: plural and common verb suffixes stripped."""
     w = word.lower().replace("’", "'")
@@ -149,7 +173,8 @@ def _lemma(word: str) -> str:
     return w
 
 
-def _variants(word: str) -> set[str]:
+@_memo_short(_MAX_CACHED_WORD, 16384)
+def _variants(word: str) -> frozenset[str]:
     """The word and its plausible base forms (so 'enabled'/'enabling' match 'enable')."""
     w = word.lower()
     out = {w, _lemma(w)}
@@ -157,7 +182,13 @@ def _variants(word: str) -> set[str]:
         if w.endswith(suffix) and len(w) > len(suffix) + 2:
             base = w[: -len(suffix)]
             out.update({base, base + "e"})
-    return out
+    return frozenset(out)
+
+
+@_memo_short(_MAX_CACHED_WORD, 16384)
+def _unit_candidates(word: str) -> tuple[str, ...]:
+    """The spellings of a token looked up in UNITS, in lookup order."""
+    return tuple([word, word.rstrip(".")] + sorted(_variants(word)))
 
 
 _ANTONYMS: dict[str, set[str]] = {}
@@ -170,6 +201,8 @@ _OPPOSITE_PREFIXES = ("un", "dis", "de", "non", "in", "im", "il", "ir", "anti")
 
 @dataclass
 class _Text:
+    """One text's tokens and, computed once per text (the candidates' prompts recur across
+    requests and `_analyse` is cached), every per-text feature the checks compare."""
     raw: str
     tokens: list[str]          # as written
     lower: list[str]
@@ -180,8 +213,55 @@ class _Text:
     def content(self) -> list[str]:
         return [t for t in self.lower if t not in _SIMPLE_STOP and t not in NEGATIONS and t.isalpha()]
 
+    @cached_property
+    def negated(self) -> bool:
+        return _negated(self)
 
-@lru_cache(maxsize=4096)
+    @cached_property
+    def numbers(self) -> tuple[frozenset, frozenset]:
+        return _numbers(self)
+
+    @cached_property
+    def units(self) -> frozenset:
+        return _units(self)
+
+    @cached_property
+    def directions(self) -> set[tuple[str, str]]:
+        return _direction_pairs(self)
+
+    @cached_property
+    def entities(self) -> set[str]:
+        return _entities(self)
+
+    @cached_property
+    def classes(self) -> dict[str, set[str]]:
+        return _by_class(self)
+
+    @cached_property
+    def unique_content_positions(self) -> dict[str, int] | None:
+        """Position of each content lemma that occurs once; None for long texts (see _role_swap)."""
+        lemmas = [_lemma(w) for w in self.content]
+        if len(lemmas) > 30:
+            return None
+        return {w: i for i, w in enumerate(lemmas) if lemmas.count(w) == 1}
+
+    @cached_property
+    def prefix_stems(self) -> dict[str, list[str]]:
+        """word -> what is left after each opposite prefix it starts with (in prefix order)."""
+        out: dict[str, list[str]] = {}
+        for w in self.words:
+            stems = [w[len(p):] for p in _OPPOSITE_PREFIXES if w.startswith(p) and len(w) - len(p) >= 4]
+            if stems:
+                out[w] = stems
+        return out
+
+    @cached_property
+    def squashed(self) -> str:
+        """Lower-cased with spaces and hyphens removed (entity matching across spellings)."""
+        return self.raw.lower().replace(" ", "").replace("-", "")
+
+
+@_memo_short(_MAX_CACHED_TEXT, 4096)
 def _analyse(text: str) -> _Text:
     tokens = _TOKEN_RE.findall(text)
     lower = [t.lower().replace("’", "'") for t in tokens]
@@ -230,7 +310,7 @@ def _units(t: _Text) -> frozenset:
     found = set()
     low = t.lower
     for i, w in enumerate(low):
-        for cand in [w, w.rstrip(".")] + sorted(_variants(w)):
+        for cand in _unit_candidates(w):
             if cand in UNITS:
                 if cand in _AMBIGUOUS_UNITS or w in _AMBIGUOUS_UNITS:
                     near = low[max(0, i - 2):i] + low[i + 1:i + 2]
@@ -304,11 +384,12 @@ def _antonym_clash(a: _Text, b: _Text) -> str | None:
             if opp in only_b:
                 return f"{w}/{opp}"
     # un-/dis-/de- prefixes: "install" vs "uninstall", "able" vs "disable" style flips
-    for x, y in ((only_a, only_b), (only_b, only_a)):
+    for t, x, y in ((a, only_a, only_b), (b, only_b, only_a)):
+        stems = t.prefix_stems
         for w in x:
-            for p in _OPPOSITE_PREFIXES:
-                if w.startswith(p) and len(w) - len(p) >= 4 and w[len(p):] in y:
-                    return f"{w[len(p):]}/{w}"
+            for stem in stems.get(w, ()):
+                if stem in y:
+                    return f"{stem}/{w}"
     return None
 
 
@@ -317,22 +398,24 @@ _CANONICAL = {"grey": "gray", "golden": "gold", "lady": "woman", "ladies": "woma
               "girls": "girl", "mac": "macos", "osx": "macos", "c#": "csharp", "golang": "go"}
 
 
+def _by_class(t: _Text) -> dict[str, set[str]]:
+    """The members of each closed class the text names, canonicalised."""
+    out: dict[str, set[str]] = {}
+    for w in t.lower:
+        cls = _CLASS_OF.get(w)
+        base = w
+        if cls is None and _lemma(w) in _CLASS_OF:
+            base = _lemma(w)
+            cls = _CLASS_OF[base]
+        if cls:
+            base = _CANONICAL.get(base, base)
+            out.setdefault(cls, set()).add(_lemma(base) if cls == "animal" else base)
+    return out
+
+
 def _class_clash(a: _Text, b: _Text) -> str | None:
     """A member of a closed class replaced by another member ("red" -> "blue", "Monday" -> "Friday")."""
-    def by_class(t: _Text) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {}
-        for w in t.lower:
-            cls = _CLASS_OF.get(w)
-            base = w
-            if cls is None and _lemma(w) in _CLASS_OF:
-                base = _lemma(w)
-                cls = _CLASS_OF[base]
-            if cls:
-                base = _CANONICAL.get(base, base)
-                out.setdefault(cls, set()).add(_lemma(base) if cls == "animal" else base)
-        return out
-
-    ca, cb = by_class(a), by_class(b)
+    ca, cb = a.classes, b.classes
     for cls in ca.keys() & cb.keys():
         only_a, only_b = ca[cls] - cb[cls], cb[cls] - ca[cls]
         if only_a and only_b:
@@ -341,23 +424,23 @@ def _class_clash(a: _Text, b: _Text) -> str | None:
 
 
 def _role_swap(a: _Text, b: _Text) -> str | None:
-    """'A man carries a dog' vs 'A dog carries a man': two shared words swap sides of a shared pivot."""
-    ca, cb = [_lemma(w) for w in a.content], [_lemma(w) for w in b.content]
-    if len(ca) > 30 or len(cb) > 30:
+    """'A man carries a dog' vs 'A dog carries a man': two shared words swap sides of a shared pivot.
+
+    Only words within two content positions of the pivot in both texts count, so each pivot
+    looks at a handful of neighbours instead of every shared word.
+    """
+    pa, pb = a.unique_content_positions, b.unique_content_positions
+    if pa is None or pb is None:
         return None  # long texts reorder clauses freely; the check is meant for questions
-    pa = {w: i for i, w in enumerate(ca) if ca.count(w) == 1}
-    pb = {w: i for i, w in enumerate(cb) if cb.count(w) == 1}
     shared = [w for w in pa if w in pb]
     for v in shared:
-        before_a = {w for w in shared if pa[w] < pa[v]}
-        after_a = {w for w in shared if pa[w] > pa[v]}
-        before_b = {w for w in shared if pb[w] < pb[v]}
-        after_b = {w for w in shared if pb[w] > pb[v]}
-        near = (lambda w: abs(pa[w] - pa[v]) <= 2 and abs(pb[w] - pb[v]) <= 2)
-        for x in before_a & after_b:
-            for y in after_a & before_b:
-                if near(x) and near(y):
-                    return f"{x}<{v}<{y}"
+        ia, ib = pa[v], pb[v]
+        near = [w for w in shared if w != v and abs(pa[w] - ia) <= 2 and abs(pb[w] - ib) <= 2]
+        for x in near:
+            if pa[x] < ia and pb[x] > ib:       # x left of the pivot in a, right of it in b
+                for y in near:
+                    if pa[y] > ia and pb[y] < ib:
+                        return f"{x}<{v}<{y}"
     return None
 
 
@@ -368,8 +451,7 @@ def _entity_known(entity: str, other: _Text) -> bool:
     parts = [p for p in re.split(r"[-_.]", entity) if p]
     if len(parts) > 1 and all(p in other.words for p in parts):
         return True
-    joined = other.raw.lower().replace(" ", "").replace("-", "")
-    if len(entity) >= 4 and entity.replace("-", "") in joined:
+    if len(entity) >= 4 and entity.replace("-", "") in other.squashed:
         return True
     return any(len(w) >= 5 and len(entity) >= 5 and (w.startswith(entity) or entity.startswith(w))
                for w in other.words)
@@ -380,17 +462,17 @@ def verify(query: str, candidate: str) -> Verdict:
     if query == candidate:
         return Verdict(True)
     a, b = _analyse(query), _analyse(candidate)
-    if _negated(a) != _negated(b):
+    if a.negated != b.negated:
         return Verdict(False, "negation")
-    (na, oa), (nb, ob) = _numbers(a), _numbers(b)
+    (na, oa), (nb, ob) = a.numbers, b.numbers
     if na != nb:
         return Verdict(False, f"numbers:{sorted(map(str, na))}!={sorted(map(str, nb))}")
     if oa and ob and oa != ob:
         return Verdict(False, f"ordinals:{sorted(map(str, oa))}!={sorted(map(str, ob))}")
-    ua, ub = _units(a), _units(b)
+    ua, ub = a.units, b.units
     if ua != ub:
         return Verdict(False, f"units:{sorted(ua)}!={sorted(ub)}")
-    da, db = _direction_pairs(a), _direction_pairs(b)
+    da, db = a.directions, b.directions
     for x, y in da:
         if (y, x) in db and (x, y) not in db:
             return Verdict(False, f"direction:{x}->{y}")
@@ -403,8 +485,8 @@ def verify(query: str, candidate: str) -> Verdict:
     clash = _class_clash(a, b)
     if clash:
         return Verdict(False, f"class:{clash}")
-    missing_in_b = {e for e in _entities(a) if not _entity_known(e, b)}
-    missing_in_a = {e for e in _entities(b) if not _entity_known(e, a)}
+    missing_in_b = {e for e in a.entities if not _entity_known(e, b)}
+    missing_in_a = {e for e in b.entities if not _entity_known(e, a)}
     if missing_in_a and missing_in_b:  # one name replaced by another
         return Verdict(False, f"entities:{sorted(missing_in_b)}!={sorted(missing_in_a)}")
     return Verdict(True)

@@ -38,6 +38,8 @@ that lock, on the same thread while the first waits for Kong. Blocking I/O needs
 from __future__ import annotations
 
 import collections
+import ctypes
+import errno
 import itertools
 import json
 import logging
@@ -72,6 +74,35 @@ RECV_BUFFER_BYTES = 32 * 1024
 _IDLE_POLL_MS = 1000
 # Reusable handler greenlets kept per hub (a hub rarely runs more than a few events at once).
 _IDLE_GREENLETS = 16
+
+
+def _gil_holding_socket_calls() -> tuple[Any, Any]:
+    """libc send/recv called through ctypes.PyDLL, which does *not* release the GIL.
+
+    Why: every socket method releases the GIL around its system call, and with a hub thread per
+    connection another hub is usually waiting for it, so each release is a GIL hand-off (a futex
+    wake and a context switch, ~5-20 us here) even when the call cannot block. The hub only uses
+    these with MSG_DONTWAIT (a reply into a socket buffer with room, a recv after poll() said
+    readable), so holding the GIL costs nothing; anything that would block falls back to the
+    socket methods. (None, None) where libc cannot be loaded.
+    """
+    try:
+        libc = ctypes.PyDLL(None, use_errno=True)
+        send, recv = libc.send, libc.recv
+    except (OSError, AttributeError):
+        return None, None
+    for function in (send, recv):
+        function.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        function.restype = ctypes.c_ssize_t
+    return send, recv
+
+
+_c_send, _c_recv = _gil_holding_socket_calls()
+_NOWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_SEND_NOWAIT = _NOWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
+if not _NOWAIT:
+    _c_send = _c_recv = None
 
 
 class PluginServerError(Exception):
@@ -605,7 +636,7 @@ class Connection:
     """
 
     __slots__ = ("sock", "id", "plugin_name", "listener", "send_lock", "unpacker", "buffer", "view",
-                 "dead")
+                 "buffer_address", "dead")
 
     def __init__(self, sock: socket.socket, conn_id: int, plugin_name: str,
                  listener: "SocketListener") -> None:
@@ -617,6 +648,8 @@ class Connection:
         self.unpacker = protocol.new_unpacker()
         self.buffer = bytearray(RECV_BUFFER_BYTES)
         self.view = memoryview(self.buffer)
+        # The buffer is never resized (the export from_buffer holds forbids it anyway).
+        self.buffer_address = ctypes.addressof((ctypes.c_char * RECV_BUFFER_BYTES).from_buffer(self.buffer))
         self.dead = False
 
     def send(self, payload: bytes) -> bool:
@@ -628,11 +661,41 @@ class Connection:
         if self.dead:
             return False
         try:
+            if _c_send is not None:
+                # fileno() and the send happen without releasing the GIL, so no other thread
+                # can close the socket (and reuse its number) in between; -1 fails with EBADF.
+                sent = _c_send(self.sock.fileno(), payload, len(payload), _SEND_NOWAIT)
+                if sent == len(payload):
+                    return True
+                if sent < 0:
+                    if ctypes.get_errno() not in _RETRY_ERRNOS:
+                        self.dead = True
+                        return False
+                    sent = 0
+                payload = memoryview(payload)[sent:]
             self.sock.sendall(payload)  # sendall: an 8 MB exit body must arrive whole (§3.4.2)
             return True
         except OSError:
             self.dead = True
             return False
+
+    def recv_ready(self) -> int:
+        """Read what poll() said is there into `buffer`: bytes read, 0 at EOF, -1 for nothing yet.
+
+        Raises OSError for a broken connection.
+        """
+        if _c_recv is None:
+            try:
+                return self.sock.recv_into(self.buffer)
+            except (BlockingIOError, InterruptedError):
+                return -1
+        received = _c_recv(self.sock.fileno(), self.buffer_address, RECV_BUFFER_BYTES, _NOWAIT)
+        if received < 0:
+            err = ctypes.get_errno()
+            if err in _RETRY_ERRNOS:
+                return -1
+            raise OSError(err, os.strerror(err))
+        return received
 
     def close(self) -> None:
         try:
@@ -768,7 +831,7 @@ class Hub:
                         except BlockingIOError:
                             pass
                     elif conn is not None and self.conn is conn:
-                        if not self._read(conn) and self.conn is conn:
+                        if not self._read(conn, polled=True) and self.conn is conn:
                             self._close_connection(conn)
         except BaseException:  # noqa: BLE001 - a hub bug must not pass silently
             log.exception("%s failed", self.name)
@@ -792,14 +855,20 @@ class Hub:
         conn.listener.connection_closed(conn.id)
         self.server.connection_closed(conn.id)
 
-    def _read(self, conn: Connection) -> bool:
-        """Read what arrived and answer every complete frame; False closes the connection."""
+    def _read(self, conn: Connection, polled: bool = False) -> bool:
+        """Read what arrived and answer every complete frame; False closes the connection.
+
+        `polled`: poll() said the socket is readable, so the read cannot wait and keeps the GIL
+        (Connection.recv_ready); otherwise this is the idle wait itself and releases it.
+        """
         try:
-            received = conn.sock.recv_into(conn.buffer)
+            received = conn.recv_ready() if polled else conn.sock.recv_into(conn.buffer)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
             return False
+        if received < 0:
+            return True  # nothing there after all (a spurious wakeup)
         if not received:
             return False
         try:
@@ -960,11 +1029,8 @@ class Hub:
                 if event.waiting and not conn.dead:
                     event.waiting = False
                     event.last_activity = _monotonic()
-                    try:
-                        conn.sock.sendall(message)
+                    if conn.send_locked(message):
                         return
-                    except OSError:
-                        conn.dead = True
             finally:
                 lock.release()
         self._settle(event, message)

@@ -52,6 +52,11 @@ class CacheStore(Protocol):
                min_similarity: float) -> list[tuple[CacheEntry, float]]:
         """Up to k entries of this scope with cosine similarity >= min_similarity, best first."""
 
+    def get_exact_and_search(self, scope: CacheScope, key: str, vector: np.ndarray, k: int,
+                             min_similarity: float
+                             ) -> tuple[CacheEntry | None, list[tuple[CacheEntry, float]]]:
+        """get_exact, and on a miss search, in one store round trip (the query vector is known)."""
+
     def put(self, scope: CacheScope, vector: np.ndarray, entry: CacheEntry) -> None: ...
 
     def purge(self) -> int:

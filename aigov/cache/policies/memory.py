@@ -98,6 +98,15 @@ class MemoryStore:
                 self._entries.move_to_end(entry.key)
             return out
 
+    def get_exact_and_search(self, scope: CacheScope, key: str, vector: np.ndarray, k: int,
+                             min_similarity: float
+                             ) -> tuple[CacheEntry | None, list[tuple[CacheEntry, float]]]:
+        """The exact probe, then the KNN search only on an exact miss (both in process)."""
+        entry = self.get_exact(scope, key)
+        if entry is not None:
+            return entry, []
+        return None, self.search(scope, vector, k, min_similarity)
+
     def put(self, scope: CacheScope, vector: np.ndarray, entry: CacheEntry) -> None:
         with self._lock:
             if entry.key in self._entries:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -47,11 +48,16 @@ class RedisStore:
         self.embeddings_model = embeddings_model
         self._ready: set[str] = set()     # index names known to exist with the right dimension
         self._lock = threading.Lock()
+        self._cfg_ids: dict[int, str] = {}  # dim -> cfg id (a hash: computed once, not per lookup)
 
     # -- naming -----------------------------------------------------------------------------
     def cfg_id(self, dim: int) -> str:
-        return sha256_hex([self.namespace, self.embeddings_model, int(dim), "HNSW", "COSINE",
-                           HNSW_EF_RUNTIME])[:12]
+        cfg = self._cfg_ids.get(dim)
+        if cfg is None:
+            cfg = sha256_hex([self.namespace, self.embeddings_model, int(dim), "HNSW", "COSINE",
+                              HNSW_EF_RUNTIME])[:12]
+            self._cfg_ids[dim] = cfg
+        return cfg
 
     def index_name(self, dim: int) -> str:
         return f"{INDEX_ROOT}:{self.namespace}:{self.cfg_id(dim)}"
@@ -106,51 +112,59 @@ class RedisStore:
     # -- store API --------------------------------------------------------------------------
     def get_exact(self, scope: CacheScope, key: str) -> CacheEntry | None:
         # the exact layer is dimension-free: look it up under every cfg the namespace may use
-        raw = self._run(lambda r: r.get(self._exact_key(key)))
-        if not raw:
-            return None
-        entry = CacheEntry.from_json_dict(json.loads(raw))
-        if entry.meta.get("bucket") != scope.bucket or entry.expires_at <= time.time():
-            return None
-        return entry
+        return _exact_entry(self._run(lambda r: r.get(self._exact_key(key))), scope)
 
     def _exact_key(self, key: str) -> str:
         return f"{namespace_prefix(self.namespace)}x:{key}"
 
-    def search(self, scope: CacheScope, vector: np.ndarray, k: int,
-               min_similarity: float) -> list[tuple[CacheEntry, float]]:
+    def _search_args(self, scope: CacheScope, vector: np.ndarray, k: int) -> tuple[str, tuple[Any, ...]]:
+        """The index and the FT.SEARCH arguments: the scope's TAG filters and the KNN clause.
+
+        No SORTBY: the KNN clause already selects the k nearest, and ordering k rows here is
+        cheaper than asking RediSearch to sort them. RETURN only the two fields a lookup reads.
+        """
         dim = int(vector.shape[-1])
         index = self._ensure_index(dim)
-        tags = scope.tags()
-        filt = " ".join(f"@{part}:{{{tags[part]}}}" for part in SCOPE_PARTS)
-        query = f"({filt})=>[KNN {int(k)} @vec $blob AS dist]"
         blob = np.asarray(vector, dtype=np.float32).tobytes()
+        return index, ("FT.SEARCH", index, _knn_query(scope.tag_values(), int(k)), "PARAMS", "2",
+                       "blob", blob, "RETURN", "2", "dist", "entry", "LIMIT", "0", str(int(k)),
+                       "DIALECT", "2")
 
-        def do(r: redis.Redis) -> Any:
-            return r.execute_command("FT.SEARCH", index, query, "PARAMS", "2", "blob", blob,
-                                     "SORTBY", "dist", "RETURN", "2", "dist", "entry",
-                                     "LIMIT", "0", str(int(k)), "DIALECT", "2")
-
+    def search(self, scope: CacheScope, vector: np.ndarray, k: int,
+               min_similarity: float) -> list[tuple[CacheEntry, float]]:
+        index, args = self._search_args(scope, vector, k)
         try:
-            reply = self._run(do)
+            reply = self._run(lambda r: r.execute_command(*args))
         except StoreUnavailable as exc:
-            if "no such index" not in str(exc).lower() and "unknown index" not in str(exc).lower():
+            if not _missing_index(exc):
                 raise
-            # Redis restarted empty or the namespace was purged: recreate the index once
-            self._ready.discard(index)
-            self._ensure_index(dim)
-            reply = self._run(do)
-        out: list[tuple[CacheEntry, float]] = []
-        now = time.time()
-        for row in _search_rows(reply):
-            try:
-                similarity = 1.0 - float(row["dist"])
-                entry = CacheEntry.from_json_dict(json.loads(row["entry"]))
-            except (KeyError, ValueError, TypeError):
-                continue  # a foreign or corrupt document under our prefix is skipped, not served
-            if similarity >= min_similarity and entry.expires_at > now:
-                out.append((entry, similarity))
-        return out
+            reply = self._recreate_and_search(index, vector, args)
+        return _candidates(reply, min_similarity)
+
+    def get_exact_and_search(self, scope: CacheScope, key: str, vector: np.ndarray, k: int,
+                             min_similarity: float
+                             ) -> tuple[CacheEntry | None, list[tuple[CacheEntry, float]]]:
+        """The exact-layer probe and the KNN query in one round trip (both sent in one write)."""
+        index, args = self._search_args(scope, vector, k)
+        exact_key = self._exact_key(key)
+
+        raw, reply = self._run(lambda r: _one_round_trip(r, ("GET", exact_key), args))
+        if isinstance(raw, redis.ResponseError):
+            raise StoreUnavailable(f"redis error: {raw}")
+        entry = _exact_entry(raw, scope)
+        if entry is not None:
+            return entry, []
+        if isinstance(reply, redis.ResponseError):
+            if not _missing_index(reply):
+                raise StoreUnavailable(f"redis error: {reply}")
+            reply = self._recreate_and_search(index, vector, args)
+        return None, _candidates(reply, min_similarity)
+
+    def _recreate_and_search(self, index: str, vector: np.ndarray, args: tuple[Any, ...]) -> Any:
+        # Redis restarted empty or the namespace was purged: recreate the index once
+        self._ready.discard(index)
+        self._ensure_index(int(vector.shape[-1]))
+        return self._run(lambda r: r.execute_command(*args))
 
     def put(self, scope: CacheScope, vector: np.ndarray, entry: CacheEntry) -> None:
         dim = int(vector.shape[-1])
@@ -184,6 +198,80 @@ class RedisStore:
 
 def _s(x: Any) -> Any:
     return x.decode() if isinstance(x, bytes) else x
+
+
+@lru_cache(maxsize=1024)
+def _knn_query(tag_values: tuple[str, ...], k: int) -> str:
+    """The query string for one scope and k (prebuilt: the same scopes recur request after request)."""
+    filt = " ".join(f"@{part}:{{{value}}}" for part, value in zip(SCOPE_PARTS, tag_values))
+    return f"({filt})=>[KNN {k} @vec $blob AS dist]"
+
+
+def _one_round_trip(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
+    """Send several commands in one write and read their replies in order (no MULTI).
+
+    What redis-py's Pipeline does, without its per-call object and callback machinery, which
+    cost as much as the second command saved. An error reply comes back as a ResponseError in
+    its slot (every reply is still read, so the connection stays in step); a connection-level
+    failure drops the connection and propagates (RedisLayer maps it to RedisUnavailable).
+    """
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        conn.disconnect()  # a half-read reply must never be handed to the next caller
+        raise
+    finally:
+        pool.release(conn)
+
+
+def _missing_index(exc: Exception) -> bool:
+    msg = str(exc).lower()
+    return "no such index" in msg or "unknown index" in msg
+
+
+def _exact_entry(raw: Any, scope: CacheScope) -> CacheEntry | None:
+    """The exact layer's entry from its stored JSON, if it belongs to this scope and is live."""
+    if not raw:
+        return None
+    try:
+        entry = CacheEntry.from_json_dict(json.loads(raw))
+    except (KeyError, ValueError, TypeError):
+        return None  # a corrupt exact entry is a miss (the answer is stored again), never a crash
+    if entry.meta.get("bucket") != scope.bucket or entry.expires_at <= time.time():
+        return None
+    return entry
+
+
+def _candidates(reply: Any, min_similarity: float) -> list[tuple[CacheEntry, float]]:
+    """(entry, similarity) of an FT.SEARCH reply above the threshold and live, best first."""
+    rows: list[tuple[float, bytes | str]] = []
+    for row in _search_rows(reply):
+        try:
+            rows.append((1.0 - float(row["dist"]), row["entry"]))
+        except (KeyError, ValueError, TypeError):
+            continue  # a foreign document under our prefix (no dist/entry) is skipped
+    rows.sort(key=lambda item: -item[0])
+    out: list[tuple[CacheEntry, float]] = []
+    now = time.time()
+    for similarity, raw in rows:
+        if similarity < min_similarity:
+            break  # sorted: every later row is further away
+        try:
+            entry = CacheEntry.from_json_dict(json.loads(raw))
+        except (KeyError, ValueError, TypeError):
+            continue  # a corrupt document is skipped, not served
+        if entry.expires_at > now:
+            out.append((entry, similarity))
+    return out
 
 
 def _search_rows(reply: Any) -> list[dict[str, Any]]:

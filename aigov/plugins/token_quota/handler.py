@@ -6,10 +6,11 @@ Phases
   store. Rejects with 429 (OpenAI-shaped body, Retry-After) when a limit does not fit.
 - response (default capture phase): read the buffered upstream answer, take the provider's usage
   as the truth (or count the streamed text with tiktoken when there is none), settle the
-  reservation to it, and send headers that agree with the counters after the settle.
+  reservation to it, and send headers that agree with the counters after the settle (computed
+  from the reservation's answer, so the settle overlaps the headers' round trip).
 - log (always runs, also after another plugin's exit or a failed upstream): the place that
-  guarantees settle-or-release exactly once. With AIGOV_CAPTURE_PHASE=log there is no response
-  phase (Kong does not buffer); the settle uses ai-proxy's logged usage instead.
+  guarantees settle-or-release exactly once. With AIGOV_CAPTURE_PHASE=log there is no response phase (Kong does not
+  buffer); the settle uses ai-proxy's logged usage instead.
 
 Priority 906: after the router (907) so the routed model is priced, before Kong's
 ai-rate-limiting-advanced (905), and well before the cache (770) and ai-proxy (770), so a cache
@@ -37,14 +38,19 @@ from aigov import metrics
 from aigov.llm_response import LLMResponse, parse_upstream_response
 from aigov.pdk import guarded, raw, text, value
 from aigov.prices import Price, nano_to_usd
-from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, charge_from_usage,
-                              identity_tag, openai_error, plan_counters, rate_limit_headers, rejection_body)
+from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, ReserveResult,
+                              charge_from_usage, identity_tag, openai_error, plan_counters, rate_limit_headers,
+                              rejection_body)
 from aigov.request import RequestError, parse_chat_request
 
 NAME = "llm-token-quota"
 VERSION = __version__
 PRIORITY = 906
 SHARED_KEY = "aigov"
+# This plugin's own per-request state (reservation, price, estimate), read only by its later
+# phases: under its own kong.ctx.shared key, so access writes it without first reading (and
+# then rewriting) the shared "aigov" dict of facts other plugins publish.
+STATE_KEY = "aigov.quota"
 CAPTURE_PHASE = "log" if os.environ.get("AIGOV_CAPTURE_PHASE", "").strip().lower() == "log" else "response"
 
 _stores: dict[tuple[str, str], QuotaStore] = {}
@@ -73,25 +79,28 @@ def store_for(config: QuotaConfig) -> QuotaStore:
     return store
 
 
-class _SettledCharges:
-    """Charges settled in `response`, kept in this process until the request's `log` phase.
+class _RequestNotes:
+    """What one phase of a request leaves for the next one in this process, by request id.
 
-    Saves the response phase a kong.ctx.shared.set round trip on the client's path (Kong runs
-    every phase of a request on the same plugin server). If the log phase finds nothing here (the
-    plugin server restarted in between), it settles again and the store answers "duplicate"
-    (settle is idempotent per request id), so nothing is metered twice. Bounded: an entry whose
-    log phase never comes is dropped after `ttl_s` or when `cap` is exceeded.
+    access -> response: ("reserved", counter values after the reservation), so the response
+    phase can show the counters after the settle without waiting for the store. response -> log:
+    ("settled", charge), so log has nothing left to store. Kong runs
+    every phase of a request on the same plugin server; if the server restarted in between, a
+    phase finds nothing here and falls back to the store (the settle is idempotent per request
+    id, so nothing is metered twice). Bounded: an entry whose next phase never comes is dropped
+    after `ttl_s` or when `cap` is exceeded.
     """
 
     def __init__(self, cap: int = 65536, ttl_s: float = 900.0) -> None:
-        self._items: "OrderedDict[str, tuple[float, Charge]]" = OrderedDict()
+        self._items: "OrderedDict[str, tuple[float, tuple[str, Any]]]" = OrderedDict()
         self._lock = threading.Lock()
         self.cap, self.ttl_s = cap, ttl_s
 
-    def put(self, request_id: str, charge: Charge) -> None:
+    def put(self, request_id: str, note: tuple[str, Any]) -> None:
         now = time.monotonic()
         with self._lock:
-            self._items[request_id] = (now, charge)
+            self._items[request_id] = (now, note)
+            self._items.move_to_end(request_id)
             while len(self._items) > self.cap:
                 self._items.popitem(last=False)
             while self._items:  # oldest first: drop the expired ones
@@ -100,15 +109,19 @@ class _SettledCharges:
                     break
                 self._items.popitem(last=False)
 
-    def pop(self, request_id: Any) -> Charge | None:
+    def pop(self, request_id: Any) -> tuple[str, Any] | None:
         if not isinstance(request_id, str):
             return None
         with self._lock:
             item = self._items.pop(request_id, None)
         return None if item is None else item[1]
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
 
-_SETTLED = _SettledCharges()
+
+_NOTES = _RequestNotes()
 
 
 def _as_dict(v: Any) -> dict[str, Any]:
@@ -140,11 +153,35 @@ class TokenQuotaHandler:
             # Reported on every request (a clear 500) rather than failing StartInstance, which
             # Kong turns into an opaque 500 and a retry storm.
             self.config_error = str(exc)
+        # Compiled once per instance (Kong starts one per config version): answers that depend
+        # only on the config are not recomputed per request.
+        self._per_route = bool(self.quota and any(spec.per_route for spec in self.quota.limits))
+        self._price_cache: dict[str | None, tuple[str | None, Price | None]] = {}
+        self._store_cached: QuotaStore | None = None
+
+    def _store(self) -> QuotaStore:
+        if self._store_cached is None:
+            assert self.quota is not None
+            self._store_cached = store_for(self.quota)
+        return self._store_cached
+
+    def _priced(self, model_asked: str | None) -> tuple[str | None, Price | None]:
+        """(price-table name, price) of a requested model, cached per instance (bounded)."""
+        hit = self._price_cache.get(model_asked)
+        if hit is None:
+            assert self.quota is not None
+            hit = (self.quota.prices.resolve(model_asked), self.quota.prices.lookup(model_asked))
+            if len(self._price_cache) < 1024:  # client-chosen names: never an unbounded map
+                self._price_cache[model_asked] = hit
+        return hit
 
     # ------------------------------------------------------------------ access
     @guarded
     def access(self, kong: Any) -> None:
-        shared = _as_dict(value(kong.ctx.shared.get(SHARED_KEY)))
+        # Four PDK calls when admitted: body, consumer, the state for later phases, headers. The
+        # shared "aigov" dict is not read: the routed model is already in the body (the router
+        # rewrites it with set_raw_body, which get_raw_body then returns, reference §4.4), and
+        # this plugin's state lives under its own key, so nothing of another plugin is overwritten.
         if self.quota is None:
             kong.log.err(self.config_error)
             kong.response.exit(500, openai_error(self.config_error or "config error", "server_error",
@@ -174,9 +211,8 @@ class TokenQuotaHandler:
                                                  "invalid_request"), {"Content-Type": "application/json"})
             return
 
-        model_asked = shared.get("model") if isinstance(shared.get("model"), str) else request.model
-        model = q.prices.resolve(model_asked)
-        price: Price | None = q.prices.lookup(model_asked)
+        model_asked = request.model
+        model, price = self._priced(model_asked)
         model_label = model or (model_asked or "")[:64]
         if price is None:
             action = "block" if q.unknown_model == "block" else "default_price"
@@ -193,7 +229,7 @@ class TokenQuotaHandler:
 
         tag = self._identify(kong)
         route = None
-        if any(spec.per_route for spec in q.limits):
+        if self._per_route:
             r = _as_dict(value(kong.router.get_route()))
             route = r.get("name") or r.get("id")
 
@@ -205,89 +241,160 @@ class TokenQuotaHandler:
         now = time.time()
         counters = plan_counters(q, tag, model, route, now)
         amounts = [estimate.amount_for(c) for c in counters]
-        request_id = shared.get("request_id") if isinstance(shared.get("request_id"), str) else uuid.uuid4().hex
-
-        store_name = "memory" if q.policy != "redis" else "redis"
-        result = None
-        if counters:
-            try:
-                result = store_for(q).reserve(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
-            except Exception as exc:  # noqa: BLE001 - RedisUnavailable or a script error: the failure policy
-                if q.on_store_failure == "fail_closed":
-                    metrics.QUOTA_STORE_FAILURES.labels("fail_closed").inc()
-                    kong.log.err(f"llm-token-quota: quota store unavailable ({type(exc).__name__}); fail_closed: 503")
-                    kong.response.exit(503, openai_error(
-                        "llm-token-quota: the quota store is unavailable and this route is configured to "
-                        "fail closed; retry later", "server_error", "quota_store_unavailable"),
-                        {"Content-Type": "application/json", "Retry-After": "1"})
-                    return
-                metrics.QUOTA_STORE_FAILURES.labels("fail_open").inc()
-                kong.log.warn(f"llm-token-quota: quota store unavailable ({type(exc).__name__}: {exc}); "
-                              "fail_open: counting in local memory")
-                store_name = "memory"
-                result = memory_store().reserve(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
-            if not result.admitted:
-                self._reject(kong, counters, result.values, result.blocked or 0, amounts, tag, now)
-                return
-        values = list(result.values) if result else []
-        self._gauge(tag, counters, values)
-
-        shared["request_id"] = shared.get("request_id") or request_id
-        shared["quota"] = {
-            "rid": request_id, "tag": tag, "store": store_name, "model": model, "model_label": model_label,
+        request_id = uuid.uuid4().hex
+        state: dict[str, Any] = {
+            "rid": request_id, "tag": tag, "store": "memory" if q.policy != "redis" else "redis",
+            "model": model, "model_label": model_label,
             "price": [price.input, price.output, -1 if price.cached_input is None else price.cached_input,
                       -1 if price.reasoning is None else price.reasoning],
             "counters": [c.to_list() for c in counters], "reserved": amounts,
             "estimate": [prompt_est, completion_est, estimate.cost_nano],
             "stream": bool(request.stream),
         }
-        kong.ctx.shared.set(SHARED_KEY, shared)
-        if not q.hide_client_headers and counters:
+        if not counters:  # no limit applies to this model: metered (logged, priced), never blocked
+            kong.ctx.shared.set(STATE_KEY, state)
+            return
+
+        result = self._reserve(kong, state, tag, request_id, counters, amounts, now)
+        if result is None:
+            return  # fail_closed: the 503 is sent
+        if not result.admitted:
+            kong.ctx.shared.set(STATE_KEY, None)  # nothing reserved: log has nothing to settle
+            self._reject(kong, counters, result.values, result.blocked or 0, amounts, tag, now)
+            return
+        values = list(result.values)
+        if CAPTURE_PHASE == "response":  # the response phase builds its headers from them
+            _NOTES.put(request_id, ("reserved", values))
+        self._gauge(tag, counters, values)
+        if not q.hide_client_headers:
             if CAPTURE_PHASE == "response":
                 # As if this request were free: right for a cache hit or a failed upstream (both
-                # released in log); a real answer overwrites them after the settle.
+                # released in log); a real answer overwrites them in the response phase.
                 shown = [v - a for v, a in zip(values, amounts)]
             else:
                 shown = values  # log mode: the reservation is all we know before the response leaves
             kong.response.set_headers(rate_limit_headers(counters, shown, now))
 
+    def _reserve(self, kong: Any, state: dict[str, Any], tag: str, request_id: str, counters: list[Counter],
+                 amounts: list[int], now: float) -> ReserveResult | None:
+        """Check-and-reserve, with the state write for later phases done while Redis works.
+
+        Returns None when fail_closed answered 503 (the store is down)."""
+        q = self.quota
+        assert q is not None
+        store = self._store()
+        pending = None
+        error: Exception | None = None
+        begin = getattr(store, "reserve_begin", None)
+        result: ReserveResult | None = None
+        try:
+            if begin is not None:
+                pending = begin(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
+            else:
+                result = store.reserve(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
+        except Exception as exc:  # noqa: BLE001 - RedisUnavailable or a script error: the failure policy
+            error = exc
+        try:
+            kong.ctx.shared.set(STATE_KEY, state)  # one round trip to Kong while the script runs
+        except BaseException:
+            if pending is not None:
+                pending.cancel()
+            raise
+        if pending is not None:
+            try:
+                result = pending.result()
+            except Exception as exc:  # noqa: BLE001 - as above
+                error = exc
+        if error is None and result is not None:
+            return result
+        if q.on_store_failure == "fail_closed":
+            metrics.QUOTA_STORE_FAILURES.labels("fail_closed").inc()
+            kong.log.err(f"llm-token-quota: quota store unavailable ({type(error).__name__}); fail_closed: 503")
+            kong.ctx.shared.set(STATE_KEY, None)
+            kong.response.exit(503, openai_error(
+                "llm-token-quota: the quota store is unavailable and this route is configured to "
+                "fail closed; retry later", "server_error", "quota_store_unavailable"),
+                {"Content-Type": "application/json", "Retry-After": "1"})
+            return None
+        metrics.QUOTA_STORE_FAILURES.labels("fail_open").inc()
+        kong.log.warn(f"llm-token-quota: quota store unavailable ({type(error).__name__}: {error}); "
+                      "fail_open: counting in local memory")
+        state["store"] = "memory"
+        kong.ctx.shared.set(STATE_KEY, state)  # later phases settle where this was reserved
+        return memory_store().reserve(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
+
     # ------------------------------------------------------------------ response (buffered capture)
     def _response(self, kong: Any) -> None:
-        # Four PDK calls on the client's path: read state, status, body, then the headers. The
-        # upstream's headers are not read (the stream flag of the request and the body tell SSE
-        # from JSON) and the settled state stays in this process for `log` (_SETTLED).
-        shared = _as_dict(value(kong.ctx.shared.get(SHARED_KEY)))
-        state = _as_dict(shared.get("quota"))
+        # Four PDK calls and one store round trip that overlaps the last of them: read the state,
+        # status and body, send the settle, send the headers, read the settle's answer. The
+        # counters after the settle are known without waiting for the store (the values the
+        # reservation returned, minus the reservation, plus the charge), and the settle is done
+        # before the response leaves, so the client's next request sees it.
+        state = _as_dict(value(kong.ctx.shared.get(STATE_KEY)))
         if not state or self.quota is None:
             return
+        q = self.quota
         status = value(kong.service.response.get_status()) or value(kong.response.get_status()) or 0
         body = raw(kong.service.response.get_raw_body())
         answer = parse_upstream_response(int(status), _sniffed_headers(bool(state.get("stream")), body), body)
         charge = self._charge_from_answer(state, answer)
-        counters, values = self._settle(kong, state, charge)
-        _SETTLED.put(str(state.get("rid")), charge)
-        if not self.quota.hide_client_headers:
-            out = rate_limit_headers(counters, values, time.time()) if counters else {}
-            out["X-AI-Tokens-Prompt"] = str(charge.prompt_tokens)
-            out["X-AI-Tokens-Completion"] = str(charge.completion_tokens)
-            out["X-AI-Cost-USD"] = f"{nano_to_usd(charge.cost_nano):.9f}"  # exact: costs are whole nano-USD
-            kong.response.set_headers(out)
+        rid = str(state.get("rid"))
+        note = _NOTES.pop(rid)
+        counters = [Counter.from_list(c) for c in state.get("counters") or []]
+        if note is None or note[0] != "reserved" or len(note[1]) != len(counters) or q.hide_client_headers:
+            # This process did not make the reservation (the plugin server restarted in between),
+            # or no headers are sent: settle first, the headers then come from the store.
+            counters, values = self._settle(kong, state, charge)
+            _NOTES.put(rid, ("settled", charge))
+            if not q.hide_client_headers:
+                kong.response.set_headers(self._usage_headers(counters, values, charge))
+            return
+        reserved = [int(a) for a in state.get("reserved") or []]
+        values = [v - r + charge.amount_for(c) for v, r, c in zip(note[1], reserved, counters)]
+        pending = None
+        begin = getattr(self._store(), "settle_begin", None)
+        if counters and state.get("store") != "memory" and begin is not None:
+            try:
+                pending = begin(state["tag"], rid, counters, [charge.amount_for(c) for c in counters],
+                                time.time(), q.reservation_ttl_s)
+            except Exception:  # noqa: BLE001 - _settle retries and applies the failure policy
+                pending = None
+        try:
+            kong.response.set_headers(self._usage_headers(counters, values, charge))
+        except BaseException:
+            if pending is not None:
+                pending.cancel()  # log settles again: "duplicate" if this one reached the store
+            raise
+        self._settle(kong, state, charge, pending)
+        _NOTES.put(rid, ("settled", charge))
+
+    @staticmethod
+    def _usage_headers(counters: list[Counter], values: list[int], charge: Charge) -> dict[str, str]:
+        out = rate_limit_headers(counters, values, time.time()) if counters else {}
+        out["X-AI-Tokens-Prompt"] = str(charge.prompt_tokens)
+        out["X-AI-Tokens-Completion"] = str(charge.completion_tokens)
+        out["X-AI-Cost-USD"] = f"{nano_to_usd(charge.cost_nano):.9f}"  # exact: costs are whole nano-USD
+        return out
 
     # ------------------------------------------------------------------ log (settle-or-release)
     @guarded
     def log(self, kong: Any) -> None:
-        shared = _as_dict(value(kong.ctx.shared.get(SHARED_KEY)))
-        state = _as_dict(shared.get("quota"))
+        state = _as_dict(value(kong.ctx.shared.get(STATE_KEY)))
         if not state or self.quota is None:
             return
-        settled = _SETTLED.pop(state.get("rid"))
-        if settled is not None:
-            self._serialize(kong, state, settled)
+        note = _NOTES.pop(state.get("rid"))
+        if note is not None and note[0] == "settled":  # settled in the response phase
+            self._serialize(kong, state, note[1])
             return
-        cache = _as_dict(shared.get("cache"))
-        cache_status = str(shared.get("cache_status") or cache.get("status") or cache.get("cache_status") or "")
-        if cache_status.lower() == "hit":
+        # One serializer read answers everything below: the cache's outcome (it logs
+        # aigov.cache.status), ai-proxy's usage (log mode) and the upstream status.
+        logged = _logged(kong)
+        cache_logged = _as_dict(_as_dict(logged.get("aigov")).get("cache"))
+        if str(cache_logged.get("status") or "").lower() == "hit":
             charge = Charge.zero("cache_hit")
+            # what the hit saved is published in the shared "aigov" dict, not in the log entry
+            shared = _as_dict(value(kong.ctx.shared.get(SHARED_KEY)))
+            cache = _as_dict(shared.get("cache"))
             saved = _as_dict(cache.get("usage")) or _as_dict(shared.get("tokens_saved"))
             for token_type in ("prompt_tokens", "completion_tokens"):
                 if _num(saved.get(token_type)):
@@ -295,7 +402,7 @@ class TokenQuotaHandler:
                                               state.get("tag", "")).inc(_num(saved.get(token_type)))
             state["tokens_saved"] = {k: _num(saved.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         elif CAPTURE_PHASE == "log":
-            charge = self._charge_from_log(kong, state)
+            charge = self._charge_from_log(kong, state, logged)
         else:
             # The response phase never ran. If the upstream had started a successful answer
             # (service status 2xx) the body broke mid-way: the provider generated and bills an
@@ -304,7 +411,7 @@ class TokenQuotaHandler:
             # another plugin's exit): release.
             # kong.service.response.get_status is unavailable in the log timer; Kong's
             # serializer carries the upstream status ("" when no upstream answered).
-            service_status = _upstream_status(value(kong.log.serialize()))
+            service_status = _upstream_status(logged)
             if service_status is not None and 200 <= service_status < 300:
                 est = state["estimate"]
                 charge = Charge(int(est[0]), int(est[1]), int(est[0]) + int(est[1]), int(est[2]), source="cut")
@@ -354,14 +461,9 @@ class TokenQuotaHandler:
         completion = tokens.count_text(answer.text, state.get("model")) if answer.text else 0
         return charge_from_usage(price, prompt, completion, source="counted")
 
-    def _charge_from_log(self, kong: Any, state: dict[str, Any]) -> Charge:
+    def _charge_from_log(self, kong: Any, state: dict[str, Any], logged: dict[str, Any]) -> Charge:
         price = self._price(state)
-        usage: dict[str, Any] = {}
-        try:
-            logged = json.loads(text(kong.log.serialize()) or "{}")
-            usage = _as_dict(_as_dict(_as_dict(logged.get("ai")).get("proxy")).get("usage"))
-        except ValueError:
-            usage = {}
+        usage = _as_dict(_as_dict(_as_dict(logged.get("ai")).get("proxy")).get("usage"))
         prompt, completion = _num(usage.get("prompt_tokens")), _num(usage.get("completion_tokens"))
         total = _num(usage.get("total_tokens"))
         if not (prompt or completion or total):
@@ -377,7 +479,10 @@ class TokenQuotaHandler:
         est = state["estimate"]
         return Charge(int(est[0]), int(est[1]), int(est[0]) + int(est[1]), int(est[2]), source="estimate")
 
-    def _settle(self, kong: Any, state: dict[str, Any], charge: Charge) -> tuple[list[Counter], list[int]]:
+    def _settle(self, kong: Any, state: dict[str, Any], charge: Charge,
+                pending: Any = None) -> tuple[list[Counter], list[int]]:
+        """Settle in the store (or read the answer of `pending`, a settle already sent), with
+        the fallback to local memory, then the metrics."""
         q = self.quota
         assert q is not None
         counters = [Counter.from_list(c) for c in state.get("counters") or []]
@@ -385,9 +490,13 @@ class TokenQuotaHandler:
         values: list[int] = []
         started = time.perf_counter()
         if counters:
-            store = memory_store() if state.get("store") == "memory" else store_for(q)
+            store = memory_store() if state.get("store") == "memory" else self._store()
             try:
-                result = store.settle(state["tag"], state["rid"], counters, amounts, time.time(), q.reservation_ttl_s)
+                if pending is not None:
+                    result = pending.result()
+                else:
+                    result = store.settle(state["tag"], state["rid"], counters, amounts, time.time(),
+                                          q.reservation_ttl_s)
             except Exception as exc:  # noqa: BLE001 - keep the accounting on this node at least
                 metrics.QUOTA_STORE_FAILURES.labels("settle_local").inc()
                 kong.log.err(f"llm-token-quota: settle failed ({type(exc).__name__}: {exc}); charged in local "
@@ -443,6 +552,15 @@ class TokenQuotaHandler:
 # upstream response, which log mode avoids (reference §2.8). kong-pdk reads phases with hasattr.
 if CAPTURE_PHASE == "response":
     TokenQuotaHandler.response = guarded(TokenQuotaHandler._response)  # type: ignore[attr-defined]
+
+
+def _logged(kong: Any) -> dict[str, Any]:
+    """Kong's log serializer entry (a JSON string from the plugin server's PDK), {} if unreadable."""
+    try:
+        entry = json.loads(text(kong.log.serialize()) or "{}")
+    except (ValueError, RecursionError):
+        return {}
+    return entry if isinstance(entry, dict) else {}
 
 
 def _upstream_status(serialized: Any) -> int | None:

@@ -16,7 +16,9 @@ share the caller's hash tag, hence the slot, so Redis Cluster serves them.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import redis
 
 from aigov.quota.core import Counter, ReserveResult, SettleResult, meta_keys
 from aigov.redis_client import RedisLayer
@@ -157,30 +159,67 @@ class RedisQuotaStore:
         self._settle = client.register_script(SETTLE_LUA)
         self._values = client.register_script(VALUES_LUA)
 
-    def reserve(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
-                now: float | None = None, reservation_ttl_s: int = 600) -> ReserveResult:
-        now = time.time() if now is None else now
+    def _reserve_args(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
+                      now: float, reservation_ttl_s: int) -> tuple[list[str], list[Any]]:
         keys = [*meta_keys(self.prefix, tag), *(c.key for c in counters)]
         args: list[Any] = [int(now * 1000), request_id, int(reservation_ttl_s * 1000)]
         for c, amount in zip(counters, amounts):
             args += [int(c.limit), int(amount), int(c.expire_at)]
-        out = self.layer.run(lambda client: self._reserve(keys=keys, args=args, client=client))
+        return keys, args
+
+    @staticmethod
+    def _reserve_result(out: Any) -> ReserveResult:
         status, blocked, values = int(out[0]), int(out[1]), [int(v) for v in out[2:]]
         if status == 0:
             return ReserveResult(False, values, blocked=blocked - 1)
         return ReserveResult(True, values, duplicate=status == 2)
 
-    def settle(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
-               now: float | None = None, reservation_ttl_s: int = 600) -> SettleResult:
+    def reserve(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
+                now: float | None = None, reservation_ttl_s: int = 600) -> ReserveResult:
         now = time.time() if now is None else now
+        keys, args = self._reserve_args(tag, request_id, counters, amounts, now, reservation_ttl_s)
+        out = self.layer.run(lambda client: self._reserve(keys=keys, args=args, client=client))
+        return self._reserve_result(out)
+
+    def reserve_begin(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
+                      now: float | None = None, reservation_ttl_s: int = 600) -> "PendingScript":
+        """Send the reserve script now and read its answer later (PendingScript.result()).
+
+        Why: the caller has a PDK round trip to make meanwhile (kong.ctx.shared.set), so Redis
+        runs the script while Kong answers, instead of one wait after the other. Failures raise
+        the same errors as reserve(), from here or from result().
+        """
+        now = time.time() if now is None else now
+        keys, args = self._reserve_args(tag, request_id, counters, amounts, now, reservation_ttl_s)
+        return PendingScript(self, self._reserve, keys, args, self._reserve_result)
+
+    def _settle_args(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
+                     now: float, reservation_ttl_s: int) -> tuple[list[str], list[Any]]:
         keys = [*meta_keys(self.prefix, tag), *(c.key for c in counters)]
         # Settled ids are remembered well past the longest possible request.
         args: list[Any] = [int(now * 1000), request_id, int(2 * reservation_ttl_s * 1000)]
         for c, amount in zip(counters, amounts):
             args += [int(amount), int(c.expire_at)]
-        out = self.layer.run(lambda client: self._settle(keys=keys, args=args, client=client))
+        return keys, args
+
+    @staticmethod
+    def _settle_result(out: Any) -> SettleResult:
         status = {1: "settled", 2: "duplicate", 3: "orphan"}[int(out[0])]
         return SettleResult(status, [int(v) for v in out[1:]])
+
+    def settle(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
+               now: float | None = None, reservation_ttl_s: int = 600) -> SettleResult:
+        now = time.time() if now is None else now
+        keys, args = self._settle_args(tag, request_id, counters, amounts, now, reservation_ttl_s)
+        out = self.layer.run(lambda client: self._settle(keys=keys, args=args, client=client))
+        return self._settle_result(out)
+
+    def settle_begin(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
+                     now: float | None = None, reservation_ttl_s: int = 600) -> "PendingScript":
+        """settle() in two steps, like reserve_begin()."""
+        now = time.time() if now is None else now
+        keys, args = self._settle_args(tag, request_id, counters, amounts, now, reservation_ttl_s)
+        return PendingScript(self, self._settle, keys, args, self._settle_result)
 
     def values(self, tag: str, counters: Sequence[Counter], now: float | None = None) -> list[int]:
         now = time.time() if now is None else now
@@ -188,3 +227,62 @@ class RedisQuotaStore:
         keys = [res, pending, *(c.key for c in counters)]
         out = self.layer.run(lambda client: self._values(keys=keys, args=[int(now * 1000)], client=client))
         return [int(v) for v in out]
+
+
+class PendingScript:
+    """One script call in flight on a connection taken from the pool.
+
+    The connection is owned until result() or cancel(): it carries an unread reply, so it goes
+    back to the pool only after the reply is read, and is disconnected otherwise (a later user
+    would read this reply as its own).
+    """
+
+    def __init__(self, store: RedisQuotaStore, script: Any, keys: list[str], args: list[Any],
+                 parse: Callable[[Any], Any]) -> None:
+        self.store, self.script, self.keys, self.args, self.parse = store, script, keys, args, parse
+        self._conn: Any = None
+        pool = store.layer.client.connection_pool
+
+        def send(client: Any) -> None:
+            conn = pool.get_connection()
+            try:
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except BaseException:
+                conn.disconnect()
+                pool.release(conn)
+                raise
+            self._conn = conn
+
+        store.layer.run(send)
+
+    def result(self) -> Any:
+        """The parsed answer (ReserveResult / SettleResult); errors as the one-step call raises."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("PendingScript.result() called twice or after cancel()")
+        pool = self.store.layer.client.connection_pool
+
+        def read(client: Any) -> Any:
+            try:
+                return conn.read_response()
+            except redis.exceptions.ResponseError:
+                raise  # a complete error reply: the connection is clean
+            except BaseException:
+                conn.disconnect()
+                raise
+            finally:
+                pool.release(conn)
+
+        try:
+            out = self.store.layer.run(read)
+        except redis.exceptions.NoScriptError:
+            # The server lost its script cache (restart, SCRIPT FLUSH): the normal path loads it.
+            out = self.store.layer.run(lambda client: self.script(keys=self.keys, args=self.args, client=client))
+        return self.parse(out)
+
+    def cancel(self) -> None:
+        """Give up on the answer (the caller failed in between): drop the connection."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+            self.store.layer.client.connection_pool.release(conn)

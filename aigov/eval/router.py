@@ -13,27 +13,66 @@ in_scope_accuracy = share of in-scope test lines routed to their route (a correc
 threshold); oos_recall = share of out-of-scope lines sent to the default. p50_ms is the decision
 latency of one prompt through the plugin path (embed + score), measured on a sample.
 
-Issue 5 measurements (all-MiniLM-L6-v2, CLINC150: train utterances, the 100 train "oos" lines as
-negatives, validation scored; "CV" = acc at 90% OOS recall, cross-validated on train only, which
-is what chose the defaults; validation figures were only reported, never tuned on):
+Issue 5 measurements (all-MiniLM-L6-v2, CLINC150: routes from the train utterances - the first N
+per intent, as --per-route keeps them - with the 100 train "oos" lines as negatives; validation
+scored: 3,000 in-scope lines and only 100 out-of-scope ones, so one OOS query is 1 point of
+recall and +-3 points is one standard error at 90%).
+
+Round 2 (current). Every figure is at the threshold the product fits itself (train data only,
+target_oos_recall 0.9); "OOF" is that calibration's own out-of-fold in-scope accuracy (held-out
+train utterances, 3 folds); "heldout" is the `calibrate --heldout` path done honestly (threshold
+fitted on one half of validation, scored on the other, swapped, averaged). Weights, confidence
+and calibration scheme were chosen on validation; the threshold never was.
+
+    variant                                        OOF@100 OOF@10 | val@100 acc/rec  val@10 acc/rec | heldout@100  heldout@10
+    round 1: sim + 0.3p, negatives fold-scored      95.69  91.87  |  94.33 / 88.0    84.77 / 82.0   | 92.70/90.8   81.06/89.7
+    negatives scored by the final model (A)         94.84  91.40  |  93.40 / 91.0    84.40 / 86.0   | 92.70/90.8   81.06/89.7
+    A + confidence - 0.3 p_none (B)                 94.85  91.73  |  93.43 / 92.0    85.13 / 85.0   | 93.13/91.7   81.23/90.7
+    SHIPPED: B - per-route offset, shrink n/(n+50)  96.09  91.93  |  94.60 / 89.0    85.10 / 86.0   | 94.20/91.1   81.63/89.7
+    B - per-route offset, shrink n/(n+10)           96.03  92.33  |  94.60 / 89.0    85.27 / 80.0   | 94.37/90.2   81.49/90.7
+    B - per-route offset, no shrinkage              95.94  92.40  |  94.40 / 90.0    84.07 / 76.0   | 94.37/90.2   75.53/90.7
+    - p_none, negatives fold-scored                 96.00  92.20  |  94.90 / 87.0    85.47 / 81.0   | 93.13/91.7   81.23/90.7
+    - p_none, fold head + all-utterance sim         95.78  91.47  |  94.53 / 89.0    84.87 / 85.0   |    -            -
+    A, energy (logsumexp of logits) as confidence   93.46  90.13  |  91.40 / 93.0    83.37 / 82.0   | 92.83/88.7   79.40/92.0
+    A, sim + 0.05 logit[route]                      94.49  89.40  |  92.90 / 92.0    83.33 / 85.0   | 92.36/91.9   80.33/91.9
+    sim + 0.3p + 0.3 (sim top1 - top2), fold-scored 95.69  91.60  |  94.33 / 88.0    84.57 / 86.0   | 92.03/90.8   80.69/89.7
+    B + mixup outliers (0.3 x n) as "none"          94.31  88.87  |  92.47 / 92.0    82.40 / 89.0   | 92.26/92.8   81.23/89.8
+    B + mixup outliers (1 x n) as "none"            94.85  89.00  |  92.77 / 90.0    82.20 / 91.0   | 92.16/90.8   81.66/91.0
+    B + 1000 Gaussian outliers as "none"            95.08  90.40  |  93.73 / 92.0    83.97 / 87.0   | 92.90/90.8   82.30/92.0
+    B + 0.4 x Mahalanobis to the route mean         94.77  90.93  |  93.50 / 92.0    85.37 / 86.0   |    -            -
+
+Ceilings: top-1 route accuracy (no out-of-scope decision) is 95.87% at 100 per route and 86.57%
+at 10; with the threshold picked on validation itself (not a product figure) the shipped score
+gives 94.43% at 90% recall (100/route; B: 94.10%) and 85.13% at 85% recall (10/route). So the
+100/route target (94% at >= 90%) sits at this embedding's ceiling: the shipped model's own
+threshold lands at 94.60% / 89% (one out-of-scope query short of 90%); B's lands at 93.43% / 92%.
+The per-route offset is what moved the ceiling (+0.3 at equal recall, +1.1 on the heldout path)
+at 100/route; with ~10 utterances per route its estimate is noise, hence the shrinkage.
+Rejected as well: Mahalanobis or global-kNN distance alone as the out-of-scope score (ceiling 91-92% at 100/route, 78-83% at 10); an MLP head
+(1,024 hidden, numpy) - top-1 +0.4 / +0.8 points but 30-300 s to fit on 2 cores; a head scale of
+20-30 or l2 1e-3 (top-1 -0.5 to -1.5); similarity in the head's logit space (top-1 -1 to -2).
+Scoring the held-out negatives by the final model is what made the threshold carry over: fold
+models score lower than the final model (fewer utterances per route), so their 90% threshold let
+12-18% of validation's out-of-scope queries through.
+
+Round 1 ("CV" = acc at 90% OOS recall, cross-validated on train only):
 
     variant (CV: k=5 at 100; weights 5 / 0.3)  CV@100  CV@10  | val@100 acc/rec  val@10 acc/rec
     before: uncentred, top_k = n // 3          95.35  84.17  |  93.77 / 91.0    83.97 / 86.0
     centring only (top_k = n // 3)             95.83  84.34  |    -               -
-    SHIPPED: centring + top_k = min(5, n)      95.83  84.72  |  94.33 / 88.0    84.77 / 82.0
-    shipped + penalty 0.3 x nearest negative   ~96.3  85.34  |  94.63 / 87.0    85.80 / 80.0
-    shipped + look-alike negatives one fold      -      -    |  94.40 / 88.0    85.70 / 77.0
+    centring + top_k = min(5, n)               95.83  84.72  |  94.33 / 88.0    84.77 / 82.0
+    + penalty 0.3 x nearest negative           ~96.3  85.34  |  94.63 / 87.0    85.80 / 80.0
+    + look-alike negatives one fold              -      -    |  94.40 / 88.0    85.70 / 77.0
     whitening, shrinkage 0.2 / 0.5               -   79.5/81.7 |    -               -
     label smoothing 0.1                        95.46  81.62  |    -               -
     Mahalanobis, shared covariance (best)      91.47  82.70  |    -               -
     head scale 5, 10 epochs (2x training)      96.11  84.20  |    -               -
-    shipped, calibrated at 95% OOS recall        -      -    |  90.23 / 96.0    83.13 / 88.0
+    calibrated at 95% OOS recall                 -      -    |  90.23 / 96.0    83.13 / 88.0
     before, calibrated at 95% OOS recall         -      -    |  91.53 / 95.0    82.37 / 91.0
 
-The negative penalty wins on CV only because held-out train negatives resemble the other train
+The negative penalty won on CV only because held-out train negatives resemble the other train
 negatives; validation out-of-scope queries are no closer to them than in-scope ones (median
-nearest-negative cosine 0.26 for both), so it was not shipped. The out-of-fold threshold's
-recall does not carry over fully to validation (90% out of fold → 82-91% on validation).
+nearest-negative cosine 0.26 for both), so it was not shipped.
 """
 from __future__ import annotations
 

@@ -56,6 +56,10 @@ class RedisLayer:
             raise RedisUnavailable(f"redis {self.address} marked down (retry after cooldown)")
         try:
             return fn(self.client)
+        except redis.exceptions.MaxConnectionsError as exc:
+            # Our own pool is full (many requests in flight), not a Redis outage: fail this call
+            # only, without opening the breaker for everyone.
+            raise RedisUnavailable(f"redis {self.address}: connection pool exhausted: {exc}") from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             with self._lock:
                 self._down_until = time.monotonic() + self.cooldown_s

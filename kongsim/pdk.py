@@ -632,6 +632,9 @@ class PDK:
         up = self._upstream(ctx, "kong.service.request.set_raw_body", REWRITE_ACCESS)
         up.body = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else bytes(body or b"")
         up.headers.set("Content-Length", str(len(up.body)))
+        # ngx.req.set_body_data replaces the body kong.request.get_raw_body/get_body read, so
+        # plugins later in access see the changed body (reference §4.4)
+        ctx.body = up.body
 
     def _svc_set_body(self, ctx: RequestContext, args: Any, mimetype: str | None = None) -> Any:
         up = self._upstream(ctx, "kong.service.request.set_body", REWRITE_ACCESS)

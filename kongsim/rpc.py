@@ -85,6 +85,8 @@ class Connection:
         """Send `[0, msgid, "plugin.<method>", [param]]` (what Kong's mp_rpc.lua sends)."""
         try:
             self.sock.sendall(self.packer.pack([0, msgid, "plugin." + method, [param]]))
+        except BlockingIOError:  # SO_SNDTIMEO expired: the server stopped reading
+            raise RpcTimeout(f"send of {method} timed out") from None
         except OSError as exc:
             raise RpcError(f"send failed: {exc}") from None
         self.calls += 1

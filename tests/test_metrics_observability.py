@@ -173,6 +173,9 @@ def test_metrics_and_serializer_match_the_traffic(observed: dict[str, Any]) -> N
             assert aigov["quota"]["prompt_tokens"] == usage["prompt_tokens"]
             assert aigov["quota"]["completion_tokens"] == usage["completion_tokens"]
             assert aigov["quota"]["consumer"] == tags[user]
+            # the quota priced the model the router put in the body, not the client's gpt-4o-mini
+            routed_model = {"money": "gpt-4o", "general": "gpt-4o-mini"}[reply.header("X-Semantic-Route")]
+            assert aigov["quota"]["model"] == routed_model
 
 
 def test_metrics_listen_binds_loopback_only(observed: dict[str, Any]) -> None:

@@ -140,8 +140,12 @@ def test_a_cancelled_call_never_hands_its_reply_to_the_next_user(store) -> None:
     s, config = store
     now = time.time()
     counters = plan_counters(config, "consumer:b", MODEL, None, now)
+    pool = s.layer.client.connection_pool
+    in_use_before = len(pool._in_use_connections)
     pending = s.reserve_begin("consumer:b", "c1", counters, [250], now, 600)
+    assert len(pool._in_use_connections) == in_use_before + 1  # held while the reply is unread
     pending.cancel()  # e.g. the PDK call in between failed: the reply is never read
+    assert len(pool._in_use_connections) == in_use_before  # given back to the pool, not leaked
     # The script may have run: a later reserve on a pooled connection sees the true counter,
     # never the cancelled call's reply as its own.
     for i in range(3):

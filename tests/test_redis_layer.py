@@ -64,3 +64,17 @@ def test_working_redis_still_answers(redis_server):
     layer = RedisLayer(port=redis_server.port)
     assert layer.run(lambda c: c.ping()) is True
     assert layer.healthy
+
+
+def test_a_full_pool_fails_the_call_without_opening_the_breaker(redis_server):
+    layer = RedisLayer(port=redis_server.port)
+    pool = layer.client.connection_pool
+    held = [pool.get_connection() for _ in range(pool.max_connections)]  # every slot in use
+    try:
+        with pytest.raises(RedisUnavailable, match="pool exhausted"):
+            layer.run(lambda c: c.ping())
+        assert layer.healthy  # others' calls are not refused for the cooldown
+    finally:
+        for conn in held:
+            pool.release(conn)
+    assert layer.run(lambda c: c.ping()) is True

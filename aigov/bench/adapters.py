@@ -60,7 +60,10 @@ class CacheStoreAdapter:
         core = require_module("aigov.cache.core", "the semantic cache core")
         key_mod = require_module("aigov.cache.key", "the cache key module")
         u = urlsplit(ctx.redis())
-        conf = {"vectordb": {"strategy": "redis", "threshold": 0.5, "namespace": f"bench-{namespace}-{uuid.uuid4().hex[:8]}",
+        # A day's TTL: filling 100k entries takes minutes, and the default 300 s would expire the
+        # first ones before the last are in (the index would shrink while it is measured).
+        conf = {"cache_ttl": 86400,
+                "vectordb": {"strategy": "redis", "threshold": 0.5, "namespace": f"bench-{namespace}-{uuid.uuid4().hex[:8]}",
                              "redis": {"host": u.hostname or "127.0.0.1", "port": u.port or 6379,
                                        "timeout_ms": 2000}}}
         self.settings = core.CacheSettings.from_config(conf)

@@ -44,14 +44,33 @@ class CacheScope:
         return _bucket((self.namespace,) + tuple(getattr(self, p) for p in SCOPE_PARTS))
 
 
-@lru_cache(maxsize=4096)
-def _tag_values(values: tuple[str, ...]) -> tuple[str, ...]:
+# Scope values come partly from the client (the model name): only short ones are memoised, so
+# 4096 distinct 1 MB "model" strings cannot pin gigabytes in the plugin server.
+MEMO_VALUE_MAX = 256
+
+
+def _short(values: tuple[str, ...]) -> bool:
+    return all(isinstance(v, str) and len(v) <= MEMO_VALUE_MAX for v in values)
+
+
+def _hash_tags(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sha256_hex(f"{part}\0{value}")[:20] for part, value in zip(SCOPE_PARTS, values))
 
 
-@lru_cache(maxsize=4096)
-def _bucket(values: tuple[str, ...]) -> str:
+def _hash_bucket(values: tuple[str, ...]) -> str:
     return sha256_hex(list(values))[:32]
+
+
+_memo_tags = lru_cache(maxsize=4096)(_hash_tags)
+_memo_bucket = lru_cache(maxsize=4096)(_hash_bucket)
+
+
+def _tag_values(values: tuple[str, ...]) -> tuple[str, ...]:
+    return _memo_tags(values) if _short(values) else _hash_tags(values)
+
+
+def _bucket(values: tuple[str, ...]) -> str:
+    return _memo_bucket(values) if _short(values) else _hash_bucket(values)
 
 
 def normalize_prompt(text: str) -> str:

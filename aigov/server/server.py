@@ -648,7 +648,7 @@ class Connection:
         self.unpacker = protocol.new_unpacker()
         self.buffer = bytearray(RECV_BUFFER_BYTES)
         self.view = memoryview(self.buffer)
-        # The buffer is never resized (the export from_buffer holds forbids it anyway).
+        # The buffer is never resized (`view`, a live export, forbids it): the address stays valid.
         self.buffer_address = ctypes.addressof((ctypes.c_char * RECV_BUFFER_BYTES).from_buffer(self.buffer))
         self.dead = False
 
@@ -662,8 +662,8 @@ class Connection:
             return False
         try:
             if _c_send is not None:
-                # fileno() and the send happen without releasing the GIL, so no other thread
-                # can close the socket (and reuse its number) in between; -1 fails with EBADF.
+                # Under send_lock, which close() takes too: no other thread can close the socket
+                # (and the number be reused) between fileno() and the send; -1 fails with EBADF.
                 sent = _c_send(self.sock.fileno(), payload, len(payload), _SEND_NOWAIT)
                 if sent == len(payload):
                     return True
@@ -689,7 +689,10 @@ class Connection:
                 return self.sock.recv_into(self.buffer)
             except (BlockingIOError, InterruptedError):
                 return -1
-        received = _c_recv(self.sock.fileno(), self.buffer_address, RECV_BUFFER_BYTES, _NOWAIT)
+        # Under send_lock (close() takes it): the fd cannot be closed and reused in between. The
+        # call cannot block (MSG_DONTWAIT), so a sender waits for it at most a few microseconds.
+        with self.send_lock:
+            received = _c_recv(self.sock.fileno(), self.buffer_address, RECV_BUFFER_BYTES, _NOWAIT)
         if received < 0:
             err = ctypes.get_errno()
             if err in _RETRY_ERRNOS:

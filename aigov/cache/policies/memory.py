@@ -89,7 +89,7 @@ class MemoryStore:
             keys = list(bucket.keys)
             for i in order:
                 sim = float(sims[i])
-                if sim < min_similarity or len(out) >= k:
+                if not sim >= min_similarity or len(out) >= k:  # NaN is never a hit
                     break
                 entry = self._live(keys[i], now)
                 if entry is not None:

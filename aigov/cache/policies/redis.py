@@ -13,6 +13,7 @@ TTL is absolute: EXPIRE is set once at write time and a hit does not touch it.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from functools import lru_cache
@@ -38,6 +39,9 @@ def namespace_prefix(namespace: str) -> str:
 # for only 38% of lookups at 100k entries in the scale benchmark; a missed neighbour is a lost
 # hit, so the cache pays a little query time for recall.
 HNSW_EF_RUNTIME = 100
+# The deepest a lookup looks past expired/corrupt nearest rows (one extra query each time).
+MAX_SEARCH_K = 16
+
 
 class RedisStore:
     name = "redis"
@@ -139,7 +143,16 @@ class RedisStore:
             if not _missing_index(exc):
                 raise
             reply = self._recreate_and_search(index, vector, args)
-        return _candidates(reply, min_similarity)
+        return self._usable(scope, vector, k, min_similarity, reply)
+
+    def _usable(self, scope: CacheScope, vector: np.ndarray, k: int, min_similarity: float,
+                reply: Any) -> list[tuple[CacheEntry, float]]:
+        out, skipped = _candidates(reply, min_similarity)
+        if skipped and len(out) < k and k < MAX_SEARCH_K:
+            # The nearest rows were expired (not yet evicted) or corrupt: look past them, so a
+            # dead nearest entry does not hide live ones behind it.
+            return self.search(scope, vector, min(MAX_SEARCH_K, 2 * k + skipped), min_similarity)
+        return out
 
     def get_exact_and_search(self, scope: CacheScope, key: str, vector: np.ndarray, k: int,
                              min_similarity: float
@@ -158,7 +171,7 @@ class RedisStore:
             if not _missing_index(reply):
                 raise StoreUnavailable(f"redis error: {reply}")
             reply = self._recreate_and_search(index, vector, args)
-        return None, _candidates(reply, min_similarity)
+        return None, self._usable(scope, vector, k, min_similarity, reply)
 
     def _recreate_and_search(self, index: str, vector: np.ndarray, args: tuple[Any, ...]) -> Any:
         # Redis restarted empty or the namespace was purged: recreate the index once
@@ -251,16 +264,20 @@ def _exact_entry(raw: Any, scope: CacheScope) -> CacheEntry | None:
     return entry
 
 
-def _candidates(reply: Any, min_similarity: float) -> list[tuple[CacheEntry, float]]:
-    """(entry, similarity) of an FT.SEARCH reply above the threshold and live, best first."""
+def _candidates(reply: Any, min_similarity: float) -> tuple[list[tuple[CacheEntry, float]], int]:
+    """(entry, similarity) of an FT.SEARCH reply above the threshold and live, best first; and how
+    many rows above the threshold were unusable (expired but not yet evicted, corrupt)."""
     rows: list[tuple[float, bytes | str]] = []
     for row in _search_rows(reply):
         try:
-            rows.append((1.0 - float(row["dist"]), row["entry"]))
+            similarity = 1.0 - float(row["dist"])
         except (KeyError, ValueError, TypeError):
             continue  # a foreign document under our prefix (no dist/entry) is skipped
+        if math.isfinite(similarity) and "entry" in row:  # NaN (a zero query vector) is never a hit
+            rows.append((similarity, row["entry"]))
     rows.sort(key=lambda item: -item[0])
     out: list[tuple[CacheEntry, float]] = []
+    skipped = 0
     now = time.time()
     for similarity, raw in rows:
         if similarity < min_similarity:
@@ -268,10 +285,13 @@ def _candidates(reply: Any, min_similarity: float) -> list[tuple[CacheEntry, flo
         try:
             entry = CacheEntry.from_json_dict(json.loads(raw))
         except (KeyError, ValueError, TypeError):
+            skipped += 1
             continue  # a corrupt document is skipped, not served
         if entry.expires_at > now:
             out.append((entry, similarity))
-    return out
+        else:
+            skipped += 1
+    return out, skipped
 
 
 def _search_rows(reply: Any) -> list[dict[str, Any]]:

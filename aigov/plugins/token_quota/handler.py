@@ -6,19 +6,21 @@ Phases
   store. Rejects with 429 (OpenAI-shaped body, Retry-After) when a limit does not fit.
 - response (default capture phase): read the buffered upstream answer, take the provider's usage
   as the truth (or count the streamed text with tiktoken when there is none), settle the
-  reservation to it, and send headers that agree with the counters after the settle (computed
-  from the reservation's answer, so the settle overlaps the headers' round trip).
+  reservation to it, and send headers computed from the counters as the reservation left them,
+  corrected by this request's own settle (so the settle overlaps the headers' round trip). Like
+  Kong's rate-limiting headers they are a snapshot: another request of the same consumer in
+  flight at the same time is not in them (its reservation, or its settle, lands in between).
 - log (always runs, also after another plugin's exit or a failed upstream): the place that
-  guarantees settle-or-release exactly once. With AIGOV_CAPTURE_PHASE=log there is no response phase (Kong does not
-  buffer); the settle uses ai-proxy's logged usage instead.
+  guarantees settle-or-release exactly once. With AIGOV_CAPTURE_PHASE=log there is no response
+  phase (Kong does not buffer); the settle uses ai-proxy's logged usage instead.
 
 Priority 906: after the router (907) so the routed model is priced, before Kong's
 ai-rate-limiting-advanced (905), and well before the cache (770) and ai-proxy (770), so a cache
 hit that exits in access still leaves this plugin's log phase to release the reservation.
 
 Headers (unless hide_client_headers): X-AI-RateLimit-{Limit,Remaining,Reset}-<Window> for token
-limits and -Cost-<Window> for cost limits (USD with 9 decimals: exact nano-USD), Retry-After on 429, and, in the
-response phase, X-AI-Tokens-Prompt, X-AI-Tokens-Completion, X-AI-Cost-USD of this request. In log
+limits and -Cost-<Window> for cost limits (USD with 9 decimals: exact nano-USD), Retry-After on
+429, and, in the response phase, X-AI-Tokens-Prompt, X-AI-Tokens-Completion, X-AI-Cost-USD of this request. In log
 mode the response has left before the usage is known: the X-AI-RateLimit-* headers reflect the
 reservation (the estimate) and the three X-AI-Tokens-*/Cost headers are absent.
 """
@@ -51,6 +53,7 @@ SHARED_KEY = "aigov"
 # phases: under its own kong.ctx.shared key, so access writes it without first reading (and
 # then rewriting) the shared "aigov" dict of facts other plugins publish.
 STATE_KEY = "aigov.quota"
+MEMO_NAME_MAX = 256  # longest model name the price memo keeps
 CAPTURE_PHASE = "log" if os.environ.get("AIGOV_CAPTURE_PHASE", "").strip().lower() == "log" else "response"
 
 _stores: dict[tuple[str, str], QuotaStore] = {}
@@ -171,7 +174,8 @@ class TokenQuotaHandler:
         if hit is None:
             assert self.quota is not None
             hit = (self.quota.prices.resolve(model_asked), self.quota.prices.lookup(model_asked))
-            if len(self._price_cache) < 1024:  # client-chosen names: never an unbounded map
+            # Client-chosen names: bounded in count and in size (a 1 MB "model" is not kept).
+            if len(self._price_cache) < 1024 and (model_asked is None or len(model_asked) <= MEMO_NAME_MAX):
                 self._price_cache[model_asked] = hit
         return hit
 
@@ -218,7 +222,7 @@ class TokenQuotaHandler:
             action = "block" if q.unknown_model == "block" else "default_price"
             metrics.QUOTA_UNKNOWN_MODEL.labels(model_label, action).inc()
             if q.unknown_model == "block" or q.default_price is None:
-                kong.log.warn(f"llm-token-quota: model {model_asked!r} has no price; blocked")
+                kong.log.warn(f"llm-token-quota: model {(model_asked or '')[:64]!r} has no price; blocked")
                 msg = (f"llm-token-quota: model {model_asked!r} is not in the price table, so its cost "
                        f"cannot be metered; add it to the plugin's prices or set unknown_model=default_price")
                 kong.response.exit(400, openai_error(msg, "invalid_request_error", "model_not_priced"),

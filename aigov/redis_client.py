@@ -50,6 +50,17 @@ class RedisLayer:
     def healthy(self) -> bool:
         return time.monotonic() >= self._down_until
 
+    def send(self, *commands: tuple[Any, ...]) -> PendingReplies:
+        """Send `commands` now in one write; read their replies later (PendingReplies.replies())."""
+        return PendingReplies(self, commands)
+
+    def round_trip(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Several commands in one write and their replies in order (no MULTI): what redis-py's
+        Pipeline does, without its per-call machinery, which cost as much as the trip it saved.
+        Error replies come back as ResponseError in their slots."""
+        pool = self.client.connection_pool
+        return self.run(lambda _client: _read_replies(pool, _send_now(pool, commands), len(commands)))
+
     def run(self, fn: Callable[[redis.Redis], T]) -> T:
         """Call `fn(client)`; connection failures become RedisUnavailable and open the breaker."""
         if not self.healthy:
@@ -70,6 +81,66 @@ class RedisLayer:
             if msg.startswith(("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN")):
                 raise RedisUnavailable(f"redis {self.address}: {msg}") from None
             raise
+
+
+def _send_now(pool: Any, commands: tuple[tuple[Any, ...], ...]) -> Any:
+    """Take a pooled connection and write `commands` in one go; the connection is the caller's."""
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command(conn.pack_commands(commands))
+    except BaseException:
+        conn.disconnect()
+        pool.release(conn)
+        raise
+    return conn
+
+
+def _read_replies(pool: Any, conn: Any, count: int) -> list[Any]:
+    """Read `count` replies in order and give the connection back; an error reply is a
+    ResponseError in its slot (all are still read, so the connection stays in step)."""
+    try:
+        out: list[Any] = []
+        for _ in range(count):
+            try:
+                out.append(conn.read_response())
+            except redis.ResponseError as exc:
+                out.append(exc)
+        return out
+    except BaseException:
+        conn.disconnect()  # a half-read reply must never be handed to the next caller
+        raise
+    finally:
+        pool.release(conn)
+
+
+class PendingReplies:
+    """Commands already written on a pooled connection whose replies are read later (replies()),
+    so Redis runs them while the caller does other work (a PDK round trip).
+
+    The connection is owned until replies() or cancel(): it carries unread replies, so it goes
+    back to the pool only once they are read and is disconnected otherwise (a later user would
+    read them as its own). Failures go through the layer (RedisUnavailable, breaker).
+    """
+
+    def __init__(self, layer: "RedisLayer", commands: tuple[tuple[Any, ...], ...]) -> None:
+        self.layer, self.count = layer, len(commands)
+        pool = layer.client.connection_pool
+        self._conn: Any = layer.run(lambda _client: _send_now(pool, commands))
+
+    def replies(self) -> list[Any]:
+        """Every reply in order (error replies as ResponseError in their slots)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("PendingReplies.replies() called twice or after cancel()")
+        pool = self.layer.client.connection_pool
+        return self.layer.run(lambda _client: _read_replies(pool, conn, self.count))
+
+    def cancel(self) -> None:
+        """Give up on the replies (the caller failed in between): drop the connection."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+            self.layer.client.connection_pool.release(conn)
 
 
 _LAYERS: dict[str, RedisLayer] = {}

@@ -16,6 +16,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from aigov.bench.common import proc_status
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _rpc_client import (  # noqa: E402
     wait_until as _wait_until,
@@ -222,7 +224,7 @@ def test_instance_churn_leaves_no_growth(servers):
         kong.run_event(warm)
         kong.call("plugin.CloseInstance", warm)
         threads_before = thread_count(aigov.proc.pid)
-        rss_before = _rss_kb(aigov.proc.pid)
+        rss_before = proc_status(aigov.proc.pid)["rss_kib"]
         seen = set()
         for _ in range(cycles):
             iid = kong.start_instance({"mode": "two_calls", "tag": "x" * 200})
@@ -233,15 +235,7 @@ def test_instance_churn_leaves_no_growth(servers):
     assert len(seen) == cycles  # ids never reused within a process
     assert status["Plugins"][TEST_PLUGIN]["Instances"] == [] and status["Events"] == 0
     assert thread_count(aigov.proc.pid) <= threads_before + 2
-    assert _rss_kb(aigov.proc.pid) - rss_before < 10_000
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    assert proc_status(aigov.proc.pid)["rss_kib"] - rss_before < 10_000
 
 
 def test_stale_instance_id_after_restart(servers):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from aigov.bench.common import proc_status
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _rpc_client import (  # noqa: E402
     wait_until as _wait_until,
@@ -217,14 +219,6 @@ def test_sigterm_under_load_exits_cleanly(short_prefix):
             server.stop()
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_resident_memory_stays_flat_over_thousands_of_events(aigov_server):
     """Per-connection buffers are small and reused: no growth with the event count. (msgpack's
     default Unpacker buffer of 1 MiB per connection grew RSS by ~190 bytes per event until each
@@ -235,11 +229,11 @@ def test_resident_memory_stays_flat_over_thousands_of_events(aigov_server):
         for c in clients:  # warm-up: hub threads, greenlet pools, path classes
             for _ in range(50):
                 c.run_event(iid)
-        before = _rss_kib(aigov_server.proc.pid)
+        before = proc_status(aigov_server.proc.pid)["rss_kib"]
         for _ in range(1500):
             for c in clients:
                 assert len(c.run_event(iid)) == 2
-        growth = _rss_kib(aigov_server.proc.pid) - before
+        growth = proc_status(aigov_server.proc.pid)["rss_kib"] - before
         assert growth < 600, f"RSS grew {growth} KiB over 6000 events"
     finally:
         for c in clients:

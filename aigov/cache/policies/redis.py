@@ -161,7 +161,10 @@ class RedisStore:
         index, args = self._search_args(scope, vector, k)
         exact_key = self._exact_key(key)
 
-        raw, reply = self._run(lambda r: _one_round_trip(r, ("GET", exact_key), args))
+        try:
+            raw, reply = self.layer.round_trip(("GET", exact_key), args)
+        except RedisUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from None
         if isinstance(raw, redis.ResponseError):
             raise StoreUnavailable(f"redis error: {raw}")
         entry = _exact_entry(raw, scope)
@@ -218,32 +221,6 @@ def _knn_query(tag_values: tuple[str, ...], k: int) -> str:
     """The query string for one scope and k (prebuilt: the same scopes recur request after request)."""
     filt = " ".join(f"@{part}:{{{value}}}" for part, value in zip(SCOPE_PARTS, tag_values))
     return f"({filt})=>[KNN {k} @vec $blob AS dist]"
-
-
-def _one_round_trip(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
-    """Send several commands in one write and read their replies in order (no MULTI).
-
-    What redis-py's Pipeline does, without its per-call object and callback machinery, which
-    cost as much as the second command saved. An error reply comes back as a ResponseError in
-    its slot (every reply is still read, so the connection stays in step); a connection-level
-    failure drops the connection and propagates (RedisLayer maps it to RedisUnavailable).
-    """
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command(conn.pack_commands(commands))
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except redis.ResponseError as exc:
-                replies.append(exc)
-        return replies
-    except BaseException:
-        conn.disconnect()  # a half-read reply must never be handed to the next caller
-        raise
-    finally:
-        pool.release(conn)
 
 
 def _missing_index(exc: Exception) -> bool:

@@ -230,59 +230,25 @@ class RedisQuotaStore:
 
 
 class PendingScript:
-    """One script call in flight on a connection taken from the pool.
-
-    The connection is owned until result() or cancel(): it carries an unread reply, so it goes
-    back to the pool only after the reply is read, and is disconnected otherwise (a later user
-    would read this reply as its own).
-    """
+    """One script call in flight (RedisLayer.send): result() parses it, cancel() drops it."""
 
     def __init__(self, store: RedisQuotaStore, script: Any, keys: list[str], args: list[Any],
                  parse: Callable[[Any], Any]) -> None:
         self.store, self.script, self.keys, self.args, self.parse = store, script, keys, args, parse
-        self._conn: Any = None
-        pool = store.layer.client.connection_pool
-
-        def send(client: Any) -> None:
-            conn = pool.get_connection()
-            try:
-                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            except BaseException:
-                conn.disconnect()
-                pool.release(conn)
-                raise
-            self._conn = conn
-
-        store.layer.run(send)
+        self._pending = store.layer.send(("EVALSHA", script.sha, len(keys), *keys, *args))
 
     def result(self) -> Any:
         """The parsed answer (ReserveResult / SettleResult); errors as the one-step call raises."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            raise RuntimeError("PendingScript.result() called twice or after cancel()")
-        pool = self.store.layer.client.connection_pool
-
-        def read(client: Any) -> Any:
-            try:
-                return conn.read_response()
-            except redis.exceptions.ResponseError:
-                raise  # a complete error reply: the connection is clean
-            except BaseException:
-                conn.disconnect()
-                raise
-            finally:
-                pool.release(conn)
-
-        try:
-            out = self.store.layer.run(read)
-        except redis.exceptions.NoScriptError:
+        out = self._pending.replies()[0]
+        if isinstance(out, redis.exceptions.NoScriptError):
             # The server lost its script cache (restart, SCRIPT FLUSH): the normal path loads it.
             out = self.store.layer.run(lambda client: self.script(keys=self.keys, args=self.args, client=client))
+        elif isinstance(out, redis.exceptions.ResponseError):
+            def fail(_client: Any) -> Any:
+                raise out
+            self.store.layer.run(fail)  # LOADING / READONLY map to an outage, as in the one-step call
         return self.parse(out)
 
     def cancel(self) -> None:
         """Give up on the answer (the caller failed in between): drop the connection."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.disconnect()
-            self.store.layer.client.connection_pool.release(conn)
+        self._pending.cancel()

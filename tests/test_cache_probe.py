@@ -19,7 +19,7 @@ from aigov.cache import verifier
 from aigov.cache.core import CacheSettings, SemanticCache
 from aigov.cache.key import CacheScope
 from aigov.cache.policies import StoreUnavailable
-from aigov.cache.policies.redis import RedisStore
+from aigov.cache.policies.redis import RedisStore, document_fields
 from aigov.redis_client import RedisLayer
 
 T = TypeVar("T")
@@ -156,14 +156,14 @@ def test_corrupt_foreign_and_expired_documents_are_never_served(rig: Any) -> Non
     rig.save("k-good", RESET)
     vec = rig.vec(RESET)
     prefix = rig.store._prefix(int(vec.shape[-1])) + "v:"
-    tags = rig.scope.tags()
-    blob = np.asarray(vec, dtype=np.float32).tobytes()
     now = time.time()
     expired = {"key": "k-old", "prompt": RESET, "response": {"choices": []}, "model": None, "usage": None,
                "created_at": now - 600, "expires_at": now - 300, "meta": {}}
-    rig.client.hset(prefix + "corrupt", mapping={**tags, "vec": blob, "entry": "{not json"})
-    rig.client.hset(prefix + "foreign", mapping={**tags, "vec": blob})            # no entry field
-    rig.client.hset(prefix + "old", mapping={**tags, "vec": blob, "entry": json.dumps(expired)})
+    rig.client.hset(prefix + "corrupt", mapping=document_fields(rig.scope, vec, "{not json"))
+    foreign = document_fields(rig.scope, vec, "")
+    del foreign["entry"]
+    rig.client.hset(prefix + "foreign", mapping=foreign)            # no entry field
+    rig.client.hset(prefix + "old", mapping=document_fields(rig.scope, vec, json.dumps(expired)))
     index = rig.store.index_name(int(vec.shape[-1]))
     deadline = time.monotonic() + 10
     while indexed_docs(rig.client, index) < 4:     # hash writes are indexed asynchronously
@@ -184,8 +184,7 @@ def test_an_expired_nearest_entry_does_not_hide_a_live_one_behind_it(rig: Any) -
     expired = {"key": "k-old", "prompt": query, "response": {"choices": []}, "model": None, "usage": None,
                "created_at": now - 600, "expires_at": now - 300, "meta": {}}
     # Not yet evicted, and exactly at the query: the nearest row of a 1-nearest query.
-    rig.client.hset(prefix + "old", mapping={**rig.scope.tags(), "vec": np.asarray(qvec, np.float32).tobytes(),
-                                             "entry": json.dumps(expired)})
+    rig.client.hset(prefix + "old", mapping=document_fields(rig.scope, qvec, json.dumps(expired)))
     index = rig.store.index_name(int(qvec.shape[-1]))
     deadline = time.monotonic() + 10
     while indexed_docs(rig.client, index) < 2:
@@ -288,3 +287,21 @@ def test_verifier_on_huge_prompts_answers_without_caching_them() -> None:
     assert verifier.verify(f"how do I enable {long_token}", f"how do I disable {long_token}").reason \
         .startswith("antonym:")
     assert verifier._analyse.cache_info().currsize == 2
+
+
+def test_float16_vectors_keep_threshold_one_and_the_scope_filter(rig: Any) -> None:
+    """The index stores FLOAT16 (half the bytes of FLOAT32) and filters on the one scope TAG: the
+    same text still hits at threshold 1.0, a paraphrase does not, another scope sees nothing."""
+    rig.save("k-reset", RESET)
+    vec = rig.vec(RESET)
+    stored = rig.client.hget(rig.store._prefix(int(vec.shape[-1])) + "v:k-reset", "vec")
+    assert len(stored) == 2 * vec.shape[-1]
+    rig.cache.settings.threshold = 1.0
+    same = rig.cache.lookup(rig.scope, RESET, "k-other-key", vec)   # a key the exact layer lacks
+    assert (same.status, same.layer, same.entry.key) == ("Hit", "semantic", "k-reset")
+    assert 0.9998 <= same.similarity <= 1.0001
+    paraphrase = rig.vec("How do I reset my password?")
+    assert rig.cache.lookup(rig.scope, "How do I reset my password?", "k-p", paraphrase).status == "Miss"
+    bob = CacheScope(rig.scope.namespace, "id:bob", "route-1", "gpt-4o-mini", "ctx", "params")
+    assert rig.store.search(bob, vec, 4, 0.0) == []
+    assert [e.key for e, _ in rig.store.search(rig.scope, vec, 4, 0.0)] == ["k-reset"]

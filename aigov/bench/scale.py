@@ -25,9 +25,18 @@ DIM = 384
 MAX_GROWTH_FACTOR = 3.0
 
 
-def unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
-    v = rng.standard_normal((n, DIM)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+def embedding_shaped_vectors(ctx: BenchContext, rng: np.random.Generator, n: int) -> np.ndarray:
+    """`n` unit vectors from a Gaussian fitted to real embeddings of CLINC150 train queries."""
+    from aigov.bench.embeddings import miss_texts
+
+    real = ctx.embedder().encode_direct(miss_texts(ctx, ctx.size(500, 2_000)))
+    mean = real.mean(axis=0)
+    factor = np.linalg.cholesky(np.cov(real, rowvar=False) + 1e-6 * np.eye(real.shape[1]))
+    out = np.empty((n, real.shape[1]), dtype=np.float32)
+    for start in range(0, n, 10_000):   # in chunks: a 100k x 384 float64 draw would be 300 MB
+        rows = min(10_000, n - start)
+        out[start:start + rows] = mean + rng.standard_normal((rows, real.shape[1])) @ factor.T
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def cache_scale(ctx: BenchContext) -> dict[str, Any]:
@@ -40,7 +49,7 @@ def cache_scale(ctx: BenchContext) -> dict[str, Any]:
     levels = []
     try:
         inserted = 0
-        all_vecs = unit_vectors(rng, sizes[-1])
+        all_vecs = embedding_shaped_vectors(ctx, rng, sizes[-1])
         mem0 = store.memory_bytes()
         for size in sizes:
             t0 = time.perf_counter()

@@ -24,7 +24,9 @@ from aigov.llm_response import LLMResponse
 log = logging.getLogger("aigov.cache")
 
 DEFAULT_THRESHOLD = 0.82   # chosen on STS-B train / GPTCache pairs with the verifier on (README)
-SIMILARITY_EPSILON = 1e-5  # float32 cosine of identical texts can be 0.9999999: threshold 1.0 still hits
+# The redis store keeps FLOAT16 vectors: the cosine of identical texts comes back up to ~1e-4
+# below 1 (float32 in memory: 1e-7), and threshold 1.0 must still hit.
+SIMILARITY_EPSILON = 2e-4
 SEARCH_K = 4               # candidates checked by the verifier before giving up
 # The first query asks for the nearest entry only (a smaller reply, one entry to decode); the
 # other SEARCH_K - 1 are fetched only when the verifier refuses it, so the outcome is the same

@@ -30,17 +30,10 @@ class CacheScope:
     context: str    # hash of the system prompt(s) and earlier turns
     params: str     # hash of the parameters that change the answer, stream included
 
-    def tags(self) -> dict[str, str]:
-        """Hashed, tag-safe value per scope part (RediSearch TAG filters, memory buckets)."""
-        return dict(zip(SCOPE_PARTS, self.tag_values()))
-
-    def tag_values(self) -> tuple[str, ...]:
-        """The hashed tag values in SCOPE_PARTS order (memoised: scopes recur across requests)."""
-        return _tag_values(tuple(getattr(self, part) for part in SCOPE_PARTS))
-
     @property
     def bucket(self) -> str:
-        """One id for the whole scope (the memory store's bucket key)."""
+        """One id for the whole scope: the memory store's bucket key and the redis store's TAG
+        (memoised: scopes recur across requests)."""
         return _bucket((self.namespace,) + tuple(getattr(self, p) for p in SCOPE_PARTS))
 
 
@@ -53,20 +46,11 @@ def _short(values: tuple[str, ...]) -> bool:
     return all(isinstance(v, str) and len(v) <= MEMO_VALUE_MAX for v in values)
 
 
-def _hash_tags(values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(sha256_hex(f"{part}\0{value}")[:20] for part, value in zip(SCOPE_PARTS, values))
-
-
 def _hash_bucket(values: tuple[str, ...]) -> str:
     return sha256_hex(list(values))[:32]
 
 
-_memo_tags = lru_cache(maxsize=4096)(_hash_tags)
 _memo_bucket = lru_cache(maxsize=4096)(_hash_bucket)
-
-
-def _tag_values(values: tuple[str, ...]) -> tuple[str, ...]:
-    return _memo_tags(values) if _short(values) else _hash_tags(values)
 
 
 def _bucket(values: tuple[str, ...]) -> str:

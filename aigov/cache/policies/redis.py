@@ -2,13 +2,18 @@
 
 Layout, all under one prefix per namespace so a purge is one SCAN:
 
-    aigov:cache:<ns>:<cfg>:v:<key>   HASH  vector entry (tags per scope part, vec, entry JSON)
+    aigov:cache:<ns>:<cfg>:v:<key>   HASH  vector entry (scope TAG, vec, entry JSON)
     aigov:cache:<ns>:<cfg>:x:<key>   STRING exact-layer entry (the same JSON)
     index aigov_cache:<ns>:<cfg>     over the v: prefix
 
 `<cfg>` is a hash of the parts of the plugin config that make vectors comparable (namespace,
 embedding model, dimension, metric), so two configs never share an index with another meaning.
 TTL is absolute: EXPIRE is set once at write time and a hit does not touch it.
+
+Vectors are stored as FLOAT16: 39% less memory per entry than FLOAT32 and ~25% faster KNN at
+100k entries (scale benchmark), for a cosine error below 1e-4 (core.SIMILARITY_EPSILON). A lookup
+filters on one TAG, the hashed whole scope: intersecting one TAG per scope part cost up to 1.6x
+the query time at 10k entries.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from aigov.cache.key import SCOPE_PARTS, CacheScope
+from aigov.cache.key import CacheScope
 from aigov.cache.policies import CacheEntry, StoreUnavailable
 from aigov.redis_client import RedisLayer, RedisUnavailable
 from aigov.request import sha256_hex
@@ -39,6 +44,10 @@ def namespace_prefix(namespace: str) -> str:
 # for only 38% of lookups at 100k entries in the scale benchmark; a missed neighbour is a lost
 # hit, so the cache pays a little query time for recall.
 HNSW_EF_RUNTIME = 100
+VECTOR_TYPE = "FLOAT16"
+VECTOR_DTYPE = np.float16
+# Bumped when the document layout changes, so an index of the old layout is never queried.
+LAYOUT_VERSION = 2
 # The deepest a lookup looks past expired/corrupt nearest rows (one extra query each time).
 MAX_SEARCH_K = 16
 
@@ -59,7 +68,7 @@ class RedisStore:
         cfg = self._cfg_ids.get(dim)
         if cfg is None:
             cfg = sha256_hex([self.namespace, self.embeddings_model, int(dim), "HNSW", "COSINE",
-                              HNSW_EF_RUNTIME])[:12]
+                              HNSW_EF_RUNTIME, VECTOR_TYPE, LAYOUT_VERSION])[:12]
             self._cfg_ids[dim] = cfg
         return cfg
 
@@ -92,11 +101,8 @@ class RedisStore:
                     raise StoreUnavailable("this Redis has no vector search (RediSearch / Redis 8 needed)") from None
                 if "unknown index" not in msg and "no such index" not in msg:
                     raise
-                schema: list[Any] = []
-                for part in SCOPE_PARTS:
-                    schema += [part, "TAG"]
-                schema += ["vec", "VECTOR", "HNSW", "8", "TYPE", "FLOAT32", "DIM", str(dim),
-                           "DISTANCE_METRIC", "COSINE", "EF_RUNTIME", str(HNSW_EF_RUNTIME)]
+                schema = ["scope", "TAG", "vec", "VECTOR", "HNSW", "8", "TYPE", VECTOR_TYPE, "DIM", str(dim),
+                          "DISTANCE_METRIC", "COSINE", "EF_RUNTIME", str(HNSW_EF_RUNTIME)]
                 try:
                     r.execute_command("FT.CREATE", name, "ON", "HASH", "PREFIX", "1",
                                       self._prefix(dim) + "v:", "SCHEMA", *schema)
@@ -122,15 +128,15 @@ class RedisStore:
         return f"{namespace_prefix(self.namespace)}x:{key}"
 
     def _search_args(self, scope: CacheScope, vector: np.ndarray, k: int) -> tuple[str, tuple[Any, ...]]:
-        """The index and the FT.SEARCH arguments: the scope's TAG filters and the KNN clause.
+        """The index and the FT.SEARCH arguments: the scope's TAG filter and the KNN clause.
 
         No SORTBY: the KNN clause already selects the k nearest, and ordering k rows here is
         cheaper than asking RediSearch to sort them. RETURN only the two fields a lookup reads.
         """
         dim = int(vector.shape[-1])
         index = self._ensure_index(dim)
-        blob = np.asarray(vector, dtype=np.float32).tobytes()
-        return index, ("FT.SEARCH", index, _knn_query(scope.tag_values(), int(k)), "PARAMS", "2",
+        blob = np.asarray(vector, dtype=VECTOR_DTYPE).tobytes()
+        return index, ("FT.SEARCH", index, _knn_query(scope.bucket, int(k)), "PARAMS", "2",
                        "blob", blob, "RETURN", "2", "dist", "entry", "LIMIT", "0", str(int(k)),
                        "DIALECT", "2")
 
@@ -192,9 +198,7 @@ class RedisStore:
         doc = json.dumps(entry.to_json_dict(), ensure_ascii=False, separators=(",", ":"))
         ttl_ms = max(1, int((entry.expires_at - time.time()) * 1000))
         vkey = f"{self._prefix(dim)}v:{entry.key}"
-        mapping: dict[str, Any] = dict(scope.tags())
-        mapping["vec"] = np.asarray(vector, dtype=np.float32).tobytes()
-        mapping["entry"] = doc
+        mapping = document_fields(scope, vector, doc)
 
         def do(r: redis.Redis) -> None:
             pipe = r.pipeline(transaction=True)
@@ -216,11 +220,16 @@ def _s(x: Any) -> Any:
     return x.decode() if isinstance(x, bytes) else x
 
 
+def document_fields(scope: CacheScope, vector: np.ndarray, entry_json: str) -> dict[str, Any]:
+    """The HASH fields of one vector entry (the layout the index reads)."""
+    return {"scope": scope.bucket, "vec": np.asarray(vector, dtype=VECTOR_DTYPE).tobytes(), "entry": entry_json}
+
+
 @lru_cache(maxsize=1024)
-def _knn_query(tag_values: tuple[str, ...], k: int) -> str:
-    """The query string for one scope and k (prebuilt: the same scopes recur request after request)."""
-    filt = " ".join(f"@{part}:{{{value}}}" for part, value in zip(SCOPE_PARTS, tag_values))
-    return f"({filt})=>[KNN {k} @vec $blob AS dist]"
+def _knn_query(bucket: str, k: int) -> str:
+    """The query string for one scope and k (prebuilt: the same scopes recur request after request).
+    `bucket` is a hex digest, so it needs no TAG escaping."""
+    return f"(@scope:{{{bucket}}})=>[KNN {k} @vec $blob AS dist]"
 
 
 def _missing_index(exc: Exception) -> bool:

@@ -35,7 +35,7 @@ def test_confidence_subtracts_none_probability(embedder: Any) -> None:
     np.testing.assert_allclose(
         s.confidence,
         s.similarity + rmodel.CONF_P_WEIGHT * s.probability - rmodel.CONF_NONE_WEIGHT * s.none_probability
-        - m.route_offset[s.route_index], rtol=1e-6, atol=1e-6)
+        - m.route_offset[s.route_index] + m.knn_weight * s.neighbour_similarity, rtol=1e-6, atol=1e-6)
     # The off-topic prompt is the one the head puts in its "none" class.
     assert s.none_probability[0] > max(s.none_probability[1], s.none_probability[2])
     assert s.confidence[0] < m.threshold <= min(s.confidence[1], s.confidence[2])
@@ -47,7 +47,8 @@ def test_without_negatives_there_is_no_none_term(embedder: Any) -> None:
     s = m.score(embedder.embed([LASAGNA, HELD_OUT["coding"][0]]))
     assert np.all(s.none_probability == 0.0)
     np.testing.assert_allclose(s.confidence, s.similarity + rmodel.CONF_P_WEIGHT * s.probability
-                               - m.route_offset[s.route_index], rtol=1e-6, atol=1e-6)
+                               - m.route_offset[s.route_index] + m.knn_weight * s.neighbour_similarity,
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_threshold_comes_from_negatives_scored_by_the_final_model() -> None:
@@ -115,11 +116,11 @@ def test_broad_routes_get_a_lower_bar() -> None:
     np.testing.assert_array_equal(rmodel.RouterModel.from_arrays(arrays, meta).route_offset, m.route_offset)
 
 
-@pytest.mark.parametrize("old_format", [1, 2])
+@pytest.mark.parametrize("old_format", [1, 2, 3])
 def test_models_of_earlier_formats_are_rebuilt(old_format: int) -> None:
-    # Format 2 stored thresholds for the old confidence; loading one would misroute.
+    # Formats 2 and 3 stored thresholds for an older confidence; loading one would misroute.
     vecs, labels, negs = _clustered(3, 4, seed=13)
     arrays, meta = rmodel.fit(["a", "b", "c"], vecs, labels, negs).to_arrays()
-    assert meta["format"] == rmodel.MODEL_FORMAT == 3
+    assert meta["format"] == rmodel.MODEL_FORMAT == 4
     with pytest.raises(rmodel.RouterModelError, match=f"format {old_format}"):
         rmodel.RouterModel.from_arrays(arrays, {**meta, "format": old_format})

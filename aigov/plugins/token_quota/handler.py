@@ -329,8 +329,9 @@ class TokenQuotaHandler:
 
     # ------------------------------------------------------------------ response (buffered capture)
     def _response(self, kong: Any) -> None:
-        # Four PDK calls and one store round trip that overlaps the last of them: read the state,
-        # status and body, send the settle, send the headers, read the settle's answer. The
+        # Three PDK calls and one store round trip that overlaps the last of them: read the state
+        # and the body (and the status, only when the body carries no usage), send the settle,
+        # send the headers, read the settle's answer. The
         # counters after the settle are known without waiting for the store (the values the
         # reservation returned, minus the reservation, plus the charge), and the settle is done
         # before the response leaves, so the client's next request sees it.
@@ -338,9 +339,14 @@ class TokenQuotaHandler:
         if not state or self.quota is None:
             return
         q = self.quota
-        status = value(kong.service.response.get_status()) or value(kong.response.get_status()) or 0
         body = raw(kong.service.response.get_raw_body())
-        answer = parse_upstream_response(int(status), _sniffed_headers(bool(state.get("stream")), body), body)
+        sniffed = _sniffed_headers(bool(state.get("stream")), body)
+        answer = parse_upstream_response(0, sniffed, body)
+        if answer.usage is None:
+            # The status only decides the charge when the provider reported no usage (a failure
+            # is released, a success is counted), so the usual answer costs no status round trip.
+            status = value(kong.service.response.get_status()) or value(kong.response.get_status()) or 0
+            answer = parse_upstream_response(int(status), sniffed, body)
         charge = self._charge_from_answer(state, answer)
         rid = str(state.get("rid"))
         note = _NOTES.pop(rid)

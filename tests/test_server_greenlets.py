@@ -161,16 +161,46 @@ def test_forwarded_step_to_a_stuck_owner_times_out_on_the_asking_connection(shor
             sleeper = owner.start_instance({"mode": "sleep_only", "sleep": 3})
             reply = owner.handle_event(waiting)  # suspended on the owner's hub
             owner.send("plugin.HandleEvent", {"InstanceId": sleeper, "EventName": "access"})
-            time.sleep(0.1)  # the owner's hub is now inside the sleeping handler
+            # Two live handlers: the owner's hub has registered the sleeper's event, and it runs
+            # that handler before it looks at its inbox again (no fixed sleep to guess that).
+            assert _wait_until(lambda: other.call("plugin.GetStatus")["Workers"]["busy"] == 2,
+                               timeout=2, interval=0.01)
             started = time.monotonic()
             _, _, err, _ = other.call_raw("plugin.Step", {"EventId": reply["EventId"], "Data": "a"})
             assert time.monotonic() - started < 1.5
             assert f"event #{reply['EventId']}" in err and "within 0.5s" in err
             _, _, err, _ = owner.read_frame(timeout=3)  # the sleeper's own timeout error
             assert "within 0.5s" in err
-            _, _, err, _ = other.call_raw("plugin.Step", {"EventId": reply["EventId"], "Data": "b"})
+            # At once, with the owner still asleep: the event closed before its error was sent.
+            started = time.monotonic()
+            _, _, err, _ = other.call_raw("plugin.Step", {"EventId": reply["EventId"], "Data": "b"},
+                                          timeout=2)
             assert err == f"event id {reply['EventId']} not found"
+            assert time.monotonic() - started < 1.0
             assert _wait_until(lambda: other.call("plugin.GetStatus")["Workers"]["busy"] == 0, timeout=8)
+    finally:
+        server.stop()
+
+
+def test_a_step_sent_right_after_a_step_timeout_error_is_answered(short_prefix):
+    """The watchdog's timeout error and the event's close are one step: a Step for the event sent
+    the moment the error arrives (here on another connection, while the handler still sleeps)
+    is told "not found" at once. It used to be accepted in the gap between the error and the
+    close and then never answered. Repeated because the gap was short."""
+    server = start_aigov(short_prefix, "--step-timeout", "0.2")
+    try:
+        with server.client(timeout=5) as kong, server.client(timeout=5) as other:
+            sleeper = kong.start_instance({"mode": "sleep_only", "sleep": 0.6})
+            for _ in range(20):
+                _, _, err, _ = kong.call_raw("plugin.HandleEvent",
+                                             {"InstanceId": sleeper, "EventName": "access"})
+                assert "within 0.2s" in err, err
+                event_id = int(err.split("#", 1)[1].split(" ", 1)[0])
+                _, _, err, _ = other.call_raw("plugin.Step", {"EventId": event_id, "Data": None},
+                                              timeout=2)
+                assert err == f"event id {event_id} not found"
+            assert _wait_until(lambda: other.call("plugin.GetStatus")["Workers"]["busy"] == 0,
+                               timeout=8)
     finally:
         server.stop()
 

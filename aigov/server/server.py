@@ -25,7 +25,10 @@ failure modes, and the cost of thread handoffs on the hot path):
 - the event table loses an entry on "ret", on a terminal call (kong.response.exit/error, after
   which Kong never steps again), on a handler exception (answered "ret": the request continues),
   when a reply cannot be delivered, on a step timeout, and by the reaper after `event_timeout` of
-  silence or shortly after the connection it last used died. A closed event's greenlet gets
+  silence or shortly after the connection it last used died. Closing happens under the lock
+  that accepts Steps, in the same critical section as the decision to close (the watchdog's
+  claim, the reaper's test) and before the error is sent, so a Step is either accepted and
+  answered or told "event id N not found", never left unanswered. A closed event's greenlet gets
   EventClosedError thrown at its pending PDK call, and any later PDK call raises at once;
 - instance and event ids start at a time-based offset so ids from a previous process answer
   "no plugin instance #N" (Kong then re-creates) instead of hitting another config.
@@ -500,6 +503,8 @@ class PluginServer:
         eid = param.get("EventId")
         with self._lock:
             event = self._events.get(eid) if type(eid) is int else None
+            if event is not None and event.closed:
+                event = None  # exit/error was called: Kong never steps it again
             if event is not None:
                 if event.waiting:
                     raise PluginServerError(f"event id {eid} already has a step in progress")
@@ -521,13 +526,22 @@ class PluginServer:
 
     def forget_event(self, event: Event) -> None:
         """Remove an event from the table and mark it closed (called by its owner hub)."""
-        event.closed = True
         with self._lock:
-            self._events.pop(event.id, None)
+            self._forget_locked(event)
+
+    def _forget_locked(self, event: Event) -> None:
+        # Under _lock, like accept_step: a Step is either accepted before the close (and then
+        # answered: its `waiting` is seen by whoever closes) or finds no event, never both.
+        event.closed = True
+        self._events.pop(event.id, None)
 
     def close_event(self, event: Event) -> None:
         """Close an event from any thread: its owner throws EventClosedError into the handler."""
         self.forget_event(event)
+        self._tell_owner_closed(event)
+
+    @staticmethod
+    def _tell_owner_closed(event: Event) -> None:
         owner = event.owner
         if owner is not None:
             owner.post(event, _CLOSE)
@@ -548,13 +562,17 @@ class PluginServer:
         """Close events Kong has gone silent on (no request waiting for them)."""
         now = _monotonic()
         with self._lock:
-            # An event with a request waiting is live (bounded by the step timeout instead).
+            # An event with a request waiting is live (bounded by the step timeout instead). The
+            # test and the close are one critical section: a Step accepted in between would be
+            # left waiting on a closed event that nobody answers.
             dead = [e for e in self._events.values() if not e.waiting and (
                 now - e.last_activity > self.event_timeout
                 or (e.orphaned_at is not None and now - e.orphaned_at > self.orphan_grace))]
+            for event in dead:
+                self._forget_locked(event)
         for event in dead:
             log.warning("reaped abandoned %s", event.describe())
-            self.close_event(event)
+            self._tell_owner_closed(event)
         return len(dead)
 
     def watch(self) -> int:
@@ -569,16 +587,22 @@ class PluginServer:
             if conn is None:
                 continue
             with conn.send_lock:
-                if not (event.waiting and event.reply_conn is conn and event.deadline < now):
-                    continue  # answered meanwhile
-                event.waiting = False
+                # The claim (send_lock: exactly one reply) and the close (_lock, which
+                # accept_step holds) are one step, and both precede the send: once Kong has the
+                # error, a further Step for the event gets "not found". Closing after the send
+                # let such a Step be accepted in between and then never be answered.
+                with self._lock:
+                    if not (event.waiting and event.reply_conn is conn and event.deadline < now):
+                        continue  # answered meanwhile
+                    event.waiting = False
+                    self._forget_locked(event)
                 message = (f"{event.describe()}: the handler neither called the PDK nor returned "
                            f"within {self.step_timeout:g}s")
                 conn.send_locked(msgpack.packb([protocol.RESPONSE, event.reply_msgid, message, None]))
             answered += 1
             log.error("%s: no PDK call or return within %gs; answered an error", event.describe(),
                       self.step_timeout)
-            self.close_event(event)
+            self._tell_owner_closed(event)
         for hub in hubs:
             hub.release_socket_if_stuck(now - self.step_timeout)
         return answered
@@ -989,7 +1013,10 @@ class Hub:
         while inbox:
             event, value = inbox.popleft()
             if event.greenlet is None:
-                continue  # the handler returned meanwhile (its greenlet may serve another event)
+                # The handler returned meanwhile (its greenlet may serve another event).
+                if value is not _CLOSE:
+                    self._answer_if_still_waiting(event)
+                continue
             if value is _CLOSE or event.closed:
                 self._drive(event, None, _abandoned(event))
             else:
@@ -1060,9 +1087,11 @@ class Hub:
                     self._reply(event, self.packer.pack(
                         [protocol.RESPONSE, event.reply_msgid, None,
                          {"Data": protocol.MSG_RET, "EventId": event.id}]))
-                elif failed is not None:
-                    log.warning("handler %s.%s of event #%d raised after the event ended:\n%s",
-                                event.instance.plugin.name, event.phase, event.id, failed.text)
+                else:
+                    if failed is not None:
+                        log.warning("handler %s.%s of event #%d raised after the event ended:\n%s",
+                                    event.instance.plugin.name, event.phase, event.id, failed.text)
+                    self._answer_if_still_waiting(event)
                 return
             if type(message) is _Terminal:
                 server.forget_event(event)  # Kong never steps an event after exit/error
@@ -1077,6 +1106,17 @@ class Hub:
                 log.warning("reply for event #%d could not be delivered; dropping the event", event.id)
                 server.forget_event(event)
             message = self._switch(event, None, _abandoned(event))
+
+    def _answer_if_still_waiting(self, event: Event) -> None:
+        """A request accepted for an event that has since ended gets an error, never silence.
+
+        (Closing under the table lock keeps Steps off closed events; this is the backstop, e.g.
+        for requests still waiting when stop() closes every event.)
+        """
+        if event.waiting:
+            self._reply(event, self.packer.pack(
+                [protocol.RESPONSE, event.reply_msgid,
+                 f"{event.describe()} ended before this request could be answered", None]))
 
     def _reply(self, event: Event, frame: bytes) -> bool:
         """Answer the event's waiting request, unless the watchdog already did."""

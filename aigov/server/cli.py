@@ -109,16 +109,18 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    try:
-        process.start()
-    except OSError as exc:
-        log.error("aigov serve: %s", exc)
-        return 1
+    # Metrics first: once the plugin socket exists Kong (and a scraper started with it) may
+    # talk to us, and the metrics endpoint must already answer by then.
     if args.metrics_listen:
         try:
             _start_metrics(args.metrics_listen)
         except Exception as exc:  # noqa: BLE001 - metrics are optional; serving is not
             log.error("metrics server on %s failed to start: %s", args.metrics_listen, exc)
+    try:
+        process.start()
+    except OSError as exc:
+        log.error("aigov serve: %s", exc)
+        return 1
     log.info("aigov serve: %d plugin(s) on %s: %s", len(plugins), args.prefix,
                 ", ".join(plugins))
     try:

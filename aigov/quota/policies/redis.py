@@ -176,10 +176,7 @@ class RedisQuotaStore:
 
     def reserve(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
                 now: float | None = None, reservation_ttl_s: int = 600) -> ReserveResult:
-        now = time.time() if now is None else now
-        keys, args = self._reserve_args(tag, request_id, counters, amounts, now, reservation_ttl_s)
-        out = self.layer.run(lambda client: self._reserve(keys=keys, args=args, client=client))
-        return self._reserve_result(out)
+        return self.reserve_begin(tag, request_id, counters, amounts, now, reservation_ttl_s).result()
 
     def reserve_begin(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
                       now: float | None = None, reservation_ttl_s: int = 600) -> "PendingScript":
@@ -209,10 +206,7 @@ class RedisQuotaStore:
 
     def settle(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
                now: float | None = None, reservation_ttl_s: int = 600) -> SettleResult:
-        now = time.time() if now is None else now
-        keys, args = self._settle_args(tag, request_id, counters, amounts, now, reservation_ttl_s)
-        out = self.layer.run(lambda client: self._settle(keys=keys, args=args, client=client))
-        return self._settle_result(out)
+        return self.settle_begin(tag, request_id, counters, amounts, now, reservation_ttl_s).result()
 
     def settle_begin(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
                      now: float | None = None, reservation_ttl_s: int = 600) -> "PendingScript":

@@ -34,7 +34,9 @@ test-kong: install
 demo: install
 	"$(VENV)/bin/aigov" demo
 
-bench: install
+# The benchmark compares against RedisVL (the optional `bench` extra), installed here if missing.
+bench:
+	VENV="$(VENV)" AIGOV_EXTRAS=bench scripts/install.sh
 	"$(VENV)/bin/aigov" bench
 
 # Build and test leftovers; keeps .venv (distclean removes it too).

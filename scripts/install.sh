@@ -12,6 +12,8 @@
 #   TORCH_INDEX_URL      optional index for torch only, e.g. https://download.pytorch.org/whl/cpu
 #                        (Docker images; on machines with a local CPU wheel leave it unset)
 #   AIGOV_INSTALL_FORCE  set to 1 to ignore the stamp and reinstall
+#   AIGOV_EXTRAS         optional extras to add, comma-separated (`make bench` passes `bench`:
+#                        RedisVL, the peer the benchmark compares against)
 #
 # Idempotent: a stamp file in the virtualenv, keyed by the hashes of pyproject.toml and this
 # script, turns a repeated run into a fast no-op.
@@ -43,10 +45,30 @@ tiktoken_files_present() {
         [ -s "$TIKTOKEN_CACHE_DIR/fb374d419588a4632f3f557e76b4b70aebbca790" ]
 }
 
+install_extras() {
+    # Optional extras on top of the base install, each with its own stamp, so `make bench` after
+    # `make test` adds RedisVL without redoing the rest (and `make test` after it keeps it).
+    local extra pin
+    local extras="${AIGOV_EXTRAS:-}"
+    for extra in ${extras//,/ }; do
+        if [ -f "$VENV/.aigov-extra-$extra" ] && [ "$(cat "$VENV/.aigov-extra-$extra")" = "$KEY" ]; then
+            continue
+        fi
+        say "installing the optional extra [$extra]"
+        pin="$(mktemp)"
+        "$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__)" >"$pin"
+        "$VENV/bin/python" -m pip --disable-pip-version-check install -c "$pin" -e "$ROOT[$extra]" ||
+            { rm -f "$pin"; die "installing the extra [$extra] failed"; }
+        rm -f "$pin"
+        echo "$KEY" >"$VENV/.aigov-extra-$extra"
+    done
+}
+
 KEY="$(stamp_key)"
 if [ "${AIGOV_INSTALL_FORCE:-0}" != 1 ] && [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] &&
     [ "$(cat "$STAMP")" = "$KEY" ] && tiktoken_files_present; then
     say "already installed in $VENV (stamp matches pyproject.toml); nothing to do"
+    install_extras
     exit 0
 fi
 
@@ -109,4 +131,5 @@ HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VENV/bin/aigov" embeddings prepare --d
 "$VPY" -m aigov.devredis --check >/dev/null
 
 echo "$KEY" >"$STAMP"
+install_extras
 say "done: $VENV"

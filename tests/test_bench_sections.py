@@ -146,3 +146,14 @@ def test_embeddings_section_ratio_from_measured_rates() -> None:
     # Concurrent requests really were merged into fewer model calls.
     mb32 = next(lv for lv in levels if lv["mode"] == "microbatch" and lv["concurrency"] == 32)
     assert mb32["model_calls"] < mb32["embeddings"]
+
+
+def test_idle_wake_cost_times_the_same_work_hot_and_after_idle() -> None:
+    from aigov.bench.request_path import idle_wake_cost
+
+    texts = [f"what is the capital of country number {i}" for i in range(12)]
+    out = idle_wake_cost(texts, idle_ms=2, rounds=12)
+    assert out["idle_ms"] == 2
+    assert out["hot_p50_ms"] > 0 and out["after_idle_p50_ms"] > 0
+    # The verdict is a ratio of the two medians of this call, not a fixed number.
+    assert out["factor"] == round(out["after_idle_p50_ms"] / out["hot_p50_ms"], 1)

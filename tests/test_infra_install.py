@@ -121,6 +121,51 @@ def test_install_is_a_fast_noop_when_the_stamp_matches(tmp_path: Path) -> None:
     assert "already installed" in result.stderr
 
 
+def _recording_python(venv: Path) -> Path:
+    """A venv python that answers the torch-version probe and logs every pip call instead of
+    running it (the unit under test is which extras install.sh asks pip for, not pip)."""
+    log = venv / "pip-calls.log"
+    (venv / "bin" / "python").write_text(
+        '#!/bin/sh\n'
+        f'if [ "$2" = pip ] || [ "$3" = pip ]; then echo "$@" >> "{log}"; exit 0; fi\n'
+        'echo torch==2.13.0\n')
+    return log
+
+
+def test_install_adds_a_missing_extra_on_a_complete_install(tmp_path: Path) -> None:
+    venv, cache = _fake_installed_venv(tmp_path, _stamp_key())
+    log = _recording_python(venv)
+    result = _run([str(REPO / "scripts" / "install.sh")], REPO, VENV=str(venv),
+                  TIKTOKEN_CACHE_DIR=str(cache), PYTHON="/nonexistent/python3", AIGOV_EXTRAS="bench")
+    assert result.returncode == 0, result.stderr
+    assert "installing the optional extra [bench]" in result.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 1 and calls[0].endswith(f"-e {REPO}[bench]") and " -c " in calls[0]
+    assert (venv / ".aigov-extra-bench").read_text().strip() == _stamp_key()
+    # Installed once: the next run (make bench again, or make test) asks pip for nothing.
+    again = _run([str(REPO / "scripts" / "install.sh")], REPO, VENV=str(venv),
+                 TIKTOKEN_CACHE_DIR=str(cache), PYTHON="/nonexistent/python3", AIGOV_EXTRAS="bench")
+    assert again.returncode == 0 and "optional extra" not in again.stderr
+    assert log.read_text().splitlines() == calls
+
+
+def test_install_without_extras_asks_pip_for_nothing(tmp_path: Path) -> None:
+    venv, cache = _fake_installed_venv(tmp_path, _stamp_key())
+    log = _recording_python(venv)
+    result = _run([str(REPO / "scripts" / "install.sh")], REPO, VENV=str(venv),
+                  TIKTOKEN_CACHE_DIR=str(cache), PYTHON="/nonexistent/python3")
+    assert result.returncode == 0, result.stderr
+    assert not log.exists() and not (venv / ".aigov-extra-bench").exists()
+
+
+def test_make_bench_installs_the_bench_extra() -> None:
+    dry = subprocess.run(["make", "-n", "bench"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert any("AIGOV_EXTRAS=bench" in line and "scripts/install.sh" in line for line in lines)
+    assert lines[-1].endswith("bench")  # the benchmark runs after the install
+
+
 def test_install_reruns_when_pyproject_changed(tmp_path: Path) -> None:
     # A stale stamp means a real install; with no usable interpreter it must stop with a clear error.
     venv, cache = _fake_installed_venv(tmp_path, "stale")

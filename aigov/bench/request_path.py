@@ -132,6 +132,35 @@ def run_variant(ctx: BenchContext, name: str, plugins: list[dict[str, Any]], moc
         handle.close()
 
 
+def idle_wake_cost(texts: list[str], idle_ms: float, rounds: int = 100) -> dict[str, Any]:
+    """The quota's own in-process request work (parse the chat request, count its prompt tokens)
+    timed back to back, then each time after `idle_ms` of sleep: the request path sleeps that long
+    while the upstream answers, and this is what waking up costs on this machine (cold caches, a
+    descheduled vCPU), measured in the same run as the added-latency rows it explains."""
+    from aigov import tokens
+    from aigov.request import parse_chat_request
+
+    bodies = [json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": t}]}).encode()
+              for t in texts[:rounds]]
+
+    def work(body: bytes) -> float:
+        t0 = time.perf_counter()
+        request = parse_chat_request(body)
+        tokens.count_chat_messages(request.messages, request.model, None)
+        return time.perf_counter() - t0
+
+    for body in bodies[:10]:
+        work(body)                        # warm-up: tiktoken's encoding, the parser's imports
+    hot = [work(body) for body in bodies for _ in range(3)]
+    after_idle = []
+    for body in bodies:
+        time.sleep(idle_ms / 1000.0)
+        after_idle.append(work(body))
+    hot_p50, idle_p50 = latency_stats(hot)["p50_ms"], latency_stats(after_idle)["p50_ms"]
+    return {"idle_ms": idle_ms, "hot_p50_ms": hot_p50, "after_idle_p50_ms": idle_p50,
+            "factor": round(ratio(idle_p50, hot_p50) or 0.0, 1)}
+
+
 def run(ctx: BenchContext) -> dict[str, Any]:
     require_module("kongsim.pytest_plugin", "the gateway stand-in")
     mockllm = require_module("aigov.mockllm", "the mock LLM")
@@ -194,6 +223,10 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             added[r["variant"]]["baseline"] = against["variant"]
     for n, a in added.items():
         ctx.echo(f"  added by {n:40s} p50 {a['p50_ms']} ms  p95 {a['p95_ms']} ms  (vs {a['baseline']})")
+    wake = idle_wake_cost(texts, PATH_LATENCY_MS, rounds=ctx.size(20, 100))
+    ctx.echo(f"  context: the quota's parse + token count takes {wake['hot_p50_ms']} ms back to back and "
+             f"{wake['after_idle_p50_ms']} ms after {PATH_LATENCY_MS} ms idle ({wake['factor']}x): "
+             "code run right after the upstream wait runs that much slower on this machine")
     cache_rec = by_name.get("llm-semantic-cache", {})
     hit_p50 = (cache_rec.get("hit_latency") or {}).get("p50_ms")
     slow_hit = (slow.get("hit_latency") or {}).get("p50_ms") if slow["status"] == "ok" else None
@@ -216,4 +249,4 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                "x", ">=", TARGET_HIT_SPEEDUP, baseline=slow_miss,
                note=f"repeat statuses {slow.get('repeat_cache_status')}"),
     ]
-    return {"results": {"variants": results, "added_latency": added}, "targets": targets}
+    return {"results": {"variants": results, "added_latency": added, "idle_wake": wake}, "targets": targets}

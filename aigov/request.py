@@ -58,6 +58,19 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def json_text(value: Any, **kwargs: Any) -> str:
+    """JSON text that always encodes to UTF-8, for bodies the plugins send on (a rewritten request,
+    a cached answer). Non-ASCII stays as is, except when the value holds a lone surrogate: JSON's
+    escape "\\ud800" decodes to an unpaired code point that UTF-8 cannot carry, so such a value is
+    written with ASCII escapes instead, which every JSON reader decodes to the same value."""
+    text = json.dumps(value, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **kwargs)
+    return text
+
+
 def sha256_hex(value: Any) -> str:
     data = value if isinstance(value, (bytes, bytearray)) else canonical_json(value).encode("utf-8", "surrogatepass")
     return hashlib.sha256(data).hexdigest()
@@ -146,9 +159,11 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("bad_field", "'model' must be a string")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("bad_field", "'stream' must be a boolean")
+    stream = body.get("stream")
+    if stream is None:
+        stream = False  # OpenAI takes null for any optional parameter as "not given"
+    elif not isinstance(stream, bool):
+        raise RequestError("bad_field", "'stream' must be a boolean or null")
     opts = body.get("stream_options")
     include_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage") is True)
     return ChatRequest(body=body, messages=messages, model=model, stream=stream,

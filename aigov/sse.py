@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from aigov.request import json_text
+
 DONE = b"data: [DONE]\n\n"
 DONE_DATA = "[DONE]"
 
@@ -138,7 +140,7 @@ def sse_event(obj: Any, event: str | None = None) -> bytes:
     elif isinstance(obj, str):
         text = obj
     else:
-        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        text = json_text(obj, separators=(",", ":"))
     lines = [f"event: {event}"] if event else []
     lines += [f"data: {part}" for part in _LINE_END.split(text)]
     return ("\n".join(lines) + "\n\n").encode("utf-8")

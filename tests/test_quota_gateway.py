@@ -224,6 +224,16 @@ def test_three_fifty_token_requests_show_950_900_850(shared_gateway, rclient) ->
     assert counter_values(rclient, "fifty") == [150]  # the headers agree with the counter
 
 
+def test_null_stream_is_an_ordinary_metered_request(shared_gateway, rclient) -> None:
+    # OpenAI takes `"stream": null` as "not given"; passing it on unmetered would let any client
+    # step around its quota (a tester did, with an exhausted budget).
+    r = post(shared_gateway, "day", chat(stream=None), "nullstream", **{"X-Mock-Usage": "total=40"})
+    assert r.status == 200
+    assert r.header("X-AI-RateLimit-Remaining-Day") == "960"
+    wait_settled(shared_gateway, rclient, "nullstream")
+    assert counter_values(rclient, "nullstream") == [40]
+
+
 def test_reply_larger_than_the_budget_is_charged_and_the_next_request_gets_429(shared_gateway, rclient) -> None:
     r = post(shared_gateway, "day", chat(max_tokens=10), "big", **{"X-Mock-Usage": "total=1500"})
     assert r.status == 200 and r.header("X-AI-RateLimit-Remaining-Day") == "0"

@@ -302,3 +302,23 @@ def test_restart_keeps_decisions(gateway: GatewayHandle, cache_dir: Path) -> Non
             time.sleep(0.2)
         after.append((r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Score")))
     assert after == before
+
+
+def test_lone_surrogate_and_null_stream_are_routed(gateway: GatewayHandle, mocks: tuple[MockLLM, MockLLM]) -> None:
+    a, _ = mocks
+    # JSON's escape \ud800 decodes to a lone surrogate, which UTF-8 cannot carry: the rewritten
+    # body must still go out (ASCII-escaped), with the route's model and key, never the client's.
+    raw = ('{"model": "client-model", "messages": [{"role": "user", "content": "'
+           + HELD_OUT["coding"][0] + ' \\ud800"}]}')
+    r = post(gateway, "main", raw)
+    assert r.status == 200, r.body
+    assert (r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Reason")) == ("coding", "matched")
+    assert r.header("X-Mock-Model") == "gpt-4o"
+    assert r.header("X-Mock-Auth-Sha256") == auth_fingerprint(f"Bearer {CODING_KEY}")
+    entry = _reached(a, r.header("X-Mock-Request-Id"))
+    assert entry is not None and entry["model"] == "gpt-4o"
+    # OpenAI takes `"stream": null` as "not given": it is a chat request like any other.
+    r = post(gateway, "main", {**chat(HELD_OUT["coding"][1]), "stream": None})
+    assert r.status == 200, r.body
+    assert r.header("X-Semantic-Route") == "coding"
+    assert r.header("X-Mock-Model") == "gpt-4o"

@@ -30,7 +30,7 @@ import redis
 from aigov.cache.key import CacheScope
 from aigov.cache.policies import CacheEntry, StoreUnavailable
 from aigov.redis_client import RedisLayer, RedisUnavailable
-from aigov.request import sha256_hex
+from aigov.request import json_text, sha256_hex
 
 KEY_ROOT = "aigov:cache"
 INDEX_ROOT = "aigov_cache"
@@ -195,7 +195,7 @@ class RedisStore:
         # by the next search, and FT.CREATE indexes the documents already under its prefix.
         self._ensure_index(dim)
         entry.meta["bucket"] = scope.bucket
-        doc = json.dumps(entry.to_json_dict(), ensure_ascii=False, separators=(",", ":"))
+        doc = json_text(entry.to_json_dict(), separators=(",", ":"))
         ttl_ms = max(1, int((entry.expires_at - time.time()) * 1000))
         vkey = f"{self._prefix(dim)}v:{entry.key}"
         mapping = document_fields(scope, vector, doc)

@@ -36,7 +36,7 @@ from aigov.cache.policies import CacheEntry, StoreUnavailable
 from aigov.embeddings import EmbeddingError
 from aigov.llm_response import parse_upstream_response
 from aigov.pdk import guarded, raw, text, value
-from aigov.request import RequestError, parse_chat_request
+from aigov.request import RequestError, json_text, parse_chat_request
 
 NAME = "llm-semantic-cache"
 VERSION = __version__
@@ -214,7 +214,7 @@ class SemanticCacheHandler:
             headers["Content-Type"] = "text/event-stream"
             headers["Cache-Control"] = "no-cache"
         else:
-            body = json.dumps(completion, ensure_ascii=False).encode()
+            body = json_text(completion).encode("utf-8")
             headers["Content-Type"] = "application/json"
         usage = entry.usage or completion.get("usage") or {}
         model = entry.model or completion.get("model")

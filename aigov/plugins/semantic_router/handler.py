@@ -37,7 +37,7 @@ from aigov import __version__
 from aigov import metrics
 from aigov.embeddings import embedder_from_config
 from aigov.pdk import guarded, raw, text, value
-from aigov.request import RequestError, parse_chat_request
+from aigov.request import RequestError, json_text, parse_chat_request
 from aigov.routing.core import (Decision, Route, Router, RouterConfigError, RouterSettings, prompt_text,
                                 settings_from_config)
 
@@ -130,6 +130,14 @@ class SemanticRouterHandler:
     def _apply(self, kong: Any, settings: RouterSettings, route: Route, chat: Any) -> str | None:
         """Point the request at the route's target; returns the model the upstream will see."""
         t = route.target
+        model = chat.model if chat is not None else None
+        new_body = None
+        if t.model and chat is not None:
+            if chat.model != t.model:
+                # Built before the first change to the request: nothing below is half-applied
+                # (the client's credential left in place, say) if it failed.
+                new_body = json_text({**chat.body, "model": t.model})
+            model = t.model
         if t.upstream:
             kong.service.set_upstream(t.upstream)
         elif t.host:
@@ -138,13 +146,8 @@ class SemanticRouterHandler:
             kong.service.request.set_scheme(t.scheme)
         if t.path:
             kong.service.request.set_path(t.path)
-        model = chat.model if chat is not None else None
-        if t.model and chat is not None:
-            if chat.model != t.model:
-                new_body = dict(chat.body)
-                new_body["model"] = t.model
-                kong.service.request.set_raw_body(json.dumps(new_body, ensure_ascii=False))
-            model = t.model
+        if new_body is not None:
+            kong.service.request.set_raw_body(new_body)
         if settings.strip_client_auth:
             # The client's credential (e.g. its Kong key) and any other target's key header must
             # never reach this upstream: clear them all, then set this target's own.

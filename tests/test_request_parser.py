@@ -1,0 +1,65 @@
+"""The one chat-request parser and the one JSON writer of bodies the plugins send on."""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+
+from aigov import sse
+from aigov.cache.core import CacheSettings, SemanticCache
+from aigov.cache.key import exact_key, scope_for
+from aigov.request import RequestError, json_text, parse_chat_request
+
+LONE_SURROGATE_BODY = b'{"model": "m", "messages": [{"role": "user", "content": "why was my card declined \\ud800"}]}'
+
+
+def test_null_stream_is_not_streamed_and_other_types_are_refused() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat_request(json.dumps({**base, "stream": None})).stream is False
+    assert parse_chat_request(json.dumps({**base, "stream": True})).stream is True
+    for bad in ("yes", 1, [], {}):
+        with pytest.raises(RequestError) as exc:
+            parse_chat_request(json.dumps({**base, "stream": bad}))
+        assert exc.value.reason == "bad_field"
+
+
+def test_json_text_keeps_non_ascii_and_escapes_only_what_utf8_cannot_carry() -> None:
+    assert json_text({"t": "béchamel"}) == '{"t": "béchamel"}'
+    value = json.loads(LONE_SURROGATE_BODY)
+    text = json_text(value)
+    text.encode("utf-8")  # would raise UnicodeEncodeError with ensure_ascii=False
+    assert json.loads(text) == value and "\\ud800" in text
+
+
+def test_a_cached_answer_with_a_lone_surrogate_replays_as_json_and_as_a_stream() -> None:
+    completion = {"id": "c1", "object": "chat.completion", "model": "m",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok \ud800"},
+                               "finish_reason": "stop"}]}
+    body = sse.chat_chunks_from_completion(completion, include_usage=False)
+    assert "\\ud800" in body.decode("utf-8")  # valid UTF-8 on the wire, the code point escaped
+    replayed, complete = sse.completion_from_chat_chunks(body)
+    assert complete and replayed["choices"][0]["message"]["content"] == "ok \ud800"
+    assert json.loads(json_text(completion).encode("utf-8")) == completion
+
+
+@pytest.mark.parametrize("strategy", ["memory", "redis"])
+def test_a_prompt_with_a_lone_surrogate_is_stored_and_hits(strategy: str, redis_server: Any) -> None:
+    if not redis_server.running:
+        redis_server.start()
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    ns = f"sur-{uuid.uuid4().hex[:6]}"
+    cache = SemanticCache(CacheSettings.from_config({"vectordb": {
+        "strategy": strategy, "namespace": ns, "redis": {"host": "127.0.0.1", "port": port}}}))
+    req = parse_chat_request(LONE_SURROGATE_BODY)
+    scope = scope_for(req, namespace=ns, consumer_id="c1", route_id="r")
+    key = exact_key(scope, req.prompt_text())
+    answer = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                                                        "finish_reason": "stop"}]}
+    try:
+        cache.save(scope, key, req.prompt_text(), cache.embed(req.prompt_text()), answer, None, "m")
+        found = cache.lookup(scope, req.prompt_text(), key)
+        assert found.status == "Hit"
+    finally:
+        cache.store.purge()

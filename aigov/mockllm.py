@@ -7,6 +7,11 @@ Answers are derived from the prompt ("Answer to: <last user text> [<hash of mode
 `usage` is counted with aigov.tokens, and `max_tokens` / `max_completion_tokens` truncate the
 answer with finish_reason "length".
 
+Chat requests are validated like OpenAI's endpoint (`check_chat_request`): wrong types or values
+of messages, roles, contents and the common sampling/stream parameters, unparseable JSON and
+JSON nested deeper than MAX_JSON_DEPTH get 400 with an OpenAI-shaped invalid_request_error body;
+`null` counts as "not given" for optional parameters, as OpenAI takes it.
+
 Per-request behaviour, switched by request headers:
   X-Mock-Fail: 429          rate-limit error (Retry-After: 1)
                500          server error
@@ -51,6 +56,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
 DEFAULT_EMBEDDING_DIM = 384
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# Deeper JSON is refused as unparseable; without a bound, json.loads (and json.dumps for the
+# answer hash) hit Python's recursion limit and the client got a 500 instead of a 400.
+MAX_JSON_DEPTH = 128
 MAX_LATENCY_MS = 60_000
 MAX_CONCURRENT_REQUESTS = 64
 ANSWER_ECHO_CHARS = 200  # the answer quotes at most this much of the prompt
@@ -102,6 +110,187 @@ class MockError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.error_type,
                           "param": self.param, "code": self.code}}
+
+
+CHAT_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
+# content-part types each role may send (OpenAI's chat completions request schema)
+_PART_TYPES = {"user": ("text", "image_url", "input_audio", "file"), "system": ("text",),
+               "developer": ("text",), "tool": ("text",), "assistant": ("text", "refusal")}
+# optional parameters: (kind, minimum, maximum); null is accepted for all of them
+_CHAT_PARAMS: dict[str, tuple[str, float | None, float | None]] = {
+    "stream": ("boolean", None, None),
+    "max_tokens": ("integer", 1, None),
+    "max_completion_tokens": ("integer", 1, None),
+    "n": ("integer", 1, 128),
+    "temperature": ("number", 0, 2),
+    "top_p": ("number", 0, 1),
+    "presence_penalty": ("number", -2, 2),
+    "frequency_penalty": ("number", -2, 2),
+    "seed": ("integer", None, None),
+    "stream_options": ("object", None, None),
+}
+_EXPECTED = {"boolean": "a boolean", "integer": "an integer", "number": "a decimal",
+             "object": "an object", "string": "a string", "array": "an array"}
+
+
+def _json_type(value: Any) -> str:
+    """How OpenAI's errors name the JSON type of `value`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _type_error(param: str, expected: str, value: Any) -> MockError:
+    return MockError(400, f"Invalid type for '{param}': expected {expected}, but got "
+                          f"{_json_type(value)} instead.", code="invalid_type", param=param)
+
+
+def _value_error(param: str, value: Any, allowed: tuple[str, ...]) -> MockError:
+    listed = ", ".join(f"'{a}'" for a in allowed[:-1]) + f", and '{allowed[-1]}'"
+    return MockError(400, f"Invalid value: '{value}'. Supported values are: {listed}.",
+                     code="invalid_value", param=param)
+
+
+def _missing(param: str) -> MockError:
+    return MockError(400, f"Missing required parameter: '{param}'.",
+                     code="missing_required_parameter", param=param)
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "object":
+        return isinstance(value, Mapping)
+    if kind == "string":
+        return isinstance(value, str)
+    return isinstance(value, list)
+
+
+def _check_param(name: str, value: Any, kind: str, low: float | None, high: float | None) -> None:
+    if value is None:
+        return  # OpenAI takes null as "not given"
+    if not _is_kind(value, kind):
+        raise _type_error(name, _EXPECTED[kind], value)
+    if kind not in ("integer", "number"):
+        return
+    word = "integer" if kind == "integer" else "decimal"
+    shown = value if kind == "integer" or not float(value).is_integer() else int(value)
+    if low is not None and value < low:
+        raise MockError(400, f"Invalid '{name}': {word} below minimum value. Expected a value >= "
+                             f"{low}, but got {shown} instead.", code=f"{word}_below_min_value",
+                        param=name)
+    if high is not None and value > high:
+        raise MockError(400, f"Invalid '{name}': {word} above maximum value. Expected a value <= "
+                             f"{high}, but got {shown} instead.", code=f"{word}_above_max_value",
+                        param=name)
+
+
+def _check_content(where: str, role: str, message: Mapping[str, Any]) -> None:
+    param = f"{where}.content"
+    if "content" not in message:
+        if role in ("assistant", "function"):
+            return  # optional for these (assistant tool-call turns carry none)
+        raise _missing(param)
+    content = message["content"]
+    if content is None:
+        if role in ("assistant", "function"):
+            return
+        raise MockError(400, "Invalid value for 'content': expected a string, got null.",
+                        code="invalid_type", param=param)
+    if isinstance(content, str):
+        return
+    if role == "function":
+        raise _type_error(param, "a string", content)
+    if not isinstance(content, list):
+        raise _type_error(param, "one of a string or array of objects", content)
+    if not content:
+        raise MockError(400, f"Invalid '{param}': empty array. Expected an array with minimum "
+                             "length 1, but got an empty array instead.", code="empty_array",
+                        param=param)
+    allowed = _PART_TYPES[role]
+    for j, part in enumerate(content):
+        part_param = f"{param}[{j}]"
+        if not isinstance(part, Mapping):
+            raise _type_error(part_param, "an object", part)
+        if "type" not in part:
+            raise _missing(f"{part_param}.type")
+        kind = part["type"]
+        if not isinstance(kind, str):
+            raise _type_error(f"{part_param}.type", "a string", kind)
+        if kind not in allowed:
+            raise _value_error(f"{part_param}.type", kind, allowed)
+        field = kind  # each part carries its payload under its type's name
+        if field not in part:
+            raise _missing(f"{part_param}.{field}")
+        expected = "string" if kind in ("text", "refusal") else "object"
+        if not _is_kind(part[field], expected):
+            raise _type_error(f"{part_param}.{field}", _EXPECTED[expected], part[field])
+        if kind == "image_url" and not isinstance(part[field].get("url"), str):
+            if "url" not in part[field]:
+                raise _missing(f"{part_param}.image_url.url")
+            raise _type_error(f"{part_param}.image_url.url", "a string", part[field]["url"])
+
+
+def check_chat_request(body: Mapping[str, Any]) -> None:
+    """Raise MockError(400) where OpenAI's chat completions endpoint answers 400
+    invalid_request_error: wrong types or values of messages (items, role, content, name) and of
+    the optional parameters in _CHAT_PARAMS, for which null means "not given"."""
+    if "messages" not in body:
+        raise _missing("messages")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise _type_error("messages", "an array", messages)
+    if not messages:
+        raise MockError(400, "Invalid 'messages': empty array. Expected an array with minimum "
+                             "length 1, but got an empty array instead.", code="empty_array",
+                        param="messages")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping):
+            raise _type_error(where, "an object", message)
+        if "role" not in message:
+            raise _missing(f"{where}.role")
+        role = message["role"]
+        if not isinstance(role, str):
+            raise _type_error(f"{where}.role", "a string", role)
+        if role not in CHAT_ROLES:
+            raise _value_error(f"{where}.role", role, CHAT_ROLES)
+        _check_content(where, role, message)
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise _type_error(f"{where}.name", "a string", message["name"])
+    for name, (kind, low, high) in _CHAT_PARAMS.items():
+        _check_param(name, body.get(name), kind, low, high)
+    stream_options = body.get("stream_options")
+    if isinstance(stream_options, Mapping):
+        _check_param("stream_options.include_usage", stream_options.get("include_usage"),
+                     "boolean", None, None)
+
+
+def _json_depth_ok(value: Any, limit: int) -> bool:
+    # iterative, so checking a deep document cannot itself overflow the stack
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return True
 
 
 def parse_usage_override(value: str) -> dict[str, int] | None:
@@ -239,9 +428,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise MockError(413, f"request body over {MAX_BODY_BYTES} bytes")
         raw = self.rfile.read(length) if length else b""
         try:
-            return json.loads(raw.decode("utf-8"))
+            body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise MockError(400, f"request body is not valid JSON: {exc}") from None
+            raise _unparseable(str(exc)) from None
+        except RecursionError:
+            raise _unparseable(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+        if not _json_depth_ok(body, MAX_JSON_DEPTH):
+            raise _unparseable(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        return body
 
     def _sleep(self, milliseconds: float) -> None:
         if milliseconds > 0:
@@ -356,15 +550,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not isinstance(body, Mapping):
             raise MockError(400, "request body must be a JSON object")
         model = self._check_model(body)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise MockError(400, "messages must be a non-empty array", param="messages")
+        check_chat_request(body)
+        messages = body["messages"]
         max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens < 1):
-            raise MockError(400, "max_tokens must be a positive integer", param="max_tokens")
         usage_mode = (self.headers.get("X-Mock-Usage") or "").strip().lower()
         usage_override = None
         if usage_mode not in ("", "none", "final"):
@@ -496,6 +686,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(200, {"object": "list", "data": data, "model": model,
                               "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}},
                         model)
+
+
+def _unparseable(detail: str) -> MockError:
+    # OpenAI's wording for a body it cannot parse, with what our parser said
+    return MockError(400, "We could not parse the JSON body of your request. (HINT: This likely "
+                          "means you aren't using your HTTP library correctly. The OpenAI API "
+                          "expects a JSON payload, but what was sent was not valid JSON.) "
+                          f"[{detail}]")
 
 
 class _RateLimited(Exception):

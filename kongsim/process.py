@@ -8,7 +8,8 @@ Follows `kong/runloop/plugin_servers/process.lua` (reference kong-plugin-server.
 * discovery runs query_cmd through a shell, reads stdout only, decodes JSON, takes
   `(dump.Plugins or dump)[1]` and checks Version/Priority/Schema (kongsim.metaschema);
 * the server is spawned as `exec <start_cmd>` through /bin/sh with a near-empty environment
-  (nginx keeps only TZ, plus `nginx_main_env` names), stdout+stderr merged and copied into the
+  (nginx keeps only TZ, plus the `env NAME` / `env NAME=value` directives Kong renders from
+  `nginx_main_env`, see `nginx_env_directives`), stdout+stderr merged and copied into the
   log line by line as `[<name>:<pid>] ...`, respawned no faster than once per second, and
   stopped with SIGTERM.
 """
@@ -45,7 +46,9 @@ class PluginServerEntry:
     socket: str
     query_cmd: str
     start_cmd: str | None = None
-    env_passthrough: tuple[str, ...] = ()  # nginx_main_env-style names copied from our env
+    # arguments of nginx `env` directives: "NAME" copies NAME from our environment,
+    # "NAME=value" sets it (nginx_env_directives reads them from nginx_main_env)
+    env_passthrough: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -94,8 +97,7 @@ def entries_from_conf(conf: Mapping[str, str]) -> list[PluginServerEntry]:
     if not names_raw or names_raw.lower() == "off" or names_raw == "NONE":
         return []
     prefix = conf.get("prefix", DEFAULT_PREFIX)
-    passthrough = tuple(n.strip().split("=", 1)[0] for n in
-                        re.split(r"[,;]", conf.get("nginx_main_env", "")) if n.strip())
+    passthrough = nginx_env_directives(conf.get("nginx_main_env", ""))
     entries = []
     for name in [n.strip() for n in names_raw.split(",") if n.strip()]:
         key = "pluginserver_" + name.lower().replace("-", "_")
@@ -119,13 +121,138 @@ def load_kong_conf(path: str | Path, environ: Mapping[str, str] | None = None
 
 # ----------------------------------------------------------------------------- environment
 
+_NGINX_SPACE = " \t\r\n"
+_NGINX_ESCAPES = {'"': '"', "'": "'", "\\": "\\", "t": "\t", "r": "\r", "n": "\n"}
+
+
+def _nginx_unescape(raw: str) -> str:
+    # ngx_conf_read_token copies a token turning \" \' \\ \t \r \n into the character; any
+    # other backslash stays as it is.
+    out, i = [], 0
+    while i < len(raw):
+        if raw[i] == "\\" and i + 1 < len(raw) and raw[i + 1] in _NGINX_ESCAPES:
+            out.append(_NGINX_ESCAPES[raw[i + 1]])
+            i += 2
+        else:
+            out.append(raw[i])
+            i += 1
+    return "".join(out)
+
+
+def _nginx_directives(text: str) -> list[list[str]]:
+    """Split nginx.conf text into directives (lists of tokens) like ngx_conf_read_token.
+
+    Raises ValueError where nginx would refuse to start (a stray `;`, a block, an open quote, no
+    final `;`)."""
+    directives: list[list[str]] = []
+    args: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i] in _NGINX_SPACE:
+            i += 1
+        if i >= n:
+            if args:
+                raise ValueError('unexpected end of file, expecting ";" or "}"')
+            return directives
+        ch = text[i]
+        if ch == "#":  # a comment only where a token starts; `A#B` is one token
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        if ch in ";{}":
+            if ch == ";" and args:
+                directives.append(args)
+                args = []
+                i += 1
+                continue
+            if ch == "{" and args:
+                raise ValueError(f'directive "{args[0]}" is not terminated by ";"')
+            raise ValueError(f'unexpected "{ch}"')
+        if ch in "\"'":
+            j = i + 1
+            while j < n and text[j] != ch:
+                j += 2 if text[j] == "\\" else 1
+            if j >= n:
+                raise ValueError("unexpected end of file, expecting \";\" or \"}\"")
+            args.append(_nginx_unescape(text[i + 1:j]))
+            i = j + 1
+            # nginx wants a space, `;` or `{` right after a closing quote
+            if i < n and text[i] not in _NGINX_SPACE + ";{":
+                raise ValueError(f'unexpected "{text[i]}"')
+            continue
+        j, variable = i, False
+        while j < n:
+            c = text[j]
+            if c == "\\":
+                j += 2
+                variable = False
+                continue
+            if c == "{" and variable:  # ${name} stays inside the token
+                j += 1
+                continue
+            variable = c == "$"
+            if c in _NGINX_SPACE or c in ";{":
+                break
+            j += 1
+        args.append(_nginx_unescape(text[i:min(j, n)]))
+        i = j
+
+
+def nginx_env_directives(value: str) -> tuple[str, ...]:
+    """The arguments of the `env` directives nginx reads from kong.conf's `nginx_main_env`.
+
+    Kong renders every `nginx_main_<directive> = <value>` as `<directive> <value>;` in
+    nginx.conf's main block (templates/nginx.lua), so `A; env B=1; env C` becomes three `env`
+    directives: ("A", "B=1", "C"). `NONE` (Kong) or an empty value renders nothing. Raises
+    ValueError for what nginx would refuse at startup: a stray `;` (`A;`), an `env` without
+    exactly one argument, a block, an open quote, or a directive name nginx cannot know (all
+    nginx directives are lower case, so `A; B` is "unknown directive "B""). Other lower-case
+    directives are not about the environment and are left out.
+    """
+    if not value.strip() or value == "NONE":
+        return ()
+    rendered = f"env {value};"
+    try:
+        directives = _nginx_directives(rendered)
+    except ValueError as exc:
+        raise ValueError(f"nginx_main_env: nginx rejects `{rendered}`: {exc}") from None
+    out = []
+    for args in directives:
+        name = args[0]
+        if name == "env":
+            if len(args) != 2:
+                raise ValueError(f'nginx_main_env: invalid number of arguments in "env" directive '
+                                 f"(env {' '.join(args[1:])}); one variable per `env`, e.g. "
+                                 f'"A; env B"')
+            out.append(args[1])
+        elif name != name.lower():
+            raise ValueError(f'nginx_main_env: unknown directive "{name}" (write "...; env {name}")')
+        else:
+            log.debug("nginx_main_env renders a %r directive; it does not touch the environment",
+                      name)
+    return tuple(out)
+
+
 def child_environment(entry: PluginServerEntry, environ: Mapping[str, str] | None = None
                       ) -> dict[str, str]:
-    """nginx clears its environment except TZ; nginx_main_env names are passed through."""
+    """The environment nginx gives a worker, and so start_cmd (ngx_set_environment).
+
+    Only TZ survives unless an `env` directive names it; `env NAME` copies NAME from `environ`
+    when set there, `env NAME=value` sets it. nginx puts duplicates into the environment in
+    directive order and /bin/sh (which runs the commands) keeps the last, so later ones win.
+    """
     env_src = os.environ if environ is None else environ
+    args = list(entry.env_passthrough)
+    if not any(a == "TZ" or a.startswith("TZ=") for a in args):
+        args.append("TZ")
     env: dict[str, str] = {}
-    for name in ("TZ",) + tuple(entry.env_passthrough):
-        if name in env_src:
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if not name:
+            continue  # nginx would pass "=value", which no shell imports as a variable
+        if eq:
+            env[name] = value
+        elif name in env_src:
             env[name] = env_src[name]
     return env
 

@@ -223,6 +223,69 @@ def test_kong_conf_entries_env_override_and_missing_query_cmd() -> None:
         process.entries_from_conf(process.parse_kong_conf("pluginserver_names = lone"))
 
 
+
+# Expected values below were checked against a real nginx 1.22 worker (its `environ` after
+# ngx_set_environment) and dash: envp keeps duplicates in directive order, and sh keeps the last.
+@pytest.mark.parametrize("value, directives, env", [
+    ("A", ("A",), {"A": "pa", "TZ": "Europe/Paris"}),
+    # the documented several-variables form: every one counts, not just the first
+    ("A; env B; env C", ("A", "B", "C"), {"A": "pa", "B": "pb", "TZ": "Europe/Paris"}),
+    ("A; env B=1; env C", ("A", "B=1", "C"), {"A": "pa", "B": "1", "TZ": "Europe/Paris"}),
+    ("B=x=y; env A", ("B=x=y", "A"), {"B": "x=y", "A": "pa", "TZ": "Europe/Paris"}),
+    ("TZ=UTC", ("TZ=UTC",), {"TZ": "UTC"}),
+    ("A=1; env A", ("A=1", "A"), {"A": "pa", "TZ": "Europe/Paris"}),
+    ("A; env A=2", ("A", "A=2"), {"A": "2", "TZ": "Europe/Paris"}),
+    ("\"Y=a b\";env   Z=${x}", ("Y=a b", "Z=${x}"), {"Y": "a b", "Z": "${x}", "TZ": "Europe/Paris"}),
+    ("A=\\t\\q", ("A=\t\\q",), {"A": "\t\\q", "TZ": "Europe/Paris"}),
+    ("A; timer_resolution 100ms", ("A",), {"A": "pa", "TZ": "Europe/Paris"}),
+    # kong.conf's \# is a literal #, which nginx keeps inside a token; commas are not lists
+    ("A\\#B; env A,B", ("A#B", "A,B"), {"TZ": "Europe/Paris"}),
+    ("=v; env A", ("=v", "A"), {"A": "pa", "TZ": "Europe/Paris"}),
+    ("NONE", (), {"TZ": "Europe/Paris"}),
+])
+def test_nginx_main_env_directives_and_worker_environment(value: str, directives: tuple,
+                                                           env: dict) -> None:
+    parent = {"A": "pa", "B": "pb", "TZ": "Europe/Paris", "HOME": "/root", "Y": "py"}
+    conf = process.parse_kong_conf(f"pluginserver_names = s\npluginserver_s_query_cmd = q\n"
+                                   f"nginx_main_env = {value}\n")
+    (entry,) = process.entries_from_conf(conf)
+    assert entry.env_passthrough == directives
+    assert process.child_environment(entry, parent) == env
+
+
+@pytest.mark.parametrize("value, message", [
+    ("A;", 'unexpected ";"'),  # `env A;;`
+    ("A; B", 'unknown directive "B"'),
+    ("A B", 'invalid number of arguments in "env" directive'),
+    ("A, B", 'invalid number of arguments in "env" directive'),
+    ("A {", 'directive "env" is not terminated by ";"'),
+    ("\"A", "unexpected end of file"),
+    ("'A'B", 'unexpected "B"'),
+])
+def test_nginx_main_env_that_nginx_refuses_is_an_error(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        process.nginx_env_directives(value)
+
+
+def test_kong_nginx_main_env_variable_overrides_kong_conf() -> None:
+    conf = process.parse_kong_conf("pluginserver_names = s\npluginserver_s_query_cmd = q\n"
+                                   "nginx_main_env = ONLY_FILE\n",
+                                   {"KONG_NGINX_MAIN_ENV": "X; env AIGOV_CAPTURE_PHASE"})
+    (entry,) = process.entries_from_conf(conf)
+    assert process.child_environment(entry, {"X": "1", "AIGOV_CAPTURE_PHASE": "log",
+                                             "ONLY_FILE": "f"}) == {"X": "1",
+                                                                    "AIGOV_CAPTURE_PHASE": "log"}
+
+
+def test_kong_conf_example_passes_every_listed_variable() -> None:
+    conf, entries = process.load_kong_conf(REPO / "kong.conf.example", {})
+    names = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TIKTOKEN_CACHE_DIR", "AIGOV_CAPTURE_PHASE",
+             "AIGOV_ROUTER_CACHE_DIR", "AIGOV_EMBEDDINGS_RUNTIME", "AIGOV_MODEL_CACHE"]
+    parent = {n: f"v-{n}" for n in names} | {"PATH": "/bin", "TZ": "UTC"}
+    for entry in entries:
+        assert entry.env_passthrough == tuple(names)
+        assert process.child_environment(entry, parent) == {n: f"v-{n}" for n in names} | {"TZ": "UTC"}
+
 def test_step_method_table() -> None:
     assert get_step_method("kong.request.get_headers", {}) == "StepMultiMap"
     assert get_step_method("kong.client.get_consumer", None) == "StepConsumer"

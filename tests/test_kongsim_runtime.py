@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "kongsim"))
 from helpers import Upstream, probe_entry, read_records  # noqa: E402
 
+from kongsim import process  # noqa: E402
 from kongsim.gateway import Gateway  # noqa: E402
 from kongsim.process import DiscoveryError, PluginServerEntry  # noqa: E402
 from kongsim.pytest_plugin import make_prefix, start_gateway  # noqa: E402
@@ -127,6 +128,36 @@ def test_near_empty_environment_with_passthrough(upstream, prefix, monkeypatch) 
     finally:
         gw.close()
 
+
+
+def test_start_cmd_gets_every_nginx_main_env_variable(tmp_path) -> None:
+    """Through kong.conf, as Kong renders it: the variables after the first `; env` reach the
+    spawned server too, `env NAME=value` sets one, unlisted ones stay out."""
+    out = tmp_path / "env.out"
+    conf_file = tmp_path / "kong.conf"
+    conf_file.write_text(
+        "pluginserver_names = envdump\n"
+        f"pluginserver_envdump_socket = {tmp_path}/envdump.socket\n"
+        "pluginserver_envdump_query_cmd = /bin/true\n"
+        f"pluginserver_envdump_start_cmd = /bin/sh -c '/usr/bin/env > {out}.tmp && "
+        f"/bin/mv {out}.tmp {out}; exec /bin/sleep 60'\n"
+        "nginx_main_env = KONGSIM_FIRST; env AIGOV_CAPTURE_PHASE; env \"KONGSIM_SET=from conf\"\n")
+    _, (entry,) = process.load_kong_conf(conf_file, {})
+    assert entry.env_passthrough == ("KONGSIM_FIRST", "AIGOV_CAPTURE_PHASE", "KONGSIM_SET=from conf")
+    server = process.ManagedServer(entry, {"KONGSIM_FIRST": "1", "AIGOV_CAPTURE_PHASE": "log",
+                                           "KONGSIM_SET": "parent", "KONGSIM_UNLISTED": "x",
+                                           "PATH": "/usr/bin:/bin"})
+    server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        env = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    finally:
+        server.stop()
+    assert env["KONGSIM_FIRST"] == "1" and env["AIGOV_CAPTURE_PHASE"] == "log"
+    assert env["KONGSIM_SET"] == "from conf"
+    assert "KONGSIM_UNLISTED" not in env and "PATH" not in env
 
 def test_respawn_after_kill_and_stale_instance_reset(upstream, prefix) -> None:
     rec = Path(prefix) / "rec.jsonl"

@@ -256,9 +256,137 @@ def test_bad_requests_get_clear_errors(mock_llm: MockLLM) -> None:
     assert chat(mock_llm, {"X-Mock-Fail": "explode"}).status == 400
     assert call(mock_llm, "/v1/nothing", {}).status == 404
     assert call(mock_llm, "/v1/chat/completions", method="GET").status == 405
-    odd = chat(mock_llm, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, None]},
-                                   None, {"role": 3}])
-    assert odd.status == 200 and odd.json()["choices"][0]["message"]["content"].startswith("Answer to: hi [")
+    parts = chat(mock_llm, messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+        {"role": "user", "name": "bob", "content": "hi"}])
+    assert parts.status == 200, parts.body
+    assert parts.json()["choices"][0]["message"]["content"].startswith("Answer to: hi [")
+
+
+def _error(reply: Reply) -> dict[str, Any]:
+    assert reply.status == 400, (reply.status, reply.body[:300])
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}  # OpenAI's error shape
+    return error
+
+
+@pytest.mark.parametrize("fields, param, code", [
+    ({"messages": ["hi"]}, "messages[0]", "invalid_type"),
+    ({"messages": [{"role": "user", "content": "a"}, None]}, "messages[1]", "invalid_type"),
+    ({"messages": "hi"}, "messages", "invalid_type"),
+    ({"messages": None}, "messages", "invalid_type"),
+    ({"messages": []}, "messages", "empty_array"),
+    ({"messages": [{"content": "hi"}]}, "messages[0].role", "missing_required_parameter"),
+    ({"messages": [{"role": 5, "content": "hi"}]}, "messages[0].role", "invalid_type"),
+    ({"messages": [{"role": None, "content": "hi"}]}, "messages[0].role", "invalid_type"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value"),
+    ({"messages": [{"role": "User", "content": "hi"}]}, "messages[0].role", "invalid_value"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", "invalid_type"),
+    ({"messages": [{"role": "system", "content": 42}]}, "messages[0].content", "invalid_type"),
+    ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages[0].content", "invalid_type"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", "empty_array"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0]", "invalid_type"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, None]}]},
+     "messages[0].content[1]", "invalid_type"),
+    ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "messages[0].content[0].type",
+     "missing_required_parameter"),
+    ({"messages": [{"role": "user", "content": [{"type": "txt", "text": "hi"}]}]},
+     "messages[0].content[0].type", "invalid_value"),
+    ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
+     "messages[0].content[0].type", "invalid_value"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]},
+     "messages[0].content[0].text", "invalid_type"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}]},
+     "messages[0].content[0].image_url", "invalid_type"),
+    ({"messages": [{"role": "user", "name": 3, "content": "hi"}]}, "messages[0].name", "invalid_type"),
+    ({"stream": "yes"}, "stream", "invalid_type"),
+    ({"stream": 1}, "stream", "invalid_type"),
+    ({"stream_options": {"include_usage": "yes"}, "stream": True}, "stream_options.include_usage",
+     "invalid_type"),
+    ({"stream_options": "usage"}, "stream_options", "invalid_type"),
+    ({"max_tokens": "10"}, "max_tokens", "invalid_type"),
+    ({"max_tokens": 0}, "max_tokens", "integer_below_min_value"),
+    ({"max_completion_tokens": 2.5}, "max_completion_tokens", "invalid_type"),
+    ({"n": "2"}, "n", "invalid_type"),
+    ({"n": 0}, "n", "integer_below_min_value"),
+    ({"n": 129}, "n", "integer_above_max_value"),
+    ({"temperature": "hot"}, "temperature", "invalid_type"),
+    ({"temperature": True}, "temperature", "invalid_type"),
+    ({"temperature": 2.5}, "temperature", "decimal_above_max_value"),
+    ({"temperature": -0.1}, "temperature", "decimal_below_min_value"),
+    ({"top_p": 1.5}, "top_p", "decimal_above_max_value"),
+])
+def test_chat_requests_openai_rejects_get_400_invalid_request_error(
+        mock_llm: MockLLM, fields: dict[str, Any], param: str, code: str) -> None:
+    error = _error(chat(mock_llm, **fields))
+    assert (error["param"], error["code"]) == (param, code), error
+    if code != "invalid_value":  # OpenAI's invalid_value messages quote the value, not the param
+        assert f"'{param}'" in error["message"] or param.endswith(".content"), error
+
+
+def test_openai_style_messages_name_the_wrong_type(mock_llm: MockLLM) -> None:
+    assert _error(chat(mock_llm, messages=["hi"]))["message"] == (
+        "Invalid type for 'messages[0]': expected an object, but got a string instead.")
+    assert _error(chat(mock_llm, stream="yes"))["message"] == (
+        "Invalid type for 'stream': expected a boolean, but got a string instead.")
+    assert _error(chat(mock_llm, max_tokens=1.5))["message"] == (
+        "Invalid type for 'max_tokens': expected an integer, but got a decimal number instead.")
+    robot = _error(chat(mock_llm, messages=[{"role": "robot", "content": "hi"}]))["message"]
+    assert robot.startswith("Invalid value: 'robot'. Supported values are: ")
+    assert all(f"'{r}'" in robot for r in ("system", "user", "assistant", "tool", "developer",
+                                            "function"))
+
+
+@pytest.mark.parametrize("fields", [
+    {"stream": None}, {"max_tokens": None}, {"max_completion_tokens": None}, {"n": None},
+    {"temperature": None}, {"top_p": None}, {"presence_penalty": None}, {"seed": None},
+    {"stream_options": None}, {"stream": False, "stream_options": {"include_usage": None}},
+    {"stream": None, "max_tokens": None, "temperature": None, "n": None, "top_p": None},
+    {"temperature": 0}, {"temperature": 2}, {"n": 1}, {"top_p": 1},
+])
+def test_null_optional_fields_are_not_given_like_openai(mock_llm: MockLLM,
+                                                         fields: dict[str, Any]) -> None:
+    plain = chat(mock_llm).json()
+    reply = chat(mock_llm, **fields)
+    assert reply.status == 200, reply.body[:300]
+    assert reply.headers["content-type"] == "application/json"  # stream: null is not a stream
+    body = reply.json()
+    assert body["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"] == plain["usage"]
+
+
+def test_assistant_content_may_be_null_or_absent(mock_llm: MockLLM) -> None:
+    for assistant in ({"role": "assistant", "content": None}, {"role": "assistant"},
+                      {"role": "function", "name": "f", "content": None}):
+        reply = chat(mock_llm, messages=[{"role": "user", "content": "q"}, assistant,
+                                         {"role": "user", "content": "again"}])
+        assert reply.status == 200, (assistant, reply.body[:300])
+        assert reply.json()["choices"][0]["message"]["content"].startswith("Answer to: again [")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings"])
+def test_unparseable_and_too_deep_json_is_400_not_500(mock_llm: MockLLM, path: str) -> None:
+    for raw in (b"[" * 100_000, b'{"a":' * 100_000, b"[" * 129 + b"]" * 129, b"{not json"):
+        error = _error(call(mock_llm, path, raw=raw))
+        assert error["message"].startswith("We could not parse the JSON body of your request.")
+        assert error["param"] is None
+    # the deepest accepted nesting still works (here inside a tool schema)
+    nested: Any = "leaf"
+    for _ in range(128 - 5):  # body > tools > [0] > function > parameters > ... nested lists
+        nested = [nested]
+    deep = chat(mock_llm, tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "x": nested}}}]) if path.endswith("completions") else call(
+        mock_llm, path, {"model": "e", "input": "x", "extra": nested})
+    assert deep.status == 200, deep.body[:300]
+    assert chat(mock_llm).status == 200  # the server is fine afterwards
 
 
 def test_oversized_body_is_refused() -> None:

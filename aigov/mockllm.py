@@ -161,6 +161,11 @@ def _value_error(param: str, value: Any, allowed: tuple[str, ...]) -> MockError:
                      code="invalid_value", param=param)
 
 
+def _empty_array(param: str) -> MockError:
+    return MockError(400, f"Invalid '{param}': empty array. Expected an array with minimum "
+                          "length 1, but got an empty array instead.", code="empty_array", param=param)
+
+
 def _missing(param: str) -> MockError:
     return MockError(400, f"Missing required parameter: '{param}'.",
                      code="missing_required_parameter", param=param)
@@ -218,9 +223,7 @@ def _check_content(where: str, role: str, message: Mapping[str, Any]) -> None:
     if not isinstance(content, list):
         raise _type_error(param, "one of a string or array of objects", content)
     if not content:
-        raise MockError(400, f"Invalid '{param}': empty array. Expected an array with minimum "
-                             "length 1, but got an empty array instead.", code="empty_array",
-                        param=param)
+        raise _empty_array(param)
     allowed = _PART_TYPES[role]
     for j, part in enumerate(content):
         part_param = f"{param}[{j}]"
@@ -255,9 +258,7 @@ def check_chat_request(body: Mapping[str, Any]) -> None:
     if not isinstance(messages, list):
         raise _type_error("messages", "an array", messages)
     if not messages:
-        raise MockError(400, "Invalid 'messages': empty array. Expected an array with minimum "
-                             "length 1, but got an empty array instead.", code="empty_array",
-                        param="messages")
+        raise _empty_array("messages")
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, Mapping):

@@ -322,7 +322,7 @@ def test_failures_and_cut_streams_release_or_settle_exactly(shared_gateway, rcli
 
 # ------------------------------------------------------------------ failure policy and bad input
 
-def test_malformed_request_passes_unmetered_or_gets_a_clear_400(shared_gateway, rclient) -> None:
+def test_malformed_request_passes_unmetered_or_gets_a_clear_400(shared_gateway, rclient, mock_llm) -> None:
     r = shared_gateway.request("POST", "/day/v1/chat/completions", body=b"{not json", headers={"X-User": "bad"})
     assert r.status == 400  # the mock upstream's own answer: the plugin passed it on
     assert counter_values(rclient, "bad") == []
@@ -331,6 +331,13 @@ def test_malformed_request_passes_unmetered_or_gets_a_clear_400(shared_gateway, 
     assert strict.status == 400
     err = strict.json()["error"]
     assert err["code"] == "invalid_request" and "not valid JSON" in err["message"]
+    # A chat request with a wrongly typed field never passes unmetered, whatever the setting: a
+    # provider more lenient than OpenAI could answer it.
+    served = mock_llm.stats.snapshot()["requests"]
+    typed = post(shared_gateway, "day", chat(stream="yes"), "bad")
+    assert typed.status == 400 and typed.json()["error"]["code"] == "invalid_request"
+    assert "'stream' must be a boolean" in typed.json()["error"]["message"]
+    assert mock_llm.stats.snapshot()["requests"] == served and counter_values(rclient, "bad") == []
 
 
 def test_a_request_too_big_to_meter_is_rejected_not_passed_unmetered(shared_gateway, mock_llm,

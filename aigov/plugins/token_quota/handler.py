@@ -12,7 +12,15 @@ Phases
   flight at the same time is not in them (its reservation, or its settle, lands in between).
 - log (always runs, also after another plugin's exit or a failed upstream): the place that
   guarantees settle-or-release exactly once. With AIGOV_CAPTURE_PHASE=log there is no response
-  phase (Kong does not buffer); the settle uses ai-proxy's logged usage instead.
+  phase (Kong does not buffer); the settle uses ai-proxy's logged usage instead. It also replays
+  a few Redis settles that failed earlier (the store's deferred queue), only when there are any.
+
+Redis stalls: a reserve whose answer was lost after the script was sent (timeout) fails open to
+local memory, but the script may still run in Redis later. Such a request is marked
+state["redis_unsure"]; its settle goes to memory and also to Redis under the same request id, so
+a late reservation is converted to the real usage, or, if the reserve never ran, the usage is
+charged and the id marked settled (a reserve still queued becomes a "duplicate"). A settle Redis
+does not confirm is queued by the store and replayed (idempotently) once Redis answers again.
 
 Priority 906: after the router (907) so the routed model is priced, before Kong's
 ai-rate-limiting-advanced (905), and well before the cache (770) and ai-proxy (770), so a cache
@@ -204,6 +212,13 @@ class TokenQuotaHandler:
                 kong.response.exit(413, openai_error(f"llm-token-quota: {exc}", "invalid_request_error",
                                                      "request_too_large"), {"Content-Type": "application/json"})
                 return
+            if exc.reason == "bad_field":
+                # A chat request with a wrongly typed field: OpenAI answers it 400, but a provider
+                # more lenient than OpenAI could serve it, so it is refused, never passed unmetered.
+                kong.log.set_serialize_value("aigov.quota.status", "rejected:bad_field")
+                kong.response.exit(400, openai_error(f"llm-token-quota: {exc}", "invalid_request_error",
+                                                     "invalid_request"), {"Content-Type": "application/json"})
+                return
             # Other unreadable bodies are not answerable chat requests: the provider rejects them
             # without spending tokens, so passing them on (the default) loses no accounting.
             if not body.strip() or q.on_malformed_request == "pass":
@@ -304,16 +319,25 @@ class TokenQuotaHandler:
             if pending is not None:
                 pending.cancel()
             raise
+        unsure = False
         if pending is not None:
             try:
                 result = pending.result()
             except Exception as exc:  # noqa: BLE001 - as above
                 error = exc
+                # The script was sent: Redis may still run it (a stall, not a refusal).
+                unsure = True
         if error is None and result is not None:
             return result
+        if unsure:
+            metrics.QUOTA_STORE_FAILURES.labels("reserve_unsure").inc()
         if q.on_store_failure == "fail_closed":
             metrics.QUOTA_STORE_FAILURES.labels("fail_closed").inc()
             kong.log.err(f"llm-token-quota: quota store unavailable ({type(error).__name__}); fail_closed: 503")
+            defer = getattr(store, "defer_settle", None)
+            if unsure and defer is not None:
+                # Nobody settles a 503: release a late reservation (or mark the id settled) later.
+                defer(tag, request_id, counters, [0] * len(counters), q.reservation_ttl_s, now)
             kong.ctx.shared.set(STATE_KEY, None)
             kong.response.exit(503, openai_error(
                 "llm-token-quota: the quota store is unavailable and this route is configured to "
@@ -324,6 +348,8 @@ class TokenQuotaHandler:
         kong.log.warn(f"llm-token-quota: quota store unavailable ({type(error).__name__}: {error}); "
                       "fail_open: counting in local memory")
         state["store"] = "memory"
+        if unsure:
+            state["redis_unsure"] = True  # the settle also goes to Redis (see the module doc)
         kong.ctx.shared.set(STATE_KEY, state)  # later phases settle where this was reserved
         return memory_store().reserve(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
 
@@ -389,6 +415,13 @@ class TokenQuotaHandler:
     # ------------------------------------------------------------------ log (settle-or-release)
     @guarded
     def log(self, kong: Any) -> None:
+        try:
+            self._log(kong)
+        finally:
+            # After the response has left: replays of failed Redis settles cost the client nothing.
+            self._retry_deferred(kong)
+
+    def _log(self, kong: Any) -> None:
         state = _as_dict(value(kong.ctx.shared.get(STATE_KEY)))
         if not state or self.quota is None:
             return
@@ -429,6 +462,22 @@ class TokenQuotaHandler:
                 charge = Charge.zero("released")
         self._settle(kong, state, charge)
         self._serialize(kong, state, charge)
+
+    def _retry_deferred(self, kong: Any) -> None:
+        """Replay a few deferred Redis settles; no PDK call and no round trip when none are queued."""
+        if self.quota is None or self.quota.policy != "redis":
+            return
+        store = self._store()
+        if not getattr(store, "deferred_count", lambda: 0)():
+            return
+        try:
+            replayed = store.retry_deferred()  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - never let a replay fail the log phase
+            kong.log.err(f"llm-token-quota: replaying deferred settles failed ({type(exc).__name__}: {exc})")
+            return
+        if replayed:
+            statuses = ", ".join(f"{rid[:8]} {r.status}" for rid, r in replayed)
+            kong.log.notice(f"llm-token-quota: replayed {len(replayed)} deferred Redis settle(s): {statuses}")
 
     # ------------------------------------------------------------------ helpers
     def _identify(self, kong: Any) -> str:
@@ -508,14 +557,19 @@ class TokenQuotaHandler:
                     result = store.settle(state["tag"], state["rid"], counters, amounts, time.time(),
                                           q.reservation_ttl_s)
             except Exception as exc:  # noqa: BLE001 - keep the accounting on this node at least
+                from aigov.redis_client import RedisUnavailable
                 metrics.QUOTA_STORE_FAILURES.labels("settle_local").inc()
+                later = ("the store replays the settle once Redis answers" if isinstance(exc, RedisUnavailable)
+                         else "the Redis reservation expires by itself")
                 kong.log.err(f"llm-token-quota: settle failed ({type(exc).__name__}: {exc}); charged in local "
-                             "memory, the Redis reservation expires by itself")
+                             f"memory, {later}")
                 result = memory_store().settle(state["tag"], state["rid"], counters, amounts, time.time(),
                                                q.reservation_ttl_s)
             values = result.values
             if result.status == "duplicate":
                 return counters, values  # already settled: never meter twice
+            if state.get("redis_unsure") and state.get("store") == "memory":
+                self._settle_unsure(kong, state, counters, amounts)
         metrics.QUOTA_SETTLE_LATENCY.observe((time.perf_counter() - started) * 1000)
         self._gauge(state.get("tag", ""), counters, values)
         model, tag = state.get("model_label", ""), state.get("tag", "")
@@ -527,6 +581,18 @@ class TokenQuotaHandler:
         if charge.cost_nano:
             metrics.LLM_COST.labels(model, tag).inc(nano_to_usd(charge.cost_nano))
         return counters, values
+
+    def _settle_unsure(self, kong: Any, state: dict[str, Any], counters: list[Counter], amounts: list[int]) -> None:
+        """The Redis half of a fail-open request whose reserve may have run in Redis after all:
+        the same settle (request id, real amounts) converts a late reservation, or charges the
+        usage and marks the id settled so a reserve still on its way reserves nothing."""
+        q = self.quota
+        assert q is not None
+        try:
+            self._store().settle(state["tag"], state["rid"], counters, amounts, time.time(), q.reservation_ttl_s)
+        except Exception as exc:  # noqa: BLE001 - the store queued it (outage) or it cannot succeed
+            kong.log.warn(f"llm-token-quota: Redis settle of a fail-open request failed ({type(exc).__name__}: "
+                          f"{exc}); replayed from the deferred queue once Redis answers")
 
     def _gauge(self, tag: str, counters: list[Counter], values: list[int]) -> None:
         for c, v in zip(counters, values):
@@ -549,6 +615,8 @@ class TokenQuotaHandler:
     def _serialize(self, kong: Any, state: dict[str, Any], charge: Charge | None) -> None:
         out: dict[str, Any] = {"consumer": state.get("tag"), "model": state.get("model_label"),
                                "store": state.get("store")}
+        if state.get("redis_unsure"):
+            out["redis_unsure"] = True  # fail-open, but the reserve may have run in Redis: settled there too
         if charge is not None:
             out.update(status=charge.source, prompt_tokens=charge.prompt_tokens,
                        completion_tokens=charge.completion_tokens, total_tokens=charge.total_tokens,

@@ -12,16 +12,31 @@ Every script first gives back reservations whose deadline passed (a node died be
 settle): the budget of a crashed request returns within the reservation TTL, never leaks. The
 counters such a sweep touches are named inside the reservation rather than passed in KEYS; they
 share the caller's hash tag, hence the slot, so Redis Cluster serves them.
+
+A settle that cannot reach Redis (timeout, connection error, breaker open) is kept in a bounded
+in-process queue of deferred settles and replayed by retry_deferred() once the layer is healthy:
+settles are idempotent per request id (the `done` zset), so a replay of one that did land late
+is a "duplicate" and charges nothing twice.
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import redis
 
+from aigov import metrics
 from aigov.quota.core import Counter, ReserveResult, SettleResult, meta_keys
-from aigov.redis_client import RedisLayer
+from aigov.redis_client import RedisLayer, RedisUnavailable
+
+log = logging.getLogger("aigov.quota")
+
+DEFERRED_CAP = 1024   # deferred settles kept per store; the oldest is dropped beyond it
+RETRY_BATCH = 8       # deferred settles replayed per retry_deferred() call (one round trip)
 
 _SWEEP = r"""
 local function sweep(res, pending, now_ms)
@@ -148,16 +163,31 @@ return out
 """
 
 
+@dataclass
+class DeferredSettle:
+    """A settle Redis did not confirm, kept to be replayed (same request id, same amounts)."""
+
+    tag: str
+    request_id: str
+    counters: tuple[Counter, ...]
+    amounts: tuple[int, ...]
+    reservation_ttl_s: int
+    sent_at: float        # the `now` of the original call: the score a landed original has in `done`
+
+
 class RedisQuotaStore:
     name = "redis"
 
-    def __init__(self, layer: RedisLayer, prefix: str) -> None:
+    def __init__(self, layer: RedisLayer, prefix: str, deferred_cap: int = DEFERRED_CAP) -> None:
         self.layer = layer
         self.prefix = prefix
         client = layer.client
         self._reserve = client.register_script(RESERVE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
         self._values = client.register_script(VALUES_LUA)
+        self.deferred_cap = deferred_cap
+        self._deferred: "OrderedDict[tuple[str, str], DeferredSettle]" = OrderedDict()
+        self._deferred_lock = threading.Lock()
 
     def _reserve_args(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
                       now: float, reservation_ttl_s: int) -> tuple[list[str], list[Any]]:
@@ -210,10 +240,118 @@ class RedisQuotaStore:
 
     def settle_begin(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
                      now: float | None = None, reservation_ttl_s: int = 600) -> "PendingScript":
-        """settle() in two steps, like reserve_begin()."""
+        """settle() in two steps, like reserve_begin(). A settle that fails with RedisUnavailable
+        (from here or from result()) is also queued for retry_deferred() before the error is raised."""
         now = time.time() if now is None else now
         keys, args = self._settle_args(tag, request_id, counters, amounts, now, reservation_ttl_s)
-        return PendingScript(self, self._settle, keys, args, self._settle_result)
+
+        def defer() -> None:
+            self.defer_settle(tag, request_id, counters, amounts, reservation_ttl_s, now)
+
+        try:
+            return PendingScript(self, self._settle, keys, args, self._settle_result, on_unavailable=defer)
+        except RedisUnavailable:
+            defer()
+            raise
+
+    # ------------------------------------------------------------ deferred settles
+    def defer_settle(self, tag: str, request_id: str, counters: Sequence[Counter], amounts: Sequence[int],
+                     reservation_ttl_s: int = 600, now: float | None = None) -> None:
+        """Queue a settle for retry_deferred(). A request id already queued keeps its first entry
+        (in Redis too the first settle of an id is the one that counts)."""
+        item = DeferredSettle(tag, request_id, tuple(counters), tuple(int(a) for a in amounts),
+                              int(reservation_ttl_s), time.time() if now is None else now)
+        with self._deferred_lock:
+            if (tag, request_id) in self._deferred:
+                return
+            self._deferred[(tag, request_id)] = item
+            dropped = self._trim_locked()
+        metrics.QUOTA_STORE_FAILURES.labels("settle_deferred").inc()
+        self._warn_dropped(dropped, "the deferred-settle queue is full")
+
+    def deferred_count(self) -> int:
+        return len(self._deferred)
+
+    def deferred(self) -> list[DeferredSettle]:
+        """The queued settles, oldest first (a copy)."""
+        with self._deferred_lock:
+            return list(self._deferred.values())
+
+    def _trim_locked(self) -> list[DeferredSettle]:
+        dropped = []
+        while len(self._deferred) > self.deferred_cap:
+            dropped.append(self._deferred.popitem(last=False)[1])
+        return dropped
+
+    @staticmethod
+    def _warn_dropped(dropped: list[DeferredSettle], why: str) -> None:
+        for item in dropped:
+            metrics.QUOTA_STORE_FAILURES.labels("settle_deferred_dropped").inc()
+            log.warning("llm-token-quota: %s; dropped the deferred settle of request %s (%s, amounts %s): "
+                        "Redis will not get this usage", why, item.request_id, item.tag, list(item.amounts))
+
+    def _requeue(self, items: list[DeferredSettle]) -> None:
+        """Put back settles a retry could not deliver, at the front (oldest first)."""
+        with self._deferred_lock:
+            for item in reversed(items):
+                key = (item.tag, item.request_id)
+                if key not in self._deferred:
+                    self._deferred[key] = item
+                    self._deferred.move_to_end(key, last=False)
+            dropped = self._trim_locked()
+        self._warn_dropped(dropped, "the deferred-settle queue is full")
+
+    def retry_deferred(self, max_items: int = RETRY_BATCH) -> list[tuple[str, SettleResult]]:
+        """Replay up to `max_items` deferred settles (oldest first) in one round trip, when any are
+        queued and the layer is healthy. Returns (request id, result) of each one Redis answered;
+        undelivered ones go back to the queue. Never raises RedisUnavailable.
+
+        The replay is evaluated at the time of the retry (window checks, the reservation sweep): a
+        window that ended is not recreated, and a reservation that expired meanwhile was already
+        given back, so the replay charges the real usage as an orphan.
+        """
+        if not self._deferred or not self.layer.healthy:
+            return []  # the common case: no lock, no round trip
+        now = time.time()
+        batch: list[DeferredSettle] = []
+        expired: list[DeferredSettle] = []
+        with self._deferred_lock:
+            while self._deferred and len(batch) < max_items:
+                item = self._deferred.popitem(last=False)[1]
+                # Settled ids are remembered 2 x TTL (SETTLE_LUA's done_ttl). Past 1.5 x TTL (clock
+                # skew margin) a replay of a settle that did land could find no marker and charge twice.
+                (expired if now - item.sent_at > 1.5 * item.reservation_ttl_s else batch).append(item)
+        self._warn_dropped(expired, "deferred settle too old to replay safely")
+        if not batch:
+            return []
+        calls = [self._settle_args(d.tag, d.request_id, d.counters, d.amounts, now, d.reservation_ttl_s)
+                 for d in batch]
+        try:
+            replies = self.layer.send(*(("EVALSHA", self._settle.sha, len(k), *k, *a) for k, a in calls)).replies()
+        except RedisUnavailable:
+            self._requeue(batch)
+            return []
+        out: list[tuple[str, SettleResult]] = []
+        for i, (item, (keys, args), reply) in enumerate(zip(batch, calls, replies)):
+            try:
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    reply = self.layer.run(lambda client: self._settle(keys=keys, args=args, client=client))
+                elif isinstance(reply, redis.exceptions.ResponseError):
+                    def fail(_client: Any, err: Exception = reply) -> Any:
+                        raise err
+                    self.layer.run(fail)  # LOADING / READONLY: an outage, retried later
+                result = self._settle_result(reply)
+            except RedisUnavailable:
+                self._requeue(batch[i:])
+                break
+            except Exception as exc:  # noqa: BLE001 - a script error: replaying cannot fix it
+                metrics.QUOTA_STORE_FAILURES.labels("settle_deferred_failed").inc()
+                log.error("llm-token-quota: deferred settle of request %s failed (%s: %s); dropped",
+                          item.request_id, type(exc).__name__, exc)
+                continue
+            metrics.QUOTA_STORE_FAILURES.labels(f"settle_replayed_{result.status}").inc()
+            out.append((item.request_id, result))
+        return out
 
     def values(self, tag: str, counters: Sequence[Counter], now: float | None = None) -> list[int]:
         now = time.time() if now is None else now
@@ -224,23 +362,31 @@ class RedisQuotaStore:
 
 
 class PendingScript:
-    """One script call in flight (RedisLayer.send): result() parses it, cancel() drops it."""
+    """One script call in flight (RedisLayer.send): result() parses it, cancel() drops it.
+
+    `on_unavailable` runs when result() fails with RedisUnavailable (the settle's deferral)."""
 
     def __init__(self, store: RedisQuotaStore, script: Any, keys: list[str], args: list[Any],
-                 parse: Callable[[Any], Any]) -> None:
+                 parse: Callable[[Any], Any], on_unavailable: Callable[[], None] | None = None) -> None:
         self.store, self.script, self.keys, self.args, self.parse = store, script, keys, args, parse
+        self.on_unavailable = on_unavailable
         self._pending = store.layer.send(("EVALSHA", script.sha, len(keys), *keys, *args))
 
     def result(self) -> Any:
         """The parsed answer (ReserveResult / SettleResult); errors as the one-step call raises."""
-        out = self._pending.replies()[0]
-        if isinstance(out, redis.exceptions.NoScriptError):
-            # The server lost its script cache (restart, SCRIPT FLUSH): the normal path loads it.
-            out = self.store.layer.run(lambda client: self.script(keys=self.keys, args=self.args, client=client))
-        elif isinstance(out, redis.exceptions.ResponseError):
-            def fail(_client: Any) -> Any:
-                raise out
-            self.store.layer.run(fail)  # LOADING / READONLY map to an outage, as in the one-step call
+        try:
+            out = self._pending.replies()[0]
+            if isinstance(out, redis.exceptions.NoScriptError):
+                # The server lost its script cache (restart, SCRIPT FLUSH): the normal path loads it.
+                out = self.store.layer.run(lambda client: self.script(keys=self.keys, args=self.args, client=client))
+            elif isinstance(out, redis.exceptions.ResponseError):
+                def fail(_client: Any) -> Any:
+                    raise out
+                self.store.layer.run(fail)  # LOADING / READONLY map to an outage, as in the one-step call
+        except RedisUnavailable:
+            if self.on_unavailable is not None:
+                self.on_unavailable()
+            raise
         return self.parse(out)
 
     def cancel(self) -> None:

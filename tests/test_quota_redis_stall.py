@@ -1,0 +1,244 @@
+"""llm-token-quota's Redis accounting converges after a Redis stall (SIGSTOP / SIGCONT).
+
+A stalled Redis still has the commands it was sent in its socket buffers and runs them once it is
+continued: a reserve whose answer timed out can land after the request failed open, and a settle
+that timed out can land later too. These tests stall a private real redis-server (so the session
+server of other tests is not disturbed) and check that the deferred settles and the "unsure"
+reserves leave Redis with the real usage, no stray reservation and nothing charged twice.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import redis as redislib
+
+from aigov.devredis import RedisServer, free_port
+from aigov.metrics import REGISTRY
+from aigov.quota.core import Counter, QuotaConfig, meta_keys, plan_counters
+from aigov.quota.policies.redis import RedisQuotaStore
+from aigov.redis_client import RedisLayer, RedisUnavailable
+from kongsim.pdk import serialize
+from kongsim.pytest_plugin import start_recorded_gateway
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "gpt-4o-mini"
+STATE_KEY = "aigov.quota"
+
+
+@pytest.fixture(scope="module")
+def stall_redis() -> Iterator[RedisServer]:
+    """A private Redis: SIGSTOP on it must not stall the session server other tests use."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        if server.pid is not None:
+            os.kill(server.pid, signal.SIGCONT)  # a stopped process does not act on SIGTERM
+        server.close()
+
+
+@pytest.fixture()
+def rclient(stall_redis: RedisServer) -> Iterator[redislib.Redis]:
+    client = stall_redis.client(socket_timeout=5)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@contextmanager
+def stalled(server: RedisServer) -> Iterator[None]:
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def wait_for(predicate: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not reached within {timeout_s}s")
+
+
+def failures(outcome: str) -> float:
+    return REGISTRY.get_sample_value("ai_quota_store_failures_total", {"outcome": outcome}) or 0.0
+
+
+def counters_for(tag: str, now: float, tokens: int = 100_000) -> list[Counter]:
+    config = QuotaConfig.from_plugin_config({"limits": [{"window": "day", "tokens": tokens}]})
+    return plan_counters(config, tag, MODEL, None, now)
+
+
+# ------------------------------------------------------------------ the store's deferred queue
+
+def test_deferred_queue_is_bounded_and_drops_the_oldest_with_a_warning(caplog) -> None:
+    layer = RedisLayer(port=free_port(), timeout_ms=200, cooldown_s=60)  # nobody listens there
+    store = RedisQuotaStore(layer, "aigov:quota", deferred_cap=3)
+    now = time.time()
+    cs = counters_for("consumer:q", now)
+    dropped_before = failures("settle_deferred_dropped")
+    with caplog.at_level(logging.WARNING, logger="aigov.quota"):
+        for i in range(5):
+            with pytest.raises(RedisUnavailable):  # refused (first) or breaker open (the rest)
+                store.settle("consumer:q", f"r{i}", cs, [10 * i], now, 600)
+        store.defer_settle("consumer:q", "r4", cs, [999], 600, now)  # an id already queued keeps its first entry
+    assert [d.request_id for d in store.deferred()] == ["r2", "r3", "r4"]
+    assert store.deferred()[-1].amounts == (40,)
+    assert failures("settle_deferred_dropped") - dropped_before == 2
+    dropped_logs = [r.getMessage() for r in caplog.records if "dropped the deferred settle" in r.getMessage()]
+    assert len(dropped_logs) == 2 and "r0" in dropped_logs[0] and "r1" in dropped_logs[1]
+    assert store.retry_deferred() == []  # breaker open: nothing sent, nothing lost
+    assert store.deferred_count() == 3
+    layer.client.close()
+
+
+def test_retry_replays_at_most_eight_per_call_and_drops_entries_too_old_to_replay(stall_redis, rclient,
+                                                                                   caplog) -> None:
+    store = RedisQuotaStore(RedisLayer(url=stall_redis.url, timeout_ms=2000), "aigov:quota")
+    now = time.time()
+    cs = counters_for("consumer:b", now)
+    for i in range(11):
+        assert store.reserve("consumer:b", f"b{i}", cs, [100], now, 600).admitted
+        store.defer_settle("consumer:b", f"b{i}", cs, [7], 600, now)
+    # Older than 1.5 x TTL: the `done` marker of a settle that did land may be gone (2 x TTL), so a
+    # replay could charge twice; it is dropped instead.
+    store.defer_settle("consumer:b", "ancient", cs, [5000], 10, now - 16)
+    assert rclient.get(cs[0].key) == b"1100"
+    with caplog.at_level(logging.WARNING, logger="aigov.quota"):
+        first = store.retry_deferred()
+    assert [(rid, r.status) for rid, r in first] == [(f"b{i}", "settled") for i in range(8)]
+    assert store.deferred_count() == 3 + 1
+    assert rclient.get(cs[0].key) == str(3 * 100 + 8 * 7).encode()
+    second = store.retry_deferred()
+    assert [(rid, r.status) for rid, r in second] == [(f"b{i}", "settled") for i in range(8, 11)]
+    assert any("ancient" in r.getMessage() and "too old" in r.getMessage() for r in caplog.records)
+    assert store.deferred_count() == 0 and store.retry_deferred() == []
+    assert rclient.get(cs[0].key) == str(11 * 7).encode()  # "ancient" never charged
+    res, pending, _done = meta_keys("aigov:quota", "consumer:b")
+    assert rclient.hlen(res) == 0 and rclient.zcard(pending) == 0
+    store.layer.client.close()
+
+
+def test_settles_lost_in_a_stall_are_replayed_once_landed_ones_as_duplicates(stall_redis, rclient) -> None:
+    layer = RedisLayer(url=stall_redis.url, timeout_ms=200, cooldown_s=0.3)
+    store = RedisQuotaStore(layer, "aigov:quota")
+    now = time.time()
+    cs = counters_for("consumer:s", now)
+    res, pending, done = meta_keys("aigov:quota", "consumer:s")
+    for rid, amount in (("sent", 500), ("refused", 300)):
+        assert store.reserve("consumer:s", rid, cs, [amount], now, 600).admitted
+    with stalled(stall_redis):
+        with pytest.raises(RedisUnavailable):  # written to the socket, no answer: it may still run
+            store.settle("consumer:s", "sent", cs, [120], time.time(), 600)
+        with pytest.raises(RedisUnavailable):  # breaker open: never sent
+            store.settle("consumer:s", "refused", cs, [70], time.time(), 600)
+        assert [d.request_id for d in store.deferred()] == ["sent", "refused"]
+    wait_for(lambda: rclient.zscore(done, "sent") is not None, what="the stalled settle running late")
+    assert rclient.get(cs[0].key) == str(120 + 300).encode()  # the late one landed; "refused" still reserved
+    wait_for(lambda: layer.healthy, what="breaker cooldown")
+    replayed = store.retry_deferred()
+    assert [(rid, r.status) for rid, r in replayed] == [("sent", "duplicate"), ("refused", "settled")]
+    assert rclient.get(cs[0].key) == str(120 + 70).encode()  # nothing charged twice
+    assert rclient.hlen(res) == 0 and rclient.zcard(pending) == 0
+    assert store.deferred_count() == 0
+    layer.client.close()
+
+
+def test_a_reserve_landing_after_the_settle_of_its_id_reserves_nothing(stall_redis, rclient) -> None:
+    # The other order of an unsure request: its settle reaches Redis before the late reserve.
+    store = RedisQuotaStore(RedisLayer(url=stall_redis.url, timeout_ms=2000), "aigov:quota")
+    now = time.time()
+    cs = counters_for("consumer:o", now)
+    assert store.settle("consumer:o", "u1", cs, [40], now, 600).status == "orphan"  # charged, id marked done
+    late = store.reserve("consumer:o", "u1", cs, [530], now, 600)
+    assert late.duplicate and late.values == [40]
+    res, pending, _ = meta_keys("aigov:quota", "consumer:o")
+    assert rclient.hlen(res) == 0 and rclient.zcard(pending) == 0
+    assert rclient.get(cs[0].key) == b"40"
+    store.layer.client.close()
+
+
+# ------------------------------------------------------------------ the tester's scenario, end to end
+
+def test_a_redis_stall_during_requests_converges_to_the_real_usage(stall_redis, rclient, mock_llm) -> None:
+    prefix = f"stall{uuid.uuid4().hex[:8]}"
+    quota = {"name": "llm-token-quota", "config": {
+        "policy": "redis", "key_prefix": prefix,
+        "redis": {"host": "127.0.0.1", "port": stall_redis.port, "timeout_ms": 200},
+        # 20 s rather than the tester's 10: the late reservation must still be there when the test
+        # looks, or the sweep, not the fix, would have given it back.
+        "reservation_ttl_seconds": 20,
+        "identifier_sources": ["header"], "identifier_header": "X-User",
+        "limits": [{"window": "day", "tokens": 100_000}]}}
+    yml = {"_format_version": "3.0", "services": [{"name": "llm", "url": mock_llm.url, "routes": [
+        {"name": "q", "paths": ["/q"], "strip_path": True, "plugins": [quota]}]}]}
+    gw, calls = start_recorded_gateway(yml, server="aigov", pythonpath=str(REPO))
+    res, pending, done = meta_keys(prefix, "header:staller")
+    replies: dict[str, Any] = {}
+
+    def post(name: str, total: int, **headers: str) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"request {name}"}], "max_tokens": 500}
+        replies[name] = gw.request("POST", "/q/v1/chat/completions", json=body,
+                                   headers={"X-User": "staller", "X-Mock-Usage": f"total={total}", **headers})
+
+    try:
+        slow = threading.Thread(target=post, args=("A", 194), kwargs={"X-Mock-Latency-Ms": "3000"})
+        slow.start()
+        wait_for(lambda: rclient.hlen(res) == 1, what="A's reservation")
+        with stalled(stall_redis):
+            post("B", 61)  # its reserve is written, its answer times out: fail open, unsure
+            post("C", 43)  # usually refused by the open breaker: plain fail open
+            slow.join(timeout=30)
+            assert not slow.is_alive()
+            assert gw.wait_logs(20)
+        rclient.ping()
+        time.sleep(1.2)  # the plugin server's breaker (1 s cooldown) lets Redis calls through again
+        post("D", 29)  # one more request, after Redis resumed: its log phase replays the deferred settles
+        assert gw.wait_logs(20)
+
+        assert all(r.status == 200 for r in replies.values()), {k: r.status for k, r in replies.items()}
+        used = {k: int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion"))
+                for k, r in replies.items()}
+        assert used == {"A": 194, "B": 61, "C": 43, "D": 29}
+        ctx = {k: calls.contexts[r.header("X-Kong-Request-Id")] for k, r in replies.items()}
+        state = {k: c.ctx_shared[STATE_KEY] for k, c in ctx.items()}
+        assert state["A"]["store"] == "redis" and state["D"]["store"] == "redis"
+        assert state["B"]["store"] == "memory" and state["B"].get("redis_unsure") is True
+        assert serialize(ctx["B"])["aigov"]["quota"]["redis_unsure"] is True
+        assert state["C"]["store"] == "memory"
+        unsure = [k for k in "BC" if state[k].get("redis_unsure")]
+
+        (key,) = rclient.keys(f"{prefix}:*:tokens:day:*")
+        # Redis holds the real usage of every request served through it plus the unsure ones:
+        # B's late reservation (~530 tokens) was converted to its 61, A's lost settle was replayed.
+        assert int(rclient.get(key)) == used["A"] + used["D"] + sum(used[k] for k in unsure)
+        for k in ["A", "D", *unsure]:
+            rid = state[k]["rid"]
+            assert not rclient.hexists(res, rid) and rclient.zscore(pending, rid) is None
+            assert rclient.zscore(done, rid) is not None
+        assert rclient.hlen(res) == 0 and rclient.zcard(pending) == 0
+
+        # Replays of those settles and of the late reserve are duplicates: nothing is charged twice.
+        store = RedisQuotaStore(RedisLayer(url=stall_redis.url, timeout_ms=2000), prefix)
+        before = int(rclient.get(key))
+        for k in ["A", "D", *unsure]:
+            cs = [Counter.from_list(c) for c in state[k]["counters"]]
+            assert store.settle("header:staller", state[k]["rid"], cs, [used[k]], time.time(), 20).status == "duplicate"
+            assert store.reserve("header:staller", state[k]["rid"], cs, [500], time.time(), 20).duplicate
+        assert int(rclient.get(key)) == before
+        store.layer.client.close()
+    finally:
+        gw.close()

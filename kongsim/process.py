@@ -5,7 +5,8 @@ Follows `kong/runloop/plugin_servers/process.lua` (reference kong-plugin-server.
 * entries come from kong.conf keys `pluginserver_names`, `pluginserver_<n>_socket|start_cmd|
   query_cmd` (and the `KONG_*` environment forms), or are given programmatically; an entry
   without start_cmd is managed externally (Kong only warns);
-* discovery runs query_cmd through a shell, reads stdout only, decodes JSON, takes
+* discovery runs query_cmd through a shell with the full environment (the nginx master's),
+  reads stdout only, decodes JSON, takes
   `(dump.Plugins or dump)[1]` and checks Version/Priority/Schema (kongsim.metaschema);
 * the server is spawned as `exec <start_cmd>` through /bin/sh with a near-empty environment
   (nginx keeps only TZ, plus the `env NAME` / `env NAME=value` directives Kong renders from
@@ -261,10 +262,15 @@ def child_environment(entry: PluginServerEntry, environ: Mapping[str, str] | Non
 
 def discover(entry: PluginServerEntry, timeout_s: float = 60.0,
              environ: Mapping[str, str] | None = None) -> PluginInfo:
-    """Run query_cmd like Kong (shell, stdout only, JSON, first plugin) and validate it."""
+    """Run query_cmd like Kong (shell, stdout only, JSON, first plugin) and validate it.
+
+    Kong runs it with io.popen from the nginx master's init (reference §1.2), and the master keeps
+    the environment it was started with: only the workers (and so start_cmd) get nginx's cleared
+    environment. So query_cmd sees all of `environ`, and a variable missing from nginx_main_env
+    reaches query_cmd but not the plugin server, exactly as on Kong."""
     try:
         proc = subprocess.run(["/bin/sh", "-c", entry.query_cmd], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=child_environment(entry, environ),
+                              stderr=subprocess.PIPE, env=dict(os.environ if environ is None else environ),
                               timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise DiscoveryError(f"pluginserver '{entry.name}': query_cmd did not finish in "

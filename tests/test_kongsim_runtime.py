@@ -130,6 +130,18 @@ def test_near_empty_environment_with_passthrough(upstream, prefix, monkeypatch) 
 
 
 
+def test_query_cmd_sees_the_masters_full_environment(prefix) -> None:
+    """Kong runs query_cmd from the nginx master's init, which keeps its environment; only the
+    workers, and so start_cmd, get the cleared one. A variable missing from nginx_main_env thus
+    reaches the plugin's dump but not its server, on Kong and on the stand-in alike."""
+    entry = probe_entry(prefix)
+    entry.query_cmd = entry.query_cmd.replace("KT_PHASES=access,log ", "")
+    master = {**os.environ, "KT_PHASES": "access,response,log"}
+    assert "response" in process.discover(entry, environ=master).phases
+    assert "response" not in process.discover(entry, environ={"PATH": os.environ["PATH"]}).phases
+    assert "KT_PHASES" not in process.child_environment(entry, master)  # not in nginx_main_env
+
+
 def test_start_cmd_gets_every_nginx_main_env_variable(tmp_path) -> None:
     """Through kong.conf, as Kong renders it: the variables after the first `; env` reach the
     spawned server too, `env NAME=value` sets one, unlisted ones stay out."""

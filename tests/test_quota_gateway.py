@@ -444,6 +444,36 @@ def test_log_mode_settles_from_ai_proxy_usage_without_buffering(log_mode_gateway
     assert counter_values(rclient, "logmode") == [120]  # the failed call was released
 
 
+def test_capture_phase_missing_from_nginx_main_env_still_settles_ai_proxy_usage(redis_server, mock_llm,
+                                                                                rclient) -> None:
+    """On Kong, query_cmd runs in the master, which keeps the environment, and start_cmd in a
+    worker, which gets only nginx_main_env: AIGOV_CAPTURE_PHASE=log in the shell but not in
+    nginx_main_env makes Kong skip `response` while the server expects it. The log phase then
+    settles from ai-proxy's logged usage instead of keeping the whole reservation."""
+    from kongsim.gateway import stock_entries
+    from kongsim.pytest_plugin import make_prefix
+
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    ai_proxy = {"name": "ai-proxy", "config": {
+        "route_type": "llm/v1/chat", "auth": {"header_name": "Authorization", "header_value": "Bearer sk-test"},
+        "model": {"provider": "openai", "options": {"upstream_url": f"{mock_llm.url}/v1/chat/completions"}},
+        "logging": {"log_statistics": True, "log_payloads": False}}}
+    prefix = make_prefix()
+    entry = stock_entries([PLUGIN_FILE], prefix, pythonpath=str(REPO))[0]
+    entry.query_cmd = f"AIGOV_CAPTURE_PHASE=log {entry.query_cmd}"  # the master's environment only
+    routes = {"ai": [quota_plugin(port, limits=[{"window": "day", "tokens": 1000}]), ai_proxy]}
+    gw = start_gateway(kong_yml(mock_llm.url, routes), server=[entry], prefix=prefix)
+    try:
+        assert "response" not in gw.gateway.infos["llm-token-quota"].phases  # Kong will not call it
+        r = post(gw, "ai", chat("mismatched capture phase", max_tokens=100), "mismatch",
+                 **{"X-Mock-Usage": "total=70,prompt=20"})
+        assert r.status == 200
+        wait_settled(gw, rclient, "mismatch")
+        assert counter_values(rclient, "mismatch") == [70]  # not the reservation (prompt + 100)
+    finally:
+        gw.close()
+
+
 def test_first_request_of_a_new_minute_window_sees_a_full_budget(redis_server, mock_llm, rclient,
                                                                   kong_gateway) -> None:
     port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])

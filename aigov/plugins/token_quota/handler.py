@@ -455,7 +455,17 @@ class TokenQuotaHandler:
             # kong.service.response.get_status is unavailable in the log timer; Kong's
             # serializer carries the upstream status ("" when no upstream answered).
             service_status = _upstream_status(logged)
-            if service_status is not None and 200 <= service_status < 300:
+            proxied = _as_dict(_as_dict(_as_dict(logged.get("ai")).get("proxy")).get("usage"))
+            if service_status is not None and 200 <= service_status < 300 and (
+                    _num(proxied.get("prompt_tokens")) or _num(proxied.get("completion_tokens"))):
+                # ai-proxy logged the provider's usage although Kong never called `response`:
+                # the query_cmd (Kong's master) saw AIGOV_CAPTURE_PHASE=log but this server did
+                # not (it is missing from nginx_main_env). The logged usage beats the estimate.
+                charge = charge_from_usage(self._price(state), _num(proxied.get("prompt_tokens")),
+                                           _num(proxied.get("completion_tokens")), _num(proxied.get("total_tokens")))
+                kong.log.warn("llm-token-quota: no response phase ran but ai-proxy logged usage: is "
+                              "AIGOV_CAPTURE_PHASE=log missing from nginx_main_env? (settled from the log)")
+            elif service_status is not None and 200 <= service_status < 300:
                 est = state["estimate"]
                 charge = Charge(int(est[0]), int(est[1]), int(est[0]) + int(est[1]), int(est[2]), source="cut")
             else:

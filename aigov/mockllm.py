@@ -204,6 +204,19 @@ def _check_param(name: str, value: Any, kind: str, low: float | None, high: floa
                         param=name)
 
 
+def _one_of(obj: Mapping[str, Any], key: str, where: str, allowed: tuple[str, ...]) -> str:
+    """obj[key], which must be present, a string and one of `allowed` (OpenAI's three errors)."""
+    param = f"{where}.{key}"
+    if key not in obj:
+        raise _missing(param)
+    chosen = obj[key]
+    if not isinstance(chosen, str):
+        raise _type_error(param, "a string", chosen)
+    if chosen not in allowed:
+        raise _value_error(param, chosen, allowed)
+    return chosen
+
+
 def _check_content(where: str, role: str, message: Mapping[str, Any]) -> None:
     param = f"{where}.content"
     if "content" not in message:
@@ -229,13 +242,7 @@ def _check_content(where: str, role: str, message: Mapping[str, Any]) -> None:
         part_param = f"{param}[{j}]"
         if not isinstance(part, Mapping):
             raise _type_error(part_param, "an object", part)
-        if "type" not in part:
-            raise _missing(f"{part_param}.type")
-        kind = part["type"]
-        if not isinstance(kind, str):
-            raise _type_error(f"{part_param}.type", "a string", kind)
-        if kind not in allowed:
-            raise _value_error(f"{part_param}.type", kind, allowed)
+        kind = _one_of(part, "type", part_param, allowed)
         field = kind  # each part carries its payload under its type's name
         if field not in part:
             raise _missing(f"{part_param}.{field}")
@@ -263,13 +270,7 @@ def check_chat_request(body: Mapping[str, Any]) -> None:
         where = f"messages[{i}]"
         if not isinstance(message, Mapping):
             raise _type_error(where, "an object", message)
-        if "role" not in message:
-            raise _missing(f"{where}.role")
-        role = message["role"]
-        if not isinstance(role, str):
-            raise _type_error(f"{where}.role", "a string", role)
-        if role not in CHAT_ROLES:
-            raise _value_error(f"{where}.role", role, CHAT_ROLES)
+        role = _one_of(message, "role", where, CHAT_ROLES)
         _check_content(where, role, message)
         if message.get("name") is not None and not isinstance(message["name"], str):
             raise _type_error(f"{where}.name", "a string", message["name"])

@@ -455,14 +455,12 @@ class TokenQuotaHandler:
             # kong.service.response.get_status is unavailable in the log timer; Kong's
             # serializer carries the upstream status ("" when no upstream answered).
             service_status = _upstream_status(logged)
-            proxied = _as_dict(_as_dict(_as_dict(logged.get("ai")).get("proxy")).get("usage"))
-            if service_status is not None and 200 <= service_status < 300 and (
-                    _num(proxied.get("prompt_tokens")) or _num(proxied.get("completion_tokens"))):
+            proxied = _ai_proxy_usage(logged)
+            if service_status is not None and 200 <= service_status < 300 and any(proxied):
                 # ai-proxy logged the provider's usage although Kong never called `response`:
                 # the query_cmd (Kong's master) saw AIGOV_CAPTURE_PHASE=log but this server did
                 # not (it is missing from nginx_main_env). The logged usage beats the estimate.
-                charge = charge_from_usage(self._price(state), _num(proxied.get("prompt_tokens")),
-                                           _num(proxied.get("completion_tokens")), _num(proxied.get("total_tokens")))
+                charge = charge_from_usage(self._price(state), *proxied)
                 kong.log.warn("llm-token-quota: no response phase ran but ai-proxy logged usage: is "
                               "AIGOV_CAPTURE_PHASE=log missing from nginx_main_env? (settled from the log)")
             elif service_status is not None and 200 <= service_status < 300:
@@ -532,9 +530,7 @@ class TokenQuotaHandler:
 
     def _charge_from_log(self, kong: Any, state: dict[str, Any], logged: dict[str, Any]) -> Charge:
         price = self._price(state)
-        usage = _as_dict(_as_dict(_as_dict(logged.get("ai")).get("proxy")).get("usage"))
-        prompt, completion = _num(usage.get("prompt_tokens")), _num(usage.get("completion_tokens"))
-        total = _num(usage.get("total_tokens"))
+        prompt, completion, total = _ai_proxy_usage(logged)
         if not (prompt or completion or total):
             m = _as_dict(value(kong.nginx.get_ctx("ai_llm_metrics")))
             prompt, completion = _num(m.get("llm_prompt_tokens_count")), _num(m.get("llm_completion_tokens_count"))
@@ -649,6 +645,12 @@ def _logged(kong: Any) -> dict[str, Any]:
     except (ValueError, RecursionError):
         return {}
     return entry if isinstance(entry, dict) else {}
+
+
+def _ai_proxy_usage(logged: dict[str, Any]) -> tuple[int, int, int]:
+    """(prompt, completion, total) tokens ai-proxy logged in the serializer entry; zeros if none."""
+    usage = _as_dict(_as_dict(_as_dict(logged.get("ai")).get("proxy")).get("usage"))
+    return _num(usage.get("prompt_tokens")), _num(usage.get("completion_tokens")), _num(usage.get("total_tokens"))
 
 
 def _upstream_status(serialized: Any) -> int | None:

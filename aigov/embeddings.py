@@ -19,9 +19,11 @@ import urllib.request
 from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
+
+from aigov import cooperative
 
 log = logging.getLogger("aigov.embeddings")
 
@@ -156,13 +158,14 @@ class LocalEmbedder:
                     self._recent.move_to_end(t)
         missing = [t for t, v in zip(texts, cached) if v is None]
         if missing:
-            self._load()
+            if self._encode is None:  # the first load takes seconds: off the plugin server's loop
+                cooperative.run_blocking(self._load)
             self._ensure_worker()
             fut: Future = Future()
             with self._arriving_lock:
                 self._arriving += len(missing)
             self._queue.put((missing, fut))
-            fresh = iter(fut.result(timeout=60))
+            fresh = iter(cooperative.wait_future(fut, 60))
             with self._recent_lock:
                 for i, v in enumerate(cached):
                     if v is None:
@@ -260,8 +263,8 @@ class OpenAIEmbedder:
         if self._api_key:
             req.add_header("Authorization", f"Bearer {self._api_key}")
         try:
-            with _NO_REDIRECTS.open(req, timeout=self.timeout_s) as resp:
-                payload = json.loads(resp.read())
+            # No cooperative urllib: on the plugin server's loop the call runs on a thread.
+            payload = cooperative.run_blocking(self._post, req)
             rows = sorted(payload["data"], key=lambda d: d.get("index", 0))
             vecs = np.array([r["embedding"] for r in rows], dtype=np.float32)
         except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
@@ -270,6 +273,10 @@ class OpenAIEmbedder:
             raise EmbeddingError(f"embeddings endpoint {self.url} returned {vecs.shape} for {len(texts)} inputs")
         self.dim = int(vecs.shape[1])
         return _normalise(vecs)
+
+    def _post(self, req: urllib.request.Request) -> Any:
+        with _NO_REDIRECTS.open(req, timeout=self.timeout_s) as resp:
+            return json.loads(resp.read())
 
     encode_direct = embed
 

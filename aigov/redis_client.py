@@ -13,8 +13,11 @@ import time
 from typing import Any, Callable, TypeVar
 
 import redis
+import redis.connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from aigov import cooperative
 
 T = TypeVar("T")
 
@@ -39,6 +42,7 @@ class RedisLayer:
             self.client = redis.Redis(host=host, port=port, db=database, username=username or None,
                                       password=password or None, ssl=ssl, **common)
             self.address = f"{host}:{port}/{database}"
+        _make_reads_cooperative(self.client.connection_pool)
         self.cooldown_s = cooldown_s
         self._down_until = 0.0
         self._lock = threading.Lock()
@@ -81,6 +85,45 @@ class RedisLayer:
             if msg.startswith(("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN")):
                 raise RedisUnavailable(f"redis {self.address}: {msg}") from None
             raise
+
+
+class _CooperativeReads:
+    """Waits for a reply's first byte through aigov.cooperative: on `aigov serve`'s loop the
+    handler is parked until the socket is readable, so other requests run while Redis works.
+
+    Only when nothing is buffered (a buffered reply may need no socket data at all) and the
+    parser is redis-py's own (it reads through a SocketBuffer); otherwise the read blocks as usual.
+    """
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        sock = self._sock
+        buffer = getattr(self._parser, "_buffer", None)
+        if sock is not None and buffer is not None and cooperative.current_loop() is not None \
+                and not buffer.unread_bytes():
+            timeout = kwargs.get("timeout", redis.connection.SENTINEL)
+            if timeout is redis.connection.SENTINEL:
+                timeout = self.socket_timeout
+            if not cooperative.wait_readable(sock.fileno(), timeout):
+                self.disconnect()  # the reply may still come: it must not reach the next user
+                raise redis.TimeoutError(f"Timeout reading from {self._host_error()}")
+        return super().read_response(*args, **kwargs)
+
+
+_COOPERATIVE_CLASSES = {
+    redis.connection.Connection: type("CooperativeConnection",
+                                      (_CooperativeReads, redis.connection.Connection), {}),
+    redis.connection.UnixDomainSocketConnection: type(
+        "CooperativeUnixDomainSocketConnection",
+        (_CooperativeReads, redis.connection.UnixDomainSocketConnection), {}),
+}
+
+
+def _make_reads_cooperative(pool: Any) -> None:
+    """Plain TCP and Unix-socket connections read cooperatively; TLS keeps redis-py's class
+    (TLS buffers records, so a readable socket and a readable reply are different things)."""
+    cooperative_class = _COOPERATIVE_CLASSES.get(getattr(pool, "connection_class", None))
+    if cooperative_class is not None:
+        pool.connection_class = cooperative_class
 
 
 def _send_now(pool: Any, commands: tuple[tuple[Any, ...], ...]) -> Any:

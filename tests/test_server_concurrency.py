@@ -46,7 +46,8 @@ def _concurrent_events(server, handlers: int, config: dict) -> tuple[float, list
 
 @pytest.mark.parametrize("kind", ["stock", "aigov"])
 def test_handlers_run_concurrently(short_prefix, kind):
-    """8 handlers sleeping 0.5 s before their first PDK call: ~0.5 s total, not 8 x 0.5 s.
+    """8 handlers waiting 0.5 s (aigov.cooperative.sleep, as the library waits for Redis and
+    embeddings) before their first PDK call: ~0.5 s total on aigov's one loop, not 8 x 0.5 s.
 
     The stock server holds its global e_lock until a handler's first PDK call (§3.3), which
     serializes the 8 sleeps; that is documented here as the contrast.
@@ -69,7 +70,7 @@ def test_pool_overload_is_a_clear_error_and_recovers(short_prefix):
     try:
         busy = [server.client(timeout=10) for _ in range(2)]
         for c in busy:
-            c.send("plugin.HandleEvent", {"InstanceId": c.start_instance({"mode": "sleep_only", "sleep": 1.0}),
+            c.send("plugin.HandleEvent", {"InstanceId": c.start_instance({"mode": "nap_only", "sleep": 1.0}),
                                           "EventName": "access"})
         time.sleep(0.2)
         with server.client() as extra:

@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--step-timeout", type=float, default=55.0,
                         help="seconds to wait for a handler's next PDK call before answering an "
-                             "error, kept under Kong's 60 s read timeout; a handler still running "
-                             "then has its connection handed to a new thread (default: %(default)s)")
+                             "error, kept under Kong's 60 s read timeout (default: %(default)s). "
+                             "A handler that blocks the loop for 0.5 s (or this, if shorter) has "
+                             "the loop's connections moved to a new thread")
     parser.add_argument("--event-timeout", type=float, default=65.0,
                         help="seconds without a Step after which an event is abandoned and its "
                              "handler released (default: %(default)s)")

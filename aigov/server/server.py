@@ -3,25 +3,28 @@
 Threads, greenlets and who answers what (why: reference §2.1/§3.3/§3.4, the stock server's
 failure modes, and the cost of thread handoffs on the hot path):
 
-- one listener thread per socket and one *hub* thread per accepted Kong connection. The hub waits
-  (poll) on its socket and on a wakeup eventfd, and owns the greenlets of the events whose
-  HandleEvent arrived on its connection;
+- one listener thread per socket, and one event loop (the *hub*) that reads every accepted Kong
+  connection with epoll and owns the greenlets of the events whose HandleEvent it read. A
+  thread per connection spent most of a round trip handing the GIL between threads;
 - a handler runs as a greenlet (no monkey-patching): a Step for it switches straight into it, it
   runs until its next PDK call, packs the callback frame and switches back; the hub sends it.
-  No queue, no second thread on the hot path. A handler that blocks between PDK calls (Redis,
-  embeddings, sleep) blocks only its hub: Kong keeps at most one call outstanding per connection
-  (§2.1), and every connection has its own hub, so concurrency across connections is real. It
-  does delay forwarded Steps of other events the same hub owns, by that blocking time;
-- Kong may send an event's next Step on another pooled connection: that hub posts the Step to the
-  owner's inbox and wakes it; the owner resumes the greenlet and answers on the connection that
-  asked (every send holds that connection's send lock);
+  No queue, no second thread on the hot path;
+- a handler that waits (a Redis reply, an embedding batch, a remote call) waits through
+  aigov.cooperative: the hub parks it and serves other events until its socket is readable, its
+  future is done or its timeout passed. The library's blocking points (aigov.redis_client,
+  aigov.embeddings) do so;
+- a handler that blocks the thread anyway (code that ignores aigov.cooperative) holds up every
+  connection, but only for `loop_stall_timeout` (0.5 s): the watchdog then moves the hub's
+  connections to a new hub thread; the old hub keeps only its greenlets and exits once they are
+  done. The same hand-over, later, covers a handler stuck past the step timeout;
+- Kong may send an event's next Step on another pooled connection, which after a hand-over may
+  be read by another hub: that hub posts the Step to the owner's inbox and wakes it; the owner
+  resumes the greenlet and answers on the connection that asked (every send holds that
+  connection's send lock);
 - step timeout: each accepted request has a deadline. A watchdog answers an overdue request with
   an error (the claim of a request and its send happen under the connection's send lock, so
-  exactly one reply goes out) and closes the event. If the overdue handler is still running on
-  its hub, the hub's socket would go unread while Kong may reuse the connection, so the watchdog
-  hands the socket to a new hub thread; the old hub keeps only its greenlets and exits once they
-  are done. The same hand-over happens for any handler that keeps its hub busy past the step
-  timeout (for example work after kong.response.exit);
+  exactly one reply goes out) and closes the event. An overdue handler still running on its hub
+  has had that hub's connections moved away already (the stall hand-over above);
 - the event table loses an entry on "ret", on a terminal call (kong.response.exit/error, after
   which Kong never steps again), on a handler exception (answered "ret": the request continues),
   when a reply cannot be delivered, on a step timeout, and by the reaper after `event_timeout` of
@@ -29,14 +32,16 @@ failure modes, and the cost of thread handoffs on the hot path):
   that accepts Steps, in the same critical section as the decision to close (the watchdog's
   claim, the reaper's test) and before the error is sent, so a Step is either accepted and
   answered or told "event id N not found", never left unanswered. A closed event's greenlet gets
-  EventClosedError thrown at its pending PDK call, and any later PDK call raises at once;
+  EventClosedError thrown at its pending PDK call or cooperative wait, and any later PDK call
+  raises at once;
 - instance and event ids start at a time-based offset so ids from a previous process answer
   "no plugin instance #N" (Kong then re-creates) instead of hitting another config.
 
 What this asks of plugin code (the aigov plugins comply): PDK calls are made from the handler
-itself, not from threads it starts (refused with a clear RuntimeError); and a handler must not
-hold a lock across a PDK call, since the hub may run another event's handler, which could need
-that lock, on the same thread while the first waits for Kong. Blocking I/O needs no care.
+itself, not from threads it starts (refused with a clear RuntimeError); a handler must not hold
+a lock across a PDK call or a cooperative wait, since the hub may run another event's handler,
+which could need that lock, on the same thread meanwhile; and waits should go through
+aigov.cooperative (blocking I/O is correct but stalls the loop, up to the hand-over).
 """
 from __future__ import annotations
 
@@ -73,8 +78,9 @@ SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # Per-connection receive buffer (recv_into): Kong pools up to 256 connections per worker, so
 # this is kept moderate; a larger frame simply takes several reads.
 RECV_BUFFER_BYTES = 32 * 1024
-# How long a hub sleeps in poll() when nothing arrives (only bounds its reaction to shutdown).
-_IDLE_POLL_MS = 1000
+# How long a hub sleeps in epoll when nothing arrives (only bounds its reaction to shutdown).
+_IDLE_POLL_S = 1.0
+_INFINITY = float("inf")
 # Reusable handler greenlets kept per hub (a hub rarely runs more than a few events at once).
 _IDLE_GREENLETS = 16
 
@@ -177,7 +183,7 @@ class Event:
     """
 
     __slots__ = ("id", "instance", "phase", "owner", "greenlet", "closed", "waiting", "reply_conn",
-                 "reply_msgid", "deadline", "last_activity", "last_conn", "orphaned_at")
+                 "reply_msgid", "deadline", "last_activity", "last_conn", "orphaned_at", "parked")
 
     def __init__(self, event_id: int, instance: Instance, phase: str) -> None:
         self.id = event_id
@@ -193,6 +199,7 @@ class Event:
         self.last_activity = _monotonic()
         self.last_conn = 0
         self.orphaned_at: float | None = None
+        self.parked: _Park | None = None  # a cooperative wait in progress (owner hub only)
 
     def describe(self) -> str:
         return f"event #{self.id} ({self.instance.plugin.name}.{self.phase})"
@@ -341,6 +348,7 @@ class PluginServer:
         step_timeout: float = 55.0,
         event_timeout: float = 65.0,
         orphan_grace: float = 2.0,
+        loop_stall_timeout: float = 0.5,
     ) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
@@ -353,11 +361,15 @@ class PluginServer:
         self.step_timeout = step_timeout
         self.event_timeout = event_timeout
         self.orphan_grace = orphan_grace
+        # A handler that blocks the loop this long (no PDK call, no cooperative wait) gets its
+        # hub's connections moved to a new loop thread, so one slow handler cannot stall all.
+        self.loop_stall_timeout = min(loop_stall_timeout, step_timeout)
         # Guards the tables, the counters and Event.waiting; never held while a handler runs.
         self._lock = threading.Lock()
         self._instances: dict[int, Instance] = {}
         self._events: dict[int, Event] = {}
         self._hubs: set[Hub] = set()
+        self._loop_hub: Hub | None = None  # the hub new connections go to
         self._live_handlers = 0
         offset = _id_offset()
         self._instance_ids = itertools.count(offset)
@@ -604,8 +616,28 @@ class PluginServer:
                       self.step_timeout)
             self._tell_owner_closed(event)
         for hub in hubs:
-            hub.release_socket_if_stuck(now - self.step_timeout)
+            hub.release_connections_if_stuck(now - self.loop_stall_timeout)
         return answered
+
+    def adopt_connection(self, conn: "Connection") -> None:
+        """Give an accepted connection to the loop hub (started on first use)."""
+        while True:
+            if self.stopping:
+                raise PluginServerError("the plugin server is stopping")
+            with self._lock:
+                hub = self._loop_hub
+                fresh = hub is None or not hub.accepting
+                if fresh:
+                    hub = self._loop_hub = Hub(self)
+            if fresh:
+                hub.start()
+            if hub.adopt(conn):
+                return
+
+    def loop_hub_replaced(self, old: "Hub", successor: "Hub") -> None:
+        with self._lock:
+            if self._loop_hub is old:
+                self._loop_hub = successor
 
     def hub_started(self, hub: "Hub") -> None:
         with self._lock:
@@ -660,7 +692,7 @@ class Connection:
     """
 
     __slots__ = ("sock", "id", "plugin_name", "listener", "send_lock", "unpacker", "buffer", "view",
-                 "buffer_address", "dead")
+                 "buffer_address", "dead", "reader")
 
     def __init__(self, sock: socket.socket, conn_id: int, plugin_name: str,
                  listener: "SocketListener") -> None:
@@ -675,6 +707,7 @@ class Connection:
         # The buffer is never resized (`view`, a live export, forbids it): the address stays valid.
         self.buffer_address = ctypes.addressof((ctypes.c_char * RECV_BUFFER_BYTES).from_buffer(self.buffer))
         self.dead = False
+        self.reader: Hub | None = None  # the hub that reads it (Hub.conns, state_lock)
 
     def send(self, payload: bytes) -> bool:
         with self.send_lock:
@@ -737,25 +770,59 @@ class Connection:
                 pass
 
 
-class Hub:
-    """A connection thread: reads its connection and runs the greenlets of the events it started.
+class _Park:
+    """A handler waiting cooperatively (aigov.cooperative): for `fd` to be readable, for `future`
+    to be done, or (neither) only for `deadline`. The same object comes back in the inbox as the
+    wakeup of a future, so a late wakeup for a wait that already ended is recognised."""
 
-    `conn` is None once the connection closed or was handed to another hub; the hub then only
-    serves its inbox and exits when its last handler returned.
+    __slots__ = ("fd", "future", "deadline")
+
+    def __init__(self, fd: int | None, future: Any, deadline: float) -> None:
+        self.fd, self.future, self.deadline = fd, future, deadline
+
+
+class _HandlerGreenlet(greenlet.greenlet):
+    """A pooled handler greenlet; `cooperative_loop` is how aigov.cooperative finds its hub."""
+
+    def __init__(self, hub: "Hub") -> None:
+        super().__init__(_handler_loop, parent=hub.main)
+        self.cooperative_loop = hub
+
+
+_hub_ids = itertools.count(1)
+
+
+class Hub:
+    """The event loop: one thread that reads Kong connections (epoll) and runs the greenlets of
+    the events whose HandleEvent it read.
+
+    One hub serves every connection of every socket (PluginServer.adopt_connection). A second
+    one appears only when a handler keeps this one busy past `loop_stall_timeout`: its
+    connections then move to a successor (`released`), and this hub keeps only its greenlets
+    and exits once they are done.
+
+    `conns` (fd -> connection) changes under `state_lock` (the watchdog takes it over); a
+    connection is read only by the hub named in its `reader`.
     """
 
-    def __init__(self, server: PluginServer, conn: Connection) -> None:
+    def __init__(self, server: PluginServer) -> None:
         self.server = server
-        self.conn: Connection | None = conn
-        self.name = f"aigov-conn-{conn.plugin_name}-{conn.id}"
+        self.name = f"aigov-loop-{next(_hub_ids)}"
+        self.conns: dict[int, Connection] = {}
+        self.incoming: list[Connection] = []  # handed over, not yet registered (state_lock)
+        self.released = False  # the connections went to a successor; it adopts no more
+        self.registered: set[int] = set()  # connection fds in this hub's epoll (hub thread only)
         self.inbox: collections.deque[tuple[Event, Any]] = collections.deque()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.poller: Any = None
         self.packer = protocol.new_packer()  # shared by this thread's greenlets: pack() never switches
         self.main: greenlet.greenlet | None = None
         self.owned = 0  # handlers started here that have not returned
         self.idle_greenlets: list[greenlet.greenlet] = []  # finished, reusable (_handler_loop)
+        self.fd_waits: dict[int, Event] = {}  # parked on a readable fd (hub thread only)
+        self.deadlines: dict[Event, float] = {}  # parked with a timeout (hub thread only)
         # [monotonic start] while a handler runs on this hub, emptied when it switches back (see
-        # _switch): the watchdog finds hubs whose socket would otherwise go unread.
+        # _switch): the watchdog finds hubs whose connections would otherwise go unread.
         self.busy: list[float] = []
         self.state_lock = threading.Lock()
         self._exited = False
@@ -771,8 +838,21 @@ class Hub:
 
     # ---- called from other threads -------------------------------------------------------
 
+    @property
+    def accepting(self) -> bool:
+        return not (self.released or self._exited)
+
+    def adopt(self, conn: Connection) -> bool:
+        """Serve `conn` from now on; False if this hub no longer takes connections."""
+        with self.state_lock:
+            if self.released or self._exited:
+                return False
+            self.incoming.append(conn)
+        self.wake()
+        return True
+
     def post(self, event: Event, value: Any) -> None:
-        """Hand this hub a Step value (or _CLOSE) for one of its events."""
+        """Hand this hub a Step value, _CLOSE or a _Park wakeup for one of its events."""
         self.inbox.append((event, value))
         self.wake()
 
@@ -784,71 +864,80 @@ class Hub:
                 except OSError:
                     pass
 
-    def release_socket_if_stuck(self, cutoff: float) -> None:
-        """If a handler has kept this hub busy since before `cutoff`, serve its socket elsewhere."""
+    def release_connections_if_stuck(self, cutoff: float) -> None:
+        """If a handler has kept this hub busy since before `cutoff`, serve its connections
+        from a successor hub."""
         busy = self.busy
         try:
             if busy[0] > cutoff:
                 return
         except IndexError:
             return  # not running a handler
-        conn = self.conn  # stable while the hub is inside the switch that `busy` belongs to
-        if conn is None:
-            return
         try:
-            busy.pop()  # claims the switch: from now on the hub will not read this socket
+            busy.pop()  # claims the switch: from now on this hub reads no connection
         except IndexError:
             return  # the handler switched back meanwhile
-        self.conn = None
-        log.warning("connection %d of %s: a handler has run for more than %gs without a PDK call; "
-                    "a new thread now serves the connection", conn.id, conn.plugin_name,
-                    self.server.step_timeout)
+        with self.state_lock:
+            self.released = True
+            conns = list(self.conns.values()) + self.incoming
+            self.conns = {}
+            self.incoming = []
+            for conn in conns:
+                conn.reader = None
+        if not conns:
+            return
+        log.warning("a handler has run for more than %gs without a PDK call or a cooperative wait; "
+                    "a new loop thread now serves its %d connection(s)",
+                    self.server.loop_stall_timeout, len(conns))
         try:
-            Hub(self.server, conn).start()
-        except Exception:  # noqa: BLE001 - no thread: close it rather than leave it unread
-            log.exception("connection %d of %s: no thread to serve it; closing it", conn.id,
-                          conn.plugin_name)
-            conn.close()
-            conn.listener.connection_closed(conn.id)
-            self.server.connection_closed(conn.id)
+            successor = Hub(self.server)
+            successor.incoming = conns
+            self.server.loop_hub_replaced(self, successor)
+            successor.start()
+        except Exception:  # noqa: BLE001 - no thread: close them rather than leave them unread
+            log.exception("no thread to serve %d connection(s); closing them", len(conns))
+            for conn in conns:
+                conn.close()
+                conn.listener.connection_closed(conn.id)
+                self.server.connection_closed(conn.id)
+
+    # ---- on a handler greenlet (aigov.cooperative.Loop) ----------------------------------
+
+    def park(self, fd: int | None, future: Any, timeout: float | None) -> bool:
+        current = greenlet.getcurrent()
+        if getattr(current, "cooperative_loop", None) is not self:
+            raise RuntimeError("a cooperative wait from outside this loop's handlers")
+        deadline = _INFINITY if timeout is None else _monotonic() + max(0.0, timeout)
+        return self.main.switch(_Park(fd, future, deadline))
 
     # ---- the hub thread -------------------------------------------------------------------
 
     def _run(self) -> None:
         self.main = greenlet.getcurrent()
-        poller = select.poll()
-        poller.register(self.wake_fd, _POLLIN)
+        poller = self.poller = select.epoll()
         wake_fd = self.wake_fd
-        polled: Connection | None = None
-        polled_fd = -1  # kept: a closed socket's fileno() is -1
+        poller.register(wake_fd, _POLLIN)
         try:
-            conn = self.conn
-            # A connection taken over from a stuck hub may hold complete frames already read.
-            if conn is not None and not self._answer_frames(conn) and self.conn is conn:
-                self._close_connection(conn)
             while True:
-                conn = self.conn
-                if conn is not polled:
-                    if polled_fd >= 0:
-                        poller.unregister(polled_fd)
-                        polled_fd = -1
-                    if conn is not None:
-                        polled_fd = conn.sock.fileno()
-                        poller.register(polled_fd, _POLLIN)
-                    polled = conn
+                if self.incoming:
+                    self._adopt_incoming()
+                if self.released and self.registered:
+                    for fd in self.registered:
+                        poller.unregister(fd)
+                    self.registered.clear()
                 if self.inbox:
                     self._drain_inbox()
                     continue
-                if self.owned == 0:
-                    if conn is None:
-                        return  # no socket and no handler left: nothing can reach this hub
-                    # Nothing can be posted to a hub that owns no handler, so wait in recv
-                    # itself and save the poll() call (shutdown still ends the recv).
-                    if not self._read(conn) and self.conn is conn:
-                        self._close_connection(conn)
-                    continue
+                timeout = _IDLE_POLL_S
+                if self.deadlines:
+                    timeout = self._expire_parked()
+                    if self.inbox or timeout < 0:
+                        continue
+                if self.owned == 0 and not self.conns and not self.incoming and (
+                        self.released or self.server.stopping):
+                    return
                 try:
-                    ready = poller.poll(_IDLE_POLL_MS)
+                    ready = poller.poll(timeout)
                 except InterruptedError:
                     continue
                 for fd, _mask in ready:
@@ -857,41 +946,81 @@ class Hub:
                             os.eventfd_read(wake_fd)
                         except BlockingIOError:
                             pass
-                    elif conn is not None and self.conn is conn:
-                        if not self._read(conn, polled=True) and self.conn is conn:
+                        continue
+                    conn = self.conns.get(fd)
+                    if conn is not None:
+                        if conn.reader is self and not self._read(conn) and conn.reader is self:
                             self._close_connection(conn)
+                    else:
+                        event = self.fd_waits.get(fd)
+                        if event is not None:
+                            self._unpark(event)
+                            self._drive(event, True, None)
+                    if self.released:
+                        break  # the rest of `ready` belongs to the successor now
         except BaseException:  # noqa: BLE001 - a hub bug must not pass silently
             log.exception("%s failed", self.name)
-            conn = self.conn
-            if conn is not None:
-                self._close_connection(conn)
+            for conn in list(self.conns.values()):
+                if conn.reader is self:
+                    self._close_connection(conn)
         finally:
             with self.state_lock:
                 self._exited = True
                 os.close(self.wake_fd)
+                orphans = self.incoming
+                self.incoming = []
+            for conn in orphans:  # handed over as we exited: nobody will read them
+                conn.close()
+                conn.listener.connection_closed(conn.id)
+            poller.close()
             for handler in self.idle_greenlets:
                 handler.switch(None)  # end them on their own thread
             self.idle_greenlets.clear()
             self.server.hub_stopped(self)
 
+    def _adopt_incoming(self) -> None:
+        while True:
+            with self.state_lock:
+                if self.released or not self.incoming:
+                    return
+                conn = self.incoming.pop(0)
+                fd = -1 if conn.dead else conn.sock.fileno()
+                if fd >= 0:
+                    conn.reader = self
+                    self.conns[fd] = conn
+            if fd < 0:
+                conn.listener.connection_closed(conn.id)
+                self.server.connection_closed(conn.id)
+                continue
+            self.poller.register(fd, _POLLIN)
+            self.registered.add(fd)
+            # A connection taken over from a stuck hub may hold complete frames already read.
+            if not self._answer_frames(conn) and conn.reader is self:
+                self._close_connection(conn)
+
     def _close_connection(self, conn: Connection) -> None:
         with self.state_lock:
-            if self.conn is conn:
-                self.conn = None
+            if conn.reader is not self:
+                return
+            conn.reader = None
+            for fd, known in list(self.conns.items()):
+                if known is conn:
+                    del self.conns[fd]
+                    if fd in self.registered:
+                        self.registered.discard(fd)
+                        self.poller.unregister(fd)  # before close: the number may be reused
         conn.close()
         conn.listener.connection_closed(conn.id)
         self.server.connection_closed(conn.id)
 
-    def _read(self, conn: Connection, polled: bool = False) -> bool:
+    def _read(self, conn: Connection) -> bool:
         """Read what arrived and answer every complete frame; False closes the connection.
 
-        `polled`: poll() said the socket is readable, so the read cannot wait and keeps the GIL
-        (Connection.recv_ready); otherwise this is the idle wait itself and releases it.
+        epoll said the socket is readable, so the read cannot wait and keeps the GIL
+        (Connection.recv_ready).
         """
         try:
-            received = conn.recv_ready() if polled else conn.sock.recv_into(conn.buffer)
-        except (BlockingIOError, InterruptedError):
-            return True
+            received = conn.recv_ready()
         except OSError:
             return False
         if received < 0:
@@ -916,7 +1045,7 @@ class Hub:
                 if not self._answer(conn, frame):
                     return False
                 answering = False
-                if self.conn is not conn:
+                if conn.reader is not self:
                     return True  # handed to another hub while a handler ran: it reads from now on
         except Exception as exc:  # noqa: BLE001 - any undecodable frame
             if answering:
@@ -989,7 +1118,7 @@ class Hub:
         event.waiting = True  # last: the watchdog reads the fields above once it sees this
         kong = PDKProxy((_HandlerChannel(event, server.lua_style),))
         idle = self.idle_greenlets
-        event.greenlet = idle.pop() if idle else greenlet.greenlet(_handler_loop, parent=self.main)
+        event.greenlet = idle.pop() if idle else _HandlerGreenlet(self)
         self.owned += 1
         self._drive(event, (method, kong), None)
         return not conn.dead
@@ -1012,12 +1141,18 @@ class Hub:
         inbox = self.inbox
         while inbox:
             event, value = inbox.popleft()
+            if type(value) is _Park:
+                if event.parked is value:  # else the wait ended otherwise (timeout, close)
+                    self._unpark(event)
+                    self._drive(event, True, None)
+                continue
             if event.greenlet is None:
                 # The handler returned meanwhile (its greenlet may serve another event).
                 if value is not _CLOSE:
                     self._answer_if_still_waiting(event)
                 continue
             if value is _CLOSE or event.closed:
+                self._unpark(event)
                 self._drive(event, None, _abandoned(event))
             else:
                 self._drive(event, value, None)
@@ -1041,7 +1176,59 @@ class Hub:
             try:
                 busy.pop()
             except IndexError:
-                self.conn = None  # the watchdog gave our socket to a new hub: stop reading it
+                self._connections_taken()
+
+    def _connections_taken(self) -> None:
+        """The watchdog claimed the switch: whatever it has not moved yet, this hub stops
+        reading now (it moves them to the successor when it gets the lock)."""
+        with self.state_lock:
+            self.released = True
+            for conn in self.conns.values():
+                conn.reader = None
+
+    # ---- cooperative waits ----------------------------------------------------------------
+
+    def _park(self, event: Event, park: _Park) -> None:
+        event.parked = park
+        if park.future is not None:
+            # Runs on the thread that completes the future (or here, if it is done already).
+            park.future.add_done_callback(lambda _future: self.post(event, park))
+        elif park.fd is not None:
+            try:
+                self.poller.register(park.fd, _POLLIN)
+            except (OSError, ValueError):
+                # Not pollable (closed meanwhile, or watched already): let the read itself tell.
+                self.post(event, park)
+            else:
+                self.fd_waits[park.fd] = event
+        if park.deadline < _INFINITY:
+            self.deadlines[event] = park.deadline
+
+    def _unpark(self, event: Event) -> None:
+        park = event.parked
+        if park is None:
+            return
+        event.parked = None
+        self.deadlines.pop(event, None)
+        fd = park.fd
+        if fd is not None and self.fd_waits.get(fd) is event:
+            del self.fd_waits[fd]
+            try:
+                self.poller.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def _expire_parked(self) -> float:
+        """Resume the waits that timed out (they get False); the seconds until the next one,
+        or -1 when some were resumed (the caller loops again before waiting)."""
+        now = _monotonic()
+        due = [event for event, deadline in self.deadlines.items() if deadline <= now]
+        for event in due:
+            self._unpark(event)
+            self._drive(event, False, None)
+        if due:
+            return -1.0
+        return min(_IDLE_POLL_S, min(self.deadlines.values()) - now)
 
     def _drive(self, event: Event, value: Any, throw: BaseException | None) -> None:
         """Resume a handler and act on what it hands back until it waits for Kong or returns.
@@ -1066,9 +1253,13 @@ class Hub:
         self._settle(event, message)
 
     def _settle(self, event: Event, message: Any) -> None:
-        """Every case but the hot path: the handler returned, exited, or cannot be answered."""
+        """Every case but the hot path: the handler returned, exited, waits cooperatively, or
+        cannot be answered."""
         server = self.server
         while True:
+            if type(message) is _Park:
+                self._park(event, message)
+                return
             failed = message if type(message) is _Failed else None
             if message is _RET or failed is not None:
                 handler = event.greenlet
@@ -1140,7 +1331,7 @@ def _abandoned(event: Event) -> EventClosedError:
 
 
 class SocketListener:
-    """One Unix socket serving one plugin; one hub thread per accepted connection."""
+    """One Unix socket serving one plugin; its connections go to the loop hub."""
 
     def __init__(self, server: PluginServer, plugin_name: str, path: Path,
                  backlog: int = 4096) -> None:
@@ -1186,7 +1377,7 @@ class SocketListener:
             with self._conns_lock:
                 self._conns[conn.id] = conn
             try:
-                Hub(self.server, conn).start()
+                self.server.adopt_connection(conn)
             except Exception:  # noqa: BLE001 - no thread (or fd) for it: refuse this connection only
                 log.exception("%s: cannot serve connection %d", self.plugin_name, conn.id)
                 self.connection_closed(conn.id)

@@ -51,8 +51,8 @@ def test_off_loop_wait_future_returns_the_result():
 
     later: concurrent.futures.Future = concurrent.futures.Future()
     timer = threading.Timer(0.2, later.set_result, ("late",))
+    started = time.monotonic()  # before start(): the timer's 0.2 s counts from there at the latest
     timer.start()
-    started = time.monotonic()
     try:
         assert cooperative.wait_future(later, 5) == "late"
         assert 0.15 <= time.monotonic() - started < 3.0  # it waited, for the result only
@@ -92,8 +92,8 @@ def test_off_loop_wait_readable_on_a_socketpair():
         assert cooperative.wait_readable(left.fileno(), 0.05) is False  # drained again
         # Data arriving during the wait ends it early.
         timer = threading.Timer(0.2, right.sendall, (b"y",))
-        timer.start()
         started = time.monotonic()
+        timer.start()
         assert cooperative.wait_readable(left.fileno(), 5) is True
         assert 0.15 <= time.monotonic() - started < 3.0
         timer.join(5)

@@ -46,8 +46,6 @@ aigov.cooperative (blocking I/O is correct but stalls the loop, up to the hand-o
 from __future__ import annotations
 
 import collections
-import ctypes
-import errno
 import itertools
 import json
 import logging
@@ -85,33 +83,8 @@ _INFINITY = float("inf")
 _IDLE_GREENLETS = 16
 
 
-def _gil_holding_socket_calls() -> tuple[Any, Any]:
-    """libc send/recv called through ctypes.PyDLL, which does *not* release the GIL.
-
-    Why: every socket method releases the GIL around its system call, and with a hub thread per
-    connection another hub is usually waiting for it, so each release is a GIL hand-off (a futex
-    wake and a context switch, ~5-20 us here) even when the call cannot block. The hub only uses
-    these with MSG_DONTWAIT (a reply into a socket buffer with room, a recv after poll() said
-    readable), so holding the GIL costs nothing; anything that would block falls back to the
-    socket methods. (None, None) where libc cannot be loaded.
-    """
-    try:
-        libc = ctypes.PyDLL(None, use_errno=True)
-        send, recv = libc.send, libc.recv
-    except (OSError, AttributeError):
-        return None, None
-    for function in (send, recv):
-        function.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        function.restype = ctypes.c_ssize_t
-    return send, recv
-
-
-_c_send, _c_recv = _gil_holding_socket_calls()
 _NOWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _SEND_NOWAIT = _NOWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
-_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
-if not _NOWAIT:
-    _c_send = _c_recv = None
 
 
 class PluginServerError(Exception):
@@ -692,7 +665,7 @@ class Connection:
     """
 
     __slots__ = ("sock", "id", "plugin_name", "listener", "send_lock", "unpacker", "buffer", "view",
-                 "buffer_address", "dead", "reader")
+                 "dead", "reader")
 
     def __init__(self, sock: socket.socket, conn_id: int, plugin_name: str,
                  listener: "SocketListener") -> None:
@@ -704,8 +677,6 @@ class Connection:
         self.unpacker = protocol.new_unpacker()
         self.buffer = bytearray(RECV_BUFFER_BYTES)
         self.view = memoryview(self.buffer)
-        # The buffer is never resized (`view`, a live export, forbids it): the address stays valid.
-        self.buffer_address = ctypes.addressof((ctypes.c_char * RECV_BUFFER_BYTES).from_buffer(self.buffer))
         self.dead = False
         self.reader: Hub | None = None  # the hub that reads it (Hub.conns, state_lock)
 
@@ -717,20 +688,17 @@ class Connection:
         """Send with `send_lock` held; False (and the connection counts as dead) on failure."""
         if self.dead:
             return False
+        # One non-blocking send first: a reply nearly always fits the socket buffer, and then
+        # the loop never waits. (The socket methods release the GIL around the call, which costs
+        # little now that one loop thread does the sends, and less than a ctypes call.)
         try:
-            if _c_send is not None:
-                # Under send_lock, which close() takes too: no other thread can close the socket
-                # (and the number be reused) between fileno() and the send; -1 fails with EBADF.
-                sent = _c_send(self.sock.fileno(), payload, len(payload), _SEND_NOWAIT)
-                if sent == len(payload):
-                    return True
-                if sent < 0:
-                    if ctypes.get_errno() not in _RETRY_ERRNOS:
-                        self.dead = True
-                        return False
-                    sent = 0
-                payload = memoryview(payload)[sent:]
-            self.sock.sendall(payload)  # sendall: an 8 MB exit body must arrive whole (§3.4.2)
+            try:
+                sent = self.sock.send(payload, _SEND_NOWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent == len(payload):
+                return True
+            self.sock.sendall(memoryview(payload)[sent:])  # an 8 MB exit body arrives whole (§3.4.2)
             return True
         except OSError:
             self.dead = True
@@ -741,21 +709,12 @@ class Connection:
 
         Raises OSError for a broken connection.
         """
-        if _c_recv is None:
-            try:
-                return self.sock.recv_into(self.buffer)
-            except (BlockingIOError, InterruptedError):
-                return -1
-        # Under send_lock (close() takes it): the fd cannot be closed and reused in between. The
-        # call cannot block (MSG_DONTWAIT), so a sender waits for it at most a few microseconds.
-        with self.send_lock:
-            received = _c_recv(self.sock.fileno(), self.buffer_address, RECV_BUFFER_BYTES, _NOWAIT)
-        if received < 0:
-            err = ctypes.get_errno()
-            if err in _RETRY_ERRNOS:
-                return -1
-            raise OSError(err, os.strerror(err))
-        return received
+        # No lock: only the reader hub reads, and only the reader (or the watchdog after taking
+        # the connection away from it) closes.
+        try:
+            return self.sock.recv_into(self.buffer, RECV_BUFFER_BYTES, _NOWAIT)
+        except (BlockingIOError, InterruptedError):
+            return -1
 
     def close(self) -> None:
         try:
@@ -1016,8 +975,7 @@ class Hub:
     def _read(self, conn: Connection) -> bool:
         """Read what arrived and answer every complete frame; False closes the connection.
 
-        epoll said the socket is readable, so the read cannot wait and keeps the GIL
-        (Connection.recv_ready).
+        epoll said the socket is readable; the read does not wait (Connection.recv_ready).
         """
         try:
             received = conn.recv_ready()

@@ -33,7 +33,7 @@ class RedisLayer:
         # No client-side retries: redis-py 8 retries a failed connect 10 times with backoff by
         # default (4.6 s against a dead port with a 200 ms timeout); the breaker below is our retry.
         common = dict(socket_timeout=timeout_ms / 1000.0, socket_connect_timeout=timeout_ms / 1000.0,
-                      health_check_interval=30, max_connections=256,
+                      health_check_interval=30, max_connections=1024,
                       retry=Retry(NoBackoff(), 0))
         if url:
             self.client = redis.Redis.from_url(url, **common)
@@ -103,7 +103,9 @@ class _CooperativeReads:
             timeout = kwargs.get("timeout", redis.connection.SENTINEL)
             if timeout is redis.connection.SENTINEL:
                 timeout = self.socket_timeout
-            if not cooperative.wait_readable(sock.fileno(), timeout):
+            if not cooperative.wait_readable(sock.fileno(), timeout) and \
+                    not cooperative.wait_readable(sock.fileno(), 0):
+                # (The second look is free insurance: the reply counts if it is there by now.)
                 self.disconnect()  # the reply may still come: it must not reach the next user
                 raise redis.TimeoutError(f"Timeout reading from {self._host_error()}")
         return super().read_response(*args, **kwargs)

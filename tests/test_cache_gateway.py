@@ -277,3 +277,18 @@ def test_stream_and_non_stream_entries_never_mix(gw: GatewayHandle) -> None:
     assert status(plain_hit) == "Hit" and plain_hit.header("X-Cache-Key") == plain.header("X-Cache-Key")
     assert (plain_hit.header("Content-Type") or "").startswith("application/json")
     assert answer_text(plain_hit) == answer_text(plain)
+
+
+def test_prompt_with_a_lone_surrogate_is_cached_and_hit(gw: GatewayHandle) -> None:
+    """JSON's "\\ud800" escape decodes to a code point UTF-8 cannot carry: the prompt is still
+    looked up, stored and hit (the cache must not fail open on it)."""
+    text = f"\ud800 lone surrogate question {uuid.uuid4().hex[:8]}"
+    body = json.dumps(chat(text)).encode()  # ensure_ascii: the escape goes on the wire as is
+    first = gw.request("POST", "/c/v1/chat/completions", body=body,
+                       headers={"apikey": "key-alice", "Content-Type": "application/json"})
+    assert first.status == 200 and status(first) == "Miss", (first.status, status(first))
+    assert gw.wait_logs(10)
+    second = gw.request("POST", "/c/v1/chat/completions", body=body,
+                        headers={"apikey": "key-alice", "Content-Type": "application/json"})
+    assert second.status == 200 and status(second) == "Hit", (second.status, status(second))
+    assert answer_text(second) == answer_text(first)

@@ -310,3 +310,31 @@ def test_redis_timeout_is_cooperative_and_maps_to_redis_unavailable(aigov, redis
     # would be 4 x 0.3 s on top of the naps.
     assert max(times) < 1.2, f"took {max(times):.2f}s (times {times}): the timeouts serialized"
     _no_events_left(aigov)
+
+
+def test_a_reply_that_came_while_the_loop_was_busy_is_not_a_timeout(aigov, redis_client, redis_server):
+    """A handler waits for Redis with a 200 ms timeout; another handler then blocks the loop
+    for 0.45 s, and the reply arrives meanwhile (the test pushes what the BLPOP waits for). The
+    wait's deadline passed while the loop was busy, but its socket was readable before the loop
+    looked again: the handler gets the reply, not a timeout (which would also open the
+    breaker for every request)."""
+    key = "aigov-test:coop:late-look"
+    redis_client.delete(key)
+    _warm_up_redis(aigov, redis_server.port)
+    with aigov.client(timeout=10) as waiter, aigov.client(timeout=10) as blocker:
+        wait_iid = waiter.start_instance({"mode": "redis_blpop", "redis_port": redis_server.port,
+                                          "timeout_ms": 200, "block": 2, "key": key})
+        block_iid = blocker.start_instance({"mode": "block_then_call", "sleep": 0.45})
+        msgid = waiter.send("plugin.HandleEvent", {"InstanceId": wait_iid, "EventName": "access"})
+        assert wait_until(lambda: _blocked_blpops(redis_client) == 1, timeout=1.0, interval=0.01)
+        blocker.send("plugin.HandleEvent", {"InstanceId": block_iid, "EventName": "access"})
+        time.sleep(0.1)  # the loop is inside the blocking handler now
+        redis_client.rpush(key, "value")  # BLPOP answers at once; the loop is still blocked
+        event_id, value = _header_call(waiter.read_frame(timeout=5), msgid, "x-redis")
+        outcome = json.loads(value)
+        assert outcome.get("reply") == [repr(key.encode()), repr(b"value")], outcome  # not an error
+        _finish(waiter, event_id)
+        _, _, err, result = blocker.read_frame(timeout=5)
+        assert err is None
+        _finish(blocker, result["EventId"])
+    _no_events_left(aigov)

@@ -128,7 +128,7 @@ def test_stuck_handler_leaves_its_connection_served(short_prefix):
             assert len(kong.run_event(fast)) == 2  # the connection works normally
             # the stuck thread ends with its handler and is not replaced by anything
             assert _wait_until(lambda: kong.call("plugin.GetStatus")["Workers"] == {
-                "max": 256, "threads": 1, "busy": 0}, timeout=8)
+                "max": 2048, "threads": 1, "busy": 0}, timeout=8)
         assert "a new loop thread now serves its 1 connection(s)" in server.stderr()
     finally:
         server.stop()
@@ -216,12 +216,12 @@ def test_one_loop_thread_serves_every_connection(aigov_server):
         for c in clients:
             iid = c.start_instance({"mode": "two_calls"})
             c.handle_event(iid)  # leave an event suspended on the loop
-        assert admin.call("plugin.GetStatus")["Workers"] == {"max": 256, "threads": 1, "busy": 12}
+        assert admin.call("plugin.GetStatus")["Workers"] == {"max": 2048, "threads": 1, "busy": 12}
         assert thread_count(pid) <= baseline
         for c in clients:
             c.close()
         assert _wait_until(lambda: admin.call("plugin.GetStatus")["Workers"] == {
-            "max": 256, "threads": 1, "busy": 0}, timeout=10)
+            "max": 2048, "threads": 1, "busy": 0}, timeout=10)
         assert thread_count(pid) <= baseline
 
 
@@ -295,3 +295,45 @@ def test_resident_memory_stays_flat_over_thousands_of_events(aigov_server):
     finally:
         for c in clients:
             c.close()
+
+
+def test_thousands_of_connections_come_and_go_without_stalling_the_loop(short_prefix):
+    """5,000 Kong connections opened, then closed at once: the loop forgets each one in constant
+    time (a scan of all connections per close made this minutes of stall), so a new connection
+    is answered within seconds and no event or thread is left."""
+    import resource
+    import socket as socketlib
+
+    wanted = 5000 + 200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * wanted:
+        pytest.skip(f"open-file limit {hard} is too low for {wanted} connections on both ends")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2 * wanted), hard))
+    try:
+        server = start_aigov(short_prefix)  # inherits the raised limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    socks: list = []
+    try:
+        with server.client(timeout=30) as admin:
+            admin.call("plugin.GetStatus")
+            path = str(server.socket_path)
+            for _ in range(5000):
+                s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+                s.connect(path)
+                socks.append(s)
+            assert admin.call("plugin.GetStatus")["Workers"]["threads"] == 1
+            for s in socks:
+                s.close()
+            socks.clear()
+            started = time.monotonic()
+            with server.client(timeout=30) as fresh:
+                fresh.call("plugin.GetStatus")
+                assert _wait_until(lambda: fresh.call("plugin.GetStatus")["Workers"] == {
+                    "max": 2048, "threads": 1, "busy": 0}, timeout=10)
+            took = time.monotonic() - started
+            assert took < 5.0, f"the loop took {took:.1f}s to get through 5,000 closes"
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()

@@ -11,6 +11,7 @@ without re-embedding.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from aigov import cooperative
 from aigov.request import canonical_json, sha256_hex
 from aigov.routing import model as rmodel
 
@@ -300,7 +302,9 @@ class _Slot:
     """One model being built or built: waiters block on `done` (bounded by their timeout)."""
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        # A future rather than an Event: on the plugin server's loop the wait parks the handler
+        # (aigov.cooperative) instead of blocking every other request during the build.
+        self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.model: rmodel.RouterModel | None = None
         self.error: str | None = None
         self.failed_at = 0.0
@@ -338,8 +342,10 @@ def get_model(settings: RouterSettings, embedder: Any, wait_s: float) -> tuple[r
     if start_build:
         threading.Thread(target=_build_into, args=(slot, key, settings, embedder),
                          name="aigov-router-build", daemon=True).start()
-    if not slot.done.wait(timeout=max(0.0, wait_s)):
-        raise ModelNotReady("route model still building")
+    try:
+        cooperative.wait_future(slot.done, max(0.0, wait_s))
+    except concurrent.futures.TimeoutError:
+        raise ModelNotReady("route model still building") from None
     if slot.model is None:
         raise ModelNotReady(slot.error or "route model build failed")
     return slot.model, ("memory" if not start_build else slot.source)
@@ -364,7 +370,7 @@ def _build_into(slot: _Slot, key: str, settings: RouterSettings, embedder: Any) 
         slot.failed_at = time.monotonic()
         log.warning(slot.error)
     finally:
-        slot.done.set()
+        slot.done.set_result(None)
 
 
 def clear_model_cache() -> None:

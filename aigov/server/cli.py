@@ -39,10 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated plugin names to serve (default: every module)")
     parser.add_argument("--no-lua-style", action="store_true",
                         help="PDK calls return data and raise on error instead of (data, err)")
-    parser.add_argument("--max-workers", type=int, default=256,
-                        help="handlers that may be running at once (events whose handler has not "
-                             "returned); beyond it HandleEvent answers an overload error "
-                             "(default: %(default)s)")
+    parser.add_argument("--max-workers", type=int, default=2048,
+                        help="handlers that may be live at once (events whose handler has not "
+                             "returned, including those waiting for Kong or Redis); beyond it "
+                             "HandleEvent answers an overload error and Kong runs the request "
+                             "without that plugin (default: %(default)s)")
     parser.add_argument("--step-timeout", type=float, default=55.0,
                         help="seconds to wait for a handler's next PDK call before answering an "
                              "error, kept under Kong's 60 s read timeout (default: %(default)s). "

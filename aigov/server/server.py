@@ -317,7 +317,7 @@ class PluginServer:
         plugins: dict[str, LoadedPlugin],
         *,
         lua_style: bool = True,
-        max_workers: int = 256,
+        max_workers: int = 2048,
         step_timeout: float = 55.0,
         event_timeout: float = 65.0,
         orphan_grace: float = 2.0,
@@ -665,7 +665,7 @@ class Connection:
     """
 
     __slots__ = ("sock", "id", "plugin_name", "listener", "send_lock", "unpacker", "buffer", "view",
-                 "dead", "reader")
+                 "dead", "reader", "fd")
 
     def __init__(self, sock: socket.socket, conn_id: int, plugin_name: str,
                  listener: "SocketListener") -> None:
@@ -679,6 +679,7 @@ class Connection:
         self.view = memoryview(self.buffer)
         self.dead = False
         self.reader: Hub | None = None  # the hub that reads it (Hub.conns, state_lock)
+        self.fd = -1  # its key in the reader's `conns`
 
     def send(self, payload: bytes) -> bool:
         with self.send_lock:
@@ -768,7 +769,8 @@ class Hub:
         self.server = server
         self.name = f"aigov-loop-{next(_hub_ids)}"
         self.conns: dict[int, Connection] = {}
-        self.incoming: list[Connection] = []  # handed over, not yet registered (state_lock)
+        # Handed over, not yet registered (state_lock).
+        self.incoming: collections.deque[Connection] = collections.deque()
         self.released = False  # the connections went to a successor; it adopts no more
         self.registered: set[int] = set()  # connection fds in this hub's epoll (hub thread only)
         self.inbox: collections.deque[tuple[Event, Any]] = collections.deque()
@@ -838,9 +840,9 @@ class Hub:
             return  # the handler switched back meanwhile
         with self.state_lock:
             self.released = True
-            conns = list(self.conns.values()) + self.incoming
+            conns = list(self.conns.values()) + list(self.incoming)
             self.conns = {}
-            self.incoming = []
+            self.incoming = collections.deque()
             for conn in conns:
                 conn.reader = None
         if not conns:
@@ -850,7 +852,7 @@ class Hub:
                     self.server.loop_stall_timeout, len(conns))
         try:
             successor = Hub(self.server)
-            successor.incoming = conns
+            successor.incoming = collections.deque(conns)
             self.server.loop_hub_replaced(self, successor)
             successor.start()
         except Exception:  # noqa: BLE001 - no thread: close them rather than leave them unread
@@ -886,15 +888,17 @@ class Hub:
                     self.registered.clear()
                 if self.inbox:
                     self._drain_inbox()
-                    continue
-                timeout = _IDLE_POLL_S
-                if self.deadlines:
-                    timeout = self._expire_parked()
-                    if self.inbox or timeout < 0:
-                        continue
-                if self.owned == 0 and not self.conns and not self.incoming and (
+                # Sockets are polled on every pass, also while the inbox keeps filling (then
+                # without waiting), so no connection and no parked wait starves.
+                if self.inbox:
+                    timeout = 0.0
+                elif self.deadlines:
+                    timeout = max(0.0, min(_IDLE_POLL_S, min(self.deadlines.values()) - _monotonic()))
+                elif self.owned == 0 and not self.conns and not self.incoming and (
                         self.released or self.server.stopping):
                     return
+                else:
+                    timeout = _IDLE_POLL_S
                 try:
                     ready = poller.poll(timeout)
                 except InterruptedError:
@@ -917,6 +921,11 @@ class Hub:
                             self._drive(event, True, None)
                     if self.released:
                         break  # the rest of `ready` belongs to the successor now
+                if self.deadlines:
+                    # After the ready sockets: a wait whose socket became readable while this
+                    # loop was busy elsewhere resumes with True, however late; only a wait with
+                    # nothing to read by now times out.
+                    self._expire_parked()
         except BaseException:  # noqa: BLE001 - a hub bug must not pass silently
             log.exception("%s failed", self.name)
             for conn in list(self.conns.values()):
@@ -927,7 +936,7 @@ class Hub:
                 self._exited = True
                 os.close(self.wake_fd)
                 orphans = self.incoming
-                self.incoming = []
+                self.incoming = collections.deque()
             for conn in orphans:  # handed over as we exited: nobody will read them
                 conn.close()
                 conn.listener.connection_closed(conn.id)
@@ -942,10 +951,11 @@ class Hub:
             with self.state_lock:
                 if self.released or not self.incoming:
                     return
-                conn = self.incoming.pop(0)
+                conn = self.incoming.popleft()
                 fd = -1 if conn.dead else conn.sock.fileno()
                 if fd >= 0:
                     conn.reader = self
+                    conn.fd = fd
                     self.conns[fd] = conn
             if fd < 0:
                 conn.listener.connection_closed(conn.id)
@@ -962,12 +972,12 @@ class Hub:
             if conn.reader is not self:
                 return
             conn.reader = None
-            for fd, known in list(self.conns.items()):
-                if known is conn:
-                    del self.conns[fd]
-                    if fd in self.registered:
-                        self.registered.discard(fd)
-                        self.poller.unregister(fd)  # before close: the number may be reused
+            fd = conn.fd
+            if self.conns.get(fd) is conn:
+                del self.conns[fd]
+                if fd in self.registered:
+                    self.registered.discard(fd)
+                    self.poller.unregister(fd)  # before close: the number may be reused
         conn.close()
         conn.listener.connection_closed(conn.id)
         self.server.connection_closed(conn.id)
@@ -1176,17 +1186,14 @@ class Hub:
             except (OSError, ValueError):
                 pass
 
-    def _expire_parked(self) -> float:
-        """Resume the waits that timed out (they get False); the seconds until the next one,
-        or -1 when some were resumed (the caller loops again before waiting)."""
+    def _expire_parked(self) -> None:
+        """Resume the waits whose timeout passed with False."""
         now = _monotonic()
         due = [event for event, deadline in self.deadlines.items() if deadline <= now]
         for event in due:
-            self._unpark(event)
-            self._drive(event, False, None)
-        if due:
-            return -1.0
-        return min(_IDLE_POLL_S, min(self.deadlines.values()) - now)
+            if event.parked is not None:  # not resumed by an earlier one's handler meanwhile
+                self._unpark(event)
+                self._drive(event, False, None)
 
     def _drive(self, event: Event, value: Any, throw: BaseException | None) -> None:
         """Resume a handler and act on what it hands back until it waits for Kong or returns.

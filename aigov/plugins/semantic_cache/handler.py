@@ -175,7 +175,9 @@ class SemanticCacheHandler:
             return
         # Miss / Refresh: headers set in access persist to the client response (Kong semantics).
         kong.response.set_headers({"X-Cache-Status": status, "X-Cache-Key": key})
-        pending = {"key": key, "prompt": prompt, "scope": scope.__dict__, "stream": request.stream,
+        # The prompt travels as JSON text: a lone surrogate (JSON's "\ud800") cannot be packed as
+        # a MessagePack string, and the cache must not fail open on it.
+        pending = {"key": key, "prompt_json": json_text(prompt), "scope": scope.__dict__, "stream": request.stream,
                    "model": request.model, "vector": _PENDING.put(vector) if vector is not None else None}
         extra: dict[str, Any] = {"key": key}
         if lookup is not None and lookup.rejected:
@@ -262,14 +264,15 @@ class SemanticCacheHandler:
         if not ok:
             return reason
         scope = CacheScope(**pending["scope"])
+        prompt = json.loads(pending["prompt_json"])
         vector = _PENDING.pop(pending.get("vector"))
         if vector is None:
-            vector = self.cache.embed(pending["prompt"])  # plugin server restarted since access
+            vector = self.cache.embed(prompt)  # plugin server restarted since access
         completion = completion_for_storage(resp.completion or {})
         usage = resp.usage.as_dict() if resp.usage else None
         if usage is None:
-            usage = _estimate_usage(pending, resp.text)
-        self.cache.save(scope, pending["key"], pending["prompt"], vector, completion, usage,
+            usage = _estimate_usage(pending.get("model"), prompt, resp.text)
+        self.cache.save(scope, pending["key"], prompt, vector, completion, usage,
                         completion.get("model") or pending.get("model"))
         return "stored"
 
@@ -331,14 +334,13 @@ class SemanticCacheHandler:
         self._record_store(kong, shared, outcome)
 
 
-def _estimate_usage(pending: dict[str, Any], answer: str) -> dict[str, Any] | None:
+def _estimate_usage(model: Any, prompt_text: str, answer: str) -> dict[str, Any] | None:
     """tiktoken counts when the provider sent no usage (a stream without include_usage)."""
     try:
         from aigov import tokens
 
-        model = pending.get("model")
         completion = tokens.count_text(answer, model)
-        prompt = tokens.count_text(pending.get("prompt") or "", model)
+        prompt = tokens.count_text(prompt_text or "", model)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "estimated": True}
     except Exception:  # noqa: BLE001 - an estimate is optional

@@ -216,8 +216,11 @@ def test_one_loop_thread_serves_every_connection(aigov_server):
         for c in clients:
             iid = c.start_instance({"mode": "two_calls"})
             c.handle_event(iid)  # leave an event suspended on the loop
-        assert admin.call("plugin.GetStatus")["Workers"] == {"max": 2048, "threads": 1, "busy": 12}
-        assert thread_count(pid) <= baseline
+        workers = admin.call("plugin.GetStatus")["Workers"]
+        # One loop (two for a moment if a starved machine paused a handler past the 0.5 s
+        # stall timeout: the hand-over); a thread per connection would be 13.
+        assert workers["busy"] == 12 and workers["threads"] <= 2, workers
+        assert thread_count(pid) <= baseline + 1
         for c in clients:
             c.close()
         assert _wait_until(lambda: admin.call("plugin.GetStatus")["Workers"] == {

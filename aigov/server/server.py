@@ -3,7 +3,7 @@
 Threads, greenlets and who answers what (why: reference §2.1/§3.3/§3.4, the stock server's
 failure modes, and the cost of thread handoffs on the hot path):
 
-- one listener thread per socket, and one event loop (the *hub*) that reads every accepted Kong
+- one event loop (the *hub*) that accepts on every plugin socket and reads every Kong
   connection with epoll and owns the greenlets of the events whose HandleEvent it read. A
   thread per connection spent most of a round trip handing the GIL between threads;
 - a handler runs as a greenlet (no monkey-patching): a Step for it switches straight into it, it
@@ -592,8 +592,8 @@ class PluginServer:
             hub.release_connections_if_stuck(now - self.loop_stall_timeout)
         return answered
 
-    def adopt_connection(self, conn: "Connection") -> None:
-        """Give an accepted connection to the loop hub (started on first use)."""
+    def adopt(self, item: "Connection | SocketListener") -> None:
+        """Give a listening socket or a connection to the loop hub (started on first use)."""
         while True:
             if self.stopping:
                 raise PluginServerError("the plugin server is stopping")
@@ -604,7 +604,7 @@ class PluginServer:
                     hub = self._loop_hub = Hub(self)
             if fresh:
                 hub.start()
-            if hub.adopt(conn):
+            if hub.adopt(item):
                 return
 
     def loop_hub_replaced(self, old: "Hub", successor: "Hub") -> None:
@@ -756,10 +756,10 @@ class Hub:
     """The event loop: one thread that reads Kong connections (epoll) and runs the greenlets of
     the events whose HandleEvent it read.
 
-    One hub serves every connection of every socket (PluginServer.adopt_connection). A second
-    one appears only when a handler keeps this one busy past `loop_stall_timeout`: its
-    connections then move to a successor (`released`), and this hub keeps only its greenlets
-    and exits once they are done.
+    One hub watches every listening socket and serves every connection (PluginServer.adopt).
+    A second one appears only when a handler keeps this one busy past `loop_stall_timeout`: its
+    sockets and connections then move to a successor (`released`), and this hub keeps only its
+    greenlets and exits once they are done.
 
     `conns` (fd -> connection) changes under `state_lock` (the watchdog takes it over); a
     connection is read only by the hub named in its `reader`.
@@ -769,10 +769,11 @@ class Hub:
         self.server = server
         self.name = f"aigov-loop-{next(_hub_ids)}"
         self.conns: dict[int, Connection] = {}
-        # Handed over, not yet registered (state_lock).
-        self.incoming: collections.deque[Connection] = collections.deque()
+        self.listening: dict[int, SocketListener] = {}  # fd -> listening socket (state_lock)
+        # Handed over, not yet registered: connections and listening sockets (state_lock).
+        self.incoming: collections.deque[Connection | SocketListener] = collections.deque()
         self.released = False  # the connections went to a successor; it adopts no more
-        self.registered: set[int] = set()  # connection fds in this hub's epoll (hub thread only)
+        self.registered: set[int] = set()  # conn + listener fds in this hub's epoll (hub thread only)
         self.inbox: collections.deque[tuple[Event, Any]] = collections.deque()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.poller: Any = None
@@ -803,12 +804,12 @@ class Hub:
     def accepting(self) -> bool:
         return not (self.released or self._exited)
 
-    def adopt(self, conn: Connection) -> bool:
-        """Serve `conn` from now on; False if this hub no longer takes connections."""
+    def adopt(self, item: "Connection | SocketListener") -> bool:
+        """Serve `item` from now on; False if this hub no longer takes any."""
         with self.state_lock:
             if self.released or self._exited:
                 return False
-            self.incoming.append(conn)
+            self.incoming.append(item)
         self.wake()
         return True
 
@@ -840,27 +841,32 @@ class Hub:
             return  # the handler switched back meanwhile
         with self.state_lock:
             self.released = True
-            conns = list(self.conns.values()) + list(self.incoming)
+            moving = list(self.listening.values()) + list(self.conns.values()) + list(self.incoming)
+            conn_count = len(self.conns) + sum(1 for i in self.incoming if type(i) is Connection)
             self.conns = {}
+            self.listening = {}
             self.incoming = collections.deque()
-            for conn in conns:
-                conn.reader = None
-        if not conns:
+            for item in moving:
+                if type(item) is Connection:
+                    item.reader = None
+        if not moving:
             return
         log.warning("a handler has run for more than %gs without a PDK call or a cooperative wait; "
                     "a new loop thread now serves its %d connection(s)",
-                    self.server.loop_stall_timeout, len(conns))
+                    self.server.loop_stall_timeout, conn_count)
+        conns = moving
         try:
             successor = Hub(self.server)
             successor.incoming = collections.deque(conns)
             self.server.loop_hub_replaced(self, successor)
             successor.start()
         except Exception:  # noqa: BLE001 - no thread: close them rather than leave them unread
-            log.exception("no thread to serve %d connection(s); closing them", len(conns))
-            for conn in conns:
-                conn.close()
-                conn.listener.connection_closed(conn.id)
-                self.server.connection_closed(conn.id)
+            log.exception("no thread to serve %d connection(s); closing them", conn_count)
+            for item in conns:
+                if type(item) is Connection:
+                    item.close()
+                    item.listener.connection_closed(item.id)
+                    self.server.connection_closed(item.id)
 
     # ---- on a handler greenlet (aigov.cooperative.Loop) ----------------------------------
 
@@ -914,6 +920,8 @@ class Hub:
                     if conn is not None:
                         if conn.reader is self and not self._read(conn) and conn.reader is self:
                             self._close_connection(conn)
+                    elif fd in self.listening:
+                        self._accept(self.listening[fd])
                     else:
                         event = self.fd_waits.get(fd)
                         if event is not None:
@@ -937,9 +945,10 @@ class Hub:
                 os.close(self.wake_fd)
                 orphans = self.incoming
                 self.incoming = collections.deque()
-            for conn in orphans:  # handed over as we exited: nobody will read them
-                conn.close()
-                conn.listener.connection_closed(conn.id)
+            for item in orphans:  # handed over as we exited: nobody will read them
+                if type(item) is Connection:
+                    item.close()
+                    item.listener.connection_closed(item.id)
             poller.close()
             for handler in self.idle_greenlets:
                 handler.switch(None)  # end them on their own thread
@@ -951,21 +960,48 @@ class Hub:
             with self.state_lock:
                 if self.released or not self.incoming:
                     return
-                conn = self.incoming.popleft()
-                fd = -1 if conn.dead else conn.sock.fileno()
-                if fd >= 0:
-                    conn.reader = self
-                    conn.fd = fd
-                    self.conns[fd] = conn
-            if fd < 0:
-                conn.listener.connection_closed(conn.id)
-                self.server.connection_closed(conn.id)
-                continue
-            self.poller.register(fd, _POLLIN)
-            self.registered.add(fd)
+                item = self.incoming.popleft()
+                if type(item) is not Connection:
+                    fd = item.fileno()
+                    if fd >= 0:
+                        self.listening[fd] = item
+                        self.poller.register(fd, _POLLIN)
+                        self.registered.add(fd)
+                    continue
             # A connection taken over from a stuck hub may hold complete frames already read.
-            if not self._answer_frames(conn) and conn.reader is self:
-                self._close_connection(conn)
+            if self._take(item) and not self._answer_frames(item) and item.reader is self:
+                self._close_connection(item)
+
+    def _take(self, conn: Connection) -> bool:
+        """Read `conn` from now on; False if it is closed already."""
+        with self.state_lock:
+            fd = -1 if conn.dead else conn.sock.fileno()
+            if fd >= 0:
+                conn.reader = self
+                conn.fd = fd
+                self.conns[fd] = conn
+        if fd < 0:
+            conn.listener.connection_closed(conn.id)
+            self.server.connection_closed(conn.id)
+            return False
+        self.poller.register(fd, _POLLIN)
+        self.registered.add(fd)
+        return True
+
+    def _accept(self, listener: SocketListener) -> None:
+        """Accept what Kong has queued on a listening socket; every connection is read here."""
+        for conn in listener.accept_ready():
+            self._take(conn)
+        if listener.closing:
+            with self.state_lock:
+                fd = next((k for k, v in self.listening.items() if v is listener), -1)
+                self.listening.pop(fd, None)
+            if fd in self.registered:
+                self.registered.discard(fd)
+                try:
+                    self.poller.unregister(fd)
+                except (OSError, ValueError):
+                    pass
 
     def _close_connection(self, conn: Connection) -> None:
         with self.state_lock:
@@ -1296,7 +1332,8 @@ def _abandoned(event: Event) -> EventClosedError:
 
 
 class SocketListener:
-    """One Unix socket serving one plugin; its connections go to the loop hub."""
+    """One Unix socket serving one plugin. The loop hub watches it and accepts (no thread of
+    its own: a listener thread competing for the GIL slowed the loop down in connection bursts)."""
 
     def __init__(self, server: PluginServer, plugin_name: str, path: Path,
                  backlog: int = 4096) -> None:
@@ -1305,7 +1342,6 @@ class SocketListener:
         self.path = path
         self.backlog = backlog
         self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
         self._conns: dict[int, Connection] = {}
         self._conns_lock = threading.Lock()
         self._conn_ids = itertools.count(1)
@@ -1317,22 +1353,35 @@ class SocketListener:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(self.path))
         sock.listen(self.backlog)
+        sock.setblocking(False)
         self._sock = sock
-        self._thread = threading.Thread(target=self._accept_loop, name=f"aigov-listen-{self.plugin_name}",
-                                        daemon=True)
-        self._thread.start()
+        self.server.adopt(self)
         log.info("serving %s on %s", self.plugin_name, self.path)
 
-    def _accept_loop(self) -> None:
-        assert self._sock is not None
-        while not self._closing.is_set():
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    def fileno(self) -> int:
+        return -1 if self._sock is None or self.closing else self._sock.fileno()
+
+    def accept_ready(self, limit: int = 64) -> list[Connection]:
+        """Accept up to `limit` queued connections without waiting (the hub calls this when the
+        socket is readable; what is left makes it readable again)."""
+        accepted: list[Connection] = []
+        while len(accepted) < limit and not self.closing and self._sock is not None:
             try:
                 sock, _ = self._sock.accept()
-            except OSError:
-                if self._closing.is_set():
-                    return
-                time.sleep(0.05)  # EMFILE and the like: back off rather than spin
-                continue
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if not self.closing:
+                    # EMFILE and the like: the socket stays readable, so pause briefly rather
+                    # than spin; the connections already open keep being served.
+                    log.warning("%s: accept failed (%s); retrying", self.plugin_name, exc)
+                    time.sleep(0.01)
+                break
+            sock.setblocking(True)  # replies use sendall; reads use MSG_DONTWAIT
             for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
@@ -1341,12 +1390,8 @@ class SocketListener:
             conn = Connection(sock, next(self._conn_ids), self.plugin_name, self)
             with self._conns_lock:
                 self._conns[conn.id] = conn
-            try:
-                self.server.adopt_connection(conn)
-            except Exception:  # noqa: BLE001 - no thread (or fd) for it: refuse this connection only
-                log.exception("%s: cannot serve connection %d", self.plugin_name, conn.id)
-                self.connection_closed(conn.id)
-                conn.close()
+            accepted.append(conn)
+        return accepted
 
     def connection_closed(self, conn_id: int) -> None:
         with self._conns_lock:

@@ -219,13 +219,13 @@ def test_a_redis_stall_during_requests_converges_to_the_real_usage(stall_redis, 
         assert state["B"]["store"] == "memory" and state["B"].get("redis_unsure") is True
         assert serialize(ctx["B"])["aigov"]["quota"]["redis_unsure"] is True
         assert state["C"]["store"] == "memory"
-        unsure = [k for k in "BC" if state[k].get("redis_unsure")]
 
         (key,) = rclient.keys(f"{prefix}:*:tokens:day:*")
-        # Redis holds the real usage of every request served through it plus the unsure ones:
-        # B's late reservation (~530 tokens) was converted to its 61, A's lost settle was replayed.
-        assert int(rclient.get(key)) == used["A"] + used["D"] + sum(used[k] for k in unsure)
-        for k in ["A", "D", *unsure]:
+        # Redis holds the real usage of every request, the fail-open ones included: B's late
+        # reservation (~530 tokens) was converted to its 61, A's lost settle and C's usage (counted
+        # in memory during the stall) were replayed.
+        assert int(rclient.get(key)) == sum(used.values())
+        for k in "ABCD":
             rid = state[k]["rid"]
             assert not rclient.hexists(res, rid) and rclient.zscore(pending, rid) is None
             assert rclient.zscore(done, rid) is not None
@@ -234,7 +234,7 @@ def test_a_redis_stall_during_requests_converges_to_the_real_usage(stall_redis, 
         # Replays of those settles and of the late reserve are duplicates: nothing is charged twice.
         store = RedisQuotaStore(RedisLayer(url=stall_redis.url, timeout_ms=2000), prefix)
         before = int(rclient.get(key))
-        for k in ["A", "D", *unsure]:
+        for k in "ABCD":
             cs = [Counter.from_list(c) for c in state[k]["counters"]]
             assert store.settle("header:staller", state[k]["rid"], cs, [used[k]], time.time(), 20).status == "duplicate"
             assert store.reserve("header:staller", state[k]["rid"], cs, [500], time.time(), 20).duplicate
@@ -242,3 +242,150 @@ def test_a_redis_stall_during_requests_converges_to_the_real_usage(stall_redis, 
         store.layer.client.close()
     finally:
         gw.close()
+
+
+def _fail_open_gateway(redis_port: int, mock_url: str, prefix: str, user: str,
+                       limit: int) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """A gateway with the quota (redis policy, fail_open, 200 ms Redis timeout) keyed on X-User,
+    and `post(name, total)`: a request by `user` whose upstream reports `total` tokens used."""
+    quota = {"name": "llm-token-quota", "config": {
+        "policy": "redis", "key_prefix": prefix,
+        "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 200},
+        "reservation_ttl_seconds": 20,
+        "identifier_sources": ["header"], "identifier_header": "X-User",
+        "limits": [{"window": "day", "tokens": limit}]}}
+    yml = {"_format_version": "3.0", "services": [{"name": "llm", "url": mock_url, "routes": [
+        {"name": "q", "paths": ["/q"], "strip_path": True, "plugins": [quota]}]}]}
+    gw, calls = start_recorded_gateway(yml, server="aigov", pythonpath=str(REPO))
+    replies: dict[str, Any] = {}
+
+    def post(name: str, total: int, **headers: str) -> Any:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"request {name}"}], "max_tokens": 500}
+        replies[name] = gw.request("POST", "/q/v1/chat/completions", json=body,
+                                   headers={"X-User": user, "X-Mock-Usage": f"total={total}", **headers})
+        return replies[name]
+
+    return gw, calls, post, replies
+
+
+def test_fail_open_usage_converges_into_redis_once_it_is_back(stall_redis, rclient, mock_llm) -> None:
+    # The tester's report: fail_open requests served while Redis was stalled (breaker open after
+    # the first timeout) were charged in local memory only, so Redis stayed below the real usage
+    # for good. Now each fail-open settle is also queued for Redis (same request id, real amounts)
+    # and replayed by the log phases once Redis answers.
+    prefix = f"conv{uuid.uuid4().hex[:8]}"
+    limit = 100_000
+    gw, calls, post, replies = _fail_open_gateway(stall_redis.port, mock_llm.url, prefix, "alice", limit)
+    tag = "header:alice"
+    res, pending, done = meta_keys(prefix, tag)
+
+    real = {"before": 100, "s1": 61, "s2": 43, "s3": 37, "s4": 52, "s5": 71, "s6": 29,
+            "after1": 11, "after2": 13, "after3": 17}
+    stalled_served = ["s1", "s2", "s3", "s4", "s5", "s6"]
+    try:
+        post("before", real["before"])
+        assert gw.wait_logs(20)
+        with stalled(stall_redis):
+            for name in ("s1", "s2", "s3"):  # s1 times out (unsure), then the breaker is open
+                post(name, real[name])
+            post("failed", 999, **{"X-Mock-Fail": "500"})  # released: nothing to charge anywhere
+            time.sleep(1.1)  # past the breaker's cooldown: one more probe times out, then open again
+            for name in ("s4", "s5", "s6"):
+                post(name, real[name])
+            assert gw.wait_logs(20)
+        rclient.ping()
+        time.sleep(1.2)  # the plugin server's breaker lets Redis calls through again
+        for name in ("after1", "after2", "after3"):  # their log phases replay the deferred settles
+            post(name, real[name])
+            assert gw.wait_logs(20)
+
+        assert replies["failed"].status == 500
+        served = {k: r for k, r in replies.items() if k != "failed"}
+        assert all(r.status == 200 for r in served.values()), {k: r.status for k, r in served.items()}
+        used = {k: int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion"))
+                for k, r in served.items()}
+        assert used == real
+        state = {k: calls.contexts[r.header("X-Kong-Request-Id")].ctx_shared[STATE_KEY] for k, r in replies.items()}
+        assert all(state[k]["store"] == "memory" for k in [*stalled_served, "failed"])
+        assert all(state[k]["store"] == "redis" for k in ("before", "after1", "after2", "after3"))
+        plain = [k for k in stalled_served if not state[k].get("redis_unsure")]
+        assert len(plain) >= 3, plain  # the bug's case: refused by the open breaker, not unsure
+
+        # The local decision during the outage kept working: the memory counters held the outage's
+        # usage (the headers of each fail-open request show them after its own settle).
+        seen = 0
+        for k in stalled_served:
+            seen += used[k]
+            assert int(served[k].header("X-AI-RateLimit-Remaining-Day")) == limit - seen
+
+        # Redis converged to the real usage of ALL requests, the fail-open ones included.
+        (key,) = rclient.keys(f"{prefix}:*:tokens:day:*")
+        assert int(rclient.get(key)) == sum(real.values()) == 434
+        for k in real:
+            assert rclient.zscore(done, state[k]["rid"]) is not None, k
+        assert rclient.hlen(res) == 0 and rclient.zcard(pending) == 0  # late reserves converted
+        if not state["failed"].get("redis_unsure"):
+            assert rclient.zscore(done, state["failed"]["rid"]) is None  # amount 0: nothing queued
+
+        # Replaying every settle again, twice, through the deferred queue: duplicates, no double count.
+        store = RedisQuotaStore(RedisLayer(url=stall_redis.url, timeout_ms=2000), prefix)
+        for _ in range(2):
+            for k in real:
+                cs = [Counter.from_list(c) for c in state[k]["counters"]]
+                store.defer_settle(tag, state[k]["rid"], cs, [used[k]], 20)
+            replayed = store.retry_deferred(max_items=len(real))
+            assert [(rid, r.status) for rid, r in replayed] == [(state[k]["rid"], "duplicate") for k in real]
+            assert int(rclient.get(key)) == 434
+        store.layer.client.close()
+    finally:
+        gw.close()
+
+
+def test_fail_open_usage_of_a_redis_outage_is_replayed_in_batches_after_it_restarts(stall_redis, mock_llm) -> None:
+    # Redis down (connection refused, then the breaker): every request fails open plainly (no
+    # reserve ever reached Redis). Once it is back, each log phase replays up to eight queued settles
+    # as orphans (charged, id marked settled); a failed upstream (released) queued nothing.
+    prefix = f"down{uuid.uuid4().hex[:8]}"
+    gw, calls, post, replies = _fail_open_gateway(stall_redis.port, mock_llm.url, prefix, "bob", 100_000)
+    tag = "header:bob"
+    res, pending, done = meta_keys(prefix, tag)
+
+    outage = {f"o{i}": 20 + i for i in range(10)}
+    client = None
+    try:
+        stall_redis.stop()
+        try:
+            for name, total in list(outage.items())[:5]:
+                assert post(name, total).status == 200
+            assert post("failed", 999, **{"X-Mock-Fail": "500"}).status == 500
+            for name, total in list(outage.items())[5:]:
+                assert post(name, total).status == 200
+            assert gw.wait_logs(20)
+        finally:
+            stall_redis.start()
+        client = stall_redis.client(socket_timeout=5)
+        time.sleep(1.2)  # the plugin server's breaker lets Redis calls through again
+        state = {k: calls.contexts[r.header("X-Kong-Request-Id")].ctx_shared[STATE_KEY] for k, r in replies.items()}
+        assert all(s["store"] == "memory" and not s.get("redis_unsure") for s in state.values())
+        key = Counter.from_list(state["o0"]["counters"][0]).key
+        assert client.get(key) is None
+
+        post("after1", 7)
+        assert gw.wait_logs(20)
+        first_eight = list(outage)[:8]
+        assert int(client.get(key)) == 7 + sum(outage[k] for k in first_eight)
+        post("after2", 9)
+        assert gw.wait_logs(20)
+        assert int(client.get(key)) == 7 + 9 + sum(outage.values()) == 261
+        for k in outage:
+            assert client.zscore(done, state[k]["rid"]) is not None, k
+        assert client.zscore(done, state["failed"]["rid"]) is None  # released: nothing was queued
+        assert client.hlen(res) == 0 and client.zcard(pending) == 0
+
+        post("after3", 5)  # nothing left to replay: the counter only gets this request's usage
+        assert gw.wait_logs(20)
+        assert int(client.get(key)) == 261 + 5
+    finally:
+        gw.close()
+        if client is not None:
+            client.close()

@@ -15,12 +15,17 @@ Phases
   phase (Kong does not buffer); the settle uses ai-proxy's logged usage instead. It also replays
   a few Redis settles that failed earlier (the store's deferred queue), only when there are any.
 
-Redis stalls: a reserve whose answer was lost after the script was sent (timeout) fails open to
-local memory, but the script may still run in Redis later. Such a request is marked
-state["redis_unsure"]; its settle goes to memory and also to Redis under the same request id, so
-a late reservation is converted to the real usage, or, if the reserve never ran, the usage is
-charged and the id marked settled (a reserve still queued becomes a "duplicate"). A settle Redis
-does not confirm is queued by the store and replayed (idempotently) once Redis answers again.
+Redis outages and stalls (fail_open): a request whose reserve Redis did not answer is reserved in
+local memory (state["store"] = "memory"), which makes the local decision during the outage. Its
+settle goes to memory and its real usage is also queued for Redis under the same request id (the
+store's deferred settles), replayed by later log phases once Redis answers: so the shared
+counters converge to the real usage. A reserve whose answer was lost after the script was sent
+(timeout) may still run in Redis later; such a request is marked state["redis_unsure"] and the
+replay converts its late reservation to the real usage, or, if the reserve has not run, charges
+the usage and marks the id settled (a reserve still queued becomes a "duplicate"). A release
+(cache hit, failed upstream: nothing used) is queued only for an unsure request, whose late
+reservation it gives back. A settle Redis does not confirm is queued and replayed the same way;
+replays are idempotent per request id.
 
 Priority 906: after the router (907) so the routed model is priced, before Kong's
 ai-rate-limiting-advanced (905), and well before the cache (770) and ai-proxy (770), so a cache
@@ -349,7 +354,7 @@ class TokenQuotaHandler:
                       "fail_open: counting in local memory")
         state["store"] = "memory"
         if unsure:
-            state["redis_unsure"] = True  # the settle also goes to Redis (see the module doc)
+            state["redis_unsure"] = True  # a zero settle (release) goes to Redis too (see the module doc)
         kong.ctx.shared.set(STATE_KEY, state)  # later phases settle where this was reserved
         return memory_store().reserve(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
 
@@ -574,8 +579,8 @@ class TokenQuotaHandler:
             values = result.values
             if result.status == "duplicate":
                 return counters, values  # already settled: never meter twice
-            if state.get("redis_unsure") and state.get("store") == "memory":
-                self._settle_unsure(kong, state, counters, amounts)
+            if state.get("store") == "memory" and q.policy == "redis":
+                self._settle_in_redis_later(kong, state, counters, amounts)  # fail_open (never on the healthy path)
         metrics.QUOTA_SETTLE_LATENCY.observe((time.perf_counter() - started) * 1000)
         self._gauge(state.get("tag", ""), counters, values)
         model, tag = state.get("model_label", ""), state.get("tag", "")
@@ -588,17 +593,23 @@ class TokenQuotaHandler:
             metrics.LLM_COST.labels(model, tag).inc(nano_to_usd(charge.cost_nano))
         return counters, values
 
-    def _settle_unsure(self, kong: Any, state: dict[str, Any], counters: list[Counter], amounts: list[int]) -> None:
-        """The Redis half of a fail-open request whose reserve may have run in Redis after all:
-        the same settle (request id, real amounts) converts a late reservation, or charges the
-        usage and marks the id settled so a reserve still on its way reserves nothing."""
+    def _settle_in_redis_later(self, kong: Any, state: dict[str, Any], counters: list[Counter],
+                               amounts: list[int]) -> None:
+        """The Redis half of a fail-open request (reserved in local memory because Redis failed):
+        queue its real usage under the same request id, for the log phases to replay once Redis
+        answers (retry_deferred). The replay charges the usage as an orphan settle and marks the
+        id settled, or converts a reservation that did land late (redis_unsure): the shared
+        counters converge to the real usage, and a replay that already landed is a "duplicate".
+        No round trip here: Redis just failed, and the replay waits until its breaker lets calls
+        through. A release (every amount 0) matters only when a reserve may have run in Redis."""
+        if not state.get("redis_unsure") and not any(amounts):
+            return  # nothing reserved in Redis and nothing used: nothing for Redis to know
         q = self.quota
         assert q is not None
-        try:
-            self._store().settle(state["tag"], state["rid"], counters, amounts, time.time(), q.reservation_ttl_s)
-        except Exception as exc:  # noqa: BLE001 - the store queued it (outage) or it cannot succeed
-            kong.log.warn(f"llm-token-quota: Redis settle of a fail-open request failed ({type(exc).__name__}: "
-                          f"{exc}); replayed from the deferred queue once Redis answers")
+        defer = getattr(self._store(), "defer_settle", None)
+        if defer is None:
+            return
+        defer(state["tag"], state["rid"], counters, amounts, q.reservation_ttl_s, time.time())
 
     def _gauge(self, tag: str, counters: list[Counter], values: list[int]) -> None:
         for c, v in zip(counters, values):
@@ -622,7 +633,7 @@ class TokenQuotaHandler:
         out: dict[str, Any] = {"consumer": state.get("tag"), "model": state.get("model_label"),
                                "store": state.get("store")}
         if state.get("redis_unsure"):
-            out["redis_unsure"] = True  # fail-open, but the reserve may have run in Redis: settled there too
+            out["redis_unsure"] = True  # fail-open, but the reserve may have run in Redis
         if charge is not None:
             out.update(status=charge.source, prompt_tokens=charge.prompt_tokens,
                        completion_tokens=charge.completion_tokens, total_tokens=charge.total_tokens,

@@ -16,7 +16,10 @@ share the caller's hash tag, hence the slot, so Redis Cluster serves them.
 A settle that cannot reach Redis (timeout, connection error, breaker open) is kept in a bounded
 in-process queue of deferred settles and replayed by retry_deferred() once the layer is healthy:
 settles are idempotent per request id (the `done` zset), so a replay of one that did land late
-is a "duplicate" and charges nothing twice.
+is a "duplicate" and charges nothing twice. The quota handler queues the real usage of fail_open
+requests (reserved in local memory during an outage) the same way (defer_settle): with no
+reservation in Redis the replay is an "orphan" settle, which charges the usage and marks the id
+settled, so the shared counters converge to the real usage once Redis is back.
 """
 from __future__ import annotations
 

@@ -60,6 +60,54 @@ def test_verifier_keeps_paraphrases(a: str, b: str) -> None:
     assert verify(b, a).ok
 
 
+@pytest.mark.parametrize("query, candidate", [
+    ("ai proxy question 58efaade", "ai proxy question 58d9bab8"),        # the tester's pair
+    ("What is the status of order 550e8400-e29b-41d4-a716-446655440000?",
+     "What is the status of order 550e8400-e29b-41d4-a716-446655440001?"),
+    ("Cancel request 12345678-abcd-efab-cdef-abcdefabcdef",             # the digits alike, hex differs
+     "Cancel request 12345678-abcd-efab-cdef-abcdefabcdee"),
+    ("Where is my order A-1234?", "Where is my order B-1234?"),
+    ("Is ticket INC-4421 resolved?", "Is ticket CHG-4421 resolved?"),
+    ("Price of SKU XR-200B", "Price of SKU XR-300B"),
+    ("Show commit deadbeef", "Show commit cafebabe"),                    # hex without a digit
+    ("What is gpt-4o?", "What is gpt-4?"),
+    ("What is gpt-4o?", "What is gpt-4o-mini?"),                         # one side names more
+    ("How do I reset the password of user jdoe42?", "How do I reset the password of the user?"),
+    ("Book a meeting at 10am", "Book a meeting at 10pm"),
+    ("Orders placed on 2021-03-04", "Orders placed on 2021-04-03"),      # same numbers, other date
+])
+def test_verifier_refuses_other_identifiers(query: str, candidate: str) -> None:
+    """Prompts that differ only in an identifier (hex id, UUID, order/ticket number, SKU, model
+    name, date) ask about different things, however close their embeddings."""
+    for q, c in ((query, candidate), (candidate, query)):
+        verdict = verify(q, c)
+        assert not verdict.ok and verdict.reason.startswith("ids:"), (q, c, verdict)
+
+
+@pytest.mark.parametrize("query, candidate", [
+    ("What is the status of order 58efaade?", "What's the status of order 58efaade?"),  # same id
+    ("ai proxy question 58efaade", "ai proxy question 58EFAADE"),       # case does not matter
+    ("What is the status of order 550e8400-e29b-41d4-a716-446655440000?",
+     "What is the status of order 550E8400-E29B-41D4-A716-446655440000?"),
+    ("Where is my order A-1234?", "Where is my order a-1234?"),
+    # Separators and spaces inside an id do not make another id: gpt4o, gpt-4o and GPT-4o name one
+    # model (gpt-4 and gpt-4o-mini are other ones, refused above); 10am is 10 am.
+    ("What is gpt4o?", "What is gpt-4o?"),
+    ("What is GPT-4o?", "What is gpt4o?"),
+    ("Book a meeting at 10am", "Book a meeting at 10 am"),
+    # Quantities are the number and unit checks' business, not identifiers.
+    ("How far is a 5km run?", "How far is a 5 km run?"),
+    ("Songs from the 1990s", "Songs from the 1990's"),
+    # Ordinary paraphrases without ids.
+    ("How do I reset my password?", "How can I reset my password?"),
+    ("A man is playing a guitar.", "A man plays the guitar."),
+    ("Explain the difference between a list and a tuple", "What is the difference between a list and a tuple?"),
+])
+def test_verifier_accepts_the_same_identifiers(query: str, candidate: str) -> None:
+    for q, c in ((query, candidate), (candidate, query)):
+        assert verify(q, c).ok, (q, c, verify(q, c))
+
+
 @pytest.mark.parametrize("strategy", ["memory", "redis"])
 def test_identical_prompt_hits_at_every_allowed_threshold(strategy: str, redis_server: Any) -> None:
     if not redis_server.running:

@@ -10,6 +10,8 @@ gate". A candidate above the threshold is served only if its user text and the q
 - direction ("A to B" vs "B to A", "from A to B"),
 - antonym pairs (enable/disable, increase/decrease, add/remove, ... and un-/dis-/de- prefixes),
 - closed word classes whose members exclude each other (colours, genders, weekdays, ...),
+- identifiers (hex ids, UUIDs, order and ticket numbers, SKUs, letter+digit tokens): every one
+  either text has must be in the other, whatever the case or separators ("gpt-4o" = "GPT4o"),
 - named entities (capitalised or mixed-case tokens, acronyms, version-like tokens).
 
 Each check is deliberately conservative in one direction: it may turn a true paraphrase into a
@@ -238,6 +240,14 @@ class _Text:
         return _by_class(self)
 
     @cached_property
+    def identifiers(self) -> frozenset[str]:
+        return _identifiers(self.raw)
+
+    @cached_property
+    def atom_stream(self) -> tuple[str, frozenset[int]]:
+        return _atom_stream(self.raw)
+
+    @cached_property
     def unique_content_positions(self) -> dict[str, int] | None:
         """Position of each content lemma that occurs once; None for long texts (see _role_swap)."""
         lemmas = [_lemma(w) for w in self.content]
@@ -376,6 +386,150 @@ def _entities(t: _Text) -> set[str]:
     return ents
 
 
+# Identifiers: "question 58efaade" and "question 58d9bab8" embed almost alike and no other check
+# tells them apart (the tokenizer splits "58efaade" into the number 58 and the lowercase word
+# "efaade", and one-sided names are tolerated). A chunk is alphanumeric pieces joined by "-" or "_"
+# ("A-1234", "x86_64", "gpt-4o", a UUID), or by "." or "/" between digits ("v2.10.0",
+# "2021-03-04", "03/04/2021"). It is an identifier when a piece mixes letters and digits
+# ("58efaade", "2FA", "gpt4o", "10am"), a piece is a long hex string ("deadbeef"), a letter piece
+# and a digit piece are joined ("INC-4421", "COVID-19", "3-D"), or three or more digit groups are
+# ("2021-03-04", "555-123-4567"). Number + unit ("5km", "2.5GB"), ordinals ("5th") and decades
+# ("1990s") are quantities, compared by the number and unit checks, not identifiers; so are
+# hyphenated quantities of words ("3-year-old", "64-bit", "2-factor").
+_ID_CHUNK_RE = re.compile(r"[^\W_]+(?:(?:[-_]+|(?<=[0-9])[./](?=[0-9]))[^\W_]+)*")
+_ATOM_RE = re.compile(r"[^\W_]+")
+_HEX_RE = re.compile(r"[0-9a-f]{8,}")
+_QUANTITY_RE = re.compile(r"[0-9]+([a-z]+)")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_ID_ORDINAL_SUFFIXES = frozenset(("st", "nd", "rd", "th", "s"))
+_ID_HINT_RE = re.compile(r"[0-9]|[a-fA-F]{8}")   # what every identifier has: a digit or 8 hex letters
+_DIGIT_RE = re.compile(r"[0-9]")
+
+
+def _has_digit(w: str) -> bool:
+    return _DIGIT_RE.search(w) is not None
+
+
+def _join_atoms(atoms: list[str]) -> str:
+    """Atoms concatenated, with "." kept only between two digits: "gpt-4o", "GPT 4o" and "gpt4o"
+    all give "gpt4o", while "v2.10.0" stays apart from "v2.1.00" and "2021-03-04" from "20210304"."""
+    out = atoms[0]
+    for prev, atom in zip(atoms, atoms[1:]):
+        out += ("." if "0" <= prev[-1] <= "9" and "0" <= atom[0] <= "9" else "") + atom
+    return out
+
+
+@_memo_short(_MAX_CACHED_WORD, 16384)
+def _is_quantity(piece: str) -> bool:
+    """A number followed by a unit, an ordinal suffix or a decade "s" ("5km", "5th", "1990s")."""
+    m = _QUANTITY_RE.fullmatch(piece)
+    if not m:
+        return False
+    suffix = m.group(1)
+    return suffix in _ID_ORDINAL_SUFFIXES or any(c in UNITS for c in _unit_candidates(suffix))
+
+
+def _chunk_is_identifier(chunk: str, pieces: list[str]) -> bool:
+    """`chunk` as written, `pieces` its alphanumeric runs lower-cased."""
+    if _UUID_RE.fullmatch(chunk.lower()):
+        return True
+    kinds = []
+    for p in pieces:
+        digit, alpha = _has_digit(p), any(c.isalpha() for c in p)
+        if digit and alpha and not _is_quantity(p):
+            return True
+        if alpha and len(p) >= 8 and _HEX_RE.fullmatch(p):
+            return True
+        kinds.append("d" if digit and not alpha else "a" if alpha and not digit else "q")
+    if kinds.count("d") >= 3:
+        return True
+    originals = _ATOM_RE.findall(chunk)
+    for i, (k, nxt) in enumerate(zip(kinds, kinds[1:])):
+        if k == "a" and nxt == "d":                    # "INC-4421", "COVID-19"
+            return True
+        if k == "d" and nxt == "a":                    # "1234-A", "3-D", "10-K" but not "3-year"
+            letters = originals[i + 1]
+            if len(letters) == 1 or letters.isupper():
+                return True
+    return False
+
+
+def _identifiers(raw: str) -> frozenset[str]:
+    """The text's identifiers, lower-cased and joined as `_join_atoms` does."""
+    out: set[str] = set()
+    if _ID_HINT_RE.search(raw) is None:
+        return frozenset()                               # the common case: plain words only
+    for m in _ID_CHUNK_RE.finditer(raw):
+        chunk = m.group(0)
+        if _ID_HINT_RE.search(chunk) is None:
+            continue
+        pieces = _ATOM_RE.findall(chunk.lower())
+        if _chunk_is_identifier(chunk, pieces):
+            out.add(_join_atoms(pieces))
+    return frozenset(out)
+
+
+def _atom_stream(raw: str) -> tuple[str, frozenset[int]]:
+    """Every alphanumeric run of the text joined as `_join_atoms` does, and the offsets in that
+    string where a run starts or ends: an identifier written "10am" is found in "at 10 am"."""
+    atoms = _ATOM_RE.findall(raw.lower())
+    if not atoms:
+        return "", frozenset((0,))
+    bounds = {0}
+    pos = 0
+    for prev, atom in zip([""] + atoms, atoms):
+        if prev and "0" <= prev[-1] <= "9" and "0" <= atom[0] <= "9":
+            pos += 1
+            bounds.add(pos)
+        pos += len(atom)
+        bounds.add(pos)
+    return _join_atoms(atoms), frozenset(bounds)
+
+
+# An identifier that is not one of the other text's is looked for in its atom stream (a scan of
+# the whole text); a verdict makes at most this many scans, and an identifier left unsearched
+# counts as absent (a miss, never a wrong hit), so two long texts full of ids stay cheap.
+_MAX_ID_SCANS = 32
+
+
+def _identifier_known(ident: str, other: _Text, budget: list[int]) -> bool:
+    """`ident` is one of the other text's identifiers, or is spelled there across separators or
+    spaces ("10am" / "10 am", "GPT-4o" / "gpt 4o"): a run of its words, whole, joined."""
+    if ident in other.identifiers:
+        return True
+    if budget[0] <= 0:
+        return False
+    budget[0] -= 1
+    stream, bounds = other.atom_stream
+    start = stream.find(ident)
+    while start != -1:
+        if start in bounds and start + len(ident) in bounds:
+            return True
+        start = stream.find(ident, start + 1)
+    return False
+
+
+def _identifier_clash(a: _Text, b: _Text) -> str | None:
+    """An identifier of either text that the other does not have: another order, ticket, hash...
+
+    The reason names up to three missing identifiers of each side."""
+    if not a.identifiers and not b.identifiers:
+        return None
+    budget = [_MAX_ID_SCANS]
+    missing: list[list[str]] = []
+    for x, y in ((a, b), (b, a)):
+        gone: list[str] = []
+        for ident in sorted(x.identifiers):
+            if not _identifier_known(ident, y, budget):
+                gone.append(ident)
+                if len(gone) == 3:
+                    break
+        missing.append(gone)
+    if missing[0] or missing[1]:
+        return f"{missing[0]}!={missing[1]}"
+    return None
+
+
 def _antonym_clash(a: _Text, b: _Text) -> str | None:
     only_a = a.words - b.words
     only_b = b.words - a.words
@@ -485,6 +639,9 @@ def verify(query: str, candidate: str) -> Verdict:
     clash = _class_clash(a, b)
     if clash:
         return Verdict(False, f"class:{clash}")
+    clash = _identifier_clash(a, b)
+    if clash:
+        return Verdict(False, f"ids:{clash}")
     missing_in_b = {e for e in a.entities if not _entity_known(e, b)}
     missing_in_a = {e for e in b.entities if not _entity_known(e, a)}
     if missing_in_a and missing_in_b:  # one name replaced by another

@@ -338,3 +338,26 @@ def test_a_reply_that_came_while_the_loop_was_busy_is_not_a_timeout(aigov, redis
         assert err is None
         _finish(blocker, result["EventId"])
     _no_events_left(aigov)
+
+
+def test_the_routers_first_model_build_does_not_block_the_loop(aigov):
+    """The first request of a router waits for its model build (1 s with this embedder) without
+    blocking the loop: another connection's event is answered at once meanwhile, and no stall
+    hand-over happens."""
+    tag = f"cold-{time.monotonic_ns()}"  # a model key no earlier test built
+    with aigov.client(timeout=10) as waiter, aigov.client(timeout=10) as other:
+        iid = waiter.start_instance({"mode": "router_cold_build", "sleep": 1.0, "tag": tag})
+        quick = other.start_instance({"mode": "two_calls"})
+        msgid = waiter.send("plugin.HandleEvent", {"InstanceId": iid, "EventName": "access"})
+        time.sleep(0.3)  # the build thread is inside its 1 s embedding
+        before = time.monotonic()
+        assert len(other.run_event(quick)) == 2
+        quick_s = time.monotonic() - before
+        event_id, value = _header_call(waiter.read_frame(timeout=10), msgid, "x-router")
+        outcome = json.loads(value)
+        _finish(waiter, event_id)
+    assert outcome.get("source") == "built", outcome
+    assert outcome["elapsed"] >= 0.9, outcome
+    assert quick_s < 0.3, f"the loop was blocked by the build wait: two_calls took {quick_s:.2f}s"
+    assert "a new loop thread now serves" not in aigov.stderr()
+    _no_events_left(aigov)

@@ -220,7 +220,7 @@ class _Text:
         return _negated(self)
 
     @cached_property
-    def numbers(self) -> tuple[frozenset, frozenset]:
+    def numbers(self) -> tuple[tuple, frozenset]:
         return _numbers(self)
 
     @cached_property
@@ -286,7 +286,13 @@ def _negated(t: _Text) -> bool:
     return any(w in NEGATIONS or w.endswith("n't") or w.startswith(("non-", "no-")) for w in t.lower)
 
 
+_PLAIN_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
 def _number_value(tok: str) -> float | str:
+    # Only plain numerals are values: "0e542b" (an id) must not read as 0e542 = 0.0.
+    if not _PLAIN_NUMBER.fullmatch(tok):
+        return tok
     try:
         if tok.count(",") == 1 and len(tok.split(",")[1]) != 3:
             return float(tok.replace(",", "."))  # decimal comma
@@ -295,19 +301,20 @@ def _number_value(tok: str) -> float | str:
         return tok
 
 
-def _numbers(t: _Text) -> tuple[frozenset, frozenset]:
-    """(exact numbers, ordinals). 1 ("a", "one", "1") is left out: "a cat" and "one cat" agree."""
-    exact: set = set()
+def _numbers(t: _Text) -> tuple[tuple, frozenset]:
+    """(exact numbers in order of appearance, ordinals). 1 ("a", "one", "1") is left out: "a cat"
+    and "one cat" agree. Kept in order and with repeats: "12 divided by 4" and "4 divided by 12",
+    "2 rooms for 2 nights" and "2 rooms for 1 night" are different questions."""
+    exact: list = []
     ordinals: set = set()
     for w in t.lower:
         if w[0].isdigit():
-            exact.add(_number_value(w))
+            exact.append(_number_value(w))
         elif w in NUMBER_WORDS:
-            exact.add(float(NUMBER_WORDS[w]))
+            exact.append(float(NUMBER_WORDS[w]))
         elif w in ORDINALS:
             ordinals.add(ORDINALS[w])
-    exact.discard(1.0)
-    return frozenset(exact), frozenset(ordinals)
+    return tuple(n for n in exact if n != 1.0), frozenset(ordinals)
 
 
 # Unit words that are also ordinary words ("a cloudy day", "a yard", "ML tasks") count only next
@@ -620,7 +627,7 @@ def verify(query: str, candidate: str) -> Verdict:
         return Verdict(False, "negation")
     (na, oa), (nb, ob) = a.numbers, b.numbers
     if na != nb:
-        return Verdict(False, f"numbers:{sorted(map(str, na))}!={sorted(map(str, nb))}")
+        return Verdict(False, f"numbers:{list(map(str, na))}!={list(map(str, nb))}")
     if oa and ob and oa != ob:
         return Verdict(False, f"ordinals:{sorted(map(str, oa))}!={sorted(map(str, ob))}")
     ua, ub = a.units, b.units

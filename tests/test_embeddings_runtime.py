@@ -122,3 +122,25 @@ def test_onnx_encoder_is_safe_to_share_between_threads(torch_vectors: np.ndarray
     for t in threads:
         t.join(60)
     assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_a_huge_prompt_is_cut_before_the_tokenizer() -> None:
+    """MiniLM reads 256 word pieces; tokenising the rest of a 1 MB prompt only cost the shared
+    embedder thread ~1 s that every other request waited for. What reaches the tokenizer is at
+    most MAX_EMBED_CHARS, and the vector is the one of the text's start."""
+    from aigov.embeddings import MAX_EMBED_CHARS, LocalEmbedder
+
+    emb = LocalEmbedder()
+    real = emb._load()
+    seen: list[int] = []
+
+    def recording(texts: Any) -> Any:
+        seen.extend(len(t) for t in texts)
+        return real(texts)
+
+    emb._encode = recording
+    huge = "the cat sat on the mat and looked at the rain. " * 22000  # about 1 MB
+    v_huge = emb.embed([huge])
+    v_start = emb.embed_unbatched([huge[:MAX_EMBED_CHARS]])
+    assert max(seen) <= MAX_EMBED_CHARS, seen
+    assert np.allclose(v_huge, v_start, atol=1e-5)

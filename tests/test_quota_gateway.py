@@ -2,6 +2,7 @@
 real tiktoken, the mock LLM upstream (the only mocked part)."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -493,3 +494,18 @@ def test_first_request_of_a_new_minute_window_sees_a_full_budget(redis_server, m
     fresh = post(gw, "w", chat(max_tokens=10), "edge", **{"X-Mock-Usage": "total=30"})
     assert fresh.status == 200 and reset <= 11
     assert fresh.header("X-AI-RateLimit-Remaining-Minute") == "70"
+
+
+def test_a_big_prompt_is_counted_off_the_loop_and_still_metered(shared_gateway, rclient) -> None:
+    # Over 64 KiB the prompt is counted on a thread (tiktoken releases the GIL) while the plugin
+    # server's loop goes on; the estimate must be the same count.
+    body = chat("pad " * 40_000, max_tokens=10)
+    assert len(json.dumps(body)) > 64 * 1024
+    estimate = prompt_tokens(body)
+    refused = post(shared_gateway, "day", body, "bigprompt-day")
+    assert refused.status == 429  # the estimate alone exceeds the 1000-token day budget
+    served = post(shared_gateway, "strict", body, "bigprompt")
+    assert served.status == 200
+    assert int(served.header("X-AI-Tokens-Prompt")) == estimate
+    wait_settled(shared_gateway, rclient, "bigprompt")
+    assert counter_values(rclient, "bigprompt") == [estimate + int(served.header("X-AI-Tokens-Completion"))]

@@ -49,7 +49,7 @@ from collections import OrderedDict
 from typing import Any
 
 from aigov import __version__
-from aigov import metrics
+from aigov import cooperative, metrics
 from aigov.llm_response import LLMResponse, parse_upstream_response
 from aigov.pdk import guarded, raw, text, value
 from aigov.prices import Price, nano_to_usd
@@ -67,6 +67,7 @@ SHARED_KEY = "aigov"
 # then rewriting) the shared "aigov" dict of facts other plugins publish.
 STATE_KEY = "aigov.quota"
 MEMO_NAME_MAX = 256  # longest model name the price memo keeps
+OFFLOAD_COUNT_BYTES = 64 * 1024  # bodies larger than this are token-counted off the loop
 CAPTURE_PHASE = "log" if os.environ.get("AIGOV_CAPTURE_PHASE", "").strip().lower() == "log" else "response"
 
 _stores: dict[tuple[str, str], QuotaStore] = {}
@@ -258,7 +259,13 @@ class TokenQuotaHandler:
             route = r.get("name") or r.get("id")
 
         from aigov import tokens  # lazy: tiktoken loads its encodings on first use
-        prompt_est = tokens.count_chat_messages(request.messages, model_asked, request.body.get("tools"))
+        count_args = (request.messages, model_asked, request.body.get("tools"))
+        if len(body) > OFFLOAD_COUNT_BYTES:
+            # tiktoken releases the GIL: a big prompt is counted on a thread while the plugin
+            # server's loop serves other requests (tens to hundreds of ms for 1 MiB).
+            prompt_est = cooperative.run_blocking(tokens.count_chat_messages, *count_args)
+        else:
+            prompt_est = tokens.count_chat_messages(*count_args)
         completion_est = request.max_tokens or q.completion_estimate_tokens
         estimate = Charge(prompt_est, completion_est, prompt_est + completion_est,
                           price.estimate_nano(prompt_est, completion_est))

@@ -213,3 +213,22 @@ def test_real_plugin_modules_run_unchanged_on_both_servers(short_prefix, starter
                 assert kong.call("plugin.GetStatus")["Events"] == 0
     finally:
         server.stop()
+
+
+def test_status_calls_mask_the_schemas_encrypted_fields(short_prefix):
+    """InstanceStatus and GetStatus show an instance's config with the fields its schema marks
+    `encrypted` (the Redis password, API keys) masked; StartInstance still echoes what Kong sent."""
+    server = start_aigov(short_prefix, plugins_dir=REPO / "plugins", plugin="llm-token-quota")
+    try:
+        with server.client() as kong:
+            config = {"policy": "redis", "limits": [{"window": "day", "tokens": 100}],
+                      "redis": {"host": "127.0.0.1", "port": 6379, "password": "s3cret-pw"}}
+            started = kong.call("plugin.StartInstance", {"Name": "llm-token-quota", "Config": json.dumps(config)})
+            assert started["Config"]["redis"]["password"] == "s3cret-pw"
+            shown = kong.call("plugin.InstanceStatus", started["Id"])["Config"]
+            assert shown["redis"] == {"host": "127.0.0.1", "port": 6379, "password": "<redacted>"}
+            assert shown["limits"] == config["limits"]
+            overall = kong.call("plugin.GetStatus")
+            assert "s3cret-pw" not in json.dumps(overall)
+    finally:
+        server.stop()

@@ -121,8 +121,41 @@ class Instance:
     start_time: float = field(default_factory=time.time)
 
     def status(self) -> dict[str, Any]:
-        return {"Name": self.plugin.name, "Id": self.id, "Config": self.config,
+        """InstanceStatus / GetStatus: the config with the schema's `encrypted` fields (Redis
+        passwords, API keys) masked. Kong does not read them back, and anyone who can reach the
+        socket should not learn credentials from a status call."""
+        return {"Name": self.plugin.name, "Id": self.id,
+                "Config": _masked(self.config, _secret_names(self.plugin.schema)),
                 "StartTime": self.start_time}
+
+
+def _secret_names(schema: Any) -> frozenset[str]:
+    """Names of the fields a Kong schema marks `encrypted`, at any depth."""
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for name, spec in node.items():
+                if isinstance(spec, dict):
+                    if spec.get("encrypted"):
+                        names.add(name)
+                    walk(spec.get("fields"))
+                    walk(spec.get("elements"))
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(schema)
+    return frozenset(names)
+
+
+def _masked(value: Any, secret_names: frozenset[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if k in secret_names and v not in (None, "") else _masked(v, secret_names))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, secret_names) for v in value]
+    return value
 
 
 # What a handler greenlet hands its hub when it switches back or finishes.

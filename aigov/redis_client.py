@@ -103,9 +103,7 @@ class _CooperativeReads:
             timeout = kwargs.get("timeout", redis.connection.SENTINEL)
             if timeout is redis.connection.SENTINEL:
                 timeout = self.socket_timeout
-            if not cooperative.wait_readable(sock.fileno(), timeout) and \
-                    not cooperative.wait_readable(sock.fileno(), 0):
-                # (The second look is free insurance: the reply counts if it is there by now.)
+            if not cooperative.wait_readable(sock.fileno(), timeout):
                 self.disconnect()  # the reply may still come: it must not reach the next user
                 raise redis.TimeoutError(f"Timeout reading from {self._host_error()}")
         return super().read_response(*args, **kwargs)

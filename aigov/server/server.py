@@ -840,7 +840,7 @@ class Hub:
     def adopt(self, item: "Connection | SocketListener") -> bool:
         """Serve `item` from now on; False if this hub no longer takes any."""
         with self.state_lock:
-            if self.released or self._exited:
+            if not self.accepting:
                 return False
             self.incoming.append(item)
         self.wake()
@@ -887,15 +887,14 @@ class Hub:
         log.warning("a handler has run for more than %gs without a PDK call or a cooperative wait; "
                     "a new loop thread now serves its %d connection(s)",
                     self.server.loop_stall_timeout, conn_count)
-        conns = moving
         try:
             successor = Hub(self.server)
-            successor.incoming = collections.deque(conns)
+            successor.incoming = collections.deque(moving)
             self.server.loop_hub_replaced(self, successor)
             successor.start()
         except Exception:  # noqa: BLE001 - no thread: close them rather than leave them unread
             log.exception("no thread to serve %d connection(s); closing them", conn_count)
-            for item in conns:
+            for item in moving:
                 if type(item) is Connection:
                     item.close()
                     item.listener.connection_closed(item.id)
@@ -938,6 +937,7 @@ class Hub:
                     return
                 else:
                     timeout = _IDLE_POLL_S
+                polled_at = _monotonic()
                 try:
                     ready = poller.poll(timeout)
                 except InterruptedError:
@@ -963,10 +963,10 @@ class Hub:
                     if self.released:
                         break  # the rest of `ready` belongs to the successor now
                 if self.deadlines:
-                    # After the ready sockets: a wait whose socket became readable while this
-                    # loop was busy elsewhere resumes with True, however late; only a wait with
-                    # nothing to read by now times out.
-                    self._expire_parked()
+                    # Only waits already due when this poll began: their sockets were looked at
+                    # after the deadline. A wait that fell due while handlers ran here (its
+                    # reply may have come meanwhile) gets a fresh poll first, next pass.
+                    self._expire_parked(polled_at)
         except BaseException:  # noqa: BLE001 - a hub bug must not pass silently
             log.exception("%s failed", self.name)
             for conn in list(self.conns.values()):
@@ -1255,10 +1255,9 @@ class Hub:
             except (OSError, ValueError):
                 pass
 
-    def _expire_parked(self) -> None:
-        """Resume the waits whose timeout passed with False."""
-        now = _monotonic()
-        due = [event for event, deadline in self.deadlines.items() if deadline <= now]
+    def _expire_parked(self, cutoff: float) -> None:
+        """Resume the waits whose deadline is at or before `cutoff` with False."""
+        due = [event for event, deadline in self.deadlines.items() if deadline <= cutoff]
         for event in due:
             if event.parked is not None:  # not resumed by an earlier one's handler meanwhile
                 self._unpark(event)

@@ -114,23 +114,81 @@ class OnnxEncoder:
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         tokenizer.enable_truncation(max_length=_max_seq_length(model_dir))
         pad_id = tokenizer.token_to_id("[PAD]")
-        tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+        self._pad_id = 0 if pad_id is None else pad_id
+        # No padding here (the model's tokenizer.json asks for 128 fixed): encode() pads each
+        # length group to its own longest.
+        tokenizer.no_padding()
         self._tokenizer = tokenizer
         self._wanted = {i.name for i in self.session.get_inputs()}
+        self.runs = 0  # model runs (a micro-batch of mixed lengths takes one run per group)
+        width = self.session.get_outputs()[0].shape[-1]
+        self.dim = width if isinstance(width, int) else 384
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed `texts`, in one run per group of similar token lengths (length_groups)."""
         batch = self._tokenizer.encode_batch([str(t) for t in texts])
-        feeds = {
-            "input_ids": np.array([e.ids for e in batch], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in batch], dtype=np.int64),
-        }
+        lengths = [len(e.ids) for e in batch]
+        order = sorted(range(len(batch)), key=lengths.__getitem__)
+        out = np.empty((len(batch), self.dim), dtype=np.float32)
+        start = 0
+        for end in length_groups([lengths[i] for i in order]):
+            members = order[start:end]
+            out[members] = self._run([batch[i] for i in members], lengths[members[-1]])
+            start = end
+        return out
+
+    def _run(self, group: list, width: int) -> np.ndarray:
+        """One model run: the group padded to `width` tokens, mean-pooled over the real tokens."""
+        n = len(group)
+        ids = np.full((n, width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64)
+        for row, e in enumerate(group):
+            k = len(e.ids)
+            ids[row, :k] = e.ids
+            mask[row, :k] = 1
+            types[row, :k] = e.type_ids
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         hidden = self.session.run(None, {k: v for k, v in feeds.items() if k in self._wanted})[0]
-        mask = feeds["attention_mask"][..., None].astype(np.float32)
-        pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        self.runs += 1
+        weights = mask[..., None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         norms[norms == 0] = 1.0
         return (pooled / norms).astype(np.float32)
+
+
+# What one model run costs beyond its tokens, in tokens: on 2 cores a run of n texts padded to
+# L tokens took about 2.2 ms + 0.145 ms * n * L for MiniLM-L6 (ONNX Runtime 1.32), so a run is
+# worth about 15 padded tokens.
+RUN_OVERHEAD_TOKENS = 15
+
+
+def length_groups(sorted_lengths: Sequence[int], overhead: int = RUN_OVERHEAD_TOKENS) -> list[int]:
+    """Split token lengths (ascending) into consecutive groups, each padded to its longest,
+    minimising padded tokens plus `overhead` per group; returns each group's end index.
+
+    A micro-batch mixes short and long prompts: padded to the longest, a batch of CLINC150
+    queries (mean 10 tokens, longest about 20) computes twice the tokens it needs. Exact dynamic
+    programme, O(n^2) with n at most the embedder's max batch (64)."""
+    n = len(sorted_lengths)
+    if n <= 1 or sorted_lengths[0] == sorted_lengths[-1]:
+        return [n] if n else []
+    best = [0] * (n + 1)   # best[j]: cost of the first j texts
+    cut = [0] * (n + 1)    # cut[j]: where the last group of that best split starts
+    for j in range(1, n + 1):
+        width = sorted_lengths[j - 1]
+        best_j, cut_j = None, 0
+        for i in range(j):
+            c = best[i] + overhead + (j - i) * width
+            if best_j is None or c < best_j:
+                best_j, cut_j = c, i
+        best[j], cut[j] = best_j, cut_j  # type: ignore[assignment]
+    ends, j = [], n
+    while j > 0:
+        ends.append(j)
+        j = cut[j]
+    return ends[::-1]
 
 
 _export_lock = threading.Lock()

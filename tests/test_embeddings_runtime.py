@@ -124,6 +124,41 @@ def test_onnx_encoder_is_safe_to_share_between_threads(torch_vectors: np.ndarray
     assert not errors and not any(t.is_alive() for t in threads)
 
 
+def test_a_mixed_length_batch_runs_in_length_groups_with_the_same_vectors(torch_vectors: np.ndarray) -> None:
+    path = embeddings_onnx.find_onnx(embeddings_onnx.default_model_dir())
+    assert path is not None, "the installer's ONNX export was not found"
+    encoder = embeddings_onnx.OnnxEncoder(path, embeddings_onnx.default_model_dir())
+    got = encoder.encode(_safe(TEXTS))      # 3 to 256 tokens in one micro-batch
+    assert encoder.runs >= 2                  # the 256-token text is not padded onto the short ones
+    assert float(np.abs(got - torch_vectors).max()) < 1e-4   # and each text keeps its own vector
+
+
+def _split_cost(lengths: list[int], ends: list[int], overhead: int) -> int:
+    cost, start = 0, 0
+    for end in ends:
+        cost += overhead + (end - start) * lengths[end - 1]
+        start = end
+    return cost
+
+
+def test_length_groups_is_the_cheapest_split() -> None:
+    import itertools
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        n = rng.randint(1, 8)
+        lengths = sorted(rng.choice((3, 5, 9, 12, 20, 40, 256)) for _ in range(n))
+        ends = embeddings_onnx.length_groups(lengths, overhead=15)
+        assert ends[-1] == n and ends == sorted(set(ends))
+        best = min(_split_cost(lengths, [*cuts, n], 15)
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+        assert _split_cost(lengths, ends, 15) == best, (lengths, ends)
+    assert embeddings_onnx.length_groups([7] * 32) == [32]               # equal lengths: one run
+    assert embeddings_onnx.length_groups([5] * 20 + [256]) == [20, 21]   # the outlier runs alone
+    assert embeddings_onnx.length_groups([]) == []
+
+
 def test_a_huge_prompt_is_cut_before_the_tokenizer() -> None:
     """MiniLM reads 256 word pieces; tokenising the rest of a 1 MB prompt only cost the shared
     embedder thread ~1 s that every other request waited for. What reaches the tokenizer is at

@@ -8,6 +8,7 @@ failure policy (cache: Failed + proxy; quota: fail_open / fail_closed).
 from __future__ import annotations
 
 import hashlib
+import select
 import threading
 import time
 from typing import Any, Callable, TypeVar
@@ -43,6 +44,10 @@ class RedisLayer:
                                       password=password or None, ssl=ssl, **common)
             self.address = f"{host}:{port}/{database}"
         _make_reads_cooperative(self.client.connection_pool)
+        # send() writes and reads its commands itself on plain TCP / Unix connections (see
+        # _LeanCall); TLS keeps redis-py's reads, which know about buffered TLS records.
+        self.lean = self.client.connection_pool.connection_class in _COOPERATIVE_CLASSES.values()
+        self._lean_idle: list[Any] = []  # connected connections kept out of the pool between calls
         self.cooldown_s = cooldown_s
         self._down_until = 0.0
         self._lock = threading.Lock()
@@ -54,9 +59,38 @@ class RedisLayer:
     def healthy(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def send(self, *commands: tuple[Any, ...]) -> PendingReplies:
-        """Send `commands` now in one write; read their replies later (PendingReplies.replies())."""
+    def send(self, *commands: tuple[Any, ...]) -> "PendingReplies | _LeanCall":
+        """Send `commands` now in one write; read their replies later (`.replies()`).
+
+        For commands whose replies are scalars and arrays (EVALSHA of the quota's scripts): on
+        plain connections they are packed and parsed here, not by redis-py's per-call machinery
+        (connection pool, encoder, parser), which cost more than Redis's answer did."""
+        if self.lean:
+            return _LeanCall(self, commands)
         return PendingReplies(self, commands)
+
+    def _take_lean(self) -> Any:
+        """A connected connection of our own: a kept one that is still open, else the pool's."""
+        pool = self.client.connection_pool
+        while True:
+            try:
+                conn = self._lean_idle.pop()
+            except IndexError:
+                return pool.get_connection()
+            if _quiet_and_open(conn):
+                return conn
+            conn.disconnect()  # closed by Redis (restart, idle timeout) or out of step
+            pool.release(conn)
+
+    def _keep_lean(self, conn: Any) -> None:
+        if len(self._lean_idle) < _LEAN_IDLE_CAP:
+            self._lean_idle.append(conn)
+        else:
+            self.client.connection_pool.release(conn)
+
+    def _drop_lean(self, conn: Any) -> None:
+        conn.disconnect()
+        self.client.connection_pool.release(conn)
 
     def round_trip(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Several commands in one write and their replies in order (no MULTI): what redis-py's
@@ -69,6 +103,11 @@ class RedisLayer:
         """Call `fn(client)`; connection failures become RedisUnavailable and open the breaker."""
         if not self.healthy:
             raise RedisUnavailable(f"redis {self.address} marked down (retry after cooldown)")
+        return self.mapped(fn)
+
+    def mapped(self, fn: Callable[[redis.Redis], T]) -> T:
+        """run() without the breaker's refusal: reading the replies of commands already sent
+        (they must be read, or the connection is dropped, whatever the breaker says)."""
         try:
             return fn(self.client)
         except redis.exceptions.MaxConnectionsError as exc:
@@ -156,6 +195,174 @@ def _read_replies(pool: Any, conn: Any, count: int) -> list[Any]:
         pool.release(conn)
 
 
+_LEAN_IDLE_CAP = 256  # connections send() keeps between calls; more go back to the pool
+_CRLF = b"\r\n"
+_INCOMPLETE = object()
+
+
+def pack_command(args: tuple[Any, ...]) -> bytes:
+    """One command as a RESP array of bulk strings, encoded as redis-py encodes arguments (str
+    as strict UTF-8, int and float as their repr; anything else is a DataError)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if type(arg) is bytes:
+            data = arg
+        elif type(arg) is str:
+            data = arg.encode("utf-8")
+        elif type(arg) is int or type(arg) is float:
+            data = repr(arg).encode()
+        elif isinstance(arg, (bytes, bytearray, memoryview)):
+            data = bytes(arg)
+        else:
+            raise redis.DataError(f"invalid input of type {type(arg).__name__}: use bytes, str, int or float")
+        parts.append(b"$%d\r\n" % len(data))
+        parts.append(data)
+        parts.append(_CRLF)
+    return b"".join(parts)
+
+
+def parse_reply(buf: bytes, pos: int, parse_error: Callable[[str], Exception]) -> tuple[Any, int]:
+    """The RESP2/RESP3 reply at `buf[pos:]` and the position after it, or (_INCOMPLETE, pos).
+
+    Values as redis-py's parser gives them without decoding: bytes for strings, int, float, bool,
+    None, lists, dicts; an error reply is the exception redis-py would give (NoScriptError,
+    ResponseError, ...), returned in place, not raised."""
+    end = buf.find(_CRLF, pos)
+    if end < 0:
+        return _INCOMPLETE, pos
+    kind, line, after = buf[pos:pos + 1], buf[pos + 1:end], end + 2
+    if kind == b":" or kind == b"(":
+        return int(line), after
+    if kind == b"$" or kind == b"=":
+        n = int(line)
+        if n < 0:
+            return None, after
+        if len(buf) < after + n + 2:
+            return _INCOMPLETE, pos
+        data = buf[after:after + n]
+        return (data[4:] if kind == b"=" else data), after + n + 2  # verbatim: drop "txt:"
+    if kind == b"*" or kind == b"~" or kind == b"%":
+        n = int(line)
+        if n < 0:
+            return None, after
+        items: list[Any] = []
+        for _ in range(2 * n if kind == b"%" else n):
+            item, after = parse_reply(buf, after, parse_error)
+            if item is _INCOMPLETE:
+                return _INCOMPLETE, pos
+            items.append(item)
+        if kind == b"%":
+            return dict(zip(items[::2], items[1::2])), after
+        return items, after
+    if kind == b"+":
+        return line, after
+    if kind == b"-":
+        return parse_error(line.decode("utf-8", "replace")), after
+    if kind == b"_":
+        return None, after
+    if kind == b",":
+        return float(line), after
+    if kind == b"#":
+        return line == b"t", after
+    raise redis.ConnectionError(f"unexpected RESP reply type {kind!r}")
+
+
+def _quiet_and_open(conn: Any) -> bool:
+    """A kept connection can be reused: connected, nothing unread (Redis closing it makes the
+    socket readable too). One poll(0), as redis-py's pool does before handing one out."""
+    sock = getattr(conn, "_sock", None)
+    if sock is None:
+        return False
+    buffer = getattr(conn._parser, "_buffer", None)
+    if buffer is not None and buffer.unread_bytes():
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return not poller.poll(0)
+
+
+class _LeanCall:
+    """Commands written now on a connection of the layer's own, their replies read later
+    (replies()), like PendingReplies but packed and parsed in this module.
+
+    Waiting for the reply goes through aigov.cooperative (the handler is parked on `aigov
+    serve`'s loop) unless it is there already. A timeout, a transport error or a malformed
+    reply disconnects the connection (it may still carry the late reply) and raises the error
+    redis-py raises (TimeoutError, ConnectionError), which the layer maps to RedisUnavailable.
+    """
+
+    def __init__(self, layer: RedisLayer, commands: tuple[tuple[Any, ...], ...]) -> None:
+        self.layer, self.count = layer, len(commands)
+        payload = b"".join(pack_command(c) for c in commands)  # a DataError raises before any send
+        self._conn: Any = layer.run(lambda _client: self._send(payload))
+
+    def _send(self, payload: bytes) -> Any:
+        conn = self.layer._take_lean()
+        try:
+            conn._sock.sendall(payload)
+        except BaseException as exc:
+            self.layer._drop_lean(conn)
+            if isinstance(exc, OSError):
+                raise redis.ConnectionError(f"Error while writing to {conn._host_error()}: {exc}") from None
+            raise
+        return conn
+
+    def replies(self) -> list[Any]:
+        """Every reply in order (error replies as exceptions in their slots)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("replies() called twice or after cancel()")
+        return self.layer.mapped(lambda _client: self._read(conn))
+
+    def _read(self, conn: Any) -> list[Any]:
+        sock, timeout = conn._sock, conn.socket_timeout
+        parse_error = conn._parser.parse_error
+        buf, pos, out = b"", 0, []
+        try:
+            while len(out) < self.count:
+                item, after = parse_reply(buf, pos, parse_error) if buf else (_INCOMPLETE, pos)
+                if item is _INCOMPLETE:
+                    if cooperative.current_loop() is not None and not _readable_now(sock) \
+                            and not cooperative.wait_readable(sock.fileno(), timeout):
+                        raise redis.TimeoutError(f"Timeout reading from {conn._host_error()}")
+                    try:
+                        chunk = sock.recv(65536)
+                    except TimeoutError:
+                        raise redis.TimeoutError(f"Timeout reading from {conn._host_error()}") from None
+                    if not chunk:
+                        raise redis.ConnectionError(f"Connection closed by {conn._host_error()}")
+                    buf = buf[pos:] + chunk
+                    pos = 0
+                    continue
+                if isinstance(item, redis.ConnectionError):
+                    raise item  # LOADING and friends: redis-py raises these, and so do we
+                out.append(item)
+                pos = after
+            if pos != len(buf):
+                raise redis.ConnectionError(f"{len(buf) - pos} unexpected bytes from {conn._host_error()}")
+        except BaseException as exc:
+            self.layer._drop_lean(conn)  # a half-read reply must never reach the next caller
+            if isinstance(exc, OSError) and not isinstance(exc, (redis.RedisError, TimeoutError)):
+                raise redis.ConnectionError(f"Error while reading from {conn._host_error()}: {exc}") from None
+            if isinstance(exc, ValueError):
+                raise redis.ConnectionError(f"malformed reply from {conn._host_error()}: {exc}") from None
+            raise
+        self.layer._keep_lean(conn)
+        return out
+
+    def cancel(self) -> None:
+        """Give up on the replies (the caller failed in between): drop the connection."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self.layer._drop_lean(conn)
+
+
+def _readable_now(sock: Any) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class PendingReplies:
     """Commands already written on a pooled connection whose replies are read later (replies()),
     so Redis runs them while the caller does other work (a PDK round trip).
@@ -176,7 +383,7 @@ class PendingReplies:
         if conn is None:
             raise RuntimeError("PendingReplies.replies() called twice or after cancel()")
         pool = self.layer.client.connection_pool
-        return self.layer.run(lambda _client: _read_replies(pool, conn, self.count))
+        return self.layer.mapped(lambda _client: _read_replies(pool, conn, self.count))
 
     def cancel(self) -> None:
         """Give up on the replies (the caller failed in between): drop the connection."""

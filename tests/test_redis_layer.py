@@ -78,3 +78,87 @@ def test_a_full_pool_fails_the_call_without_opening_the_breaker(redis_server):
         for conn in held:
             pool.release(conn)
     assert layer.run(lambda c: c.ping()) is True
+
+
+# ---- send(): the layer's own RESP codec (the quota's scripts), checked against redis-py's ----
+
+def test_send_gives_the_replies_redis_py_gives(redis_client, redis_server):
+    layer = RedisLayer(port=redis_server.port)
+    assert layer.lean  # a plain TCP connection: send() packs and parses itself
+    big = b"x\r\n" * 40_000  # 120 KB with CRLFs inside: a bulk string over several recv() reads
+    commands = [
+        ("SET", "aigov-test:lean:big", big),
+        ("GET", "aigov-test:lean:big"),
+        ("GET", "aigov-test:lean:missing"),
+        ("INCRBY", "aigov-test:lean:n", 41),
+        ("HSET", "aigov-test:lean:h", "a", 1, "b", "ü"),
+        ("HGETALL", "aigov-test:lean:h"),
+        ("EVAL", "return {1, 'two', {3, false}, -4}", 0),
+        ("EVAL", "return redis.status_reply('FINE')", 0),
+        ("EVAL", "return redis.error_reply('MYERR went wrong')", 0),
+        ("EVALSHA", "0" * 40, 0),
+        ("EVAL", "return 3.75", 0),
+        ("PING",),
+    ]
+    ours = layer.send(*commands).replies()
+    redis_client.delete("aigov-test:lean:n", "aigov-test:lean:h")
+    theirs = layer.round_trip(*commands)
+    assert len(ours) == len(theirs) == len(commands)
+    for command, a, b in zip(commands, ours, theirs):
+        if isinstance(b, Exception):
+            assert type(a) is type(b) and str(a) == str(b), command   # NoScriptError, ResponseError
+        else:
+            assert a == b, command
+    assert ours[1] == big and ours[2] is None and ours[6] == [1, b"two", [3, None], -4]
+    assert type(ours[9]).__name__ == "NoScriptError"
+    assert layer.healthy
+
+
+def test_a_reply_split_anywhere_parses_only_once_complete():
+    from redis.exceptions import ResponseError
+
+    from aigov.redis_client import _INCOMPLETE, parse_reply
+
+    wire = b"*4\r\n:1\r\n$5\r\nab\r\nc\r\n*2\r\n$-1\r\n-ERR no\r\n+OK\r\n"
+    for cut in range(len(wire)):
+        value, pos = parse_reply(wire[:cut], 0, ResponseError)
+        assert value is _INCOMPLETE and pos == 0, cut
+    value, pos = parse_reply(wire, 0, ResponseError)
+    assert pos == len(wire)
+    assert value[:2] == [1, b"ab\r\nc"] and value[2][0] is None and value[3] == b"OK"
+    assert isinstance(value[2][1], ResponseError) and str(value[2][1]) == "ERR no"
+
+
+def test_a_kept_connection_that_redis_closed_is_replaced_not_an_outage(redis_client, redis_server):
+    layer = RedisLayer(port=redis_server.port)
+    conn_id = layer.send(("CLIENT", "ID")).replies()[0]   # asked on the connection the layer keeps
+    assert len(layer._lean_idle) == 1
+    assert redis_client.execute_command("CLIENT", "KILL", "ID", conn_id) == 1
+    # The killed connection is noticed before use (readable at EOF): a new one answers and the
+    # breaker stays closed for everyone else.
+    assert layer.send(("PING",)).replies() == [b"PONG"]
+    assert layer.healthy
+
+
+def test_a_timed_out_reply_never_reaches_the_next_call(redis_client, redis_server):
+    layer = RedisLayer(port=redis_server.port, timeout_ms=200, cooldown_s=0.2)
+    key = "aigov-test:lean:late"
+    redis_client.delete(key)
+    pending = layer.send(("BLPOP", key, 1))
+    with pytest.raises(RedisUnavailable, match="Timeout"):
+        pending.replies()
+    assert not layer._lean_idle  # the connection that may still get BLPOP's answer is gone
+    import time
+    time.sleep(0.25)                 # the breaker's cooldown
+    redis_client.rpush(key, "v")     # nobody waits for it any more ...
+    assert layer.send(("PING",)).replies() == [b"PONG"]   # ... and nobody reads it as theirs
+    assert redis_client.llen(key) == 1
+
+
+def test_an_argument_redis_cannot_take_fails_before_anything_is_sent(redis_server):
+    import redis
+
+    layer = RedisLayer(port=redis_server.port)
+    with pytest.raises(redis.DataError, match="NoneType"):
+        layer.send(("SET", "aigov-test:lean:none", None))
+    assert layer.healthy and layer.send(("PING",)).replies() == [b"PONG"]

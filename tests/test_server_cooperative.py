@@ -208,13 +208,14 @@ def _blocked_blpops(redis_client) -> int:
     return sum(1 for c in redis_client.client_list() if c.get("cmd") == "blpop" and "b" in c.get("flags", ""))
 
 
-def test_redis_waits_overlap_and_the_loop_keeps_serving(aigov, redis_client, redis_server):
+@pytest.mark.parametrize("via", ["round_trip", "send"])
+def test_redis_waits_overlap_and_the_loop_keeps_serving(aigov, redis_client, redis_server, via):
     """4 handlers each BLPOP (1 s, nothing pushed) through RedisLayer, then one PDK call: on the
     one loop they wait together (~1 s total; serially it would be >= 4 s), and a fifth
     connection's event is answered at once while they wait."""
     key = "aigov-test:coop:nobody-pushes"
     config = {"mode": "redis_blpop", "redis_port": redis_server.port, "timeout_ms": 3000,
-              "block": 1, "key": key}
+              "block": 1, "key": key, "via": via}
     _warm_up_redis(aigov, redis_server.port)
     with aigov.client() as other:
         quick = other.start_instance({"mode": "two_calls"})
@@ -290,13 +291,14 @@ def test_wait_future_parks_and_times_out_on_the_loop(aigov):
     _no_events_left(aigov)
 
 
-def test_redis_timeout_is_cooperative_and_maps_to_redis_unavailable(aigov, redis_client, redis_server):
+@pytest.mark.parametrize("via", ["round_trip", "send"])
+def test_redis_timeout_is_cooperative_and_maps_to_redis_unavailable(aigov, redis_client, redis_server, via):
     """RedisLayer(timeout_ms=300) doing BLPOP key 2: RedisUnavailable (from redis.TimeoutError)
     after ~0.3 s, not 2 s; 4 at once take ~0.3 s, not 4 x 0.3 s. After the breaker's cooldown
     the layer works again and the abandoned BLPOP's late nil does not reach the next command."""
     key = "aigov-test:coop:timeout"
     config = {"mode": "redis_blpop", "redis_port": redis_server.port, "timeout_ms": 300,
-              "block": 2, "key": key}
+              "block": 2, "key": key, "via": via}
     _warm_up_redis(aigov, redis_server.port)
     outcomes, times = _outcomes_of(aigov, config, "x-redis")
     for o in outcomes:
@@ -312,7 +314,8 @@ def test_redis_timeout_is_cooperative_and_maps_to_redis_unavailable(aigov, redis
     _no_events_left(aigov)
 
 
-def test_a_reply_that_came_while_the_loop_was_busy_is_not_a_timeout(aigov, redis_client, redis_server):
+@pytest.mark.parametrize("via", ["round_trip", "send"])
+def test_a_reply_that_came_while_the_loop_was_busy_is_not_a_timeout(aigov, redis_client, redis_server, via):
     """A handler waits for Redis with a 200 ms timeout; another handler then blocks the loop
     for 0.45 s, and the reply arrives meanwhile (the test pushes what the BLPOP waits for). The
     wait's deadline passed while the loop was busy, but its socket was readable before the loop
@@ -323,7 +326,7 @@ def test_a_reply_that_came_while_the_loop_was_busy_is_not_a_timeout(aigov, redis
     _warm_up_redis(aigov, redis_server.port)
     with aigov.client(timeout=10) as waiter, aigov.client(timeout=10) as blocker:
         wait_iid = waiter.start_instance({"mode": "redis_blpop", "redis_port": redis_server.port,
-                                          "timeout_ms": 200, "block": 2, "key": key})
+                                          "timeout_ms": 200, "block": 2, "key": key, "via": via})
         block_iid = blocker.start_instance({"mode": "block_then_call", "sleep": 0.45})
         msgid = waiter.send("plugin.HandleEvent", {"InstanceId": wait_iid, "EventName": "access"})
         assert wait_until(lambda: _blocked_blpops(redis_client) == 1, timeout=1.0, interval=0.01)

@@ -157,3 +157,47 @@ def test_idle_wake_cost_times_the_same_work_hot_and_after_idle() -> None:
     assert out["hot_p50_ms"] > 0 and out["after_idle_p50_ms"] > 0
     # The verdict is a ratio of the two medians of this call, not a fixed number.
     assert out["factor"] == round(out["after_idle_p50_ms"] / out["hot_p50_ms"], 1)
+
+
+@pytest.mark.parametrize("capture", ["response", "log"])
+def test_the_pdk_floor_plugin_makes_exactly_the_quotas_calls(capture: str, redis_server, mock_llm) -> None:
+    """Section 2 reads the quota's own work as (quota added) - (bench-pdk-floor added): that holds
+    only while the floor plugin makes the quota's PDK calls, phase by phase, in both capture modes."""
+    from aigov.bench.request_path import FLOOR_PLUGIN, ai_proxy_plugin
+    from kongsim.gateway import aigov_entries
+    from kongsim.pytest_plugin import AIGOV_PLUGINS, make_prefix, start_recorded_gateway
+
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {"AIGOV_CAPTURE_PHASE": "log"} if capture == "log" else {}
+    prefix = make_prefix()
+    entries = (aigov_entries(AIGOV_PLUGINS, prefix, pythonpath=repo, extra_env=env)
+               + aigov_entries((FLOOR_PLUGIN,), prefix, pythonpath=repo,
+                               extra_env={**env, "AIGOV_PLUGINS_DIR": str(common.NOOP_PLUGINS_DIR)}))
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    quota = {"name": "llm-token-quota", "config": {
+        "policy": "redis", "redis": {"host": "127.0.0.1", "port": port},
+        "limits": [{"window": "day", "tokens": 1_000_000}]}}
+    floor = {"name": FLOOR_PLUGIN, "config": {}}
+    extra = [ai_proxy_plugin(mock_llm.url)] if capture == "log" else []
+    auth = {"name": "key-auth", "config": {"key_names": ["apikey"]}}
+    config = {"_format_version": "3.0",
+              "consumers": [{"username": "floor", "keyauth_credentials": [{"key": "floor-key"}]}],
+              "services": [{"name": "llm", "url": mock_llm.url, "routes": [
+                  {"name": n, "paths": [f"/{n}"], "strip_path": True, "plugins": [auth, *extra, p]}
+                  for n, p in (("quota", quota), ("floor", floor))]}]}
+    gw, calls = start_recorded_gateway(config, server=entries, prefix=prefix, pythonpath=repo)
+    try:
+        seen = {}
+        for route, name in (("quota", "llm-token-quota"), ("floor", FLOOR_PLUGIN)):
+            reply = gw.request("POST", f"/{route}/v1/chat/completions", headers={"apikey": "floor-key"},
+                               json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status == 200, reply.body[:300]
+            assert gw.wait_logs(20)
+            rid = reply.header("X-Kong-Request-Id")
+            seen[name] = {phase: calls.calls(rid, name, phase) for phase in ("access", "response", "log")}
+    finally:
+        gw.close()
+    assert seen[FLOOR_PLUGIN] == seen["llm-token-quota"]
+    assert len(seen["llm-token-quota"]["access"]) == 4
+    assert bool(seen["llm-token-quota"]["response"]) == (capture == "response")
+    assert ("kong.log.serialize" in seen["llm-token-quota"]["log"]) == (capture == "log")

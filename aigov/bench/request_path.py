@@ -18,8 +18,8 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from aigov.bench.common import (REPO_ROOT, BenchContext, SectionSkipped, Target, latency_stats,
-                                ratio, read_jsonl, require_module)
+from aigov.bench.common import (NOOP_PLUGINS_DIR, REPO_ROOT, BenchContext, SectionSkipped, Target,
+                                latency_stats, ratio, read_jsonl, require_module)
 
 API_KEY = "bench-key"
 PATH = "/v1/chat/completions"
@@ -31,6 +31,11 @@ TARGET_HIT_SPEEDUP = 20.0
 BASELINE = "baseline (key-auth)"
 LOG_BASELINE = "baseline (key-auth + ai-proxy)"
 QUOTA_LOG = "llm-token-quota (log capture, ai-proxy)"
+# The quota's PDK calls with none of its work (aigov/bench/plugins/bench-pdk-floor.py), on the
+# same aigov serve: what those round trips alone add, so the quota's own share is the difference.
+FLOOR_PLUGIN = "bench-pdk-floor"
+FLOOR = "PDK floor (the quota's calls, no work)"
+FLOOR_LOG = "PDK floor (log capture, ai-proxy)"
 LOG_CAPTURE_ENV = {"AIGOV_CAPTURE_PHASE": "log"}
 
 
@@ -99,10 +104,17 @@ def cache_status(headers: dict[str, str]) -> str:
 def run_variant(ctx: BenchContext, name: str, plugins: list[dict[str, Any]], mock_url: str,
                 prompts: list[str], upstream_ms: int, hits: int = 0,
                 extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    from kongsim.pytest_plugin import start_gateway
+    from kongsim.gateway import aigov_entries
+    from kongsim.pytest_plugin import make_prefix, start_gateway
 
-    handle = start_gateway(declarative(mock_url, plugins), server="aigov", pythonpath=str(REPO_ROOT),
-                           http=True, extra_env=extra_env)
+    server: Any = "aigov"
+    prefix = None
+    if any(p["name"] == FLOOR_PLUGIN for p in plugins):  # aigov serve on the bench plugins' folder
+        prefix = make_prefix()
+        server = aigov_entries((FLOOR_PLUGIN,), prefix, pythonpath=str(REPO_ROOT),
+                               extra_env={**(extra_env or {}), "AIGOV_PLUGINS_DIR": str(NOOP_PLUGINS_DIR)})
+    handle = start_gateway(declarative(mock_url, plugins), server=server, pythonpath=str(REPO_ROOT),
+                           http=True, extra_env=extra_env, prefix=prefix)
     client = Client(handle.url)
     try:
         for text in prompts[:5]:          # warm-up: model load, connections, instances
@@ -177,8 +189,11 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     variants: list[tuple[str, list[dict[str, Any]], dict[str, str] | None, str | None]] = [(BASELINE, [], None, None)]
     variants += [(n, [{"name": n, "config": c}], None, BASELINE) for n, c in configs.items()]
     variants.append(("all three", [{"name": n, "config": c} for n, c in configs.items()], None, BASELINE))
+    floor_entry = {"name": FLOOR_PLUGIN, "config": {"label": "floor"}}
+    variants.append((FLOOR, [floor_entry], None, BASELINE))
     variants.append((LOG_BASELINE, [ai_proxy_plugin(mock.url)], LOG_CAPTURE_ENV, None))
     variants.append((QUOTA_LOG, [ai_proxy_plugin(mock.url), quota_entry], LOG_CAPTURE_ENV, LOG_BASELINE))
+    variants.append((FLOOR_LOG, [ai_proxy_plugin(mock.url), floor_entry], LOG_CAPTURE_ENV, LOG_BASELINE))
     results: list[dict[str, Any]] = []
     offset = 0
     try:
@@ -227,6 +242,19 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     ctx.echo(f"  context: the quota's parse + token count takes {wake['hot_p50_ms']} ms back to back and "
              f"{wake['after_idle_p50_ms']} ms after {PATH_LATENCY_MS} ms idle ({wake['factor']}x): "
              "code run right after the upstream wait runs that much slower on this machine")
+    own_work = {}
+    for quota_row, floor_row in (("llm-token-quota", FLOOR), (QUOTA_LOG, FLOOR_LOG)):
+        q, f = added.get(quota_row), added.get(floor_row)
+        if q and f:
+            own_work[quota_row] = {"floor_p50_ms": f["p50_ms"], "own_work_p50_ms": round(q["p50_ms"] - f["p50_ms"], 3)}
+            ctx.echo(f"  {quota_row}: its PDK calls alone add {f['p50_ms']} ms p50 (no work), "
+                     f"its own work {own_work[quota_row]['own_work_p50_ms']} ms")
+
+    def floor_note(quota_row: str) -> str:
+        w = own_work.get(quota_row)
+        return (f"; the same PDK calls with no work add {w['floor_p50_ms']} ms in this run, the quota's "
+                f"own work {w['own_work_p50_ms']} ms") if w else ""
+
     cache_rec = by_name.get("llm-semantic-cache", {})
     hit_p50 = (cache_rec.get("hit_latency") or {}).get("p50_ms")
     slow_hit = (slow.get("hit_latency") or {}).get("p50_ms") if slow["status"] == "ok" else None
@@ -238,15 +266,18 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         Target("quota added latency p50 (default: response capture; the judged row)",
                (added.get("llm-token-quota") or {}).get("p50_ms"), "ms", "<=",
                TARGET_QUOTA_ADDED_P50_MS, baseline=base["latency"]["p50_ms"],
-               note="vs key-auth only; buffered proxying because the quota declares `response`"),
+               note="vs key-auth only; buffered proxying because the quota declares `response`"
+                    + floor_note("llm-token-quota")),
         Target("quota added latency p50 (log capture + ai-proxy, recommended AI route)",
                (added.get(QUOTA_LOG) or {}).get("p50_ms"), "ms", "<=", TARGET_QUOTA_ADDED_P50_MS,
                baseline=(log_base.get("latency") or {}).get("p50_ms"),
-               note="vs key-auth + ai-proxy, AIGOV_CAPTURE_PHASE=log: only access on the client's path"),
+               note="vs key-auth + ai-proxy, AIGOV_CAPTURE_PHASE=log: only access on the client's path"
+                    + floor_note(QUOTA_LOG)),
         Target("cache hit end to end p50", hit_p50, "ms", "<=", TARGET_HIT_P50_MS,
                note=f"repeat statuses {cache_rec.get('repeat_cache_status')}"),
         Target(f"cache hit speedup vs miss at {HIT_MISS_LATENCY_MS} ms upstream", ratio(slow_miss, slow_hit),
                "x", ">=", TARGET_HIT_SPEEDUP, baseline=slow_miss,
                note=f"repeat statuses {slow.get('repeat_cache_status')}"),
     ]
-    return {"results": {"variants": results, "added_latency": added, "idle_wake": wake}, "targets": targets}
+    return {"results": {"variants": results, "added_latency": added, "quota_own_work": own_work,
+                        "idle_wake": wake}, "targets": targets}

@@ -7,6 +7,8 @@ kong-pdk's default "lua style" returns `(data, err)` from every call; python sty
 from __future__ import annotations
 
 import functools
+import threading
+import time
 import traceback
 from typing import Any, Callable
 
@@ -62,3 +64,43 @@ def guarded(phase: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
                 pass
 
     return wrapper
+
+
+class LogThrottle:
+    """At most one log line per key and interval; the next line says how many were held back.
+
+    During an outage every request hits the same failure: a warning each would flood Kong's
+    error log at the gateway's request rate, and each is also a PDK round trip on the request
+    path. Metrics still count every occurrence; the log shows the first, then one per interval.
+    """
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def take(self, key: str) -> int | None:
+        """None: stay quiet. Else log now; the value is how many lines were held back before."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(key, 0.0):
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            if len(self._next) > 1024:  # keys are a handful of failure kinds; never grow without bound
+                self._next.clear()
+                self._held.clear()
+            self._next[key] = now + self.interval_s
+            return self._held.pop(key, 0)
+
+    def log(self, log_fn: Callable[[str], Any], key: str, message: str) -> None:
+        """Call `log_fn(message)` (e.g. kong.log.warn) unless throttled."""
+        held = self.take(key)
+        if held is None:
+            return
+        if held:
+            message += f" ({held} more like this in the last {self.interval_s:g} s not logged)"
+        log_fn(message)
+
+
+OUTAGE_LOG = LogThrottle()  # the plugins' store/embedding outage lines, per failure kind

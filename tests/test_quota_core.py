@@ -89,3 +89,22 @@ def test_two_limits_on_one_window_show_the_binding_one_in_the_headers() -> None:
     assert headers["X-AI-RateLimit-Remaining-Minute"] == "10"
     headers = rate_limit_headers(list(reversed(counters)), [190, 190], NOW)
     assert headers["X-AI-RateLimit-Remaining-Minute"] == "10"   # whatever the order
+
+
+def test_outage_log_throttle_logs_the_first_line_then_one_per_interval_with_the_count(monkeypatch) -> None:
+    from aigov import pdk
+
+    clock = [100.0]
+    monkeypatch.setattr(pdk.time, "monotonic", lambda: clock[0])
+    throttle = pdk.LogThrottle(interval_s=5.0)
+    logged: list[str] = []
+    for _ in range(7):
+        throttle.log(logged.append, "quota:fail_open", "store down")
+    throttle.log(logged.append, "cache:store", "cache down")   # another kind is not held back
+    assert logged == ["store down", "cache down"]
+    clock[0] += 5.0
+    throttle.log(logged.append, "quota:fail_open", "store down")
+    assert logged[-1] == "store down (6 more like this in the last 5 s not logged)"
+    clock[0] += 5.0
+    throttle.log(logged.append, "quota:fail_open", "store down")
+    assert logged[-1] == "store down"   # nothing was held back in between

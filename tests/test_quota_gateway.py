@@ -367,14 +367,21 @@ def test_unknown_model_blocks_or_uses_the_default_price(shared_gateway, rclient)
     assert cost == pytest.approx((p * 1 + c * 2) / 1e6, abs=1e-6)
 
 
-def test_redis_down_fail_open_serves_and_fail_closed_answers_503(shared_gateway, redis_server, rclient) -> None:
+def test_redis_down_fail_open_serves_and_fail_closed_answers_503(shared_gateway, redis_server, rclient,
+                                                                 caplog) -> None:
     redis_server.stop()
     try:
-        open_ = post(shared_gateway, "day", chat(), "outage")
-        assert open_.status == 200 and open_.header("X-AI-Tokens-Prompt")  # counted locally
-        closed = post(shared_gateway, "strict", chat(), "outage")
-        assert closed.status == 503
-        assert closed.json()["error"]["code"] == "quota_store_unavailable"
+        with caplog.at_level("WARNING", logger="kongsim.pdk"):
+            for _ in range(10):
+                open_ = post(shared_gateway, "day", chat(), "outage")
+                assert open_.status == 200 and open_.header("X-AI-Tokens-Prompt")  # counted locally
+            closed = post(shared_gateway, "strict", chat(), "outage")
+            assert closed.status == 503
+            assert closed.json()["error"]["code"] == "quota_store_unavailable"
+        # One line per failure kind, not one per request (and no extra PDK call per request).
+        lines = [r.getMessage() for r in caplog.records]
+        assert sum("fail_open: counting in local memory" in m for m in lines) == 1, lines
+        assert sum("fail_closed: 503" in m for m in lines) == 1, lines
     finally:
         redis_server.start()
     time.sleep(1.1)  # the Redis layer's circuit breaker lets a probe through after its cooldown

@@ -35,7 +35,7 @@ from aigov.cache.key import exact_key, scope_for
 from aigov.cache.policies import CacheEntry, StoreUnavailable
 from aigov.embeddings import EmbeddingError
 from aigov.llm_response import parse_upstream_response
-from aigov.pdk import guarded, raw, text, value
+from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
 from aigov.request import RequestError, json_text, parse_chat_request
 
 NAME = "llm-semantic-cache"
@@ -188,7 +188,7 @@ class SemanticCacheHandler:
 
     def _failed(self, kong: Any, shared: dict[str, Any], model: str | None, exc: Exception) -> None:
         kind = "store" if isinstance(exc, StoreUnavailable) else "embeddings"
-        kong.log.warn(f"semantic cache {kind} failed: {exc}")
+        OUTAGE_LOG.log(kong.log.warn, f"cache:{kind}", f"semantic cache {kind} failed: {exc}")
         self._count("Failed", model)
         if self.settings.stop_on_failure:
             self._publish(kong, shared, "Failed", {"reason": kind})
@@ -303,7 +303,7 @@ class SemanticCacheHandler:
             outcome = self._store_answer(kong, pending, int(status or 0), headers, body)
         except (StoreUnavailable, EmbeddingError) as exc:
             outcome = f"failed: {exc}"
-            kong.log.warn(f"semantic cache store failed: {exc}")
+            OUTAGE_LOG.log(kong.log.warn, "cache:store_answer", f"semantic cache store failed: {exc}")
         # No ctx.shared write-back on the client's path: in this capture mode nothing after the
         # response phase reads cache_pending or the store outcome from ctx (the cache has no log
         # phase, the quota's log reads only the status and usage published in access); the

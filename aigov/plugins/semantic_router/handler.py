@@ -36,7 +36,7 @@ from typing import Any
 from aigov import __version__
 from aigov import metrics
 from aigov.embeddings import embedder_from_config
-from aigov.pdk import guarded, raw, text, value
+from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
 from aigov.request import RequestError, json_text, parse_chat_request
 from aigov.routing.core import (Decision, Route, Router, RouterConfigError, RouterSettings, prompt_text,
                                 settings_from_config)
@@ -115,7 +115,8 @@ class SemanticRouterHandler:
             assert chat is not None
             decision = router.decide_text(prompt_text(chat, settings))
             if decision.reason == "error":
-                kong.log.warn(f"semantic routing failed open to the default route: {decision.detail}")
+                OUTAGE_LOG.log(kong.log.warn, "router:error",
+                               f"semantic routing failed open to the default route: {decision.detail}")
 
         if decision.route is None:  # default_route: reject
             self._report(kong, decision, None, started)

@@ -51,7 +51,7 @@ from typing import Any
 from aigov import __version__
 from aigov import cooperative, metrics
 from aigov.llm_response import LLMResponse, parse_upstream_response
-from aigov.pdk import guarded, raw, text, value
+from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
 from aigov.prices import Price, nano_to_usd
 from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, ReserveResult,
                               charge_from_usage, identity_tag, openai_error, plan_counters, rate_limit_headers,
@@ -345,7 +345,8 @@ class TokenQuotaHandler:
             metrics.QUOTA_STORE_FAILURES.labels("reserve_unsure").inc()
         if q.on_store_failure == "fail_closed":
             metrics.QUOTA_STORE_FAILURES.labels("fail_closed").inc()
-            kong.log.err(f"llm-token-quota: quota store unavailable ({type(error).__name__}); fail_closed: 503")
+            OUTAGE_LOG.log(kong.log.err, "quota:fail_closed",
+                           f"llm-token-quota: quota store unavailable ({type(error).__name__}); fail_closed: 503")
             defer = getattr(store, "defer_settle", None)
             if unsure and defer is not None:
                 # Nobody settles a 503: release a late reservation (or mark the id settled) later.
@@ -357,8 +358,9 @@ class TokenQuotaHandler:
                 {"Content-Type": "application/json", "Retry-After": "1"})
             return None
         metrics.QUOTA_STORE_FAILURES.labels("fail_open").inc()
-        kong.log.warn(f"llm-token-quota: quota store unavailable ({type(error).__name__}: {error}); "
-                      "fail_open: counting in local memory")
+        OUTAGE_LOG.log(kong.log.warn, "quota:fail_open",
+                       f"llm-token-quota: quota store unavailable ({type(error).__name__}: {error}); "
+                       "fail_open: counting in local memory")
         state["store"] = "memory"
         if unsure:
             state["redis_unsure"] = True  # a zero settle (release) goes to Redis too (see the module doc)
@@ -579,8 +581,9 @@ class TokenQuotaHandler:
                 metrics.QUOTA_STORE_FAILURES.labels("settle_local").inc()
                 later = ("the store replays the settle once Redis answers" if isinstance(exc, RedisUnavailable)
                          else "the Redis reservation expires by itself")
-                kong.log.err(f"llm-token-quota: settle failed ({type(exc).__name__}: {exc}); charged in local "
-                             f"memory, {later}")
+                OUTAGE_LOG.log(kong.log.err, "quota:settle",
+                               f"llm-token-quota: settle failed ({type(exc).__name__}: {exc}); charged in "
+                               f"local memory, {later}")
                 result = memory_store().settle(state["tag"], state["rid"], counters, amounts, time.time(),
                                                q.reservation_ttl_s)
             values = result.values

@@ -221,38 +221,59 @@ def pack_command(args: tuple[Any, ...]) -> bytes:
     return b"".join(parts)
 
 
-def parse_reply(buf: bytes, pos: int, parse_error: Callable[[str], Exception]) -> tuple[Any, int]:
-    """The RESP2/RESP3 reply at `buf[pos:]` and the position after it, or (_INCOMPLETE, pos).
+class _Push(list):
+    """A RESP3 push frame (`>`: client-side caching invalidations, maintenance notices): not the
+    reply to any command; the reader skips it, as redis-py's parser hands it to its handler."""
+
+
+def parse_reply(buf: bytes | bytearray, pos: int, parse_error: Callable[[str], Exception],
+                top: bool = True) -> tuple[Any, int]:
+    """The RESP2/RESP3 reply at `buf[pos:]` and the position after it; (_INCOMPLETE, n) when
+    the buffer must hold at least n bytes before a retry can get further.
 
     Values as redis-py's parser gives them without decoding: bytes for strings, int, float, bool,
     None, lists, dicts; an error reply is the exception redis-py would give (NoScriptError,
-    ResponseError, ...), returned in place, not raised."""
+    ResponseError, ...), returned in place, not raised. A push frame comes back as a _Push (only
+    between replies); attributes (`|`) are read and dropped. Malformed input raises ValueError
+    (or ConnectionError for an unknown type)."""
     end = buf.find(_CRLF, pos)
     if end < 0:
-        return _INCOMPLETE, pos
-    kind, line, after = buf[pos:pos + 1], buf[pos + 1:end], end + 2
+        return _INCOMPLETE, len(buf) + 1
+    kind, line, after = buf[pos:pos + 1], bytes(buf[pos + 1:end]), end + 2
     if kind == b":" or kind == b"(":
         return int(line), after
     if kind == b"$" or kind == b"=":
         n = int(line)
-        if n < 0:
+        if n == -1:
             return None, after
+        if n < 0:
+            raise ValueError(f"bulk length {n}")
         if len(buf) < after + n + 2:
-            return _INCOMPLETE, pos
-        data = buf[after:after + n]
+            return _INCOMPLETE, after + n + 2
+        if buf[after + n:after + n + 2] != _CRLF:
+            raise ValueError("bulk string not terminated by CRLF")
+        data = bytes(buf[after:after + n])
         return (data[4:] if kind == b"=" else data), after + n + 2  # verbatim: drop "txt:"
-    if kind == b"*" or kind == b"~" or kind == b"%":
+    if kind in (b"*", b"~", b"%", b">", b"|"):
         n = int(line)
-        if n < 0:
+        if n == -1 and kind == b"*":
             return None, after
+        if n < 0:
+            raise ValueError(f"aggregate length {n}")
+        if kind == b">" and not top:
+            raise ValueError("push frame inside a reply")
         items: list[Any] = []
-        for _ in range(2 * n if kind == b"%" else n):
-            item, after = parse_reply(buf, after, parse_error)
+        for _ in range(2 * n if kind in (b"%", b"|") else n):
+            item, after = parse_reply(buf, after, parse_error, top=False)
             if item is _INCOMPLETE:
-                return _INCOMPLETE, pos
+                return _INCOMPLETE, after
             items.append(item)
+        if kind == b"|":  # attributes annotate the reply that follows: keep the reply only
+            return parse_reply(buf, after, parse_error, top=top)
         if kind == b"%":
             return dict(zip(items[::2], items[1::2])), after
+        if kind == b">":
+            return _Push(items), after
         return items, after
     if kind == b"+":
         return line, after
@@ -317,38 +338,59 @@ class _LeanCall:
     def _read(self, conn: Any) -> list[Any]:
         sock, timeout = conn._sock, conn.socket_timeout
         parse_error = conn._parser.parse_error
-        buf, pos, out = b"", 0, []
+        buf, pos, out = bytearray(), 0, []
+        need = 1  # bytes the buffer must hold before parsing again can get further
         try:
-            while len(out) < self.count:
-                item, after = parse_reply(buf, pos, parse_error) if buf else (_INCOMPLETE, pos)
+            # Every reply, then whatever else was sent with them: only push frames may follow.
+            while len(out) < self.count or pos < len(buf):
+                item, after = parse_reply(buf, pos, parse_error) if len(buf) >= need else (_INCOMPLETE, need)
                 if item is _INCOMPLETE:
-                    if cooperative.current_loop() is not None and not _readable_now(sock) \
-                            and not cooperative.wait_readable(sock.fileno(), timeout):
-                        raise redis.TimeoutError(f"Timeout reading from {conn._host_error()}")
-                    try:
-                        chunk = sock.recv(65536)
-                    except TimeoutError:
-                        raise redis.TimeoutError(f"Timeout reading from {conn._host_error()}") from None
-                    if not chunk:
-                        raise redis.ConnectionError(f"Connection closed by {conn._host_error()}")
-                    buf = buf[pos:] + chunk
-                    pos = 0
+                    need = max(after, len(buf) + 1)
+                    if pos:  # drop what is parsed already
+                        del buf[:pos]
+                        need -= pos
+                        pos = 0
+                    self._fill(conn, sock, timeout, buf, need)
                     continue
+                pos = after
+                need = 1
+                if type(item) is _Push:
+                    continue  # not a reply (redis-py hands it to its push handler)
+                if len(out) == self.count:
+                    raise redis.ConnectionError(f"a reply nobody asked for from {conn._host_error()}")
                 if isinstance(item, redis.ConnectionError):
                     raise item  # LOADING and friends: redis-py raises these, and so do we
                 out.append(item)
-                pos = after
-            if pos != len(buf):
-                raise redis.ConnectionError(f"{len(buf) - pos} unexpected bytes from {conn._host_error()}")
         except BaseException as exc:
             self.layer._drop_lean(conn)  # a half-read reply must never reach the next caller
             if isinstance(exc, OSError) and not isinstance(exc, (redis.RedisError, TimeoutError)):
                 raise redis.ConnectionError(f"Error while reading from {conn._host_error()}: {exc}") from None
-            if isinstance(exc, ValueError):
-                raise redis.ConnectionError(f"malformed reply from {conn._host_error()}: {exc}") from None
+            if isinstance(exc, (ValueError, TypeError, RecursionError)):  # not RESP, or hostile
+                raise redis.ConnectionError(f"malformed reply from {conn._host_error()}: "
+                                            f"{type(exc).__name__}: {exc}") from None
             raise
         self.layer._keep_lean(conn)
         return out
+
+    @staticmethod
+    def _fill(conn: Any, sock: Any, timeout: float | None, buf: bytearray, need: int) -> None:
+        """Read until `buf` holds `need` bytes, then whatever else is there already. Parsing
+        again only then keeps a big reply linear (a retry per 64 KB read was quadratic)."""
+        while True:
+            if cooperative.current_loop() is not None and not _readable_now(sock) \
+                    and not cooperative.wait_readable(sock.fileno(), timeout):
+                raise redis.TimeoutError(f"Timeout reading from {conn._host_error()}")
+            size = min(max(65536, need - len(buf)), 4 << 20)
+            try:
+                chunk = sock.recv(size)
+            except TimeoutError:
+                raise redis.TimeoutError(f"Timeout reading from {conn._host_error()}") from None
+            if not chunk:
+                raise redis.ConnectionError(f"Connection closed by {conn._host_error()}")
+            buf += chunk
+            # A short read emptied the socket; after a full one, look whether more is there.
+            if len(buf) >= need and (len(chunk) < size or not _readable_now(sock)):
+                return
 
     def cancel(self) -> None:
         """Give up on the replies (the caller failed in between): drop the connection."""

@@ -121,8 +121,8 @@ def test_a_reply_split_anywhere_parses_only_once_complete():
 
     wire = b"*4\r\n:1\r\n$5\r\nab\r\nc\r\n*2\r\n$-1\r\n-ERR no\r\n+OK\r\n"
     for cut in range(len(wire)):
-        value, pos = parse_reply(wire[:cut], 0, ResponseError)
-        assert value is _INCOMPLETE and pos == 0, cut
+        value, need = parse_reply(wire[:cut], 0, ResponseError)
+        assert value is _INCOMPLETE and cut < need <= len(wire), cut   # how much to wait for
     value, pos = parse_reply(wire, 0, ResponseError)
     assert pos == len(wire)
     assert value[:2] == [1, b"ab\r\nc"] and value[2][0] is None and value[3] == b"OK"
@@ -162,3 +162,80 @@ def test_an_argument_redis_cannot_take_fails_before_anything_is_sent(redis_serve
     with pytest.raises(redis.DataError, match="NoneType"):
         layer.send(("SET", "aigov-test:lean:none", None))
     assert layer.healthy and layer.send(("PING",)).replies() == [b"PONG"]
+
+
+def test_resp3_push_frames_and_attributes_from_a_real_redis_are_skipped():
+    """Redis sends push frames (client-side caching invalidations, maintenance notices) on the
+    command connection: they are not replies, so send() skips them like redis-py does, and the
+    breaker stays closed. DEBUG PROTOCOL makes a real Redis 8 send one after a reply, and an
+    attribute before one."""
+    from aigov.devredis import RedisServer
+
+    server = RedisServer(extra_args=("--enable-debug-command", "yes")).start()
+    try:
+        layer = RedisLayer(url=server.url)
+        assert layer.send(("HELLO", "3")).replies()[0][b"proto"] == 3
+        pushed = layer.send(("DEBUG", "PROTOCOL", "push")).replies()
+        assert pushed == layer.round_trip(("DEBUG", "PROTOCOL", "push"))
+        assert pushed == [b"Some real reply following the push reply"]
+        # redis-py 8 raises InvalidResponse on an attribute; the reply it annotates is what counts
+        assert layer.send(("DEBUG", "PROTOCOL", "attrib")).replies() == [b"Some real reply following the attribute"]
+        assert layer.send(("PING",)).replies() == [b"PONG"] and layer.healthy
+    finally:
+        server.stop()
+
+
+class _FakeConnection:
+    """What _LeanCall reads through, over a socketpair whose other end plays the server."""
+
+    def __init__(self, sock) -> None:
+        from redis._parsers.resp3 import _RESP3Parser
+
+        self._sock, self.socket_timeout = sock, 2.0
+        self._parser = _RESP3Parser(socket_read_size=65536)
+
+    def _host_error(self) -> str:
+        return "fake"
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+
+
+@pytest.mark.parametrize("wire, count, expected", [
+    (b"$3\r\nabc\r\n>2\r\n$4\r\nnote\r\n:1\r\n", 1, [b"abc"]),      # a push after the reply
+    (b">2\r\n$4\r\nnote\r\n:1\r\n:7\r\n", 1, [7]),                    # ... and before it
+    (b"|1\r\n+ttl\r\n:3\r\n*2\r\n:5\r\n|1\r\n+a\r\n+b\r\n:6\r\n", 1, [[5, 6]]),  # attributes dropped
+    (b"$" + str(8 << 20).encode() + b"\r\n" + b"z" * (8 << 20) + b"\r\n", 1, [b"z" * (8 << 20)]),
+    (b"*5000\r\n" * 5000, 1, "ConnectionError"),                     # hostile nesting
+    (b"$3\r\nabcXY", 1, "ConnectionError"),                            # bulk not CRLF-terminated
+    (b"%1\r\n*1\r\n:1\r\n:2\r\n", 1, "ConnectionError"),              # unhashable map key
+    (b":1\r\n:2\r\n", 1, "ConnectionError"),                           # a reply nobody asked for
+    (b"*1\r\n>1\r\n:1\r\n", 1, "ConnectionError"),                     # a push inside a reply
+])
+def test_lean_reads_skip_pushes_and_turn_hostile_frames_into_connection_errors(wire, count, expected):
+    import socket as socketlib
+
+    import redis
+
+    from aigov.redis_client import _LeanCall
+
+    ours, theirs = socketlib.socketpair()
+    ours.settimeout(2.0)
+    layer = RedisLayer(port=1)          # never connects: the fake connection is handed in
+    call = _LeanCall.__new__(_LeanCall)
+    call.layer, call.count = layer, count
+    conn = _FakeConnection(ours)
+    sender = threading.Thread(target=theirs.sendall, args=(wire,), daemon=True)
+    sender.start()
+    try:
+        if expected == "ConnectionError":
+            with pytest.raises(redis.ConnectionError):
+                call._read(conn)
+            assert getattr(conn, "disconnected", False) and not layer._lean_idle   # never reused
+        else:
+            assert call._read(conn) == expected
+            assert layer._lean_idle == [conn]                                     # in step: kept
+    finally:
+        sender.join(5)
+        ours.close()
+        theirs.close()

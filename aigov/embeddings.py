@@ -42,6 +42,9 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 vectors, one row per text."""
 
+    def reads_whole(self, text: str) -> bool:
+        """Whether the vector of `text` reflects all of it (models read a bounded prefix)."""
+
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float32)
@@ -84,6 +87,8 @@ class LocalEmbedder:
         self._model_path = model_path
         self._runtime_wanted = runtime  # None: AIGOV_EMBEDDINGS_RUNTIME, else "auto"
         self._encode: Callable[[Sequence[str]], np.ndarray] | None = None
+        self._fits: Callable[[str], bool] | None = None  # set with _encode: the tokenizer's verdict
+        self.window_tokens = 256  # the model's max_seq_length, corrected when it loads
         self.runtime: str | None = None  # "onnx" or "torch" once loaded
         self._load_lock = threading.Lock()
         self.max_batch = max_batch
@@ -126,6 +131,7 @@ class LocalEmbedder:
             try:
                 encoder = embeddings_onnx.load_encoder(path)
                 self.runtime = "onnx"
+                self._fits, self.window_tokens = encoder.fits, encoder.max_tokens
                 return encoder.encode
             except embeddings_onnx.OnnxUnavailable as exc:
                 if wanted == "onnx":
@@ -135,6 +141,12 @@ class LocalEmbedder:
 
         model = SentenceTransformer(str(path), device="cpu")
         self.runtime = "torch"
+        self.window_tokens = int(model.max_seq_length or 256)
+
+        def fits(text: str) -> bool:
+            ids = model.tokenizer(str(text), truncation=False, add_special_tokens=True)["input_ids"]
+            return len(ids) <= self.window_tokens
+        self._fits = fits
 
         def encode(texts: Sequence[str]) -> np.ndarray:
             return model.encode(list(texts), batch_size=max(1, len(texts)), convert_to_numpy=True,
@@ -182,6 +194,19 @@ class LocalEmbedder:
                 while len(self._recent) > self.recent_size:
                     self._recent.popitem(last=False)
         return np.stack(cached)
+
+    def reads_whole(self, text: str) -> bool:
+        """Whether the model reads all of `text`. MiniLM stops at 256 word pieces and the
+        embedder at MAX_EMBED_CHARS: two prompts that agree on what is read get the same vector
+        however different the rest is, so a semantic match of them means nothing."""
+        if len(text) <= self.window_tokens - 2:  # a word piece covers at least one character
+            return True
+        if len(text) > MAX_EMBED_CHARS:
+            return False
+        if self._fits is None:  # the first load takes seconds: off the plugin server's loop
+            cooperative.run_blocking(self._load)
+        assert self._fits is not None
+        return self._fits(_encodable(text))
 
     def forget_recent(self) -> None:
         """Empty the LRU of recent texts (benchmarks: the system timed second must embed too)."""
@@ -287,6 +312,10 @@ class OpenAIEmbedder:
             return json.loads(resp.read())
 
     encode_direct = embed
+
+    def reads_whole(self, text: str) -> bool:
+        """The provider's own input limit is not known here; what is sent is the whole text."""
+        return True
 
 
 _EMBEDDERS: dict[str, Embedder] = {}

@@ -112,7 +112,8 @@ class OnnxEncoder:
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.path = onnx_path
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        tokenizer.enable_truncation(max_length=_max_seq_length(model_dir))
+        self.max_tokens = _max_seq_length(model_dir)
+        tokenizer.enable_truncation(max_length=self.max_tokens)
         pad_id = tokenizer.token_to_id("[PAD]")
         self._pad_id = 0 if pad_id is None else pad_id
         # No padding here (the model's tokenizer.json asks for 128 fixed): encode() pads each
@@ -136,6 +137,10 @@ class OnnxEncoder:
             out[members] = self._run([batch[i] for i in members], lengths[members[-1]])
             start = end
         return out
+
+    def fits(self, text: str) -> bool:
+        """Whether the model reads all of `text` (nothing cut at max_tokens word pieces)."""
+        return not self._tokenizer.encode(str(text)).overflowing
 
     def _run(self, group: list, width: int) -> np.ndarray:
         """One model run: the group padded to `width` tokens, mean-pooled over the real tokens."""

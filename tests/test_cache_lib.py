@@ -178,3 +178,49 @@ def test_an_image_in_the_prompt_is_part_of_the_exact_scope() -> None:
     assert cat.params != dog.params
     assert exact_key(cat, "What is in this image?") != exact_key(dog, "What is in this image?")
     assert cat == cat_again
+
+
+@pytest.mark.parametrize("strategy", ["memory", "redis"])
+def test_prompts_longer_than_the_model_reads_never_match_semantically(strategy: str, redis_server: Any) -> None:
+    """MiniLM reads 256 word pieces: two prompts that share them embed alike (similarity 1.0)
+    whatever follows, and so do prompts whose first 16,384 characters are blank. They must not
+    serve each other's answers; the same long prompt again is still an exact hit."""
+    if not redis_server.running:
+        redis_server.start()
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    ns = f"long-{uuid.uuid4().hex[:6]}"
+    settings = CacheSettings.from_config({"vectordb": {
+        "strategy": strategy, "namespace": ns, "redis": {"host": "127.0.0.1", "port": port}}})
+    cache = SemanticCache(settings)
+    log = " ".join(f"2026-12-03T10:{i % 60:02d}:00 worker-{i % 7} job {i} finished ok" for i in range(60))
+    pairs = [(log + "\n\nSummarise this log in one sentence.", log + "\n\nTranslate this log into German."),
+             (" " * 16384 + "How do I delete my account permanently?", " " * 16384 + "What is the capital of France?")]
+    try:
+        for stored_text, asked_text in pairs:
+            stored, asked = _req(stored_text), _req(asked_text)
+            scope = scope_for(stored, namespace=ns, consumer_id="c1", route_id="r")
+            sp, ap = stored.prompt_text(), asked.prompt_text()
+            v_stored, v_asked = cache.embed(sp), cache.embed(ap)
+            assert float(v_stored @ v_asked) > 0.99     # the model cannot tell them apart ...
+            cache.save(scope, exact_key(scope, sp), sp, v_stored, ANSWER, None, "m")
+            found = cache.lookup(scope, ap, exact_key(scope, ap))
+            assert found.status == "Miss" and found.rejected == ["beyond_model_window"]   # ... so no hit
+            again = cache.lookup(scope, sp, exact_key(scope, sp))
+            assert again.status == "Hit" and again.layer == "exact"
+        # A short query is not served a long entry that merely starts like it.
+        short = _req(log[:200])
+        scope = scope_for(short, namespace=ns, consumer_id="c1", route_id="r")
+        found = cache.lookup(scope, short.prompt_text(), exact_key(scope, short.prompt_text()))
+        assert found.status == "Miss" and "beyond_model_window" in found.rejected
+    finally:
+        cache.store.purge()
+
+
+def test_reads_whole_follows_the_tokenizer_not_the_length() -> None:
+    from aigov.embeddings import MAX_EMBED_CHARS, get_embedder
+
+    emb = get_embedder()
+    assert emb.reads_whole("x" * 254)                       # too short to exceed: no tokenizing
+    assert emb.reads_whole("word " * 254) and not emb.reads_whole("word " * 255)   # 2 + 254 = 256
+    assert emb.reads_whole(" " * 12000 + "What is the capital of France?")   # blanks are no tokens
+    assert not emb.reads_whole(" " * MAX_EMBED_CHARS + "x")                   # cut before the model

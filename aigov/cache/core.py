@@ -27,6 +27,7 @@ DEFAULT_THRESHOLD = 0.82   # chosen on STS-B train / GPTCache pairs with the ver
 # The redis store keeps FLOAT16 vectors: the cosine of identical texts comes back up to ~1e-4
 # below 1 (float32 in memory: 1e-7), and threshold 1.0 must still hit.
 SIMILARITY_EPSILON = 2e-4
+BEYOND_WINDOW = "beyond_model_window"  # refusal reason: the embedding model read only a prefix
 SEARCH_K = 4               # candidates checked by the verifier before giving up
 # The first query asks for the nearest entry only (a smaller reply, one entry to decode); the
 # other SEARCH_K - 1 are fetched only when the verifier refuses it, so the outcome is the same
@@ -200,6 +201,7 @@ class SemanticCache:
         """Raises StoreUnavailable / EmbeddingError; the caller maps them to Failed."""
         started = time.perf_counter()
         min_similarity = self.settings.threshold - SIMILARITY_EPSILON
+        whole: bool | None = None  # does the model read all of the prompt (asked once)
         if vector is not None and not callable(vector):
             # The vector is known: the exact probe and the KNN query share one round trip.
             vec, embed_ms = np.asarray(vector, dtype=np.float32), 0.0
@@ -218,8 +220,17 @@ class SemanticCache:
             t0 = time.perf_counter()
             vec = self.embed(prompt) if vector is None else vector()  # None or a callable here
             embed_ms = (time.perf_counter() - t0) * 1000
-            candidates = self.store.search(scope, vec, FIRST_K, min_similarity)
+            whole = self._reads_whole(prompt)
+            candidates = self.store.search(scope, vec, FIRST_K, min_similarity) if whole else []
+        if whole is None:
+            whole = self._reads_whole(prompt)
         result = Lookup("Miss", vector=vec, embed_ms=embed_ms)
+        if not whole:
+            # The model saw only the start of this prompt: entries that share that start would
+            # match at similarity 1.0 whatever the rest says. Exact hits only (probed above).
+            result.rejected.append(BEYOND_WINDOW)
+            result.fetch_ms = (time.perf_counter() - started) * 1000 - embed_ms
+            return result
         hit = self._first_verified(prompt, candidates, result.rejected)
         if hit is None and result.rejected and len(candidates) == FIRST_K < SEARCH_K:
             # The nearest entry was refused: look at the next ones (fewer round trips on average
@@ -239,6 +250,9 @@ class SemanticCache:
                         rejected: list[str]) -> tuple[CacheEntry, float] | None:
         """The best candidate the verifier accepts; the refusal reasons go into `rejected`."""
         for entry, sim in candidates:
+            if not self._reads_whole(entry.prompt):  # stored before this check, or another node's
+                rejected.append(BEYOND_WINDOW)
+                continue
             if self.settings.verifier:
                 verdict = verify(prompt, entry.prompt)
                 if not verdict.ok:
@@ -246,6 +260,10 @@ class SemanticCache:
                     continue
             return entry, sim
         return None
+
+    def _reads_whole(self, text: str) -> bool:
+        reads_whole = getattr(self.embedder, "reads_whole", None)
+        return True if reads_whole is None else bool(reads_whole(text))
 
     def save(self, scope: CacheScope, key: str, prompt: str, vector: np.ndarray,
              completion: dict[str, Any], usage: dict[str, Any] | None, model: str | None,

@@ -56,6 +56,7 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 # MiniLM reads at most 256 word pieces (a few KB of text): tokenising the rest of a 1 MiB prompt
 # cost ~0.9 s of the one embedder thread, which every other request's batch waited for.
 MAX_EMBED_CHARS = 16384
+FITS_SEEN_CAP = 8192  # reads_whole answers kept (a few hundred KB)
 
 
 def _encodable(text: str) -> str:
@@ -99,6 +100,7 @@ class LocalEmbedder:
         self.recent_size = 1024
         self._recent: "OrderedDict[str, np.ndarray]" = OrderedDict()
         self._recent_lock = threading.Lock()
+        self._fits_seen: dict[tuple[int, int], bool] = {}  # reads_whole's answers by (length, hash)
         self._arriving = 0  # texts submitted and not yet taken into a batch
         self._arriving_lock = threading.Lock()
 
@@ -203,10 +205,18 @@ class LocalEmbedder:
             return True
         if len(text) > MAX_EMBED_CHARS:
             return False
+        key = (len(text), hash(text))  # the same prompts and entries come back: tokenise once
+        known = self._fits_seen.get(key)
+        if known is not None:
+            return known
         if self._fits is None:  # the first load takes seconds: off the plugin server's loop
             cooperative.run_blocking(self._load)
         assert self._fits is not None
-        return self._fits(_encodable(text))
+        fits = self._fits(_encodable(text))
+        if len(self._fits_seen) >= FITS_SEEN_CAP:
+            self._fits_seen.clear()  # a plain bound; a miss costs one tokenisation
+        self._fits_seen[key] = fits
+        return fits
 
     def forget_recent(self) -> None:
         """Empty the LRU of recent texts (benchmarks: the system timed second must embed too)."""

@@ -224,3 +224,12 @@ def test_reads_whole_follows_the_tokenizer_not_the_length() -> None:
     assert emb.reads_whole("word " * 254) and not emb.reads_whole("word " * 255)   # 2 + 254 = 256
     assert emb.reads_whole(" " * 12000 + "What is the capital of France?")   # blanks are no tokens
     assert not emb.reads_whole(" " * MAX_EMBED_CHARS + "x")                   # cut before the model
+    # A prompt seen before is not tokenised again (lookups ask for the prompt and its candidates).
+    calls = []
+    real_fits = emb._fits
+    emb._fits = lambda text: calls.append(len(text)) or real_fits(text)
+    try:
+        text = "a prompt long enough to need the tokenizer " * 10
+        assert [emb.reads_whole(text) for _ in range(3)] == [True] * 3 and calls == [len(text)]
+    finally:
+        emb._fits = real_fits

@@ -180,8 +180,7 @@ class LocalEmbedder:
                     self._recent.move_to_end(t)
         missing = [t for t, v in zip(texts, cached) if v is None]
         if missing:
-            if self._encode is None:  # the first load takes seconds: off the plugin server's loop
-                cooperative.run_blocking(self._load)
+            self._ensure_loaded()
             self._ensure_worker()
             fut: Future = Future()
             with self._arriving_lock:
@@ -197,6 +196,10 @@ class LocalEmbedder:
                     self._recent.popitem(last=False)
         return np.stack(cached)
 
+    def _ensure_loaded(self) -> None:
+        if self._encode is None:  # the first load takes seconds: off the plugin server's loop
+            cooperative.run_blocking(self._load)
+
     def reads_whole(self, text: str) -> bool:
         """Whether the model reads all of `text`. MiniLM stops at 256 word pieces and the
         embedder at MAX_EMBED_CHARS: two prompts that agree on what is read get the same vector
@@ -209,8 +212,7 @@ class LocalEmbedder:
         known = self._fits_seen.get(key)
         if known is not None:
             return known
-        if self._fits is None:  # the first load takes seconds: off the plugin server's loop
-            cooperative.run_blocking(self._load)
+        self._ensure_loaded()
         assert self._fits is not None
         fits = self._fits(_encodable(text))
         if len(self._fits_seen) >= FITS_SEEN_CAP:

@@ -297,9 +297,7 @@ def _quiet_and_open(conn: Any) -> bool:
     buffer = getattr(conn._parser, "_buffer", None)
     if buffer is not None and buffer.unread_bytes():
         return False
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return not poller.poll(0)
+    return not _readable_now(sock)
 
 
 class _LeanCall:

@@ -16,6 +16,11 @@ from prometheus_client.exposition import generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+OTHER = "other"            # the label value of every value past a vocabulary's cap
+LABEL_MAX_CHARS = 64       # longest label value kept (a client may send a 1 MB "model")
+MAX_UNPRICED_MODELS = 100  # distinct model names outside every price table, per process
+DEFAULT_MAX_CONSUMERS = 10_000
+
 # Latency buckets in milliseconds, as Kong's AI latency histograms use ms.
 MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
@@ -26,11 +31,11 @@ CACHE_FETCH_LATENCY = Histogram("ai_cache_fetch_latency", "Semantic cache lookup
                                 registry=REGISTRY)
 CACHE_EMBEDDINGS_LATENCY = Histogram("ai_cache_embeddings_latency", "Embedding latency for cache lookups (ms)",
                                      ["embeddings_model"], buckets=MS_BUCKETS, registry=REGISTRY)
+CACHE_COST_SAVED = Counter("ai_cache_cost_saved_total",
+                           "USD not spent thanks to cache hits, at the shipped price table's list price",
+                           ["ai_model"], registry=REGISTRY)
 CACHE_TOKENS_SAVED = Counter("ai_cache_tokens_saved_total", "Provider tokens not spent thanks to cache hits",
                              ["ai_model", "token_type"], registry=REGISTRY)
-CACHE_COST_SAVED = Counter("ai_cache_cost_saved_total", "USD not spent thanks to cache hits",
-                           ["ai_model"], registry=REGISTRY)
-
 LLM_TOKENS = Counter("ai_llm_tokens_total", "Tokens metered by llm-token-quota",
                      ["ai_model", "token_type", "consumer"], registry=REGISTRY)
 LLM_COST = Counter("ai_llm_cost_total", "USD metered by llm-token-quota", ["ai_model", "consumer"],
@@ -50,6 +55,71 @@ ROUTER_DECISIONS = Counter("ai_router_decisions_total", "Semantic routing decisi
                            registry=REGISTRY)
 ROUTER_DECISION_LATENCY = Histogram("ai_router_decision_latency", "Semantic routing decision latency (ms)",
                                     buckets=MS_BUCKETS, registry=REGISTRY)
+
+LABEL_OVERFLOW = Counter("ai_metrics_label_overflow_total",
+                         "Observations reported under 'other' because the label's vocabulary was full",
+                         ["label"], registry=REGISTRY)
+
+
+class LabelVocabulary:
+    """The values one label may take when they come from outside the config (client-chosen model
+    names, caller identities): Prometheus keeps every series for the life of the process, so a
+    label fed from client input grows memory and every scrape without end. The first `cap`
+    distinct values are kept; later new ones are reported as "other" and counted in
+    ai_metrics_label_overflow_total{label}."""
+
+    def __init__(self, label: str, cap: int) -> None:
+        self.label = label
+        self.cap = cap
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, raw_value: Any) -> str | None:
+        """The label value for `raw_value`, or None when it is past the cap (a caller that sets a
+        gauge skips it: "other" would hold whichever caller came last)."""
+        label_value = raw_value[:LABEL_MAX_CHARS] if isinstance(raw_value, str) else ""
+        if label_value in self._seen:
+            return label_value
+        with self._lock:
+            if len(self._seen) < self.cap or label_value in self._seen:
+                self._seen.add(label_value)
+                return label_value
+        LABEL_OVERFLOW.labels(self.label).inc()
+        return None
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+UNPRICED_MODELS = LabelVocabulary("ai_model", MAX_UNPRICED_MODELS)
+CONSUMERS = LabelVocabulary("consumer", DEFAULT_MAX_CONSUMERS)
+
+
+def model_label(model: Any, priced_as: str | None = None) -> str:
+    """The ai_model label of a model name: its price-table name when it has one (the table is
+    config, so bounded), else the name itself among the first MAX_UNPRICED_MODELS such names,
+    else "other"."""
+    if priced_as:
+        return priced_as[:LABEL_MAX_CHARS]
+    from aigov.prices import default_prices  # lazy: only the plugins load the price file
+    table_name = default_prices().resolve(model) if isinstance(model, str) else None
+    if table_name:
+        return table_name[:LABEL_MAX_CHARS]
+    kept = UNPRICED_MODELS(model.strip().lower() if isinstance(model, str) else "")
+    return OTHER if kept is None else kept
+
+
+def consumer_label(tag: Any) -> str:
+    """The consumer label of a caller for counters: "other" past the cap (see LabelVocabulary).
+    A gauge calls CONSUMERS(tag) itself and skips None."""
+    kept = CONSUMERS(tag)
+    return OTHER if kept is None else kept
+
+
+def set_max_consumers(cap: int) -> None:
+    """`aigov serve --metrics-max-consumers`: how many distinct consumers get their own series."""
+    CONSUMERS.cap = max(0, int(cap))
+
 
 _server_lock = threading.Lock()
 _server_started: dict[str, Any] = {}

@@ -24,6 +24,7 @@ import pytest
 from aigov.demo.run import metric_sum, scrape
 from aigov.devredis import free_port
 from aigov.mockllm import auth_fingerprint
+from aigov.prices import default_prices, nano_to_usd
 from kongsim.gateway import aigov_entries
 from kongsim.process import PluginServerEntry
 from kongsim.pytest_plugin import AIGOV_PLUGINS, GatewayHandle, make_prefix, start_gateway
@@ -156,6 +157,12 @@ def test_prometheus_counts_match_the_traffic(observed: dict[str, Any]) -> None:
     assert saved_prompt > 0 and saved_completion > 0
     assert delta("ai_cache_tokens_saved_total", ai_model=MODEL, token_type="prompt_tokens") == saved_prompt
     assert delta("ai_cache_tokens_saved_total", ai_model=MODEL, token_type="completion_tokens") == saved_completion
+    # and what those tokens would have cost at the shipped table's price of the answering model
+    price = default_prices().lookup(MODEL)
+    expected_usd = sum(nano_to_usd(price.cost_nano(r.json()["usage"]["prompt_tokens"],
+                                                   r.json()["usage"]["completion_tokens"])) for r in hits)
+    assert expected_usd > 0
+    assert delta("ai_cache_cost_saved_total", ai_model=MODEL) == pytest.approx(expected_usd, rel=1e-9)
 
 
 def test_openai_embedder_with_vault_key(observed: dict[str, Any], mock_llm: Any, redis_server: Any) -> None:

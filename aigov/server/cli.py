@@ -22,6 +22,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from aigov.server.loader import PluginLoadError, default_plugins_dir, load_plugins
 
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen-queue-size", type=int, default=4096, help="socket backlog")
     parser.add_argument("--metrics-listen", default=None, metavar="ADDR",
                         help="expose Prometheus metrics on HOST:PORT (needs aigov.metrics)")
+    parser.add_argument("--metrics-max-consumers", type=int, default=None, metavar="N",
+                        help="distinct consumers that get their own metric series; later ones "
+                             "are counted under consumer=\"other\" (default: 10000)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: debug (logs go to stderr; the default level is info)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
@@ -73,16 +77,20 @@ def _guard_stdout() -> None:
     sys.stdout = sys.stderr
 
 
-def _start_metrics(addr: str) -> None:
+def _metrics_call(function: str, arg: Any) -> None:
+    """Call aigov.metrics.<function>(arg); the server runs without aigov.metrics too."""
     if importlib.util.find_spec("aigov.metrics") is None:
-        log.warning("--metrics-listen %s ignored: aigov.metrics is not available", addr)
+        log.warning("%s(%s) ignored: aigov.metrics is not available", function, arg)
         return
-    metrics = importlib.import_module("aigov.metrics")
-    starter = getattr(metrics, "start_metrics_server", None)
-    if starter is None:
-        log.warning("--metrics-listen %s ignored: aigov.metrics has no start_metrics_server", addr)
+    target = getattr(importlib.import_module("aigov.metrics"), function, None)
+    if target is None:
+        log.warning("%s(%s) ignored: aigov.metrics has no %s", function, arg, function)
         return
-    starter(addr)
+    target(arg)
+
+
+def _start_metrics(addr: str) -> None:
+    _metrics_call("start_metrics_server", addr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, on_signal)
     # Metrics first: once the plugin socket exists Kong (and a scraper started with it) may
     # talk to us, and the metrics endpoint must already answer by then.
+    if args.metrics_max_consumers is not None:
+        _metrics_call("set_max_consumers", args.metrics_max_consumers)
     if args.metrics_listen:
         try:
             _start_metrics(args.metrics_listen)

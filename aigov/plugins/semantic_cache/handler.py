@@ -36,6 +36,7 @@ from aigov.cache.policies import CacheEntry, StoreUnavailable
 from aigov.embeddings import EmbeddingError
 from aigov.llm_response import parse_upstream_response
 from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
+from aigov.prices import default_prices, nano_to_usd
 from aigov.request import RequestError, json_text, parse_chat_request
 
 NAME = "llm-semantic-cache"
@@ -114,7 +115,7 @@ class SemanticCacheHandler:
         kong.log.set_serialize_value("aigov.cache", {"status": status, "capture": capture_phase()})
 
     def _count(self, status: str, model: str | None) -> None:
-        metrics.LLM_REQUESTS.labels(model or "", status.lower(), *self.labels).inc()
+        metrics.LLM_REQUESTS.labels(metrics.model_label(model), status.lower(), *self.labels).inc()
 
     def _bypass(self, kong: Any, reason: str, model: str | None = None) -> None:
         kong.response.set_header("X-Cache-Status", "Bypass")
@@ -224,9 +225,14 @@ class SemanticCacheHandler:
                                             "similarity": similarity, "age": entry.age(now)})
         shared_saved = {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
                         "completion_tokens": int(usage.get("completion_tokens") or 0)}
+        model_label = metrics.model_label(model)
         for token_type, n in shared_saved.items():
             if n:
-                metrics.CACHE_TOKENS_SAVED.labels(model or "", token_type).inc(n)
+                metrics.CACHE_TOKENS_SAVED.labels(model_label, token_type).inc(n)
+        price = default_prices().lookup(model)
+        if price is not None and any(shared_saved.values()):
+            cost = price.cost_nano(shared_saved["prompt_tokens"], shared_saved["completion_tokens"])
+            metrics.CACHE_COST_SAVED.labels(model_label).inc(nano_to_usd(cost))
         self._count("Hit", model)
         kong.response.exit(200, body, headers)
         # nothing after exit: a PDK call would block forever (reference §2.4)

@@ -239,9 +239,11 @@ class TokenQuotaHandler:
         model_asked = request.model
         model, price = self._priced(model_asked)
         model_label = model or (model_asked or "")[:64]
+        # The metrics' name for it: bounded, since an unpriced name is the client's choice.
+        metric_model = metrics.model_label(model_asked, priced_as=model)
         if price is None:
             action = "block" if q.unknown_model == "block" else "default_price"
-            metrics.QUOTA_UNKNOWN_MODEL.labels(model_label, action).inc()
+            metrics.QUOTA_UNKNOWN_MODEL.labels(metric_model, action).inc()
             if q.unknown_model == "block" or q.default_price is None:
                 kong.log.warn(f"llm-token-quota: model {(model_asked or '')[:64]!r} has no price; blocked")
                 msg = (f"llm-token-quota: model {model_asked!r} is not in the price table, so its cost "
@@ -275,7 +277,7 @@ class TokenQuotaHandler:
         request_id = uuid.uuid4().hex
         state: dict[str, Any] = {
             "rid": request_id, "tag": tag, "store": "memory" if q.policy != "redis" else "redis",
-            "model": model, "model_label": model_label,
+            "model": model, "model_label": model_label, "metric_model": metric_model,
             "price": [price.input, price.output, -1 if price.cached_input is None else price.cached_input,
                       -1 if price.reasoning is None else price.reasoning],
             "counters": [c.to_list() for c in counters], "reserved": amounts,
@@ -455,8 +457,8 @@ class TokenQuotaHandler:
             saved = _as_dict(cache.get("usage")) or _as_dict(shared.get("tokens_saved"))
             for token_type in ("prompt_tokens", "completion_tokens"):
                 if _num(saved.get(token_type)):
-                    metrics.LLM_TOKENS.labels(state.get("model_label", ""), f"saved_{token_type.split('_')[0]}",
-                                              state.get("tag", "")).inc(_num(saved.get(token_type)))
+                    metrics.LLM_TOKENS.labels(state.get("metric_model", ""), f"saved_{token_type.split('_')[0]}",
+                                              metrics.consumer_label(state.get("tag", ""))).inc(_num(saved.get(token_type)))
             state["tokens_saved"] = {k: _num(saved.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         elif CAPTURE_PHASE == "log":
             charge = self._charge_from_log(kong, state, logged)
@@ -593,7 +595,7 @@ class TokenQuotaHandler:
                 self._settle_in_redis_later(kong, state, counters, amounts)  # fail_open (never on the healthy path)
         metrics.QUOTA_SETTLE_LATENCY.observe((time.perf_counter() - started) * 1000)
         self._gauge(state.get("tag", ""), counters, values)
-        model, tag = state.get("model_label", ""), state.get("tag", "")
+        model, tag = state.get("metric_model", ""), metrics.consumer_label(state.get("tag", ""))
         for token_type, n in (("prompt", charge.prompt_tokens), ("completion", charge.completion_tokens),
                               ("total", charge.total_tokens), ("cached", charge.cached_tokens),
                               ("reasoning", charge.reasoning_tokens)):
@@ -622,16 +624,19 @@ class TokenQuotaHandler:
         defer(state["tag"], state["rid"], counters, amounts, q.reservation_ttl_s, time.time())
 
     def _gauge(self, tag: str, counters: list[Counter], values: list[int]) -> None:
+        consumer = metrics.CONSUMERS(tag)
+        if consumer is None:
+            return  # past --metrics-max-consumers: an "other" gauge would show whoever came last
         for c, v in zip(counters, values):
             remaining = max(0, c.limit - int(v))
-            metrics.QUOTA_REMAINING.labels(tag, c.label, c.window).set(
+            metrics.QUOTA_REMAINING.labels(consumer, c.label, c.window).set(
                 nano_to_usd(remaining) if c.metric == "cost" else remaining)
 
     def _reject(self, kong: Any, counters: list[Counter], values: list[int], blocked: int, amounts: list[int],
                 tag: str, now: float) -> None:
         counter = counters[blocked]
         body, retry_after = rejection_body(counter, values[blocked], amounts[blocked], now)
-        metrics.QUOTA_REJECTIONS.labels(tag, counter.label, counter.window).inc()
+        metrics.QUOTA_REJECTIONS.labels(metrics.consumer_label(tag), counter.label, counter.window).inc()
         self._gauge(tag, counters, values)
         headers = {"Content-Type": "application/json", "Retry-After": str(retry_after)}
         if self.quota is not None and not self.quota.hide_client_headers:

@@ -28,6 +28,14 @@ _NS = uuid.UUID("5e0c6b1c-7d2a-4f0e-9a31-6b6e67cfa1a0")  # stable ids for entiti
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 
 
+# Kong scopes a plugin to a consumer group (ai-gateway-peers.md: "attach the plugin to a consumer
+# or consumer group"), a precedence level the stand-in's plugin resolution does not have: reject
+# it rather than run the plugin for every consumer of the route.
+_NO_CONSUMER_GROUPS = ("{where}: consumer groups are not implemented by the Kong stand-in, and "
+                       "ignoring them would apply a group's plugin to every consumer; scope the "
+                       "plugin to a consumer, route, service or globally instead")
+
+
 class DeclarativeError(ValueError):
     """The kong.yml cannot be loaded; the message names the entity and what is wrong."""
 
@@ -337,6 +345,8 @@ class _Loader:
         for key in self.doc:
             if key not in allowed:
                 raise DeclarativeError(f"unknown top-level key '{key}'")
+        if self.doc.get("consumer_groups"):
+            raise DeclarativeError(_NO_CONSUMER_GROUPS.format(where="consumer_groups"))
         for i, s in enumerate(self._list(self.doc, "services", "")):
             self._service(s, f"services[{i}]")
         for i, r in enumerate(self._list(self.doc, "routes", "")):
@@ -514,6 +524,8 @@ class _Loader:
         self._check_keys(p, {"id", "name", "config", "enabled", "route", "service", "consumer",
                              "protocols", "tags", "instance_name", "ordering",
                              "consumer_group"}, where)
+        if p.get("consumer_group"):
+            raise DeclarativeError(_NO_CONSUMER_GROUPS.format(where=f"{where}.consumer_group"))
         name = self._get(p, "name", where)
         config = p.get("config") or {}
         if not isinstance(config, dict):

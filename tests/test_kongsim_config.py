@@ -194,6 +194,11 @@ def test_plugin_resolution_most_specific_scope_wins() -> None:
     ({"_format_version": "3.0", "plugins": [{"name": "p"}, {"name": "p"}]}, "configured twice"),
     ({"_format_version": "3.0", "consumers": [{"username": "a", "keyauth_credentials": [{}]}]},
      "consumers[0].keyauth_credentials[0].key: required field missing"),
+    # consumer groups: a precedence level the stand-in does not have, so never silently ignored
+    ({"_format_version": "3.0", "plugins": [{"name": "p", "consumer_group": "gold"}]},
+     "plugins[0].consumer_group: consumer groups are not implemented by the Kong stand-in"),
+    ({"_format_version": "3.0", "consumer_groups": [{"name": "gold"}]},
+     "consumer_groups: consumer groups are not implemented"),
 ])
 def test_declarative_errors_name_the_entity(doc: dict, message: str) -> None:
     with pytest.raises(declarative.DeclarativeError) as err:

@@ -526,6 +526,11 @@ class _Loader:
                              "consumer_group"}, where)
         if p.get("consumer_group"):
             raise DeclarativeError(_NO_CONSUMER_GROUPS.format(where=f"{where}.consumer_group"))
+        if p.get("ordering"):
+            # Dynamic plugin ordering (Kong Enterprise) changes which plugin runs first; running
+            # by priority while accepting it would, e.g., put the cache before the quota.
+            raise DeclarativeError(f"{where}.ordering: dynamic plugin ordering is not implemented by "
+                                   "the Kong stand-in, which runs plugins by priority only")
         name = self._get(p, "name", where)
         config = p.get("config") or {}
         if not isinstance(config, dict):

@@ -199,6 +199,8 @@ def test_plugin_resolution_most_specific_scope_wins() -> None:
      "plugins[0].consumer_group: consumer groups are not implemented by the Kong stand-in"),
     ({"_format_version": "3.0", "consumer_groups": [{"name": "gold"}]},
      "consumer_groups: consumer groups are not implemented"),
+    ({"_format_version": "3.0", "plugins": [{"name": "p", "ordering": {"before": {"access": ["q"]}}}]},
+     "plugins[0].ordering: dynamic plugin ordering is not implemented"),
 ])
 def test_declarative_errors_name_the_entity(doc: dict, message: str) -> None:
     with pytest.raises(declarative.DeclarativeError) as err:

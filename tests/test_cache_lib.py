@@ -233,3 +233,37 @@ def test_reads_whole_follows_the_tokenizer_not_the_length() -> None:
         assert [emb.reads_whole(text) for _ in range(3)] == [True] * 3 and calls == [len(text)]
     finally:
         emb._fits = real_fits
+
+
+def test_memory_store_search_matches_brute_force_through_churn() -> None:
+    """Puts, re-puts of a key, LRU evictions and expiries in two scopes: every search returns the
+    true nearest live entries of its own scope among those the store holds (rows move when
+    entries leave, so a stale row map would return a wrong or another scope's entry)."""
+    from aigov.cache.key import CacheScope
+    from aigov.cache.policies import CacheEntry
+
+    rng = np.random.default_rng(7)
+    store = MemoryStore("churn", max_entries=300)
+    scopes = [CacheScope("churn", c, "r", "m", "x", "p") for c in ("a", "b")]
+    latest: dict[str, np.ndarray] = {}
+    now = time.time()
+    searched = 0
+    for step in range(3000):
+        which = int(rng.integers(2))
+        key = f"k{int(rng.integers(700))}"  # repeats: a re-put replaces the entry and its vector
+        vec = rng.normal(size=16).astype(np.float32)
+        vec /= np.linalg.norm(vec)
+        expires = now - 1 if step % 97 == 0 else now + 3600  # a few are stored already expired
+        store.put(scopes[which], vec, CacheEntry(key, key, {}, "m", None, now, expires))
+        latest[key] = vec
+        if step % 25 == 24:
+            for s in range(2):
+                query = rng.normal(size=16).astype(np.float32)
+                query /= np.linalg.norm(query)
+                held = [(k, float(latest[k] @ query)) for k, (bucket, e) in store._entries.items()
+                        if bucket == scopes[s].bucket and e.expires_at > time.time()]
+                want = [k for k, _ in sorted(held, key=lambda kv: -kv[1])[:3]]
+                got = [e.key for e, _ in store.search(scopes[s], query, 3, -1.0)]
+                assert got == want, (step, s)
+                searched += 1
+    assert searched == 240 and 250 <= len(store) <= 300

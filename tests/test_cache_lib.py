@@ -267,3 +267,27 @@ def test_memory_store_search_matches_brute_force_through_churn() -> None:
                 assert got == want, (step, s)
                 searched += 1
     assert searched == 240 and 250 <= len(store) <= 300
+
+
+def test_memory_store_bounds_bytes() -> None:
+    """max_memory_mb: big answers evict the least recently used entries by size, and an entry
+    bigger than the whole budget is not kept."""
+    from aigov.cache.key import CacheScope
+    from aigov.cache.policies import CacheEntry
+
+    store = MemoryStore("bytes", max_entries=1000, max_bytes=200_000)
+    scope = CacheScope("bytes", "c", "r", "m", "x", "p")
+    vec = np.ones(8, dtype=np.float32) / np.sqrt(8)
+    now = time.time()
+    big = {"choices": [{"message": {"content": "x" * 30_000}}]}
+    for i in range(10):
+        store.put(scope, vec, CacheEntry(f"k{i}", f"p{i}", big, "m", None, now, now + 60))
+    assert store.bytes <= 200_000
+    assert 2 <= len(store) <= 3
+    assert store.get_exact(scope, "k9") is not None and store.get_exact(scope, "k0") is None
+    huge = {"choices": [{"message": {"content": "y" * 150_000}}]}
+    store.put(scope, vec, CacheEntry("k9", "p9", huge, "m", None, now, now + 60))
+    assert store.get_exact(scope, "k9") is None  # replaced by nothing: too big to keep
+    assert store.bytes == sum(store.entry_bytes(e, 8) for _, e in store._entries.values())
+    store.purge()
+    assert store.bytes == 0 and len(store) == 0

@@ -46,6 +46,7 @@ class CacheSettings:
     threshold: float = DEFAULT_THRESHOLD
     namespace: str = "aigov"
     max_entries: int = 10000
+    max_memory_mb: int = 256
     redis: dict[str, Any] = field(default_factory=dict)
     embeddings: dict[str, Any] = field(default_factory=dict)
     cache_ttl: int = 300
@@ -122,6 +123,7 @@ class CacheSettings:
         return cls(
             strategy=strategy, threshold=float(threshold), namespace=str(namespace),
             max_entries=pos_int("vectordb.max_entries", vdb.get("max_entries"), 10000),
+            max_memory_mb=pos_int("vectordb.max_memory_mb", vdb.get("max_memory_mb"), 256),
             redis=dict(vdb.get("redis") or {}), embeddings=dict(emb),
             cache_ttl=pos_int("cache_ttl", conf.get("cache_ttl"), 300),
             scope=scope, message_countback=pos_int("message_countback", conf.get("message_countback"), 1),
@@ -160,7 +162,7 @@ def make_store(settings: CacheSettings) -> CacheStore:
         return RedisStore(layer_from_config(settings.redis), settings.namespace, settings.embeddings_model)
     from aigov.cache.policies.memory import shared_memory_store
 
-    return shared_memory_store(settings.namespace, settings.max_entries)
+    return shared_memory_store(settings.namespace, settings.max_entries, settings.max_memory_mb * 1024 * 1024)
 
 
 class SemanticCache:

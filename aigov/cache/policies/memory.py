@@ -6,6 +6,8 @@ dimension at module level, so a Kong config change (which rebuilds plugin instan
 """
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -15,6 +17,8 @@ import numpy as np
 
 from aigov.cache.key import CacheScope
 from aigov.cache.policies import CacheEntry
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # vectordb.max_memory_mb's default
 
 
 class _Bucket:
@@ -68,18 +72,28 @@ class _Bucket:
 class MemoryStore:
     name = "memory"
 
-    def __init__(self, namespace: str, max_entries: int = 10000) -> None:
+    def __init__(self, namespace: str, max_entries: int = 10000, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.namespace = namespace
         self.max_entries = max(1, int(max_entries))
+        self.max_bytes = max(1, int(max_bytes))
         self._lock = threading.Lock()
         self._entries: "OrderedDict[str, tuple[str, CacheEntry]]" = OrderedDict()  # key -> (bucket, entry), LRU order
         self._buckets: dict[str, _Bucket] = {}
+        self._sizes: dict[str, int] = {}   # key -> estimated bytes
+        self.bytes = 0
+
+    @staticmethod
+    def entry_bytes(entry: CacheEntry, dim: int) -> int:
+        """What an entry holds in memory, estimated: its prompt string, twice its answer's JSON
+        (parsed dicts and strings take more than their text) and its vector row."""
+        return sys.getsizeof(entry.prompt) + 2 * len(json.dumps(entry.response, default=str)) + 4 * dim + 512
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def _drop(self, key: str) -> None:
         bucket_id, _ = self._entries.pop(key)
+        self.bytes -= self._sizes.pop(key, 0)
         bucket = self._buckets.get(bucket_id)
         if bucket is not None:
             bucket.remove(key)
@@ -138,16 +152,21 @@ class MemoryStore:
         return None, self.search(scope, vector, k, min_similarity)
 
     def put(self, scope: CacheScope, vector: np.ndarray, entry: CacheEntry) -> None:
+        size = self.entry_bytes(entry, int(vector.shape[-1]))
         with self._lock:
             if entry.key in self._entries:
                 self._drop(entry.key)
+            if size > self.max_bytes:
+                return  # bigger than the whole budget: not kept (a miss next time, never an error)
             bucket = self._buckets.get(scope.bucket)
             if bucket is None or bucket.dim != vector.shape[-1]:
                 bucket = self._buckets[scope.bucket] = _Bucket(int(vector.shape[-1]))
             bucket.add(entry.key, vector)
             self._entries[entry.key] = (scope.bucket, entry)
+            self._sizes[entry.key] = size
+            self.bytes += size
             now = time.time()
-            while len(self._entries) > self.max_entries:
+            while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
                 oldest = next(iter(self._entries))
                 self._drop(oldest)  # least recently used (hits move entries to the end)
             # expired entries are also dropped lazily on read; sweep a few here to bound memory
@@ -159,6 +178,8 @@ class MemoryStore:
             n = len(self._entries)
             self._entries.clear()
             self._buckets.clear()
+            self._sizes.clear()
+            self.bytes = 0
             return n
 
 
@@ -166,11 +187,13 @@ _STORES: dict[str, MemoryStore] = {}
 _STORES_LOCK = threading.Lock()
 
 
-def shared_memory_store(namespace: str, max_entries: int = 10000) -> MemoryStore:
-    """The process-wide memory store of a namespace (its size bound follows the latest config)."""
+def shared_memory_store(namespace: str, max_entries: int = 10000,
+                        max_bytes: int = DEFAULT_MAX_BYTES) -> MemoryStore:
+    """The process-wide memory store of a namespace (its size bounds follow the latest config)."""
     with _STORES_LOCK:
         store = _STORES.get(namespace)
         if store is None:
-            store = _STORES[namespace] = MemoryStore(namespace, max_entries)
+            store = _STORES[namespace] = MemoryStore(namespace, max_entries, max_bytes)
         store.max_entries = max(1, int(max_entries))
+        store.max_bytes = max(1, int(max_bytes))
         return store

@@ -29,6 +29,8 @@ SCHEMA: list[Field] = [
               default="aigov", len_min=1, len_max=64),
         field("max_entries", "integer", "Memory strategy: most entries kept per namespace (LRU eviction).",
               default=10000, between=[1, 10000000]),
+        field("max_memory_mb", "integer", "Memory strategy: most megabytes of prompts, answers and vectors "
+              "kept per namespace, estimated (LRU eviction).", default=256, between=[1, 1048576]),
         redis_record("Redis connection used when the strategy is redis (needs RediSearch / Redis 8)."),
     ], required=True),
     field("cache_ttl", "integer", "Seconds an entry lives (absolute: a hit does not extend it).",

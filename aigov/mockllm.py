@@ -5,7 +5,7 @@ GET /v1/models, GET /health, GET /mock/stats, POST /mock/reset.
 
 Answers are derived from the prompt ("Answer to: <last user text> [<hash of model+messages>]"),
 `usage` is counted with aigov.tokens, and `max_tokens` / `max_completion_tokens` truncate the
-answer with finish_reason "length".
+answer with finish_reason "length"; `n` returns that many choices (the same text), each billed.
 
 Chat requests are validated like OpenAI's endpoint (`check_chat_request`): wrong types or values
 of messages, roles, contents and the common sampling/stream parameters, unparseable JSON and
@@ -575,7 +575,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             answer_tokens, finish_reason = answer_tokens[:limit], "length"
         content = encoding.decode(answer_tokens)
         prompt_tokens = tokens.count_chat_messages(messages, model, body.get("tools"))
-        completion_tokens = tokens.count_text(content, model)
+        n = body.get("n") or 1  # check_chat_request has checked it: an integer in 1..128
+        completion_tokens = tokens.count_text(content, model) * n  # OpenAI bills every choice
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
         if usage_override:
@@ -583,9 +584,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         completion = {
             "id": f"chatcmpl-mock-{self._request_id}", "object": "chat.completion",
             "created": int(time.time()), "model": model, "system_fingerprint": "fp_aigov_mock",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": content,
                                                   "refusal": None},
-                         "logprobs": None, "finish_reason": finish_reason}],
+                         "logprobs": None, "finish_reason": finish_reason} for i in range(n)],
             "usage": usage,
         }
         if usage_mode == "none":

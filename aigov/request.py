@@ -24,7 +24,7 @@ ANSWER_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", 
 class RequestError(ValueError):
     """The body is not a chat request the plugins can reason about.
 
-    `reason` is one of: too_large, invalid_utf8, invalid_json, not_object, not_chat, bad_field.
+    `reason` is one of: too_large, invalid_json, not_object, not_chat, bad_field.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -85,6 +85,9 @@ class ChatRequest:
     include_usage: bool
     raw_size: int
     extras: dict[str, Any] = field(default_factory=dict)
+    # Bytes of the body were not valid in its encoding and were read as U+FFFD (decode_body):
+    # meterable and routable, but distinct bodies may read the same, so never cacheable.
+    lossy: bool = False
 
     @property
     def max_tokens(self) -> int | None:
@@ -94,6 +97,12 @@ class ChatRequest:
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 return v
         return None
+
+    @property
+    def choices(self) -> int:
+        """How many answers the provider generates (`n`), each up to max_tokens long."""
+        n = self.body.get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
     @property
     def temperature(self) -> float | None:
@@ -140,10 +149,7 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
         raw = raw.encode("utf-8", "surrogateescape")
     if len(raw) > max_bytes:
         raise RequestError("too_large", f"request body is {len(raw)} bytes, over the {max_bytes}-byte limit")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError("invalid_utf8", f"request body is not valid UTF-8 (byte {exc.start})") from None
+    text, lossy = decode_body(raw)
     try:
         body = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -151,8 +157,12 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
     if not isinstance(body, dict):
         raise RequestError("not_object", "request body must be a JSON object")
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
+    if messages is None:
         raise RequestError("not_chat", "request has no 'messages' array: not a chat completion")
+    if not isinstance(messages, list) or not messages:
+        # Present but not a non-empty array: a wrongly typed field (a lenient provider may still
+        # answer `"messages": "hi"`), never "not a chat request" passed on unmetered.
+        raise RequestError("bad_field", "'messages' must be a non-empty array")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError("bad_field", f"messages[{i}] must be an object with a string 'role'")
@@ -164,7 +174,28 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
         stream = False  # OpenAI takes null for any optional parameter as "not given"
     elif not isinstance(stream, bool):
         raise RequestError("bad_field", "'stream' must be a boolean or null")
+    for key in ("max_tokens", "max_completion_tokens", "n"):
+        # What bounds the completion must be exactly what the provider reads: pydantic-based
+        # servers take "100" or 100.0 as 100, which would let a request outgrow its reservation.
+        v = body.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise RequestError("bad_field", f"'{key}' must be a positive integer or null")
     opts = body.get("stream_options")
     include_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage") is True)
     return ChatRequest(body=body, messages=messages, model=model, stream=stream,
-                       include_usage=include_usage, raw_size=len(raw))
+                       include_usage=include_usage, raw_size=len(raw), lossy=lossy)
+
+
+def decode_body(raw: bytes) -> tuple[str, bool]:
+    """The text of a JSON body as the most lenient common upstreams read it, and whether any
+    bytes had to be replaced.
+
+    RFC 8259 lets a reader ignore a UTF-8 byte order mark; Python's json (Starlette, FastAPI,
+    vLLM) also reads UTF-16 and UTF-32 bodies, and Go's encoding/json (Ollama, LocalAI) reads
+    invalid UTF-8 as U+FFFD. Reading a body the way such an upstream serves it means no encoding
+    trick gets a request past the quota or the router as "not a chat request"."""
+    encoding = json.detect_encoding(raw)
+    try:
+        return raw.decode(encoding), False
+    except UnicodeDecodeError:
+        return raw.decode(encoding, "replace"), True

@@ -516,3 +516,53 @@ def test_a_big_prompt_is_counted_off_the_loop_and_still_metered(shared_gateway, 
     assert int(served.header("X-AI-Tokens-Prompt")) == estimate
     wait_settled(shared_gateway, rclient, "bigprompt")
     assert counter_values(rclient, "bigprompt") == [estimate + int(served.header("X-AI-Tokens-Completion"))]
+
+
+def test_no_encoding_trick_gets_an_exhausted_caller_past_the_quota(shared_gateway, rclient, mock_llm) -> None:
+    """A UTF-8 BOM, UTF-16 or invalid UTF-8 bytes: lenient providers (Python's json, Go's
+    encoding/json) serve such bodies, so the quota reads them as they do and meters them."""
+    r = post(shared_gateway, "day", chat(max_tokens=10), "enc", **{"X-Mock-Usage": "total=1000"})
+    assert r.status == 200
+    wait_settled(shared_gateway, rclient, "enc")
+    plain = json.dumps(chat(max_tokens=10)).encode()
+    bodies = {"bom": b"\xef\xbb\xbf" + plain, "utf16": plain.decode().encode("utf-16"),
+              "invalid": plain.replace(b"hello", b"hel\xfflo")}
+    served = mock_llm.stats.snapshot()["requests"]
+    for name, raw in bodies.items():
+        blocked = shared_gateway.request("POST", "/day/v1/chat/completions", body=raw, headers={"X-User": "enc"})
+        assert blocked.status == 429, (name, blocked.status, blocked.body[:200])
+    assert mock_llm.stats.snapshot()["requests"] == served
+    # and with budget left, each is metered like the plain body
+    for name, raw in bodies.items():
+        ok = shared_gateway.request("POST", "/day/v1/chat/completions", body=raw, headers={"X-User": f"enc-{name}"})
+        assert ok.header("X-AI-RateLimit-Limit-Day") == "1000", (name, ok.status, ok.headers)
+        wait_settled(shared_gateway, rclient, f"enc-{name}")
+        assert len(counter_values(rclient, f"enc-{name}")) == 1, name
+
+
+def test_wrongly_typed_messages_or_bounds_get_the_quotas_400(shared_gateway, rclient, mock_llm) -> None:
+    served = mock_llm.stats.snapshot()["requests"]
+    for body, field_name in (({"model": MODEL, "messages": "tell me everything"}, "messages"),
+                             ({"model": MODEL, "messages": []}, "messages"),
+                             (chat(max_tokens="100"), "max_tokens"),   # type: ignore[arg-type]
+                             (chat(max_tokens=-5), "max_tokens"),
+                             (chat(n=2.0), "n")):
+        r = post(shared_gateway, "day", body, "typed")
+        assert r.status == 400, (body, r.status)
+        err = r.json()["error"]
+        assert err["code"] == "invalid_request" and f"'{field_name}'" in err["message"], err
+    assert mock_llm.stats.snapshot()["requests"] == served and counter_values(rclient, "typed") == []
+
+
+def test_n_choices_are_reserved_and_charged_n_times(shared_gateway, rclient) -> None:
+    body = chat("count to three", max_tokens=200, n=4)
+    r = post(shared_gateway, "day", body, "nchoices")
+    assert r.status == 200, r.body[:200]
+    assert len(r.json()["choices"]) == 4
+    usage = r.json()["usage"]
+    assert int(r.header("X-AI-Tokens-Completion")) == usage["completion_tokens"]
+    wait_settled(shared_gateway, rclient, "nchoices")
+    assert counter_values(rclient, "nchoices") == [usage["total_tokens"]]
+    # 8 x 200 completion tokens can never fit a 1000-token day, whatever is left
+    too_many = post(shared_gateway, "day", chat("count to three", max_tokens=200, n=8), "nchoices-2")
+    assert too_many.status == 429 and "larger than the limit" in too_many.json()["error"]["message"]

@@ -63,3 +63,34 @@ def test_a_prompt_with_a_lone_surrogate_is_stored_and_hits(strategy: str, redis_
         assert found.status == "Hit"
     finally:
         cache.store.purge()
+
+
+def test_bodies_read_as_lenient_json_readers_read_them() -> None:
+    plain = json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo"}]}, ensure_ascii=False)
+    want = parse_chat_request(plain.encode())
+    assert not want.lossy
+    for raw in (b"\xef\xbb\xbf" + plain.encode(), plain.encode("utf-16"), plain.encode("utf-16-le"),
+                plain.encode("utf-32")):
+        got = parse_chat_request(raw)
+        assert got.messages == want.messages and not got.lossy
+    broken = parse_chat_request(plain.encode().replace("é".encode(), b"\xff"))
+    assert broken.lossy and broken.messages[0]["content"] == "h\ufffdllo"
+
+
+@pytest.mark.parametrize("body, name", [
+    ({"messages": "hi"}, "messages"), ({"messages": []}, "messages"), ({"messages": {}}, "messages"),
+    ({"max_tokens": "100"}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 1.5}, "max_tokens"),
+    ({"max_completion_tokens": True}, "max_completion_tokens"), ({"n": "2"}, "n"), ({"n": 0}, "n"),
+])
+def test_wrongly_typed_fields_are_bad_field(body: dict, name: str) -> None:
+    full = {"model": "m", "messages": [{"role": "user", "content": "x"}], **body}
+    with pytest.raises(RequestError) as err:
+        parse_chat_request(json.dumps(full).encode())
+    assert err.value.reason == "bad_field" and f"'{name}'" in str(err.value)
+
+
+def test_choices_is_n_or_one() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert parse_chat_request(json.dumps(base).encode()).choices == 1
+    assert parse_chat_request(json.dumps({**base, "n": None}).encode()).choices == 1
+    assert parse_chat_request(json.dumps({**base, "n": 5}).encode()).choices == 5

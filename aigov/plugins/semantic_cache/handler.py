@@ -134,6 +134,9 @@ class SemanticCacheHandler:
         except RequestError as exc:
             self._bypass(kong, exc.reason)
             return
+        if request.lossy:  # bytes read as U+FFFD: two different bodies could share an answer
+            self._bypass(kong, "invalid_utf8", request.model)
+            return
         cache_control = _header(headers, "cache-control")
         if no_store_requested(cache_control):
             self._bypass(kong, "no-store", request.model)

@@ -268,7 +268,9 @@ class TokenQuotaHandler:
             prompt_est = cooperative.run_blocking(tokens.count_chat_messages, *count_args)
         else:
             prompt_est = tokens.count_chat_messages(*count_args)
-        completion_est = request.max_tokens or q.completion_estimate_tokens
+        # n choices are each up to max_tokens long: the bound is the product (the prompt is
+        # billed once).
+        completion_est = (request.max_tokens or q.completion_estimate_tokens) * request.choices
         estimate = Charge(prompt_est, completion_est, prompt_est + completion_est,
                           price.estimate_nano(prompt_est, completion_est))
         now = time.time()

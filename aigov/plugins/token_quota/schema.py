@@ -56,7 +56,7 @@ SCHEMA: list[Field] = [
           "Redis down: fail_open serves and counts in local memory; fail_closed answers 503.",
           one_of=["fail_open", "fail_closed"], default="fail_open"),
     field("on_malformed_request", "string",
-          "Body that is not a readable chat request (not UTF-8 or JSON, no messages): pass it on "
+          "Body that is not a readable chat request (not JSON in any encoding, no messages): pass it on "
           "unmetered, or reject it with 400. A chat request with a wrongly typed field is always "
           "rejected with 400, as OpenAI does.",
           one_of=["pass", "reject"], default="pass"),

@@ -464,6 +464,10 @@ class Gateway:
 
     def _upstream_error(self, wk: Any, ctx: RequestContext, collected: list[Any], t0: float,
                         status: int, message: str) -> Response:
+        if ctx.service_status is None:
+            # No upstream answer: nginx's $upstream_status (what Kong's serializer and
+            # kong.service.response.get_status read) is the 502 or 504 nginx generated itself.
+            ctx.service_status = status
         ctx.exit_response = (status, json.dumps({"message": message,
                                                  "request_id": ctx.request_id}).encode(),
                              Headers([("Content-Type", JSON_CT)]))

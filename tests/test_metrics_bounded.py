@@ -104,7 +104,7 @@ def test_client_chosen_models_and_callers_stay_bounded(gateway: dict[str, Any]) 
     gauged = values("ai_quota_remaining", "consumer")
     assert len(gauged) == MAX_CONSUMERS and "other" not in gauged, gauged
     # folding labels loses no accounting: every prompt token the quota reported is counted
-    assert metric_sum(samples, "ai_llm_tokens_total", token_type="prompt") == prompt_tokens
+    assert metric_sum(samples, "ai_llm_tokens_total", token_type="prompt_tokens") == prompt_tokens
     assert metric_sum(samples, "ai_quota_unknown_model_total") == n_models
     assert metric_sum(samples, "ai_llm_requests_total") == n_models
     assert metric_sum(samples, "ai_metrics_label_overflow_total", label="ai_model") > 0

@@ -126,12 +126,12 @@ def test_metrics_and_serializer_match_the_traffic(observed: dict[str, Any]) -> N
         spent = [u for r, u in mine if r.header("X-Cache-Status") != "Hit"]
         saved = [u for r, u in mine if r.header("X-Cache-Status") == "Hit"]
         tag = tags[user]
-        assert delta("ai_llm_tokens_total", token_type="prompt", consumer=tag) == sum(u["prompt_tokens"] for u in spent)
-        assert delta("ai_llm_tokens_total", token_type="completion", consumer=tag) == \
+        assert delta("ai_llm_tokens_total", token_type="prompt_tokens", consumer=tag) == sum(u["prompt_tokens"] for u in spent)
+        assert delta("ai_llm_tokens_total", token_type="completion_tokens", consumer=tag) == \
             sum(u["completion_tokens"] for u in spent)
-        assert delta("ai_llm_tokens_total", token_type="saved_prompt", consumer=tag) == \
+        assert delta("ai_llm_tokens_total", token_type="saved_prompt_tokens", consumer=tag) == \
             sum(u["prompt_tokens"] for u in saved)
-        assert delta("ai_llm_tokens_total", token_type="saved_completion", consumer=tag) == \
+        assert delta("ai_llm_tokens_total", token_type="saved_completion_tokens", consumer=tag) == \
             sum(u["completion_tokens"] for u in saved)
         # the quota's response headers report the same metering as the counters
         for r, u in mine:

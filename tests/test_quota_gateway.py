@@ -566,3 +566,27 @@ def test_n_choices_are_reserved_and_charged_n_times(shared_gateway, rclient) -> 
     # 8 x 200 completion tokens can never fit a 1000-token day, whatever is left
     too_many = post(shared_gateway, "day", chat("count to three", max_tokens=200, n=8), "nchoices-2")
     assert too_many.status == 429 and "larger than the limit" in too_many.json()["error"]["message"]
+
+
+def test_an_upstream_timeout_keeps_the_reservation(redis_server, mock_llm, rclient) -> None:
+    """Kong's 504 (read_timeout): the request reached the provider, which may bill the whole
+    answer, so the reservation is charged, not released; a refused connection (502) is released."""
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    decl = kong_yml(mock_llm.url, {"t": [quota_plugin(port, limits=[{"window": "day", "tokens": 100000}])]})
+    decl["services"][0]["read_timeout"] = 1000
+    decl["services"].append({"name": "dead", "url": "http://127.0.0.1:1", "routes": [
+        {"name": "dead", "paths": ["/dead"], "strip_path": True,
+         "plugins": [quota_plugin(port, limits=[{"window": "day", "tokens": 100000}])]}]})
+    gw = start_gateway(decl, server="aigov", pythonpath=str(REPO))
+    try:
+        body = chat("will you answer in time", max_tokens=50)
+        r = post(gw, "t", body, "slowpoke", **{"X-Mock-Fail": "timeout"})
+        assert r.status == 504
+        wait_settled(gw, rclient, "slowpoke")
+        assert counter_values(rclient, "slowpoke") == [prompt_tokens(body) + 50]
+        refused = post(gw, "dead", body, "refused")
+        assert refused.status == 502
+        wait_settled(gw, rclient, "refused")
+        assert counter_values(rclient, "refused") in ([], [0])
+    finally:
+        gw.close()

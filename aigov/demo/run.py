@@ -498,12 +498,12 @@ def cross_checks(summary: Mapping[str, Any], results: Sequence[Mapping[str, Any]
         tag = by_user.get(name, "")
         checks[f"tokens_spent[{name}]"] = check(
             c["spent"]["total_tokens"],
-            delta("ai_llm_tokens_total", token_type="prompt", consumer=tag)
-            + delta("ai_llm_tokens_total", token_type="completion", consumer=tag))
+            delta("ai_llm_tokens_total", token_type="prompt_tokens", consumer=tag)
+            + delta("ai_llm_tokens_total", token_type="completion_tokens", consumer=tag))
         checks[f"tokens_saved[{name}]"] = check(
             c["saved"]["total_tokens"],
-            delta("ai_llm_tokens_total", token_type="saved_prompt", consumer=tag)
-            + delta("ai_llm_tokens_total", token_type="saved_completion", consumer=tag))
+            delta("ai_llm_tokens_total", token_type="saved_prompt_tokens", consumer=tag)
+            + delta("ai_llm_tokens_total", token_type="saved_completion_tokens", consumer=tag))
         checks[f"quota_rejections[{name}]"] = check(c["quota"]["rejections"],
                                                    delta("ai_quota_rejections_total", consumer=tag))
     for route, r in summary["routing"]["routes"].items():

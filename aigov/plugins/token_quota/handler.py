@@ -459,7 +459,7 @@ class TokenQuotaHandler:
             saved = _as_dict(cache.get("usage")) or _as_dict(shared.get("tokens_saved"))
             for token_type in ("prompt_tokens", "completion_tokens"):
                 if _num(saved.get(token_type)):
-                    metrics.LLM_TOKENS.labels(state.get("metric_model", ""), f"saved_{token_type.split('_')[0]}",
+                    metrics.LLM_TOKENS.labels(state.get("metric_model", ""), f"saved_{token_type}",
                                               metrics.consumer_label(state.get("tag", ""))).inc(_num(saved.get(token_type)))
             state["tokens_saved"] = {k: _num(saved.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         elif CAPTURE_PHASE == "log":
@@ -482,8 +482,11 @@ class TokenQuotaHandler:
                 kong.log.warn("llm-token-quota: no response phase ran but ai-proxy logged usage: is "
                               "AIGOV_CAPTURE_PHASE=log missing from nginx_main_env? (settled from the log)")
             elif service_status is not None and 200 <= service_status < 300:
-                est = state["estimate"]
-                charge = Charge(int(est[0]), int(est[1]), int(est[0]) + int(est[1]), int(est[2]), source="cut")
+                charge = self._reservation_kept(state, "cut")
+            elif service_status == 504:
+                # Kong timed out waiting for the answer (nginx's 504): the request reached the
+                # provider, which may have generated, and billed, all of it.
+                charge = self._reservation_kept(state, "timeout")
             else:
                 charge = Charge.zero("released")
         self._settle(kong, state, charge)
@@ -554,13 +557,20 @@ class TokenQuotaHandler:
             prompt, completion = _num(m.get("llm_prompt_tokens_count")), _num(m.get("llm_completion_tokens_count"))
         if prompt or completion or total:
             return charge_from_usage(price, prompt, completion, total)
+        if _upstream_status(logged) == 504:
+            return self._reservation_kept(state, "timeout")  # as in _log: the provider may bill it
         status = int(value(kong.response.get_status()) or 0)
         if status >= 400 or status == 0:
             return Charge.zero("released")
         # Served, but ai-proxy logged no usage (log_statistics off): keep the estimate, which is
         # an upper bound when max_tokens was set.
+        return self._reservation_kept(state, "estimate")
+
+    @staticmethod
+    def _reservation_kept(state: dict[str, Any], source: str) -> Charge:
+        """The reservation (prompt estimate + max completion) as the charge: an upper bound."""
         est = state["estimate"]
-        return Charge(int(est[0]), int(est[1]), int(est[0]) + int(est[1]), int(est[2]), source="estimate")
+        return Charge(int(est[0]), int(est[1]), int(est[0]) + int(est[1]), int(est[2]), source=source)
 
     def _settle(self, kong: Any, state: dict[str, Any], charge: Charge,
                 pending: Any = None) -> tuple[list[Counter], list[int]]:
@@ -598,9 +608,11 @@ class TokenQuotaHandler:
         metrics.QUOTA_SETTLE_LATENCY.observe((time.perf_counter() - started) * 1000)
         self._gauge(state.get("tag", ""), counters, values)
         model, tag = state.get("metric_model", ""), metrics.consumer_label(state.get("tag", ""))
-        for token_type, n in (("prompt", charge.prompt_tokens), ("completion", charge.completion_tokens),
-                              ("total", charge.total_tokens), ("cached", charge.cached_tokens),
-                              ("reasoning", charge.reasoning_tokens)):
+        # Kong's ai_llm_tokens_total token_type values (prompt_tokens, completion_tokens,
+        # total_tokens), and the same shape for the two Kong does not count.
+        for token_type, n in (("prompt_tokens", charge.prompt_tokens), ("completion_tokens", charge.completion_tokens),
+                              ("total_tokens", charge.total_tokens), ("cached_tokens", charge.cached_tokens),
+                              ("reasoning_tokens", charge.reasoning_tokens)):
             if n:
                 metrics.LLM_TOKENS.labels(model, token_type, tag).inc(n)
         if charge.cost_nano:

@@ -182,10 +182,22 @@ def encoding_name_for(model: Any) -> str:
     return DEFAULT_ENCODING
 
 
+_LOADED: set[str] = set()  # encoding names whose BPE ranks this process has read
+
+
 @functools.lru_cache(maxsize=256)  # bounded: model names come from client requests
 def _encoding_for_cached(model: Any) -> tiktoken.Encoding:
     ensure_offline_encodings()
-    return tiktoken.get_encoding(encoding_name_for(model))
+    name = encoding_name_for(model)
+    encoding = tiktoken.get_encoding(name)
+    _LOADED.add(name)
+    return encoding
+
+
+def encoding_ready(model: Any) -> bool:
+    """Whether counting for `model` is already cheap: reading an encoding the first time takes
+    0.3-0.8 s, which a caller on an event loop should do off it."""
+    return encoding_name_for(model) in _LOADED
 
 
 def encoding_for(model: Any) -> tiktoken.Encoding:

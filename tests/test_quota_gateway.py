@@ -3,6 +3,7 @@ real tiktoken, the mock LLM upstream (the only mocked part)."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -590,3 +591,22 @@ def test_an_upstream_timeout_keeps_the_reservation(redis_server, mock_llm, rclie
         assert counter_values(rclient, "refused") in ([], [0])
     finally:
         gw.close()
+
+
+def test_the_first_request_does_not_stall_the_plugin_servers_loop(redis_server, mock_llm, caplog) -> None:
+    """Reading a tiktoken encoding the first time takes up to 0.8 s: the quota does it off the
+    loop, so the server never logs the stalled-handler warning (and moves no connections)."""
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    caplog.set_level(logging.INFO, logger="kongsim.process")
+    gw = start_gateway(kong_yml(mock_llm.url, {"fresh": [quota_plugin(port, limits=[{"window": "day", "tokens": 10**6}])]}),
+                       server="aigov", pythonpath=str(REPO))
+    try:
+        replies = run_parallel(4, lambda i: post(gw, "fresh", chat(f"first words {i}"), f"fresh{i}"))
+        assert [r.status for r in replies] == [200] * 4
+        assert all(r.header("X-AI-Tokens-Prompt") for r in replies)
+        assert gw.wait_logs(20)
+    finally:
+        gw.close()
+    server_lines = [r.getMessage() for r in caplog.records if r.name == "kongsim.process"]
+    assert any("serving llm-token-quota" in line for line in server_lines), server_lines[:5]
+    assert not [line for line in server_lines if "new loop thread" in line]

@@ -262,9 +262,10 @@ class TokenQuotaHandler:
 
         from aigov import tokens  # lazy: tiktoken loads its encodings on first use
         count_args = (request.messages, model_asked, request.body.get("tools"))
-        if len(body) > OFFLOAD_COUNT_BYTES:
-            # tiktoken releases the GIL: a big prompt is counted on a thread while the plugin
-            # server's loop serves other requests (tens to hundreds of ms for 1 MiB).
+        if len(body) > OFFLOAD_COUNT_BYTES or not tokens.encoding_ready(model_asked):
+            # tiktoken releases the GIL: a big prompt (tens to hundreds of ms for 1 MiB), or the
+            # first count of an encoding (reading its ranks: up to 0.8 s), runs on a thread while
+            # the plugin server's loop serves other requests.
             prompt_est = cooperative.run_blocking(tokens.count_chat_messages, *count_args)
         else:
             prompt_est = tokens.count_chat_messages(*count_args)

@@ -13,12 +13,21 @@ from typing import Any
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
-# Parameters that change what the model answers (issue 3's hard scope). `stream` is kept apart:
-# a streamed and a non-streamed answer carry the same text but differ on the wire.
-ANSWER_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop",
-                 "seed", "tools", "tool_choice", "response_format", "functions", "function_call",
-                 "logit_bias", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
-                 "reasoning_effort", "modalities", "audio", "parallel_tool_calls")
+# Top-level fields that cannot change the answer text, so they stay out of the cache's params
+# scope (issue 3's hard scope). It is a deny-list: any other field, including ones we do not
+# know (top_k, min_p, verbosity, web_search_options, prediction, vendor extensions), is scope,
+# because a field wrongly kept costs a miss and a field wrongly dropped serves a wrong answer.
+NON_ANSWER_FIELDS = frozenset({
+    "messages",                # the semantic prompt and the context scope part
+    "model",                   # its own scope part
+    "stream",                  # its own scope part (scope_for adds it to the params)
+    "stream_options",          # whether a usage chunk / obfuscation padding is sent: a hit is
+                               # replayed per the asking client's own stream_options
+    "user", "safety_identifier",  # end-user ids for the provider's abuse monitoring
+    "metadata", "store",       # whether and how the provider keeps the completion (evals, logs)
+    "service_tier",            # latency and price tier of the same model
+    "prompt_cache_key", "prompt_cache_retention",  # provider prefix-cache hints: cost, not text
+})
 
 
 class RequestError(ValueError):
@@ -124,21 +133,32 @@ class ChatRequest:
         return "\n".join(t for t in self.last_user_texts(count) if t)
 
     def context_messages(self, count: int = 1) -> list[dict[str, Any]]:
-        """Everything that is not the semantic part: system prompts and earlier turns.
+        """Everything but the semantic content: every message in order, the semantic (last
+        `count` user) ones without their `content`.
 
-        The cache hashes this as an exact scope so the same question under another system prompt
-        or another conversation never shares an answer.
+        The cache hashes this as an exact scope so the same question under another system prompt,
+        another conversation or another `name` never shares an answer. A semantic message stays
+        in its place (with its other fields) so that moving a turn before or after the question
+        is another context; its text is left to the embedding, so paraphrases still match.
         """
-        idx = self.user_indices()[-max(1, count):]
-        first = idx[0] if idx else len(self.messages)
-        tail_non_user = [m for m in self.messages[first:] if m.get("role") != "user"]
-        return self.messages[:first] + tail_non_user
+        semantic = set(self.user_indices()[-max(1, count):])
+        return [_without_content(m) if i in semantic else m for i, m in enumerate(self.messages)]
 
     def answer_params(self) -> dict[str, Any]:
-        return {k: self.body[k] for k in ANSWER_PARAMS if k in self.body and self.body[k] is not None}
+        """Every top-level field that can change the answer (see NON_ANSWER_FIELDS); a null is
+        left out, as OpenAI reads it as "not given"."""
+        return {k: v for k, v in self.body.items() if k not in NON_ANSWER_FIELDS and v is not None}
 
     def has_tools(self) -> bool:
         return bool(self.body.get("tools") or self.body.get("functions"))
+
+
+def _without_content(message: dict[str, Any]) -> dict[str, Any]:
+    """A semantic message minus its content, which the cache keys elsewhere (the text is the
+    embedded prompt, images and files are the scope's attachments); its other fields (`name`,
+    `audio`, vendor ones) stay in the context, and so does a content of no known shape, which
+    neither of those reads."""
+    return {k: v for k, v in message.items() if k != "content" or not isinstance(v, (str, list))}
 
 
 def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> ChatRequest:

@@ -44,6 +44,7 @@ VERSION = __version__
 PRIORITY = 770
 SHARED_KEY = "aigov"
 CAPTURE_ENV = "AIGOV_CAPTURE_PHASE"
+OFFLOAD_COUNT_BYTES = 64 * 1024  # bodies larger than this are token-counted off the loop (as the quota does)
 
 log = logging.getLogger("aigov.cache.handler")
 
@@ -53,33 +54,68 @@ def capture_phase() -> str:
     return "log" if os.environ.get(CAPTURE_ENV, "").strip().lower() == "log" else "response"
 
 
-class _PendingVectors:
-    """Query embeddings of misses, kept in process until the answer is stored (bounded, 10 min)."""
+# A request's messages, tools and body size, kept for a stream whose answer will carry no usage.
+PromptSource = tuple[list[Any], Any, int]
 
-    def __init__(self, cap: int = 4096, ttl_s: float = 600.0) -> None:
-        self._items: "OrderedDict[str, tuple[float, np.ndarray]]" = OrderedDict()
+
+class _Kept:
+    __slots__ = ("at", "vector", "source", "size")
+
+    def __init__(self, at: float, vector: np.ndarray | None, source: PromptSource | None, size: int) -> None:
+        self.at, self.vector, self.source, self.size = at, vector, source, size
+
+
+class _PendingMisses:
+    """What a miss needs again when its answer is stored, kept in process (bounded, 10 min): the
+    query embedding and, for a stream that asked for no usage, the request's messages and tools,
+    so that its prompt is token-counted only if such an answer is stored, never in access.
+
+    Sources are references to the parsed request (no copy), bounded by `source_budget` request
+    bytes: past it the oldest sources are dropped and their answers' prompts are estimated from
+    the semantic text alone."""
+
+    def __init__(self, cap: int = 4096, ttl_s: float = 600.0, source_budget: int = 64 * 1024 * 1024) -> None:
+        self._items: "OrderedDict[str, _Kept]" = OrderedDict()
         self._lock = threading.Lock()
-        self.cap, self.ttl_s = cap, ttl_s
+        self.cap, self.ttl_s, self.source_budget = cap, ttl_s, source_budget
+        self._source_bytes = 0
 
-    def put(self, vector: np.ndarray) -> str:
+    def put(self, vector: np.ndarray | None, source: PromptSource | None = None) -> str:
         token = secrets.token_hex(8)
+        size = source[2] if source is not None else 0
+        if size > self.source_budget:
+            source, size = None, 0
+        now = time.monotonic()
         with self._lock:
-            self._items[token] = (time.monotonic(), vector)
-            while len(self._items) > self.cap:
-                self._items.popitem(last=False)
+            self._items[token] = _Kept(now, vector, source, size)
+            self._source_bytes += size
+            # Oldest first: entries whose answer never came (errors, aborted clients) expire here.
+            while self._items:
+                oldest = next(iter(self._items.values()))
+                if len(self._items) <= self.cap and now - oldest.at <= self.ttl_s:
+                    break
+                self._source_bytes -= self._items.popitem(last=False)[1].size
+            for kept in self._items.values():
+                if self._source_bytes <= self.source_budget:
+                    break
+                if kept.source is not None:
+                    self._source_bytes -= kept.size
+                    kept.source, kept.size = None, 0
         return token
 
-    def pop(self, token: str | None) -> np.ndarray | None:
+    def pop(self, token: str | None) -> tuple[np.ndarray | None, PromptSource | None]:
         if not token:
-            return None
+            return None, None
         with self._lock:
-            item = self._items.pop(token, None)
-        if item is None or time.monotonic() - item[0] > self.ttl_s:
-            return None
-        return item[1]
+            kept = self._items.pop(token, None)
+            if kept is not None:
+                self._source_bytes -= kept.size
+        if kept is None or time.monotonic() - kept.at > self.ttl_s:
+            return None, None
+        return kept.vector, kept.source
 
 
-_PENDING = _PendingVectors()
+_PENDING = _PendingMisses()
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -97,7 +133,10 @@ class SemanticCacheHandler:
         self.config = config
         self.settings = CacheSettings.from_config(config)
         self.cache = SemanticCache(self.settings)
-        self.route_id = config.get("route_id") or config.get("service_id") or None
+        # A route-scoped instance serves one route. A global, service- or consumer-scoped one
+        # serves many, so access asks Kong which route matched (kong.router.get_route): routes
+        # to different upstreams must never share answers.
+        self.route_id = config.get("route_id") or None
         self.labels = (self.settings.strategy, self.settings.embeddings_model)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -154,8 +193,9 @@ class SemanticCacheHandler:
             consumer = value(kong.client.get_consumer())
             if isinstance(consumer, dict):
                 consumer_id = consumer.get("id") or consumer.get("username")
+        route_id = self.route_id or _matched_route(kong)
         scope = scope_for(request, namespace=self.settings.namespace, consumer_id=consumer_id,
-                          route_id=self.route_id, scope_mode=self.settings.scope,
+                          route_id=route_id, scope_mode=self.settings.scope,
                           message_countback=self.settings.message_countback)
         key = exact_key(scope, prompt)
         refresh = bool(cache_control) and "no-cache" in cache_control.lower()
@@ -179,10 +219,15 @@ class SemanticCacheHandler:
             return
         # Miss / Refresh: headers set in access persist to the client response (Kong semantics).
         kong.response.set_headers({"X-Cache-Status": status, "X-Cache-Key": key})
+        # A stream without include_usage gets no usage from the provider: keep what its prompt
+        # estimate is counted from (in process, not in ctx.shared, and not tokenised here).
+        source = ((request.messages, request.body.get("tools"), request.raw_size)
+                  if request.stream and not request.include_usage else None)
+        kept = _PENDING.put(vector, source) if vector is not None or source is not None else None
         # The prompt travels as JSON text: a lone surrogate (JSON's "\ud800") cannot be packed as
         # a MessagePack string, and the cache must not fail open on it.
         pending = {"key": key, "prompt_json": json_text(prompt), "scope": scope.__dict__, "stream": request.stream,
-                   "model": request.model, "vector": _PENDING.put(vector) if vector is not None else None}
+                   "model": request.model, "kept": kept}
         extra: dict[str, Any] = {"key": key}
         if lookup is not None and lookup.rejected:
             extra["verifier_rejected"] = lookup.rejected[:4]
@@ -215,7 +260,11 @@ class SemanticCacheHandler:
             headers["X-Cache-Similarity"] = f"{similarity:.4f}"
         if request.stream:
             if completion.get("usage") is None and entry.usage:
-                completion["usage"] = entry.usage
+                # The "estimated" marker stays out of the client's usage object: every value in
+                # OpenAI's usage is a count (or an object of counts), and clients that decode it
+                # as a map of integers or sum every field (LangChain adds usage dicts key by key)
+                # would fail on or count a boolean. It stays in the entry and ctx.shared.
+                completion["usage"] = {k: v for k, v in entry.usage.items() if k != "estimated"}
             body = sse.chat_chunks_from_completion(completion, include_usage=request.include_usage)
             headers["Content-Type"] = "text/event-stream"
             headers["Cache-Control"] = "no-cache"
@@ -268,19 +317,19 @@ class SemanticCacheHandler:
     def _store_answer(self, kong: Any, pending: dict[str, Any], status: int, headers: Any, body: bytes) -> str:
         from aigov.cache.key import CacheScope
 
+        vector, source = _PENDING.pop(pending.get("kept"))  # released whether stored or not
         resp = parse_upstream_response(status, headers if isinstance(headers, dict) else {}, body)
         ok, reason = storable(self.settings, resp, _header(headers, "cache-control"), len(body))
         if not ok:
             return reason
         scope = CacheScope(**pending["scope"])
         prompt = json.loads(pending["prompt_json"])
-        vector = _PENDING.pop(pending.get("vector"))
         if vector is None:
             vector = self.cache.embed(prompt)  # plugin server restarted since access
         completion = completion_for_storage(resp.completion or {})
         usage = resp.usage.as_dict() if resp.usage else None
         if usage is None:
-            usage = _estimate_usage(pending.get("model"), prompt, resp.text)
+            usage = _estimate_usage(pending.get("model"), source, prompt, resp.text)
         self.cache.save(scope, pending["key"], prompt, vector, completion, usage,
                         completion.get("model") or pending.get("model"))
         return "stored"
@@ -343,13 +392,31 @@ class SemanticCacheHandler:
         self._record_store(kong, shared, outcome)
 
 
-def _estimate_usage(model: Any, prompt_text: str, answer: str) -> dict[str, Any] | None:
-    """tiktoken counts when the provider sent no usage (a stream without include_usage)."""
-    try:
-        from aigov import tokens
+def _matched_route(kong: Any) -> str:
+    """The id of the route the request matched ("-" when Kong reports none)."""
+    route = value(kong.router.get_route())
+    route_id = route.get("id") if isinstance(route, dict) else None
+    return str(route_id) if route_id else "-"
 
+
+def _estimate_usage(model: Any, source: PromptSource | None, prompt_text: str, answer: str) -> dict[str, Any] | None:
+    """tiktoken counts when the provider sent no usage (a stream without include_usage): the
+    prompt as the quota estimates it (every message, tools included), the answer's text.
+
+    Without a kept source (the plugin server restarted, the source budget was exceeded, or a
+    non-stream answer came without usage) only the semantic text is known: the prompt count is
+    then a lower bound."""
+    try:
+        from aigov import cooperative, tokens
+
+        messages, tools, size = source if source is not None else ([{"role": "user", "content": prompt_text}], None, 0)
+        if size > OFFLOAD_COUNT_BYTES:
+            # tiktoken releases the GIL: a big prompt is counted on a thread while the plugin
+            # server's loop serves other requests.
+            prompt = cooperative.run_blocking(tokens.count_chat_messages, messages, model, tools)
+        else:
+            prompt = tokens.count_chat_messages(messages, model, tools)
         completion = tokens.count_text(answer, model)
-        prompt = tokens.count_text(prompt_text or "", model)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "estimated": True}
     except Exception:  # noqa: BLE001 - an estimate is optional

@@ -53,9 +53,22 @@ def test_bad_config_is_a_clear_error(conf: dict, needle: str) -> None:
     ("what is 7 minus 3", "what is 3 minus 7"),
     ("book 2 rooms for 2 nights", "book 2 rooms for 1 night"),
     ("ai proxy question space 0e542b item 0", "ai proxy question space 0e542b item 1"),
+    ("What is 10⁶ divided by 2?", "What is 106 divided by 2?"),  # the exact layer no longer folds NFKC
+    # relative time: a day or period shifted from now must be in both texts (similarity 0.93-0.96)
+    ("What's the weather in Paris today?", "What's the weather in Paris tomorrow?"),
+    ("What did the stock market do yesterday?", "What did the stock market do today?"),
+    ("Show my calendar for this week", "Show my calendar for next week"),
+    ("What meetings do I have?", "What meetings do I have tomorrow?"),  # no time reference = now
+    ("Revenue over the past 3 months", "Revenue over the next 3 months"),
+    ("Is the office open this Friday?", "Is the office open next Friday?"),
+    ("What is the forecast for today?", "What is the forecast for tonight?"),
+    # age groups exclude each other
+    ("What is the dosage of amoxicillin for a child?", "What is the dosage of amoxicillin for an adult?"),
+    ("Can kids take ibuprofen?", "Can the elderly take ibuprofen?"),
+    ("Is this toy safe for a toddler?", "Is this toy safe for a baby?"),
 ])
 def test_verifier_refuses_changed_meaning(a: str, b: str) -> None:
-    assert not verify(b, a).ok
+    assert not verify(b, a).ok and not verify(a, b).ok
 
 
 @pytest.mark.parametrize("a, b", [
@@ -63,9 +76,21 @@ def test_verifier_refuses_changed_meaning(a: str, b: str) -> None:
     ("What is my account balance?", "Show me my account balance"),
     ("a cat sits on 2 mats", "one cat sits on two mats"),  # 1 ("a", "one") is left out
     ("it costs 1,000 dollars", "it costs 1000 dollars"),
+    # case and inner spaces of plain words now reach the verifier (the exact layer keeps them)
+    ("What is the capital of France?", "what is the capital of france"),
+    ("WHAT IS THE CAPITAL OF FRANCE?", "What is the capital of France?"),
+    ("How do I  reset my password?", "How do I reset my password?"),
+    ("Fix this:\n  x = 1\n  y = 2", "Fix this:\r\n  x = 1\r\n  y = 2  "),   # same indentation
+    # relative time: unmarked is the present; a shift matches the same shift in other words
+    ("What's the weather today?", "What's the weather?"),
+    ("Show my calendar for next week", "Show me my calendar for the coming week"),
+    ("Sales over the last 3 months", "Sales over the past three months"),
+    # age-group synonyms are one member
+    ("Can kids take ibuprofen?", "Can children take ibuprofen?"),
+    ("Is this safe for a teenager?", "Is this safe for teens?"),
 ])
 def test_verifier_keeps_paraphrases(a: str, b: str) -> None:
-    assert verify(b, a).ok
+    assert verify(b, a).ok and verify(a, b).ok
 
 
 @pytest.mark.parametrize("query, candidate", [
@@ -94,15 +119,46 @@ def test_verifier_refuses_other_identifiers(query: str, candidate: str) -> None:
 
 
 @pytest.mark.parametrize("query, candidate", [
-    ("What is the status of order 58efaade?", "What's the status of order 58efaade?"),  # same id
-    ("ai proxy question 58efaade", "ai proxy question 58EFAADE"),       # case does not matter
+    # The tester's exact-layer pairs: base64, a password; MiniLM is uncased and scores them ~1.0.
+    ("Decode this base64: SGVsbG8gV29ybGQ=", "Decode this base64: sgvsbg8gv29ybgq="),
+    ("Is the password Tr0ub4dor correct?", "Is the password tr0ub4dor correct?"),
+    # Hex and UUIDs too: a token cannot tell a hash from a case-sensitive secret, and a miss only
+    # costs one upstream call.
+    ("ai proxy question 58efaade", "ai proxy question 58EFAADE"),
     ("What is the status of order 550e8400-e29b-41d4-a716-446655440000?",
      "What is the status of order 550E8400-E29B-41D4-A716-446655440000?"),
     ("Where is my order A-1234?", "Where is my order a-1234?"),
-    # Separators and spaces inside an id do not make another id: gpt4o, gpt-4o and GPT-4o name one
+    ("What is GPT-4o?", "What is gpt4o?"),
+])
+def test_verifier_compares_identifiers_with_their_case(query: str, candidate: str) -> None:
+    for q, c in ((query, candidate), (candidate, query)):
+        verdict = verify(q, c)
+        assert not verdict.ok and verdict.reason.startswith("ids:"), (q, c, verdict)
+
+
+@pytest.mark.parametrize("query, candidate, reason", [
+    # mixed case inside a word (base64 without digits, product names): another casing is refused
+    ("What does QWxhZGRpbg decode to?", "What does qwxhzgrpbg decode to?", "case:"),
+    ("Decode YWJj please", "Decode YWJJ please", "case:"),
+    # multi-line text (code) whose shared lines are indented otherwise: another program
+    ("Is this valid python?\nif x:\n    y()\nz()", "Is this valid python?\nif x:\n    y()\n    z()", "indent:"),
+    ("Fix this YAML:\na:\n  b: 1\nc: 2", "Fix this YAML:\na:\n  b: 1\n  c: 2", "indent:"),
+    ("Run:\n\tmake all\nok?", "Run:\n    make all\nok?", "indent:"),   # a tab is not 4 spaces (make)
+])
+def test_verifier_refuses_case_and_indentation_variants(query: str, candidate: str, reason: str) -> None:
+    for q, c in ((query, candidate), (candidate, query)):
+        verdict = verify(q, c)
+        assert not verdict.ok and verdict.reason.startswith(reason), (q, c, verdict)
+
+
+@pytest.mark.parametrize("query, candidate", [
+    ("What is the status of order 58efaade?", "What's the status of order 58efaade?"),  # same id
+    ("Where is my order A-1234?", "Where is my order A-1234 now?"),
+    # Separators and spaces inside an id do not make another id: gpt4o, gpt-4o and gpt 4o name one
     # model (gpt-4 and gpt-4o-mini are other ones, refused above); 10am is 10 am.
     ("What is gpt4o?", "What is gpt-4o?"),
-    ("What is GPT-4o?", "What is gpt4o?"),
+    ("What is GPT-4o?", "What is GPT4o?"),
+    ("What does QWxhZGRpbg decode to?", "what does QWxhZGRpbg decode to"),  # the word's own case kept
     ("Book a meeting at 10am", "Book a meeting at 10 am"),
     # Quantities are the number and unit checks' business, not identifiers.
     ("How far is a 5km run?", "How far is a 5 km run?"),

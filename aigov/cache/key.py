@@ -18,7 +18,9 @@ ANONYMOUS_CONSUMER = "anonymous"   # the one shared scope of unauthenticated tra
 GLOBAL_CONSUMER = "global"         # scope: global (opt-in) puts every consumer here
 SCOPE_PARTS = ("consumer", "route", "model", "context", "params")
 
-_SPACE_RE = re.compile(r"\s+")
+# Lines of only whitespace at the start of a prompt. The first text line's own indentation is
+# kept when more lines follow: it can be code's, and the lines after it are indented relative to it.
+_LEADING_BLANK_LINES_RE = re.compile(r"\A(?:[^\S\n]*\n)+")
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,8 @@ class CacheScope:
     consumer: str
     route: str
     model: str
-    context: str    # hash of the system prompt(s) and earlier turns
-    params: str     # hash of the parameters that change the answer, stream included
+    context: str    # hash of every message but the semantic contents (system prompts, turns, names)
+    params: str     # hash of every top-level field that can change the answer, stream included
 
     @property
     def bucket(self) -> str:
@@ -58,8 +60,15 @@ def _bucket(values: tuple[str, ...]) -> str:
 
 
 def normalize_prompt(text: str) -> str:
-    """The exact layer's view of a prompt: Unicode NFKC, case-folded, whitespace collapsed."""
-    return _SPACE_RE.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
+    """The exact layer's view of a prompt. An exact hit skips the verifier, so only differences
+    that cannot change what the prompt says are erased: Unicode NFC (canonically equivalent
+    spellings, "\u00e9" or "e" + U+0301), line endings ("\\r\\n" and "\\r" are "\\n"), trailing
+    whitespace and leading blank lines of the whole prompt, and a one-line prompt's leading
+    whitespace. NFKC ("10\u2076" is not "106"), case (base64, passwords) and inner whitespace (code
+    indentation) are kept: such variants go to the semantic layer, whose verifier judges them."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n").rstrip()
+    text = _LEADING_BLANK_LINES_RE.sub("", text)
+    return text if "\n" in text else text.lstrip()
 
 
 def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, route_id: str | None,
@@ -73,6 +82,7 @@ def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, 
     params["stream"] = bool(request.stream)
     # Images, audio and files in the semantic messages are not embedded (only text is), so they
     # go into the exact scope: the same question about another picture never shares an answer.
+    # (Those messages' other fields, such as `name`, are in the context part: context_messages.)
     attachments = [part for i in request.user_indices()[-max(1, message_countback):]
                    for part in (request.messages[i].get("content") or [])
                    if isinstance(request.messages[i].get("content"), list)

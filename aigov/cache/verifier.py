@@ -10,9 +10,17 @@ gate". A candidate above the threshold is served only if its user text and the q
 - direction ("A to B" vs "B to A", "from A to B"),
 - antonym pairs (enable/disable, increase/decrease, add/remove, ... and un-/dis-/de- prefixes),
 - closed word classes whose members exclude each other (colours, genders, weekdays, ...),
+- relative time (today/tomorrow/yesterday/tonight; "next week", "last year", "this Friday"):
+  a day or period shifted from the present must be in both texts,
 - identifiers (hex ids, UUIDs, order and ticket numbers, SKUs, letter+digit tokens): every one
-  either text has must be in the other, whatever the case or separators ("gpt-4o" = "GPT4o"),
+  either text has must be in the other, whatever the separators ("gpt-4o" = "gpt4o") but with
+  its case (base64, passwords, hashes: "Tr0ub4dor" is not "tr0ub4dor"),
+- the case of mixed-case words ("SGVsbG", "iPhone"): the same word cased otherwise is refused,
+- indentation: multi-line texts (code) whose shared lines are indented differently,
 - named entities (capitalised or mixed-case tokens, acronyms, version-like tokens).
+
+The exact layer (aigov.cache.key.normalize_prompt) folds neither case nor inner whitespace, so
+those variants reach these checks; MiniLM is uncased and gives them similarity ~1.0.
 
 Each check is deliberately conservative in one direction: it may turn a true paraphrase into a
 miss (costing recall: one more upstream call) but aims to never let a changed meaning through
@@ -128,6 +136,13 @@ EXCLUSIVE_CLASSES = {
     "browser": "chrome firefox safari edge opera".split(),
     "animal": """dog dogs cat cats horse horses cow cows sheep lamb bird birds duck ducks bull
         bulls goat goats pig pigs bear bears lion lions tiger tigers elephant elephants""".split(),
+    # A dose, a fare or a rule for a child is not the one for an adult; synonyms are one member
+    # (_CANONICAL) so "kid" still matches "child".
+    "age": """newborn newborns baby babies infant infants toddler toddlers child children kid kids
+        teen teens teenager teenagers adolescent adolescents adult adults grownup grownups elderly
+        senior seniors""".split(),
+    # Days relative to now ("weather today" vs "weather tonight"); see also _relative_time.
+    "relative_day": "today tonight tomorrow yesterday".split(),
 }
 
 _SIMPLE_STOP = frozenset("""a an the of to in on at for from by with and or is are was were be been
@@ -246,6 +261,18 @@ class _Text:
     @cached_property
     def atom_stream(self) -> tuple[str, frozenset[int]]:
         return _atom_stream(self.raw)
+
+    @cached_property
+    def shifted_times(self) -> frozenset[str]:
+        return _shifted_times(self)
+
+    @cached_property
+    def atoms(self) -> frozenset[str]:
+        return frozenset(_ATOM_RE.findall(self.raw))
+
+    @cached_property
+    def line_indents(self) -> dict[str, tuple[str, ...]] | None:
+        return _line_indents(self.raw)
 
     @cached_property
     def unique_content_positions(self) -> dict[str, int] | None:
@@ -462,7 +489,7 @@ def _chunk_is_identifier(chunk: str, pieces: list[str]) -> bool:
 
 
 def _identifiers(raw: str) -> frozenset[str]:
-    """The text's identifiers, lower-cased and joined as `_join_atoms` does."""
+    """The text's identifiers, in their case and joined as `_join_atoms` does."""
     out: set[str] = set()
     if _ID_HINT_RE.search(raw) is None:
         return frozenset()                               # the common case: plain words only
@@ -472,14 +499,14 @@ def _identifiers(raw: str) -> frozenset[str]:
             continue
         pieces = _ATOM_RE.findall(chunk.lower())
         if _chunk_is_identifier(chunk, pieces):
-            out.add(_join_atoms(pieces))
+            out.add(_join_atoms(_ATOM_RE.findall(chunk)))   # as written: case is part of an id
     return frozenset(out)
 
 
 def _atom_stream(raw: str) -> tuple[str, frozenset[int]]:
     """Every alphanumeric run of the text joined as `_join_atoms` does, and the offsets in that
     string where a run starts or ends: an identifier written "10am" is found in "at 10 am"."""
-    atoms = _ATOM_RE.findall(raw.lower())
+    atoms = _ATOM_RE.findall(raw)
     if not atoms:
         return "", frozenset((0,))
     bounds = {0}
@@ -537,6 +564,91 @@ def _identifier_clash(a: _Text, b: _Text) -> str | None:
     return None
 
 
+def _mixed_case(atom: str) -> bool:
+    """A capital after the first character and a small letter: "iPhone", "SGVsbG", "5Mb", not
+    "Paris" or "NASA" (sentence case and shouting carry no meaning; these spellings may)."""
+    return any(c.isupper() for c in atom[1:]) and any(c.islower() for c in atom)
+
+
+def _case_clash(a: _Text, b: _Text) -> str | None:
+    """A mixed-case word of one text written in another case in the other ("SGVsbG"/"sgvsbg").
+    Identifiers (letters with digits, hex) are compared with their case by _identifier_clash."""
+    for x, y in ((a, b), (b, a)):
+        other = None
+        for atom in x.atoms:
+            if atom in y.atoms or not _mixed_case(atom):
+                continue
+            if other is None:
+                other = {w.lower(): w for w in y.atoms}
+            if atom.lower() in other:
+                return f"{atom}!={other[atom.lower()]}"
+    return None
+
+
+def _line_indents(raw: str) -> dict[str, tuple[str, ...]] | None:
+    """Each non-blank line's text (stripped) -> the indentation it has, for texts of two or more
+    non-blank lines; None for one-line texts (a lone line's indentation is not code's)."""
+    lines = [ln for ln in raw.replace("\r\n", "\n").replace("\r", "\n").split("\n") if ln.strip()]
+    if len(lines) < 2:
+        return None
+    out: dict[str, list[str]] = {}
+    for ln in lines:
+        body = ln.lstrip()
+        out.setdefault(body.rstrip(), []).append(ln[: len(ln) - len(body)])
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _indent_clash(a: _Text, b: _Text) -> str | None:
+    """A line both multi-line texts have, indented otherwise: in code (Python, YAML, Makefiles)
+    indentation is syntax, and a re-indented block is another program."""
+    ia, ib = a.line_indents, b.line_indents
+    if ia is None or ib is None:
+        return None
+    for line in ia.keys() & ib.keys():
+        if ia[line] != ib[line]:
+            return f"indent:{line[:40]!r}"
+    return None
+
+
+# Relative time. A question without a time reference is about the present, so "today", "tonight"
+# and "this week" may match it, while a day or period shifted from now ("tomorrow", "next week",
+# "the last 3 days") must be in both texts. Modifiers of a period, by what they shift it to:
+_TIME_MODIFIERS = {"this": "", "current": "", "next": "next", "coming": "next", "upcoming": "next",
+                   "following": "next", "last": "last", "previous": "last", "past": "last",
+                   "prior": "last"}
+_TIME_PERIODS = frozenset("""day week weekend fortnight month year quarter semester season decade
+    century hour minute morning afternoon evening night""".split()
+    + EXCLUSIVE_CLASSES["weekday"] + EXCLUSIVE_CLASSES["month"] + EXCLUSIVE_CLASSES["season"])
+_SHIFTED_DAYS = frozenset(("tomorrow", "yesterday"))
+# What may stand between a modifier and its period: "the next 3 days", "the past few weeks".
+_TIME_FILLERS = frozenset("few couple of several".split()) | frozenset(NUMBER_WORDS)
+
+
+def _shifted_times(t: _Text) -> frozenset[str]:
+    """The text's days and periods shifted from the present: "tomorrow", "next:week", "last:year"."""
+    out: set[str] = set()
+    low = t.lower
+    for i, w in enumerate(low):
+        if w in _SHIFTED_DAYS:
+            out.add(w)
+        shift = _TIME_MODIFIERS.get(w)
+        if not shift:
+            continue
+        j = i + 1
+        while j < len(low) and j - i <= 3 and (low[j] in _TIME_FILLERS or low[j][0].isdigit()):
+            j += 1
+        if j < len(low) and (low[j] in _TIME_PERIODS or _lemma(low[j]) in _TIME_PERIODS):
+            out.add(f"{shift}:{_lemma(low[j]) if low[j] not in _TIME_PERIODS else low[j]}")
+    return frozenset(out)
+
+
+def _time_clash(a: _Text, b: _Text) -> str | None:
+    sa, sb = a.shifted_times, b.shifted_times
+    if sa != sb:
+        return f"{sorted(sa - sb)}!={sorted(sb - sa)}"
+    return None
+
+
 def _antonym_clash(a: _Text, b: _Text) -> str | None:
     only_a = a.words - b.words
     only_b = b.words - a.words
@@ -554,7 +666,12 @@ def _antonym_clash(a: _Text, b: _Text) -> str | None:
     return None
 
 
-_CANONICAL = {"grey": "gray", "golden": "gold", "lady": "woman", "ladies": "woman", "women": "woman",
+_CANONICAL = {"kid": "child", "kids": "child", "children": "child", "babies": "baby", "infant": "baby",
+              "infants": "baby", "newborns": "newborn", "toddlers": "toddler", "teens": "teen",
+              "teenager": "teen", "teenagers": "teen", "adolescent": "teen", "adolescents": "teen",
+              "adults": "adult", "grownup": "adult", "grownups": "adult", "senior": "elderly",
+              "seniors": "elderly",
+              "grey": "gray", "golden": "gold", "lady": "woman", "ladies": "woman", "women": "woman",
               "men": "man", "gentleman": "man", "female": "woman", "male": "man", "boys": "boy",
               "girls": "girl", "mac": "macos", "osx": "macos", "c#": "csharp", "golang": "go"}
 
@@ -646,9 +763,18 @@ def verify(query: str, candidate: str) -> Verdict:
     clash = _class_clash(a, b)
     if clash:
         return Verdict(False, f"class:{clash}")
+    clash = _time_clash(a, b)
+    if clash:
+        return Verdict(False, f"time:{clash}")
     clash = _identifier_clash(a, b)
     if clash:
         return Verdict(False, f"ids:{clash}")
+    clash = _case_clash(a, b)
+    if clash:
+        return Verdict(False, f"case:{clash}")
+    clash = _indent_clash(a, b)
+    if clash:
+        return Verdict(False, clash)
     missing_in_b = {e for e in a.entities if not _entity_known(e, b)}
     missing_in_a = {e for e in b.entities if not _entity_known(e, a)}
     if missing_in_a and missing_in_b:  # one name replaced by another

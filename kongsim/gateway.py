@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from kongsim import declarative, process, redact, timing
-from kongsim.pdk import KONG_VERSION, Headers, RequestContext, UpstreamRequest
+from kongsim.pdk import (DEFAULT_REAL_IP_HEADER, KONG_VERSION, Headers, RealIp, RequestContext,
+                         UpstreamRequest, real_ip_settings)
 from kongsim.process import ManagedServer, PluginInfo, PluginServerEntry
 from kongsim.runloop import WS_ID, Response, Runloop
 from kongsim.timing import RequestTiming
@@ -84,7 +85,9 @@ class Gateway:
                  allow_unimitated: bool = False, environ: Mapping[str, str] | None = None,
                  socket_timeout_s: float = 60.0, request_debug: bool = True,
                  request_debug_token: str | None = None,
-                 on_timing: Callable[[RequestTiming], None] | None = None) -> None:
+                 on_timing: Callable[[RequestTiming], None] | None = None,
+                 trusted_ips: Sequence[str] = (), real_ip_header: str = DEFAULT_REAL_IP_HEADER,
+                 real_ip_recursive: bool = False) -> None:
         self.decl = config if isinstance(config, declarative.DeclarativeConfig) \
             else declarative.load(config)
         self.entries = list(servers)
@@ -111,6 +114,9 @@ class Gateway:
         # receives every one: what benchmarks use for "latency added per plugin".
         self.last_timings: RequestTiming | None = None
         self.on_timing = on_timing
+        # kong.conf trusted_ips / real_ip_header / real_ip_recursive (Kong's defaults: no
+        # trusted address, X-Real-IP, off); validated here, before anything is spawned
+        self.real_ip = RealIp(trusted_ips, real_ip_header, real_ip_recursive)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> "Gateway":
@@ -137,6 +143,7 @@ class Gateway:
                                    self.step_timeout_s, self.installed, self.allow_unimitated,
                                    self.environ)
             self.runloop.on_request_done = self._request_done
+            self.runloop.pdk.real_ip = self.real_ip
         except BaseException:
             self.close()
             raise
@@ -189,6 +196,7 @@ class Gateway:
                              http_version=req.http_version, started_at=t0)
         assert ctx.timing is not None
         ctx.timing.tree["workspace_id"] = WS_ID
+        rl.pdk.post_read(ctx)  # nginx's realip module runs before Kong's phases
         self._debug_auth(ctx)
         wk = rl.pick_worker(worker)
         collected = rl.rewrite(wk, ctx)
@@ -211,7 +219,9 @@ class Gateway:
                     ctx.response_source = "error"
                 else:
                     ctx.service = service
-                    ctx.upstream = self._upstream_request(ctx, route, service, rest, host_header)
+                    ctx.upstream = self._upstream_request(
+                        ctx, route, service, rest, host_header,
+                        trusted=self.real_ip.is_trusted(ctx.client_ip))
                     collected = rl.access(wk, ctx)
         finally:
             ctx.timing.leave()
@@ -233,7 +243,8 @@ class Gateway:
         if wanted != "*":
             return  # OSS Kong understands only "*" (per-phase filters are Enterprise)
         assert ctx.timing is not None
-        ctx.timing.loopback = _is_loopback(ctx.client_ip)
+        # kong/timing/init.lua tests $binary_remote_addr: the address after realip
+        ctx.timing.loopback = _is_loopback(ctx.remote_addr)
         if not ctx.timing.loopback and token != self.request_debug_token:
             return
         ctx.timing.debug = True
@@ -274,7 +285,8 @@ class Gateway:
 
     @staticmethod
     def _upstream_request(ctx: RequestContext, route: declarative.Route,
-                          service: declarative.Service, rest: str, host_header: str) -> UpstreamRequest:
+                          service: declarative.Service, rest: str, host_header: str,
+                          trusted: bool = False) -> UpstreamRequest:
         spath = service.path or "/"
         if not rest:
             upath = spath
@@ -286,13 +298,17 @@ class Gateway:
         default_port = 443 if service.protocol == "https" else 80
         hdrs.set("Host", host_header if route.preserve_host else (
             service.host if service.port == default_port else f"{service.host}:{service.port}"))
+        # kong/runloop/handler.lua: X-Forwarded-For appends the connection's address
+        # ($realip_remote_addr), else is $remote_addr; a trusted client's X-Forwarded-Proto/
+        # Host/Port/Path are kept. nginx_kong.lua: X-Real-IP is $remote_addr (after realip).
         xff = ctx.headers.get("x-forwarded-for")
-        hdrs.set("X-Forwarded-For", f"{xff}, {ctx.client_ip}" if xff else ctx.client_ip)
-        hdrs.set("X-Forwarded-Proto", ctx.scheme)
-        hdrs.set("X-Forwarded-Host", ctx.host)
-        hdrs.set("X-Forwarded-Port", str(ctx.port))
-        hdrs.set("X-Forwarded-Path", ctx.path)
-        hdrs.set("X-Real-IP", ctx.client_ip)
+        hdrs.set("X-Forwarded-For", f"{xff}, {ctx.client_ip}" if xff else ctx.remote_addr)
+        fwd = ctx.headers.get if trusted else (lambda name: None)
+        hdrs.set("X-Forwarded-Proto", fwd("x-forwarded-proto") or ctx.scheme)
+        hdrs.set("X-Forwarded-Host", fwd("x-forwarded-host") or ctx.host)
+        hdrs.set("X-Forwarded-Port", fwd("x-forwarded-port") or str(ctx.port))
+        hdrs.set("X-Forwarded-Path", fwd("x-forwarded-path") or ctx.path)
+        hdrs.set("X-Real-IP", ctx.remote_addr)
         hdrs.set("X-Kong-Request-Id", ctx.request_id)
         return UpstreamRequest(service.protocol, service.host, service.port, upath, ctx.query,
                                ctx.method, hdrs, ctx.body)
@@ -698,7 +714,7 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")
     installed = None
     entries: list[PluginServerEntry] = []
-    debug_kwargs: dict[str, Any] = {}
+    conf_kwargs: dict[str, Any] = {}
     if args.conf:
         try:
             conf, entries = process.load_kong_conf(args.conf, os.environ)
@@ -710,10 +726,12 @@ def run(args: argparse.Namespace) -> int:
             installed = names - {"bundled"}
         # kong.conf's request debugging settings (Kong 3.5+): request_debug = on|off
         if conf.get("request_debug"):
-            debug_kwargs["request_debug"] = str(conf["request_debug"]).strip().lower() not in (
+            conf_kwargs["request_debug"] = str(conf["request_debug"]).strip().lower() not in (
                 "off", "false", "0")
         if conf.get("request_debug_token"):
-            debug_kwargs["request_debug_token"] = str(conf["request_debug_token"]).strip()
+            conf_kwargs["request_debug_token"] = str(conf["request_debug_token"]).strip()
+        # trusted_ips, real_ip_header, real_ip_recursive (and the nginx_proxy_* forms)
+        conf_kwargs.update(real_ip_settings(conf))
     elif args.plugin_server:
         entries = _local_entries(args.plugin_server, args.prefix)
     config: Any = args.config
@@ -727,7 +745,7 @@ def run(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     try:
         gw = Gateway(config, entries, workers=args.workers, step_timeout_s=args.step_timeout,
-                     installed=installed, allow_unimitated=args.allow_unimitated, **debug_kwargs)
+                     installed=installed, allow_unimitated=args.allow_unimitated, **conf_kwargs)
         gw.start()
     except (declarative.DeclarativeError, ValueError, RuntimeError, TimeoutError) as exc:
         print(f"aigov gateway: {exc}", file=sys.stderr)

@@ -14,18 +14,23 @@ per-request state (`RequestContext`). What is imitated, with the Kong source it 
   stops without replying (reference §2.4);
 * `kong.log.serialize` returns a JSON string shaped like Kong's basic serializer
   (`kong/pdk/log.lua` serialize), only in `log`;
-* in `log`, request/response getters read the data saved when the response was sent.
+* in `log`, request/response getters read the data saved when the response was sent;
+* the client address: `kong.client.get_ip` is the connection's, `get_forwarded_ip/port` are
+  nginx's `$remote_addr/$remote_port` after the realip module, which Kong configures from
+  kong.conf `trusted_ips` (default none), `real_ip_header` (X-Real-IP) and `real_ip_recursive`
+  (off) (`kong/pdk/client.lua`, `kong.conf.default`, see `RealIp`).
 """
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import logging
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import parse_qsl, quote, urlencode
 
 from kongsim import redact
@@ -159,10 +164,23 @@ class RequestContext:
     secret_header_names: set[str] = field(default_factory=set)
     saved: dict[str, Any] | None = None  # log-time snapshot
     timing: RequestTiming | None = None  # Kong's request-debugging tree (always collected)
+    # (address, port) after nginx's realip module, set by PDK.post_read; port None is an
+    # empty $remote_port (an address taken from a header without a port)
+    realip: tuple[str, int | None] | None = None
 
     def __post_init__(self) -> None:
         if self.timing is None:
             self.timing = RequestTiming(self.request_id)
+
+    @property
+    def remote_addr(self) -> str:
+        """nginx's $remote_addr: the realip result, else the connection's address."""
+        return self.realip[0] if self.realip is not None else self.client_ip
+
+    @property
+    def remote_port(self) -> int | None:
+        """nginx's $remote_port (None when realip took an address without a port)."""
+        return self.realip[1] if self.realip is not None else self.client_port
 
     @property
     def path_with_query(self) -> str:
@@ -218,7 +236,7 @@ def serialize(ctx: RequestContext) -> dict[str, Any]:
         if ctx.upstream else None,
         "latencies": {"kong": proxy_ms, "proxy": upstream_ms,
                       "request": max(now_ms - started_ms, 0), "receive": 0},
-        "client_ip": ctx.client_ip,
+        "client_ip": ctx.remote_addr,  # kong/pdk/log.lua: var.remote_addr (after realip)
         "started_at": started_ms,
         # var.upstream_status or ctx.buffered_status (kong/pdk/log.lua): a string, "" when no
         # upstream answered
@@ -282,6 +300,157 @@ def _credential_dict(cred: Any) -> dict[str, Any]:
     return {"id": cred.id, "consumer": {"id": cred.consumer_id}, "ws_id": WORKSPACE_ID}
 
 
+# ------------------------------------------------------------------------------- client address
+
+DEFAULT_REAL_IP_HEADER = "X-Real-IP"  # kong_defaults.lua: real_ip_header = X-Real-IP
+
+
+def _parse_ip(text: str) -> str | None:
+    if "%" in text:  # nginx's address parsers know no IPv6 zone ids
+        return None
+    try:
+        return str(ipaddress.ip_address(text))  # ngx_sock_ntop's text form
+    except ValueError:
+        return None
+
+
+def _parse_addr_port(text: str) -> tuple[str, int | None] | None:
+    """ngx_parse_addr_port (src/core/ngx_inet.c): `addr`, `addr:port`, `[v6]`, `[v6]:port`."""
+    ip = _parse_ip(text)
+    if ip is not None:
+        return ip, None
+    if text.startswith("["):
+        close = text.find("]")
+        if close == len(text) - 1:
+            ip = _parse_ip(text[1:-1])
+            return (ip, None) if ip is not None else None
+        if close < 0 or text[close + 1:close + 2] != ":":
+            return None
+        host, port_text = text[1:close], text[close + 2:]
+    else:
+        host, sep, port_text = text.partition(":")
+        if not sep:
+            return None
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        return None
+    ip = _parse_ip(host)
+    return (ip, int(port_text)) if ip is not None else None
+
+
+_OK, _DONE, _DECLINED = 0, 1, 2  # ngx_http_get_forwarded_addr's NGX_OK / NGX_DONE / NGX_DECLINED
+
+
+class RealIp:
+    """nginx's realip module as Kong configures it from kong.conf.
+
+    Kong renders one `set_real_ip_from` per `trusted_ips` entry (templates/nginx_kong.lua) and
+    `real_ip_header` / `real_ip_recursive` as the directives of the same name (kong.conf.default;
+    defaults none, X-Real-IP, off). With no trusted entry the module does nothing, so
+    kong.client.get_forwarded_ip is the connection's address. `kong.ip.is_trusted` matches the
+    same list (kong/pdk/ip.lua), ignoring `unix:`, which only trusts Unix-socket clients (the
+    stand-in's front is TCP).
+    """
+
+    def __init__(self, trusted_ips: Iterable[str] = (), header: str = DEFAULT_REAL_IP_HEADER,
+                 recursive: bool = False) -> None:
+        nets = []
+        for entry in trusted_ips:
+            if entry == "unix:":
+                continue
+            try:
+                nets.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                # kong/conf_loader/parse.lua's check, word for word
+                raise ValueError("trusted_ips must be a comma separated list in the form of IPv4 "
+                                 "or IPv6 address or CIDR block or 'unix:', got '" + str(entry) + "'"
+                                 ) from None
+        if not isinstance(header, str) or not header.strip():
+            raise ValueError("real_ip_header must be a header name or proxy_protocol")
+        self.networks = tuple(nets)
+        self.header = header.strip()
+        self.recursive = bool(recursive)
+
+    def is_trusted(self, ip: Any) -> bool:
+        if not self.networks or not isinstance(ip, str):
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.networks)
+
+    def _from_value(self, addr: str, port: int | None, xff: str
+                    ) -> tuple[int, str, int | None]:
+        """ngx_http_get_forwarded_addr_internal: take addresses from the right while the
+        current one is trusted (only the last one unless recursive)."""
+        found = False
+        while True:
+            if not self.is_trusted(addr):
+                return (_DONE if found else _DECLINED), addr, port
+            end = len(xff)
+            i = end - 1
+            while i > 0 and xff[i] in " ,":
+                i -= 1
+                end -= 1
+            while i > 0 and xff[i] not in " ,":
+                i -= 1
+            start = i + 1 if i > 0 else 0
+            parsed = _parse_addr_port(xff[start:end])
+            if parsed is None:
+                return (_DONE if found else _DECLINED), addr, port
+            addr, port = parsed
+            found = True
+            if not (self.recursive and start > 0):
+                return _OK, addr, port
+            xff = xff[:start - 1]
+
+    def resolve(self, client_ip: str, client_port: int | None, headers: Headers
+                ) -> tuple[str, int | None]:
+        """($remote_addr, $remote_port) for a request (ngx_http_realip_handler)."""
+        unchanged = (client_ip, client_port)
+        if not self.networks or self.header == "proxy_protocol":
+            # no set_real_ip_from: the module is off; proxy_protocol: the stand-in's front
+            # takes no PROXY protocol header, and nginx declines without one
+            return unchanged
+        if self.header == "X-Forwarded-For":  # nginx matches this spelling exactly
+            values = headers.get_all("X-Forwarded-For")
+            # every X-Forwarded-For header, the last one first (ngx_http_get_forwarded_addr)
+            rc, addr, port, found = _DECLINED, client_ip, client_port, False
+            for value in reversed(values):
+                rc, addr, port = self._from_value(addr, port, value)
+                if not self.recursive:
+                    break
+                if rc == _DECLINED and found:
+                    rc = _DONE
+                    break
+                if rc != _OK:
+                    break
+                found = True
+        else:
+            # X-Real-IP (headers_in.x_real_ip) or any other name: the first such header
+            value = headers.get(self.header)
+            if value is None:
+                return unchanged
+            rc, addr, port = self._from_value(client_ip, client_port, value)
+        return (addr, port) if rc != _DECLINED else unchanged
+
+
+def real_ip_settings(conf: Mapping[str, str]) -> dict[str, Any]:
+    """configure_real_ip() arguments from parsed kong.conf keys (process.parse_kong_conf).
+
+    `trusted_ips` is a comma-separated list, NONE or empty for none (conf_loader `array`);
+    `real_ip_header` / `real_ip_recursive` are aliases of `nginx_proxy_real_ip_header` /
+    `nginx_proxy_real_ip_recursive`, which win when both are set (conf_loader
+    aliased_properties); recursive is on only for "on" (conf_loader `ngx_boolean`)."""
+    raw = conf.get("trusted_ips", "")
+    ips = [] if raw.strip() == "NONE" else [v.strip() for v in raw.split(",") if v.strip()]
+    header = conf.get("nginx_proxy_real_ip_header") or conf.get("real_ip_header") \
+        or DEFAULT_REAL_IP_HEADER
+    recursive = conf.get("nginx_proxy_real_ip_recursive") or conf.get("real_ip_recursive") or "off"
+    return {"trusted_ips": ips, "real_ip_header": header.strip(),
+            "real_ip_recursive": recursive.strip() == "on"}
+
+
 # ------------------------------------------------------------------------------- phases
 
 REQUEST_PHASES = {"rewrite", "access", "response", "header_filter", "body_filter", "log"}
@@ -306,13 +475,17 @@ Handler = Callable[..., Any]
 class PDK:
     """Answers plugin callbacks. `call()` returns the value sent back in the Step.
 
-    `gateway` gives access to the loaded declarative config (consumers for
-    kong.client.load_consumer) and trusted IPs.
+    `config` is the loaded declarative config (consumers for kong.client.load_consumer);
+    `real_ip` holds kong.conf's trusted_ips / real_ip_header / real_ip_recursive.
     """
 
-    def __init__(self, config: Any = None, trusted_ips: Iterable[str] = ("127.0.0.1", "::1")) -> None:
+    def __init__(self, config: Any = None, trusted_ips: Iterable[str] = (),
+                 real_ip_header: str = DEFAULT_REAL_IP_HEADER,
+                 real_ip_recursive: bool = False) -> None:
         self.config = config
-        self.trusted_ips = set(trusted_ips)
+        # Kong's default trusted_ips is empty (kong_defaults.lua `trusted_ips = NONE`): no
+        # client is trusted, so forwarded headers are ignored unless kong.conf says otherwise.
+        self.real_ip = RealIp(trusted_ips, real_ip_header, real_ip_recursive)
         self.methods: dict[str, Handler] = {}
         # Observer of every callback, called as on_call(ctx, method) before it is answered
         # (plugin and phase are ctx.plugin_name / ctx.phase): tests count a plugin's PDK
@@ -373,9 +546,11 @@ class PDK:
         m["kong.request.get_uri_captures"] = lambda c: {"unnamed": [], "named": []}
         # kong.client
         m["kong.client.get_ip"] = lambda c: c.client_ip
-        m["kong.client.get_forwarded_ip"] = self._forwarded_ip
+        # get_ip/get_port: $realip_remote_addr/port, the connection; the forwarded ones:
+        # $remote_addr/port after realip (kong/pdk/client.lua)
+        m["kong.client.get_forwarded_ip"] = lambda c: self.post_read(c)[0]
         m["kong.client.get_port"] = lambda c: c.client_port
-        m["kong.client.get_forwarded_port"] = lambda c: c.client_port
+        m["kong.client.get_forwarded_port"] = lambda c: self.post_read(c)[1]
         m["kong.client.get_consumer"] = self._get_consumer
         m["kong.client.get_credential"] = self._get_credential
         m["kong.client.authenticate"] = self._authenticate
@@ -434,7 +609,7 @@ class PDK:
         m["kong.node.get_id"] = lambda c: NODE_ID
         m["kong.node.get_hostname"] = lambda c: socket.gethostname()
         m["kong.node.get_memory_stats"] = lambda c, *a: {"workers_lua_vms": [], "lua_shared_dicts": {}}
-        m["kong.ip.is_trusted"] = lambda c, ip: ip in self.trusted_ips
+        m["kong.ip.is_trusted"] = lambda c, ip: self.real_ip.is_trusted(ip)
         m["kong.table.new"] = lambda c, *a: []
         m["kong.version"] = lambda c: KONG_VERSION
 
@@ -447,13 +622,20 @@ class PDK:
         return getattr(ctx, attr)
 
     def _trusted(self, ctx: RequestContext) -> bool:
-        return ctx.client_ip in self.trusted_ips
+        # kong/pdk/request.lua is_trusted_ip(): kong.ip.is_trusted(kong.client.get_ip())
+        return self.real_ip.is_trusted(ctx.client_ip)
 
-    def _forwarded_ip(self, ctx: RequestContext) -> str:
-        xff = ctx.headers.get("x-forwarded-for")
-        if xff and self._trusted(ctx):
-            return xff.split(",")[0].strip()
-        return ctx.client_ip
+    def configure_real_ip(self, trusted_ips: Iterable[str] = (),
+                          real_ip_header: str = DEFAULT_REAL_IP_HEADER,
+                          real_ip_recursive: bool = False) -> None:
+        """Set kong.conf's trusted_ips / real_ip_header / real_ip_recursive (ValueError if bad)."""
+        self.real_ip = RealIp(trusted_ips, real_ip_header, real_ip_recursive)
+
+    def post_read(self, ctx: RequestContext) -> tuple[str, int | None]:
+        """nginx's realip step (post-read phase, before any plugin): ctx.realip, set once."""
+        if ctx.realip is None:
+            ctx.realip = self.real_ip.resolve(ctx.client_ip, ctx.client_port, ctx.headers)
+        return ctx.realip
 
     @staticmethod
     def _headers_source(ctx: RequestContext, saved_key: str, live: Headers) -> Headers:
@@ -739,8 +921,10 @@ class PDK:
         variables = {
             "request_method": ctx.method, "uri": ctx.path, "request_uri": ctx.path_with_query,
             "args": ctx.query or None, "scheme": ctx.scheme, "host": ctx.host,
-            "server_port": str(ctx.port), "remote_addr": ctx.client_ip,
-            "remote_port": str(ctx.client_port), "request_id": ctx.request_id,
+            "server_port": str(ctx.port), "remote_addr": ctx.remote_addr,
+            "remote_port": "" if ctx.remote_port is None else str(ctx.remote_port),
+            "realip_remote_addr": ctx.client_ip, "realip_remote_port": str(ctx.client_port),
+            "request_id": ctx.request_id,
             "server_protocol": f"HTTP/{ctx.http_version}", "status": str(ctx.status or ""),
             "upstream_uri": ctx.upstream.path if ctx.upstream else None,
         }
@@ -824,4 +1008,4 @@ def chunked(data: bytes, size: int = 16384) -> Iterator[bytes]:
 
 
 __all__ = ["PDK", "RequestContext", "Headers", "UpstreamRequest", "PdkLuaError", "ExitSignal",
-           "serialize"]
+           "RealIp", "real_ip_settings", "serialize"]

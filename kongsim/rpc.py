@@ -7,6 +7,10 @@
 * every call takes a connection from the worker's pool and puts it back after the reply
   (`setkeepalive`), so one connection carries many sequential calls and concurrent requests
   use separate connections (§2.1);
+* an idle pooled connection the server closed (a killed or restarted plugin server, §1.4) is
+  never used for a call: nginx drops it from the pool as soon as it turns readable
+  (lua-nginx-module `ngx_http_lua_socket_keepalive_close_handler`), so after a restart only
+  the calls in flight at the time fail (Kong's `Rpc:call` in mp_rpc.lua never retries);
 * 60 s read timeout by default (OpenResty's cosocket default); a timeout raises RpcTimeout,
   which the runloop logs and continues past, like OSS Kong (§2.7).
 
@@ -115,6 +119,22 @@ class Connection:
             raise RpcError("closed")
         self.unpacker.feed(self._view[:n])  # feed copies into the unpacker's own buffer
 
+    def idle_ok(self) -> bool:
+        """Whether this idle pooled connection may carry the next call.
+
+        nginx watches idle pooled connections: on any read event it does a 1-byte recv and,
+        unless that would block, closes the connection and removes it from the pool, whether
+        it read EOF (the peer closed) or stray bytes (ngx_http_lua_socket_keepalive_close_handler
+        in lua-nginx-module). The stand-in has no event loop, so it makes the same check when
+        it takes the connection out of the pool: one non-blocking peek."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing to read: still open and idle
+        except OSError:
+            return False
+        return False  # b"" (the server closed it) or unexpected bytes
+
     def close(self) -> None:
         try:
             self.sock.close()
@@ -148,6 +168,7 @@ class RpcClient:
         self._lock = threading.Lock()
         self._msgid = 0
         self.connections_opened = 0
+        self.stale_dropped = 0  # idle connections found closed by the server and dropped
         self.calls = 0
 
     def next_msgid(self) -> int:
@@ -162,6 +183,13 @@ class RpcClient:
             self.calls += 1
             msgid = self._msgid
             conn = self._idle.pop() if self._idle else None
+        # A connection the server closed while it sat in the pool is dropped, never used
+        # (nginx's keepalive close handler, see Connection.idle_ok); try the next idle one.
+        while conn is not None and not conn.idle_ok():
+            conn.close()
+            with self._lock:
+                self.stale_dropped += 1
+                conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = Connection(self.socket_path, self.timeout_s)
             with self._lock:

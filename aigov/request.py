@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+# The completion bounds the quota reserves by, with the most a request may ask: OpenAI's n is at
+# most 128, and no model writes ten million tokens in one answer.
+COMPLETION_BOUNDS = {"max_tokens": 10_000_000, "max_completion_tokens": 10_000_000, "n": 128}
+# Top-level fields the plugins read: each must be spelled exactly (see parse_chat_request).
+READ_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens",
+                         "max_completion_tokens", "n", "tools", "functions", "temperature"})
 
 # Top-level fields that cannot change the answer text, so they stay out of the cache's params
 # scope (issue 3's hard scope). It is a deny-list: any other field, including ones we do not
@@ -176,6 +184,12 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
         raise RequestError("invalid_json", f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise RequestError("not_object", "request body must be a JSON object")
+    for key in body:
+        folded = key.casefold()
+        if folded in READ_FIELDS and key != folded:
+            # Go's encoding/json (Ollama, LocalAI) matches keys case-insensitively, the last one
+            # winning: "Max_Tokens" would bound the answer there and be unseen here.
+            raise RequestError("bad_field", f"'{key}' must be spelled '{folded}'")
     messages = body.get("messages")
     if messages is None:
         raise RequestError("not_chat", "request has no 'messages' array: not a chat completion")
@@ -194,16 +208,39 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
         stream = False  # OpenAI takes null for any optional parameter as "not given"
     elif not isinstance(stream, bool):
         raise RequestError("bad_field", "'stream' must be a boolean or null")
-    for key in ("max_tokens", "max_completion_tokens", "n"):
+    for key, most in COMPLETION_BOUNDS.items():
         # What bounds the completion must be exactly what the provider reads: pydantic-based
-        # servers take "100" or 100.0 as 100, which would let a request outgrow its reservation.
+        # servers take "100" or 100.0 as 100, which would let a request outgrow its reservation;
+        # and it must stay a number the quota can price and store (2**62 tokens cannot be).
         v = body.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise RequestError("bad_field", f"'{key}' must be a positive integer or null")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= most):
+            raise RequestError("bad_field", f"'{key}' must be an integer from 1 to {most}, or null")
     opts = body.get("stream_options")
     include_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage") is True)
     return ChatRequest(body=body, messages=messages, model=model, stream=stream,
                        include_usage=include_usage, raw_size=len(raw), lossy=lossy)
+
+
+_JSON_KEY_RE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
+
+
+def could_be_chat(raw: bytes | str | None) -> bool:
+    """Whether a body this parser refused may still be a chat request to a more lenient reader:
+    it has a `messages` key in any spelling (case, escapes) at any depth. Go's encoding/json
+    reads the first value of a body and ignores trailing bytes, matches keys case-insensitively
+    and nests 10,000 levels deep, where Python's json stops at about 1,000; such a body is never
+    "not a chat request" for the plugins."""
+    if raw is None:
+        return False
+    text = raw if isinstance(raw, str) else decode_body(raw)[0]
+    for match in _JSON_KEY_RE.finditer(text):
+        try:
+            key = json.loads(f'"{match.group(1)}"')
+        except ValueError:
+            continue
+        if isinstance(key, str) and key.casefold() == "messages":
+            return True
+    return False
 
 
 def decode_body(raw: bytes) -> tuple[str, bool]:

@@ -610,3 +610,28 @@ def test_the_first_request_does_not_stall_the_plugin_servers_loop(redis_server, 
     server_lines = [r.getMessage() for r in caplog.records if r.name == "kongsim.process"]
     assert any("serving llm-token-quota" in line for line in server_lines), server_lines[:5]
     assert not [line for line in server_lines if "new loop thread" in line]
+
+
+def test_bodies_a_lenient_reader_could_serve_are_refused_not_passed(shared_gateway, rclient, mock_llm) -> None:
+    """Go's encoding/json matches keys case-insensitively, ignores bytes after the first value and
+    nests 10,000 deep; a body only such a reader understands, or a bound too big to price, gets
+    the quota's 400, never a pass-through (an exhausted caller got 200s with each of these)."""
+    plain = chat("what is the answer", max_tokens=10)
+    bodies = {
+        "Messages": json.dumps({"model": MODEL, "Messages": plain["messages"]}).encode(),
+        "trailing": json.dumps(plain).encode() + b' {"more": 1}',
+        "deep": json.dumps(plain)[:-1].encode() + b', "x": ' + b'{"a":' * 2000 + b"1" + b"}" * 2000 + b"}",
+        "Max_Tokens": json.dumps({**plain, "Max_Tokens": 4000}).encode(),
+        "huge": json.dumps({**plain, "max_tokens": 2 ** 62}).encode(),
+        "huge_n": json.dumps({**plain, "n": 2 ** 62}).encode(),
+    }
+    served = mock_llm.stats.snapshot()["requests"]
+    for name, raw in bodies.items():
+        r = shared_gateway.request("POST", "/day/v1/chat/completions", body=raw, headers={"X-User": "lenient"})
+        assert r.status == 400, (name, r.status, r.body[:200])
+        assert r.json()["error"]["code"] == "invalid_request", name
+    assert mock_llm.stats.snapshot()["requests"] == served and counter_values(rclient, "lenient") == []
+    # a body that cannot be a chat request for anyone still passes, as documented
+    other = shared_gateway.request("POST", "/day/v1/chat/completions", body=b'{"prompt": "legacy"}',
+                                   headers={"X-User": "lenient"})
+    assert other.status == 400 and mock_llm.stats.snapshot()["requests"] == served + 1

@@ -10,7 +10,7 @@ import pytest
 from aigov import sse
 from aigov.cache.core import CacheSettings, SemanticCache
 from aigov.cache.key import exact_key, scope_for
-from aigov.request import RequestError, json_text, parse_chat_request
+from aigov.request import RequestError, could_be_chat, json_text, parse_chat_request
 
 LONE_SURROGATE_BODY = b'{"model": "m", "messages": [{"role": "user", "content": "why was my card declined \\ud800"}]}'
 
@@ -94,3 +94,37 @@ def test_choices_is_n_or_one() -> None:
     assert parse_chat_request(json.dumps(base).encode()).choices == 1
     assert parse_chat_request(json.dumps({**base, "n": None}).encode()).choices == 1
     assert parse_chat_request(json.dumps({**base, "n": 5}).encode()).choices == 5
+
+
+@pytest.mark.parametrize("body, name", [
+    ({"max_tokens": 2 ** 62}, "max_tokens"), ({"max_completion_tokens": 10_000_001}, "max_completion_tokens"),
+    ({"n": 129}, "n"), ({"Max_Tokens": 5}, "Max_Tokens"), ({"MODEL": "gpt-4o"}, "MODEL"),
+    ({"\u017ftream": True}, "\u017ftream"),  # long s: Go's case folding reads it as "stream"
+])
+def test_bounds_and_other_spellings_of_read_fields_are_bad_field(body: dict, name: str) -> None:
+    full = {"model": "m", "messages": [{"role": "user", "content": "x"}], **body}
+    if "MODEL" in body:
+        del full["model"]
+    with pytest.raises(RequestError) as err:
+        parse_chat_request(json.dumps(full).encode())
+    assert err.value.reason == "bad_field" and f"'{name}'" in str(err.value)
+
+
+def test_the_largest_bounds_and_other_fields_in_any_case_are_read() -> None:
+    full = {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 128,
+            "max_tokens": 10_000_000, "Metadata": {"a": 1}}
+    request = parse_chat_request(json.dumps(full).encode())
+    assert request.choices == 128 and request.max_tokens == 10_000_000
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'{"Messages": [{"role": "user", "content": "hi"}]}', True),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]} trailing', True),
+    (b'{"\\u006dessages": []}', True),                      # an escaped key
+    ("[" * 3000 + "]" * 3000, False),
+    (('{"a":' * 3000 + '{"messages": []}' + "}" * 3000).encode(), True),  # deeper than Python's json
+    (b'{"prompt": "messages"}', False),                     # a value, not a key
+    (b'{not json', False), (None, False),
+])
+def test_could_be_chat_finds_a_messages_key_in_any_spelling(raw: Any, expected: bool) -> None:
+    assert could_be_chat(raw) is expected

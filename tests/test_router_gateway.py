@@ -278,6 +278,14 @@ def test_forced_route_and_malformed_body(gateway: GatewayHandle) -> None:
     assert r.header("X-Semantic-Route") == "general"
     assert r.header("X-Semantic-Route-Reason") == "default"
     assert r.status == 400
+    # A chat request only a lenient reader understands ("Messages", trailing bytes) or with a
+    # wrongly typed field: refused by the router itself, never sent on with the client's model.
+    for raw in (json.dumps({"model": "gpt-4o", "Messages": chat(LASAGNA)["messages"]}).encode(),
+                json.dumps(chat(LASAGNA, model="gpt-4o")).encode() + b" trailing",
+                json.dumps({**chat(LASAGNA), "messages": "hi"}).encode()):
+        r = post(gateway, "main", raw)
+        assert r.status == 400 and r.header("X-Mock-Model") is None, (raw[:40], r.status)
+        assert r.json()["error"]["code"] == "invalid_request"
 
 
 def test_restart_keeps_decisions(gateway: GatewayHandle, cache_dir: Path) -> None:

@@ -27,7 +27,7 @@ class _Bucket:
     scope (re-stacking the matrix made 10,000 puts into one scope take 14 s, each under the
     store's lock)."""
 
-    MIN_ROWS = 16
+    MIN_ROWS = 1  # a scope of one entry (per consumer, per system prompt) holds one row, not 16
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -65,7 +65,7 @@ class _Bucket:
             self._rows[moved] = row
         self.keys.pop()
         capacity = self._matrix.shape[0]
-        if capacity > 4 * self.MIN_ROWS and len(self.keys) < capacity // 4:
+        if capacity > 4 and len(self.keys) < capacity // 4:
             self._matrix = self._matrix[: capacity // 2].copy()  # a shrunken scope gives memory back
 
 
@@ -85,8 +85,10 @@ class MemoryStore:
     @staticmethod
     def entry_bytes(entry: CacheEntry, dim: int) -> int:
         """What an entry holds in memory, estimated: its prompt string, twice its answer's JSON
-        (parsed dicts and strings take more than their text) and its vector row."""
-        return sys.getsizeof(entry.prompt) + 2 * len(json.dumps(entry.response, default=str)) + 4 * dim + 512
+        (parsed dicts and strings take more than their text), its vector row twice (a matrix
+        that grows by doubling is at most half empty) and 1.5 KB of bookkeeping (its entry,
+        LRU and row-map slots, and its scope's share when the scope holds only it)."""
+        return sys.getsizeof(entry.prompt) + 2 * len(json.dumps(entry.response, default=str)) + 8 * dim + 1536
 
     def __len__(self) -> int:
         return len(self._entries)

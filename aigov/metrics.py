@@ -20,6 +20,8 @@ OTHER = "other"            # the label value of every value past a vocabulary's 
 LABEL_MAX_CHARS = 64       # longest label value kept (a client may send a 1 MB "model")
 MAX_UNPRICED_MODELS = 100  # distinct model names outside every price table, per process
 DEFAULT_MAX_CONSUMERS = 10_000
+DEFAULT_MAX_SERIES = 20_000  # per metric family whose labels come from clients (~0.75 KB each)
+FOLDABLE_LABELS = ("consumer", "ai_model")  # the client-derived labels a full family folds
 
 # Latency buckets in milliseconds, as Kong's AI latency histograms use ms.
 MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -114,6 +116,42 @@ def consumer_label(tag: Any) -> str:
     A gauge calls CONSUMERS(tag) itself and skips None."""
     kept = CONSUMERS(tag)
     return OTHER if kept is None else kept
+
+
+class SeriesBudget:
+    """At most `cap` label sets per metric family. Each vocabulary bounds one label, but a
+    family's series are their product (10,000 consumers x 22 priced models x 7 token types is
+    1.5 million series, gigabytes): past the cap, a new label set is counted with its consumer and
+    model as "other" (the totals stay exact), and a gauge is not set."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._seen: dict[str, set[tuple[str, ...]]] = {}
+        self._lock = threading.Lock()
+
+    def child(self, metric: Any, *values: str, gauge: bool = False) -> Any:
+        """metric.labels(*values), or its folded form past the cap (None for a gauge)."""
+        seen = self._seen.get(metric._name)
+        if seen is not None and values in seen:
+            return metric.labels(*values)
+        with self._lock:
+            seen = self._seen.setdefault(metric._name, set())
+            if values in seen or len(seen) < self.cap:
+                seen.add(values)
+                return metric.labels(*values)
+        LABEL_OVERFLOW.labels("series").inc()
+        if gauge:
+            return None
+        folded = tuple(OTHER if name in FOLDABLE_LABELS else v for name, v in zip(metric._labelnames, values))
+        return metric.labels(*folded)  # few: only the config-bound labels still vary
+
+
+SERIES = SeriesBudget(DEFAULT_MAX_SERIES)
+
+
+def set_max_series(cap: int) -> None:
+    """`aigov serve --metrics-max-series`: label sets per metric family (see SeriesBudget)."""
+    SERIES.cap = max(1, int(cap))
 
 
 def set_max_consumers(cap: int) -> None:

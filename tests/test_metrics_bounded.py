@@ -22,6 +22,7 @@ from kongsim.pytest_plugin import GatewayHandle, make_prefix, start_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_CONSUMERS = 3
+MAX_SERIES = 40
 
 
 def test_vocabulary_keeps_the_first_values_then_answers_none() -> None:
@@ -41,6 +42,29 @@ def test_model_label_prefers_the_price_table_and_truncates() -> None:
     assert metrics.model_label("my-llama", priced_as="my-llama") == "my-llama"  # the config's table
     assert len(metrics.model_label("z" * 5000)) <= metrics.LABEL_MAX_CHARS
     assert metrics.model_label(["a", "list"]) == ""
+
+
+def test_series_budget_folds_client_labels_and_keeps_totals() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+
+    registry = CollectorRegistry()
+    tokens = Counter("t_tokens_total", "t", ["ai_model", "token_type", "consumer"], registry=registry)
+    remaining = Gauge("t_remaining", "t", ["consumer", "limit"], registry=registry)
+    budget = metrics.SeriesBudget(cap=50)
+    for consumer in range(40):
+        for model in ("a", "b", "c"):
+            budget.child(tokens, model, "prompt_tokens", f"c{consumer}").inc(2)
+        gauge = budget.child(remaining, f"c{consumer}", "day", gauge=True)
+        if gauge is not None:
+            gauge.set(consumer)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in registry.collect() for s in fam.samples if s.name == "t_tokens_total"}
+    assert len(samples) == 50 + 1  # the cap, then one folded series (token_type is config-bound)
+    assert sum(samples.values()) == 40 * 3 * 2
+    assert samples[("t_tokens_total", (("ai_model", "other"), ("consumer", "other"), ("token_type", "prompt_tokens")))] > 0
+    gauges = [s for fam in registry.collect() for s in fam.samples if s.name == "t_remaining"]
+    assert len(gauges) == 40  # its own family: under the cap, every gauge set
+    assert budget.child(tokens, "a", "prompt_tokens", "c0") is tokens.labels("a", "prompt_tokens", "c0")
 
 
 def scrape_registry() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -67,7 +91,8 @@ def gateway(mock_llm: Any) -> Iterator[dict[str, Any]]:
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     server = aigov_entries(("llm-token-quota", "llm-semantic-cache"), prefix, pythonpath=str(REPO),
                            extra_env=env, serve_args=["--metrics-listen", f"127.0.0.1:{port}",
-                                                      "--metrics-max-consumers", str(MAX_CONSUMERS)])
+                                                      "--metrics-max-consumers", str(MAX_CONSUMERS),
+                                                      "--metrics-max-series", str(MAX_SERIES)])
     gw: GatewayHandle = start_gateway(decl, server=server, prefix=prefix)
     try:
         yield {"gw": gw, "url": f"http://127.0.0.1:{port}/metrics"}
@@ -109,3 +134,7 @@ def test_client_chosen_models_and_callers_stay_bounded(gateway: dict[str, Any]) 
     assert metric_sum(samples, "ai_llm_requests_total") == n_models
     assert metric_sum(samples, "ai_metrics_label_overflow_total", label="ai_model") > 0
     assert metric_sum(samples, "ai_metrics_label_overflow_total", label="consumer") > 0
+    # and a family's series stay under --metrics-max-series, plus one folded set per token type
+    token_series = [lbls for (n, lbls) in samples if n == "ai_llm_tokens_total"]
+    assert len(token_series) <= MAX_SERIES + 3, len(token_series)
+    assert metric_sum(samples, "ai_metrics_label_overflow_total", label="series") > 0

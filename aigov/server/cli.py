@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-max-consumers", type=int, default=None, metavar="N",
                         help="distinct consumers that get their own metric series; later ones "
                              "are counted under consumer=\"other\" (default: 10000)")
+    parser.add_argument("--metrics-max-series", type=int, default=None, metavar="N",
+                        help="label sets per metric family whose labels come from clients; later "
+                             "ones are counted with consumer and model \"other\" (default: 20000)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: debug (logs go to stderr; the default level is info)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
@@ -123,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     # talk to us, and the metrics endpoint must already answer by then.
     if args.metrics_max_consumers is not None:
         _metrics_call("set_max_consumers", args.metrics_max_consumers)
+    if args.metrics_max_series is not None:
+        _metrics_call("set_max_series", args.metrics_max_series)
     if args.metrics_listen:
         try:
             _start_metrics(args.metrics_listen)

@@ -462,8 +462,8 @@ class TokenQuotaHandler:
             saved = _as_dict(cache.get("usage")) or _as_dict(shared.get("tokens_saved"))
             for token_type in ("prompt_tokens", "completion_tokens"):
                 if _num(saved.get(token_type)):
-                    metrics.LLM_TOKENS.labels(state.get("metric_model", ""), f"saved_{token_type}",
-                                              metrics.consumer_label(state.get("tag", ""))).inc(_num(saved.get(token_type)))
+                    metrics.SERIES.child(metrics.LLM_TOKENS, state.get("metric_model", ""), f"saved_{token_type}",
+                                         metrics.consumer_label(state.get("tag", ""))).inc(_num(saved.get(token_type)))
             state["tokens_saved"] = {k: _num(saved.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         elif CAPTURE_PHASE == "log":
             charge = self._charge_from_log(kong, state, logged)
@@ -617,9 +617,9 @@ class TokenQuotaHandler:
                               ("total_tokens", charge.total_tokens), ("cached_tokens", charge.cached_tokens),
                               ("reasoning_tokens", charge.reasoning_tokens)):
             if n:
-                metrics.LLM_TOKENS.labels(model, token_type, tag).inc(n)
+                metrics.SERIES.child(metrics.LLM_TOKENS, model, token_type, tag).inc(n)
         if charge.cost_nano:
-            metrics.LLM_COST.labels(model, tag).inc(nano_to_usd(charge.cost_nano))
+            metrics.SERIES.child(metrics.LLM_COST, model, tag).inc(nano_to_usd(charge.cost_nano))
         return counters, values
 
     def _settle_in_redis_later(self, kong: Any, state: dict[str, Any], counters: list[Counter],
@@ -645,15 +645,17 @@ class TokenQuotaHandler:
         if consumer is None:
             return  # past --metrics-max-consumers: an "other" gauge would show whoever came last
         for c, v in zip(counters, values):
-            remaining = max(0, c.limit - int(v))
-            metrics.QUOTA_REMAINING.labels(consumer, c.label, c.window).set(
-                nano_to_usd(remaining) if c.metric == "cost" else remaining)
+            gauge = metrics.SERIES.child(metrics.QUOTA_REMAINING, consumer, c.label, c.window, gauge=True)
+            if gauge is not None:
+                remaining = max(0, c.limit - int(v))
+                gauge.set(nano_to_usd(remaining) if c.metric == "cost" else remaining)
 
     def _reject(self, kong: Any, counters: list[Counter], values: list[int], blocked: int, amounts: list[int],
                 tag: str, now: float) -> None:
         counter = counters[blocked]
         body, retry_after = rejection_body(counter, values[blocked], amounts[blocked], now)
-        metrics.QUOTA_REJECTIONS.labels(metrics.consumer_label(tag), counter.label, counter.window).inc()
+        metrics.SERIES.child(metrics.QUOTA_REJECTIONS, metrics.consumer_label(tag), counter.label,
+                             counter.window).inc()
         self._gauge(tag, counters, values)
         headers = {"Content-Type": "application/json", "Retry-After": str(retry_after)}
         if self.quota is not None and not self.quota.hide_client_headers:

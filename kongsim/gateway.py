@@ -361,16 +361,22 @@ class Gateway:
                                       if p.bundled is None)
         with tm.span("balancer"):
             host, port = self._target(ctx)
+        # A service's connect_timeout bounds the connect, its read_timeout each read (nginx's
+        # proxy_connect_timeout and proxy_read_timeout, which Kong sets from them); both end in
+        # nginx's 504.
         timeout = ctx.service.read_timeout_ms / 1000.0
         t_up = time.time()
         ctx.proxy_latency_ms = int((t_up - t0) * 1000)
         conn: http.client.HTTPConnection
         if up.scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=timeout,
+            conn = http.client.HTTPSConnection(host, port, timeout=ctx.service.connect_timeout_ms / 1000.0,
                                                context=ssl.create_default_context())
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            conn = http.client.HTTPConnection(host, port, timeout=ctx.service.connect_timeout_ms / 1000.0)
         try:
+            conn.connect()
+            assert conn.sock is not None
+            conn.sock.settimeout(timeout)
             target = up.path + ("?" + up.query if up.query else "")
             conn.putrequest(up.method, target, skip_host=True, skip_accept_encoding=True)
             for k, v in up.headers.items():

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from aigov.request import ChatRequest, sha256_hex
 
@@ -30,6 +32,7 @@ class CacheScope:
     route: str
     model: str
     context: str    # hash of every message but the semantic contents (system prompts, turns, names)
+                    # and, for several semantic turns, how many lines each spans
     params: str     # hash of every top-level field that can change the answer, stream included
 
     @property
@@ -71,6 +74,82 @@ def normalize_prompt(text: str) -> str:
     return text if "\n" in text else text.lstrip()
 
 
+# Fields sent at the value OpenAI documents as their default mean the same as leaving them out
+# (https://platform.openai.com/docs/api-reference/chat/create), so they are dropped from the
+# params scope. Only defaults that are also what the other OpenAI-compatible servers do when the
+# field is absent are here: `temperature: 1` and `top_p: 1` are OpenAI's defaults but not vLLM's
+# (the model's generation_config), Ollama's (0.8 / 0.9) or Mistral's, so they stay scope.
+ANSWER_PARAM_DEFAULTS: dict[str, Any] = {
+    "n": 1,                        # one choice: what every server returns without `n`
+    "logprobs": False,             # no log probabilities in the answer
+    "presence_penalty": 0,         # 0 is no penalty (the logits are not adjusted)
+    "frequency_penalty": 0,
+    "response_format": {"type": "text"},  # "Default response format": plain text
+    "modalities": ["text"],        # "text, which is the default"
+}
+# Defaults that hold only when tools are given: without tools OpenAI refuses these fields with a
+# 400, so a request carrying them must not be served another request's answer.
+TOOL_PARAM_DEFAULTS: dict[str, Any] = {
+    "parallel_tool_calls": True,   # the model may call several tools in one turn
+}
+
+
+def canonical_value(value: Any) -> Any:
+    """`value` with every integral float written as an int, at any depth: 1.0 and 1 are one JSON
+    number (`"temperature": 1.0` is `"temperature": 1`), so the two spellings hash alike.
+    Booleans and non-integral floats are kept as they are."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if not isinstance(value, (dict, list)):
+        return value
+    # A loop, not recursion: a body nested as deep as the parser accepts must not raise here.
+    root: Any = {} if isinstance(value, dict) else [None] * len(value)
+    stack = [(value, root)]
+    while stack:
+        src, dst = stack.pop()
+        for k, v in (src.items() if isinstance(src, dict) else enumerate(src)):
+            if isinstance(v, float):
+                v = int(v) if v.is_integer() else v
+            elif isinstance(v, (dict, list)):
+                copy: Any = {} if isinstance(v, dict) else [None] * len(v)
+                stack.append((v, copy))
+                v = copy
+            dst[k] = v
+    return root
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    # The same type too: `false == 0` in Python, but `"presence_penalty": false` is a 400, not 0.
+    return type(value) is type(default) and value == default
+
+
+def canonical_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The params scope part without spelling differences that cannot change the answer: integral
+    floats as ints, fields at their documented default dropped (ANSWER_PARAM_DEFAULTS,
+    TOOL_PARAM_DEFAULTS), and `max_tokens` read as `max_completion_tokens` (OpenAI's newer name
+    for the same cap). Two different caps given together are both kept (which one a provider
+    honours is its own choice)."""
+    out = {k: canonical_value(v) for k, v in params.items() if v is not None}
+    defaults = dict(ANSWER_PARAM_DEFAULTS, **(TOOL_PARAM_DEFAULTS if out.get("tools") else {}))
+    out = {k: v for k, v in out.items() if not (k in defaults and _is_default(v, defaults[k]))}
+    if "max_tokens" in out and out.get("max_completion_tokens", out["max_tokens"]) == out["max_tokens"]:
+        out["max_completion_tokens"] = out.pop("max_tokens")
+    return out
+
+
+def canonical_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The context scope part's messages without spelling differences: a field set to null is
+    "not given" for OpenAI (SDKs echo assistant turns with `"tool_calls": null, "refusal": null`),
+    and integral floats are ints."""
+    return [{k: canonical_value(v) for k, v in m.items() if v is not None} for m in messages]
+
+
+def _line_span(text: str) -> int:
+    """How many lines a semantic text spans once normalised (0 for an empty one)."""
+    text = normalize_prompt(text)
+    return text.count("\n") + 1 if text else 0
+
+
 def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, route_id: str | None,
               scope_mode: str = "consumer", message_countback: int = 1) -> CacheScope:
     """The hard scope of a request. `consumer_id` None means anonymous traffic."""
@@ -78,7 +157,7 @@ def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, 
         consumer = GLOBAL_CONSUMER
     else:
         consumer = f"id:{consumer_id}" if consumer_id else ANONYMOUS_CONSUMER
-    params = dict(request.answer_params())
+    params = canonical_params(request.answer_params())
     params["stream"] = bool(request.stream)
     # Images, audio and files in the semantic messages are not embedded (only text is), so they
     # go into the exact scope: the same question about another picture never shares an answer.
@@ -89,16 +168,29 @@ def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, 
                    and not (isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text"), str)))]
     if attachments:
         params["attachments"] = sha256_hex(attachments)
+    context: Any = canonical_messages(request.context_messages(message_countback))
+    texts = request.last_user_texts(message_countback)
+    if len(texts) > 1:
+        # The semantic layer embeds and verifies the turns joined with "\n", so ["A", "B\nC"] and
+        # ["A\nB", "C"] read the same there. How many lines each turn spans is scope: with it, the
+        # joined text splits into turns one way only (blank lines aside), and a paraphrase that
+        # keeps each turn's lines still matches.
+        context = {"messages": context, "turn_lines": [_line_span(t) for t in texts]}
     return CacheScope(
         namespace=namespace,
         consumer=consumer,
         route=route_id or "-",
         model=request.model or "-",
-        context=sha256_hex(request.context_messages(message_countback)),
+        context=sha256_hex(context),
         params=sha256_hex(params),
     )
 
 
-def exact_key(scope: CacheScope, prompt_text: str) -> str:
-    """The exact layer's key: the whole scope plus the normalized semantic text."""
-    return sha256_hex([scope.bucket, normalize_prompt(prompt_text)])[:40]
+def exact_key(scope: CacheScope, prompt: str | Sequence[str]) -> str:
+    """The exact layer's key: the whole scope plus the normalized semantic text of each semantic
+    message (ChatRequest.last_user_texts, oldest first; a string is one message). The texts are
+    hashed as a list, never joined: ["A", "B\\nC"] and ["A\\nB", "C"] are other conversations.
+    One message keys as its text alone, as before."""
+    texts = [normalize_prompt(t) for t in ([prompt] if isinstance(prompt, str) else prompt)]
+    part: str | list[str] = texts[0] if len(texts) == 1 else texts
+    return sha256_hex([scope.bucket, part])[:40]

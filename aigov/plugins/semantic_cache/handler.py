@@ -197,7 +197,8 @@ class SemanticCacheHandler:
         scope = scope_for(request, namespace=self.settings.namespace, consumer_id=consumer_id,
                           route_id=route_id, scope_mode=self.settings.scope,
                           message_countback=self.settings.message_countback)
-        key = exact_key(scope, prompt)
+        # Each semantic message keys separately: the joined prompt cannot tell where a turn ends.
+        key = exact_key(scope, request.last_user_texts(self.settings.message_countback))
         refresh = bool(cache_control) and "no-cache" in cache_control.lower()
         shared = self._shared(kong)
         try:

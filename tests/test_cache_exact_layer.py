@@ -69,6 +69,12 @@ def _store_then_ask(cache: Any, stored: str, asked: str) -> Any:
     ("Is this valid python?\nif x:\n    y()\nz()", "Is this valid python?\nif x:\n    y()\n    z()"),
     ("What is 10\u2076 divided by 2?", "What is 106 divided by 2?"),
     ("Is the password Tr0ub4dor correct?", "Is the password tr0ub4dor correct?"),
+    # a second tester's pairs: semantic hits at similarity 0.99-1.0 the verifier let through
+    ("tell me about US", "tell me about us"),
+    ("Decode this base64: QUJDRA==", "Decode this base64: qujdra=="),
+    ("SELECT * FROM users WHERE name = 'Bob'", "SELECT * FROM users WHERE name = 'bob'"),
+    ("what does this print:\nprint('a  b')", "what does this print:\nprint('a b')"),
+    ("what does this print:\nx = 1\nx = 2\nprint(x)", "what does this print:\nx = 2\nx = 1\nprint(x)"),
 ])
 def test_variants_that_change_meaning_miss(cache: Any, stored: str, asked: str) -> None:
     assert _store_then_ask(cache, stored, asked).status == "Miss"
@@ -76,6 +82,12 @@ def test_variants_that_change_meaning_miss(cache: Any, stored: str, asked: str) 
 
 def test_sentence_case_still_hits_through_the_semantic_layer(cache: Any) -> None:
     found = _store_then_ask(cache, "What is the capital of France?", "what is the capital of france?")
+    assert (found.status, found.layer) == ("Hit", "semantic")
+
+
+def test_a_shouted_prompt_still_hits_through_the_semantic_layer(cache: Any) -> None:
+    # all capitals is shouting: its words are not acronyms to keep apart from lower case
+    found = _store_then_ask(cache, "HOW DO I RESET MY PASSWORD", "how do I reset my password?")
     assert (found.status, found.layer) == ("Hit", "semantic")
 
 

@@ -173,6 +173,65 @@ def test_verifier_accepts_the_same_identifiers(query: str, candidate: str) -> No
         assert verify(q, c).ok, (q, c, verify(q, c))
 
 
+@pytest.mark.parametrize("query, candidate, reason", [
+    # A second tester's pairs (MiniLM scores them 0.83-1.0): acronyms, base64 and quoted literals
+    # in another case, a literal's inner spacing, the same code lines in another order.
+    ("tell me about US", "tell me about us", "case:"),
+    ("What is IT?", "What is it?", "case:"),
+    ("Is HUNTER a strong password?", "Is hunter a strong password?", "case:"),
+    ("Decode this base64: QUJDRA==", "Decode this base64: qujdra==", "case:"),
+    ("DECODE THIS PLEASE: QUJDRA==", "decode this please: qujdra==", "case:"),   # shouted, still data
+    ("Is a+b/Cd= valid base64?", "Is a+b/cd= valid base64?", "case:"),
+    ("SELECT * FROM users WHERE name = 'Bob'", "SELECT * FROM users WHERE name = 'bob'", "literal:"),
+    ("what does this print:\nprint('a  b')", "what does this print:\nprint('a b')", "literal:"),
+    ('Translate "Good Morning" to French', 'Translate "good morning" to French', "literal:"),
+    ("What does `ls -A` do?", "What does `ls -a` do?", "literal:"),
+    ("what does this print:\nx = 1\nx = 2\nprint(x)", "what does this print:\nx = 2\nx = 1\nprint(x)", "order:"),
+    ("Is this safe?\nrm -rf build\ncd build", "Is this safe?\ncd build\nrm -rf build", "order:"),
+    # "after"/"before" next to a time word shift it
+    ("What's the weather the day after tomorrow?", "What's the weather tomorrow?", "time:"),
+    ("What is the weather this weekend", "What is the weather the weekend after next", "time:"),
+    ("What should I do the day before my exam", "What should I do the day of my exam", "time:"),
+    ("Can you finish it before tomorrow?", "Can you finish it tomorrow?", "time:"),
+    # age groups, hyphenated compounds looked up whole or by parts
+    ("ibuprofen dose for a toddler", "ibuprofen dose for a preschooler", "class:age"),
+    ("ibuprofen dose for kids", "ibuprofen dose for grown-ups", "class:age"),
+    ("Is the dark-blue shirt in stock?", "Is the red shirt in stock?", "class:colour"),
+    # exclusion is negation, counted apart from "not" (so a negated text with it still differs)
+    ("how do I delete all files except hidden ones", "how do I delete all hidden files", "negation"),
+    ("list every user other than admins", "list every admin user", "negation"),
+    ("Sum the invoices excluding VAT", "Sum the invoices with VAT", "negation"),
+    ("don't delete anything except the logs", "don't delete the logs", "negation"),
+])
+def test_verifier_refuses_case_literal_order_time_age_and_exclusion(query: str, candidate: str,
+                                                                    reason: str) -> None:
+    for q, c in ((query, candidate), (candidate, query)):
+        verdict = verify(q, c)
+        assert not verdict.ok and verdict.reason.startswith(reason), (q, c, verdict)
+
+
+@pytest.mark.parametrize("query, candidate", [
+    # a whole text in capitals is shouting, not acronyms; sentence case and punctuation are nothing
+    ("HOW DO I RESET MY PASSWORD", "how do I reset my password?"),
+    ("WHAT IS IT?", "What is it?"),
+    ("Where is the US embassy?", "where is the US embassy"),
+    ("Book it for 10 AM", "Book it for 10 am"),
+    ("Input/output errors on my disk", "What are input/output errors on my disk"),  # first letter only
+    # apostrophes open no literal; a literal written the same in the other text matches
+    ("What do kids' teachers earn?", "What do the kids' teachers earn?"),
+    ('What does "carpe diem" mean?', 'What is the meaning of "carpe diem"?'),
+    ("Translate 'hello' to French", "Translate hello to French"),
+    # shared code lines in the same order; a shift said the same way in both texts
+    ("what does this print:\nx = 1\nprint(x)", "what will this print?\nx = 1\nprint(x)"),
+    ("What's the weather the day after tomorrow?", "what is the weather the day after tomorrow"),
+    ("Is this toy safe for a grown-up?", "Is this toy safe for adults?"),
+    ("Can kids take ibuprofen?", "Can children take ibuprofen?"),
+])
+def test_verifier_keeps_case_literal_and_time_paraphrases(query: str, candidate: str) -> None:
+    for q, c in ((query, candidate), (candidate, query)):
+        assert verify(q, c).ok, (q, c, verify(q, c))
+
+
 @pytest.mark.parametrize("strategy", ["memory", "redis"])
 def test_identical_prompt_hits_at_every_allowed_threshold(strategy: str, redis_server: Any) -> None:
     if not redis_server.running:

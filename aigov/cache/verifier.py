@@ -4,19 +4,25 @@ all-MiniLM-L6-v2 puts "how do I enable 2FA" and "how do I disable 2FA" at ~0.9 c
 it does "convert USD to EUR" / "convert EUR to USD", "3 cows" / "2 cows", "red gate" / "yellow
 gate". A candidate above the threshold is served only if its user text and the query agree on:
 
-- negation (parity of negation markers),
+- negation (parity of negation markers) and exclusion ("all files except hidden ones" is not
+  "all hidden files": except, excepting, excluding, other than),
 - numbers and quantities (digits and number words; "a"/"one" count as 1),
 - units (km vs miles, USD vs EUR, hours vs minutes, ...),
 - direction ("A to B" vs "B to A", "from A to B"),
 - antonym pairs (enable/disable, increase/decrease, add/remove, ... and un-/dis-/de- prefixes),
 - closed word classes whose members exclude each other (colours, genders, weekdays, ...),
 - relative time (today/tomorrow/yesterday/tonight; "next week", "last year", "this Friday"):
-  a day or period shifted from the present must be in both texts,
+  a day or period shifted from the present must be in both texts, and so must "after"/"before"
+  next to a time word ("the day after tomorrow", "the day before my exam"),
 - identifiers (hex ids, UUIDs, order and ticket numbers, SKUs, letter+digit tokens): every one
   either text has must be in the other, whatever the separators ("gpt-4o" = "gpt4o") but with
   its case (base64, passwords, hashes: "Tr0ub4dor" is not "tr0ub4dor"),
-- the case of mixed-case words ("SGVsbG", "iPhone"): the same word cased otherwise is refused,
-- indentation: multi-line texts (code) whose shared lines are indented differently,
+- the case of mixed-case words ("SGVsbG", "iPhone"), of acronyms ("US" is not "us", "IT" not
+  "it", unless the acronym's text is all capitals: shouting) and of tokens with base64 symbols
+  ("QUJDRA==", "a+b/C="): the same word cased otherwise is refused,
+- quoted literals ('Bob', "a  b", `x`): each must be in the other text exactly, case and spaces,
+- indentation and line order: multi-line texts (code) whose shared lines are indented
+  differently or come in another order,
 - named entities (capitalised or mixed-case tokens, acronyms, version-like tokens).
 
 The exact layer (aigov.cache.key.normalize_prompt) folds neither case nor inner whitespace, so
@@ -40,6 +46,9 @@ _SENTENCE_OPENERS = frozenset(".!?:;\"'([")
 NEGATIONS = frozenset("""not no never none nothing nobody nowhere neither nor cannot without
 unable n't cant dont doesnt didnt isnt arent wasnt werent wont wouldnt shouldnt couldnt hasnt
 havent hadnt mustnt neednt aint""".split())
+# Exclusion inverts a set as negation inverts a claim: "delete all files except hidden ones" is not
+# "delete all hidden files". Compared apart from negation, so "don't ... except" vs "don't" counts.
+EXCLUSIONS = frozenset("except excepting excluding".split())
 
 NUMBER_WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
@@ -138,9 +147,9 @@ EXCLUSIVE_CLASSES = {
         bulls goat goats pig pigs bear bears lion lions tiger tigers elephant elephants""".split(),
     # A dose, a fare or a rule for a child is not the one for an adult; synonyms are one member
     # (_CANONICAL) so "kid" still matches "child".
-    "age": """newborn newborns baby babies infant infants toddler toddlers child children kid kids
-        teen teens teenager teenagers adolescent adolescents adult adults grownup grownups elderly
-        senior seniors""".split(),
+    "age": """newborn newborns baby babies infant infants toddler toddlers preschooler preschoolers
+        child children kid kids teen teens teenager teenagers adolescent adolescents adult adults
+        grownup grownups elderly senior seniors pensioner pensioners""".split(),
     # Days relative to now ("weather today" vs "weather tonight"); see also _relative_time.
     "relative_day": "today tonight tomorrow yesterday".split(),
 }
@@ -235,6 +244,27 @@ class _Text:
         return _negated(self)
 
     @cached_property
+    def excluded(self) -> bool:
+        return _excluded(self)
+
+    @cached_property
+    def shouting(self) -> bool:
+        """Letters, none of them small: the writer's capitals say nothing about acronyms."""
+        return not any(c.islower() for c in self.raw) and any(c.isupper() for c in self.raw)
+
+    @cached_property
+    def symbol_tokens(self) -> frozenset[str]:
+        return _symbol_tokens(self.raw)
+
+    @cached_property
+    def literals(self) -> frozenset[str]:
+        return _literals(self.raw)
+
+    @cached_property
+    def numbered_lines(self) -> tuple[tuple[str, int], ...] | None:
+        return _numbered_lines(self.raw)
+
+    @cached_property
     def numbers(self) -> tuple[tuple, frozenset]:
         return _numbers(self)
 
@@ -311,6 +341,13 @@ def _analyse(text: str) -> _Text:
 def _negated(t: _Text) -> bool:
     """Whether the text carries a negation ("No, it doesn't" and "it does not" both count once)."""
     return any(w in NEGATIONS or w.endswith("n't") or w.startswith(("non-", "no-")) for w in t.lower)
+
+
+def _excluded(t: _Text) -> bool:
+    """Whether the text excludes something ("except", "excluding", "other than")."""
+    low = t.lower
+    return any(w in EXCLUSIONS for w in low) or any(
+        w == "other" and nxt == "than" for w, nxt in zip(low, low[1:]))
 
 
 _PLAIN_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
@@ -570,18 +607,101 @@ def _mixed_case(atom: str) -> bool:
     return any(c.isupper() for c in atom[1:]) and any(c.islower() for c in atom)
 
 
+# All-capital words whose lower case is the same word (times of day, "OK").
+_CASELESS_ACRONYMS = frozenset(("ok", "am", "pm"))
+
+
+def _acronym(atom: str) -> bool:
+    """Two or more letters, all capitals: "US", "IT", "HUNTER" (an acronym, a name, a secret)."""
+    return len(atom) >= 2 and atom.isalpha() and atom.isupper() and atom.lower() not in _CASELESS_ACRONYMS
+
+
 def _case_clash(a: _Text, b: _Text) -> str | None:
-    """A mixed-case word of one text written in another case in the other ("SGVsbG"/"sgvsbg").
+    """A mixed-case word ("SGVsbG"/"sgvsbg") or an acronym ("US"/"us") of one text written in
+    another case in the other. MiniLM is uncased, so nothing else tells "IT" from "it". A text
+    all in capitals is shouting: its words are then not acronyms (but keep their mixed case).
     Identifiers (letters with digits, hex) are compared with their case by _identifier_clash."""
     for x, y in ((a, b), (b, a)):
         other = None
         for atom in x.atoms:
-            if atom in y.atoms or not _mixed_case(atom):
+            if atom in y.atoms or not (_mixed_case(atom) or (not x.shouting and _acronym(atom))):
                 continue
             if other is None:
                 other = {w.lower(): w for w in y.atoms}
             if atom.lower() in other:
                 return f"{atom}!={other[atom.lower()]}"
+    return None
+
+
+# A run of base64's alphabet with a letter and one of its symbols ("QUJDRA==", "a+b/C", "x=Foo"):
+# encoded data, a path or code, where case is meaning even in a shouted text.
+# (Runs are found whole and then filtered: a pattern requiring the letter would backtrack
+# quadratically over a long run of digits.)
+_SYMBOL_RUN_RE = re.compile(r"[A-Za-z0-9+/=]+")
+
+
+def _symbol_tokens(raw: str) -> frozenset[str]:
+    if not any(c in raw for c in "+/="):
+        return frozenset()
+    return frozenset(m for m in _SYMBOL_RUN_RE.findall(raw)
+                     if any(c in "+/=" for c in m) and any(c.isalpha() for c in m))
+
+
+def _symbol_case_clash(a: _Text, b: _Text) -> str | None:
+    """A token with base64 symbols cased otherwise in the other text, beyond its first letter
+    (sentence case: "Yes/no" and "yes/no" are one token)."""
+    if not a.symbol_tokens or not b.symbol_tokens:
+        return None
+    for x, y in ((a, b), (b, a)):
+        other = {w.lower(): w for w in y.symbol_tokens}
+        for tok in x.symbol_tokens - y.symbol_tokens:
+            o = other.get(tok.lower())
+            if o is not None and o[1:] != tok[1:]:
+                return f"{tok}!={o}"
+    return None
+
+
+# A quoted literal: the quote opens after a non-word character and closes before one, so
+# apostrophes ("what's", "the kids' toys") open nothing. One line at most; fences (```) open none.
+_LITERAL_RE = re.compile(r"""(?<![\w'"`])(?:'([^'\n]+)'|"([^"\n]+)"|`([^`\n]+)`|“([^”\n]+)”|‘([^’\n]+)’)(?!\w)""")
+
+
+def _literals(raw: str) -> frozenset[str]:
+    if not any(q in raw for q in "'\"`“‘"):
+        return frozenset()
+    return frozenset(next(g for g in m.groups() if g is not None) for m in _LITERAL_RE.finditer(raw))
+
+
+def _literal_known(lit: str, other: _Text, budget: list[int]) -> bool:
+    """`lit` is one of the other text's literals, or is written there exactly as a whole word
+    run ("Translate 'hello'" / "Translate hello"): same case, same spaces."""
+    if lit in other.literals:
+        return True
+    if budget[0] <= 0:
+        return False
+    budget[0] -= 1
+    raw = other.raw
+    start = raw.find(lit)
+    while start != -1:
+        end = start + len(lit)
+        if not (lit[0].isalnum() and start > 0 and raw[start - 1].isalnum()) and \
+                not (lit[-1].isalnum() and end < len(raw) and raw[end].isalnum()):
+            return True
+        start = raw.find(lit, start + 1)
+    return False
+
+
+def _literal_clash(a: _Text, b: _Text) -> str | None:
+    """A quoted literal of either text that the other does not have exactly: a string in code,
+    a name in SQL, a phrase to translate is data, and its case and spacing are part of it.
+    Scans are budgeted as identifiers' are (an unsearched literal counts as absent: a miss)."""
+    if not a.literals and not b.literals:
+        return None
+    budget = [_MAX_ID_SCANS]
+    for x, y in ((a, b), (b, a)):
+        for lit in sorted(x.literals):
+            if not _literal_known(lit, y, budget):
+                return f"{lit[:40]!r}"
     return None
 
 
@@ -596,6 +716,35 @@ def _line_indents(raw: str) -> dict[str, tuple[str, ...]] | None:
         body = ln.lstrip()
         out.setdefault(body.rstrip(), []).append(ln[: len(ln) - len(body)])
     return {k: tuple(v) for k, v in out.items()}
+
+
+def _numbered_lines(raw: str) -> tuple[tuple[str, int], ...] | None:
+    """Each non-blank line stripped, with how many times it occurred before, for texts of two or
+    more non-blank lines (as _line_indents)."""
+    lines = [ln.strip() for ln in raw.replace("\r\n", "\n").replace("\r", "\n").split("\n") if ln.strip()]
+    if len(lines) < 2:
+        return None
+    seen: dict[str, int] = {}
+    out = []
+    for ln in lines:
+        out.append((ln, seen.get(ln, 0)))
+        seen[ln] = seen.get(ln, 0) + 1
+    return tuple(out)
+
+
+def _line_order_clash(a: _Text, b: _Text) -> str | None:
+    """Lines both multi-line texts have, in another order: "x = 1; x = 2" and "x = 2; x = 1" are
+    other programs, with the same words and numbers."""
+    la, lb = a.numbered_lines, b.numbered_lines
+    if la is None or lb is None:
+        return None
+    shared = set(la) & set(lb)
+    if len(shared) < 2:
+        return None
+    for x, y in zip((ln for ln in la if ln in shared), (ln for ln in lb if ln in shared)):
+        if x != y:
+            return f"order:{x[0][:40]!r}"
+    return None
 
 
 def _indent_clash(a: _Text, b: _Text) -> str | None:
@@ -622,6 +771,14 @@ _TIME_PERIODS = frozenset("""day week weekend fortnight month year quarter semes
 _SHIFTED_DAYS = frozenset(("tomorrow", "yesterday"))
 # What may stand between a modifier and its period: "the next 3 days", "the past few weeks".
 _TIME_FILLERS = frozenset("few couple of several".split()) | frozenset(NUMBER_WORDS)
+# "after"/"before" next to one of these shifts the time: "the day after tomorrow" is not
+# "tomorrow", "the weekend after next" not "this weekend", "the day before my exam" not its day.
+_TIME_WORDS = _TIME_PERIODS | frozenset(EXCLUSIVE_CLASSES["relative_day"]) | frozenset(
+    ("noon", "midnight", "next", "last"))
+
+
+def _is_time_word(w: str) -> bool:
+    return w in _TIME_WORDS or _lemma(w) in _TIME_WORDS
 
 
 def _shifted_times(t: _Text) -> frozenset[str]:
@@ -631,6 +788,11 @@ def _shifted_times(t: _Text) -> frozenset[str]:
     for i, w in enumerate(low):
         if w in _SHIFTED_DAYS:
             out.add(w)
+        if w in ("after", "before"):
+            if i > 0 and _is_time_word(low[i - 1]):
+                out.add(f"{_lemma(low[i - 1])}:{w}")         # "the day after", "a week before"
+            elif i + 1 < len(low) and _is_time_word(low[i + 1]):
+                out.add(f"{w}:{_lemma(low[i + 1])}")         # "before tomorrow", "after noon"
         shift = _TIME_MODIFIERS.get(w)
         if not shift:
             continue
@@ -670,16 +832,33 @@ _CANONICAL = {"kid": "child", "kids": "child", "children": "child", "babies": "b
               "infants": "baby", "newborns": "newborn", "toddlers": "toddler", "teens": "teen",
               "teenager": "teen", "teenagers": "teen", "adolescent": "teen", "adolescents": "teen",
               "adults": "adult", "grownup": "adult", "grownups": "adult", "senior": "elderly",
-              "seniors": "elderly",
+              "seniors": "elderly", "pensioner": "elderly", "pensioners": "elderly",
+              "preschoolers": "preschooler",
               "grey": "gray", "golden": "gold", "lady": "woman", "ladies": "woman", "women": "woman",
               "men": "man", "gentleman": "man", "female": "woman", "male": "man", "boys": "boy",
               "girls": "girl", "mac": "macos", "osx": "macos", "c#": "csharp", "golang": "go"}
 
 
+def _class_words(low: list[str]) -> list[str]:
+    """The words looked up in the classes: a hyphenated token as one word if it is a member
+    ("grown-ups" = "grownups"), else each of its parts ("dark-blue", "kid-friendly")."""
+    out: list[str] = []
+    for w in low:
+        if "-" not in w:
+            out.append(w)
+            continue
+        joined = w.replace("-", "")
+        if joined in _CLASS_OF or _lemma(joined) in _CLASS_OF:
+            out.append(joined)
+        else:
+            out.extend(p for p in w.split("-") if p)
+    return out
+
+
 def _by_class(t: _Text) -> dict[str, set[str]]:
     """The members of each closed class the text names, canonicalised."""
     out: dict[str, set[str]] = {}
-    for w in t.lower:
+    for w in _class_words(t.lower):
         cls = _CLASS_OF.get(w)
         base = w
         if cls is None and _lemma(w) in _CLASS_OF:
@@ -742,6 +921,8 @@ def verify(query: str, candidate: str) -> Verdict:
     a, b = _analyse(query), _analyse(candidate)
     if a.negated != b.negated:
         return Verdict(False, "negation")
+    if a.excluded != b.excluded:
+        return Verdict(False, "negation:exclusion")
     (na, oa), (nb, ob) = a.numbers, b.numbers
     if na != nb:
         return Verdict(False, f"numbers:{list(map(str, na))}!={list(map(str, nb))}")
@@ -769,10 +950,13 @@ def verify(query: str, candidate: str) -> Verdict:
     clash = _identifier_clash(a, b)
     if clash:
         return Verdict(False, f"ids:{clash}")
-    clash = _case_clash(a, b)
+    clash = _case_clash(a, b) or _symbol_case_clash(a, b)
     if clash:
         return Verdict(False, f"case:{clash}")
-    clash = _indent_clash(a, b)
+    clash = _literal_clash(a, b)
+    if clash:
+        return Verdict(False, f"literal:{clash}")
+    clash = _indent_clash(a, b) or _line_order_clash(a, b)
     if clash:
         return Verdict(False, clash)
     missing_in_b = {e for e in a.entities if not _entity_known(e, b)}

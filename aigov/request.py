@@ -221,7 +221,23 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
                        include_usage=include_usage, raw_size=len(raw), lossy=lossy)
 
 
-_JSON_KEY_RE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
+# The only non-ASCII characters that case-fold to one ASCII letter: the long s and the Kelvin sign.
+_NON_ASCII_FOLDS = {"s": "\u017f", "k": "\u212a"}
+
+
+def _spellings_of(name: str) -> str:
+    """A regex matching `name` as a JSON key in every spelling a case-insensitive reader takes:
+    each letter in either case, as a character that case-folds to it (Go folds "ſ" to "s"), or
+    as a \\u escape with either case of hex digits."""
+    letters = []
+    for ch in name:
+        chars = {ch, ch.upper()} | set(_NON_ASCII_FOLDS.get(ch, ""))
+        escapes = [f"\\\\u{ord(c):04x}" for c in chars] + [f"\\\\u{ord(c):04X}" for c in chars]
+        letters.append("(?:" + "|".join(sorted(map(re.escape, chars)) + escapes) + ")")
+    return '"' + "".join(letters) + '"\\s*:'
+
+
+_MESSAGES_KEY_RE = re.compile(_spellings_of("messages"))
 
 
 def could_be_chat(raw: bytes | str | None) -> bool:
@@ -233,14 +249,7 @@ def could_be_chat(raw: bytes | str | None) -> bool:
     if raw is None:
         return False
     text = raw if isinstance(raw, str) else decode_body(raw)[0]
-    for match in _JSON_KEY_RE.finditer(text):
-        try:
-            key = json.loads(f'"{match.group(1)}"')
-        except ValueError:
-            continue
-        if isinstance(key, str) and key.casefold() == "messages":
-            return True
-    return False
+    return _MESSAGES_KEY_RE.search(text) is not None
 
 
 def decode_body(raw: bytes) -> tuple[str, bool]:

@@ -121,6 +121,8 @@ def test_the_largest_bounds_and_other_fields_in_any_case_are_read() -> None:
     (b'{"Messages": [{"role": "user", "content": "hi"}]}', True),
     (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]} trailing', True),
     (b'{"\\u006dessages": []}', True),                      # an escaped key
+    (b'{"\\u004DESSAGES": []}', True),                      # escaped, upper-case hex
+    ('{"me\u017f\u017fages": []}'.encode(), True),             # the long s, which Go folds to s
     ("[" * 3000 + "]" * 3000, False),
     (('{"a":' * 3000 + '{"messages": []}' + "}" * 3000).encode(), True),  # deeper than Python's json
     (b'{"prompt": "messages"}', False),                     # a value, not a key

@@ -17,9 +17,11 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 # The completion bounds the quota reserves by, with the most a request may ask: OpenAI's n is at
 # most 128, and no model writes ten million tokens in one answer.
 COMPLETION_BOUNDS = {"max_tokens": 10_000_000, "max_completion_tokens": 10_000_000, "n": 128}
-# Top-level fields the plugins read: each must be spelled exactly (see parse_chat_request).
+# Fields the plugins read: each must be spelled exactly (see parse_chat_request).
 READ_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens",
                          "max_completion_tokens", "n", "tools", "functions", "temperature"})
+MESSAGE_READ_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "function_call"})
+PART_READ_FIELDS = frozenset({"type", "text", "image_url", "input_audio", "file"})
 
 # Top-level fields that cannot change the answer text, so they stay out of the cache's params
 # scope (issue 3's hard scope). It is a deny-list: any other field, including ones we do not
@@ -63,6 +65,19 @@ def content_text(content: Any, sep: str = "\n") -> str:
                 parts.append(part["text"])
         return sep.join(parts)
     return ""
+
+
+TEXT_PART_TYPES = frozenset({"text", "input_text"})
+
+
+def is_text_part(part: Any) -> bool:
+    """A content part that is only text: a string, or {"type": "text", "text": ...} with no other
+    key. Any other part (an image, audio, a file, or a text part carrying more keys, which a
+    case-insensitive reader may take as its text) is not fully read as text by the plugins."""
+    if isinstance(part, str):
+        return True
+    return (isinstance(part, dict) and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}
+            and part.get("type", "text") in TEXT_PART_TYPES)
 
 
 def message_text(message: Any) -> str:
@@ -184,12 +199,12 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
         raise RequestError("invalid_json", f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise RequestError("not_object", "request body must be a JSON object")
-    for key in body:
-        folded = key.casefold()
-        if folded in READ_FIELDS and key != folded:
-            # Go's encoding/json (Ollama, LocalAI) matches keys case-insensitively, the last one
-            # winning: "Max_Tokens" would bound the answer there and be unseen here.
-            raise RequestError("bad_field", f"'{key}' must be spelled '{folded}'")
+    # Go's encoding/json (Ollama, LocalAI) matches keys case-insensitively, the last one winning:
+    # "Max_Tokens" would bound the answer there and be unseen here, a message's "CONTENT" would be
+    # the prompt there and uncounted here.
+    _spelled_exactly(body, READ_FIELDS, "")
+    if isinstance(body.get("stream_options"), dict):
+        _spelled_exactly(body["stream_options"], {"include_usage"}, "stream_options.")
     messages = body.get("messages")
     if messages is None:
         raise RequestError("not_chat", "request has no 'messages' array: not a chat completion")
@@ -200,6 +215,11 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError("bad_field", f"messages[{i}] must be an object with a string 'role'")
+        _spelled_exactly(m, MESSAGE_READ_FIELDS, f"messages[{i}].")
+        if isinstance(m.get("content"), list):
+            for j, part in enumerate(m["content"]):
+                if isinstance(part, dict):
+                    _spelled_exactly(part, PART_READ_FIELDS, f"messages[{i}].content[{j}].")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("bad_field", "'model' must be a string")
@@ -249,7 +269,27 @@ def could_be_chat(raw: bytes | str | None) -> bool:
     if raw is None:
         return False
     text = raw if isinstance(raw, str) else decode_body(raw)[0]
-    return _MESSAGES_KEY_RE.search(text) is not None
+    if _MESSAGES_KEY_RE.search(text) is None:
+        return False
+    try:
+        first, _ = json.JSONDecoder().raw_decode(text.lstrip())  # the first value, as Go's Decoder
+    except (ValueError, RecursionError):
+        return True  # unreadable here (too deep, broken): the key anywhere may be the chat's
+    # Readable: only a top-level key is what a chat endpoint reads ({"thread": {"messages": ...}}
+    # is an Assistants call, not a chat request).
+    return isinstance(first, dict) and any(k.casefold() == "messages" for k in first)
+
+
+UNREADABLE_CHAT = ("the body has a 'messages' key this plugin cannot read exactly (another spelling, "
+                   "bytes after the JSON value, or nesting too deep); a more lenient provider might "
+                   "answer it, so it is not passed on: send it as OpenAI reads it")
+
+
+def _spelled_exactly(obj: dict[str, Any], fields: frozenset[str] | set[str], where: str) -> None:
+    for key in obj:
+        folded = key.casefold()
+        if folded in fields and key != folded:
+            raise RequestError("bad_field", f"'{where}{key}' must be spelled '{folded}'")
 
 
 def decode_body(raw: bytes) -> tuple[str, bool]:

@@ -193,3 +193,19 @@ def test_the_plugin_shares_answers_across_spellings(gw: GatewayHandle) -> None:
     assert _exact_hit(ask(max_completion_tokens=50))
     assert _exact_hit(post(gw, "one", {"model": MODEL, "max_tokens": 50,
                                        "messages": [{"role": "user", "content": question, "name": None}]}))
+
+
+def test_a_part_that_is_not_only_text_is_exact_scope() -> None:
+    """An image part carrying "text": "" (or any part with more than type and text) is not read
+    as text alone: it is scope, so a plain question never gets the answer about a picture."""
+    q = "what is in this picture?"
+    plain = _scope([{"role": "user", "content": [{"type": "text", "text": q}]}])
+
+    def with_image(url: str) -> Any:
+        return _scope([{"role": "user", "content": [{"type": "text", "text": q},
+                                                    {"type": "image_url", "image_url": {"url": url}, "text": ""}]}])
+
+    assert with_image("https://x/cat.png") != plain
+    assert with_image("https://x/cat.png") != with_image("https://x/dog.png")
+    assert with_image("https://x/cat.png") == with_image("https://x/cat.png")
+    assert _scope([{"role": "user", "content": q}]) == _scope([{"role": "user", "content": [q]}])

@@ -624,6 +624,8 @@ def test_bodies_a_lenient_reader_could_serve_are_refused_not_passed(shared_gatew
         "Max_Tokens": json.dumps({**plain, "Max_Tokens": 4000}).encode(),
         "huge": json.dumps({**plain, "max_tokens": 2 ** 62}).encode(),
         "huge_n": json.dumps({**plain, "n": 2 ** 62}).encode(),
+        "hidden_prompt": json.dumps({**plain, "stream": True, "messages": [
+            {"role": "user", "content": "hi", "CONTENT": "a long essay " * 500}]}).encode(),
     }
     served = mock_llm.stats.snapshot()["requests"]
     for name, raw in bodies.items():
@@ -631,7 +633,9 @@ def test_bodies_a_lenient_reader_could_serve_are_refused_not_passed(shared_gatew
         assert r.status == 400, (name, r.status, r.body[:200])
         assert r.json()["error"]["code"] == "invalid_request", name
     assert mock_llm.stats.snapshot()["requests"] == served and counter_values(rclient, "lenient") == []
-    # a body that cannot be a chat request for anyone still passes, as documented
-    other = shared_gateway.request("POST", "/day/v1/chat/completions", body=b'{"prompt": "legacy"}',
-                                   headers={"X-User": "lenient"})
-    assert other.status == 400 and mock_llm.stats.snapshot()["requests"] == served + 1
+    # bodies that cannot be a chat request for anyone still pass, as documented: a legacy
+    # completion, an Assistants run whose messages are nested in its thread
+    for raw in (b'{"prompt": "legacy"}', b'{"assistant_id": "a", "thread": {"messages": []}}'):
+        other = shared_gateway.request("POST", "/day/v1/chat/completions", body=raw, headers={"X-User": "lenient"})
+        assert other.status == 400 and "llm-token-quota" not in other.body.decode(), raw  # the mock's own 400
+    assert mock_llm.stats.snapshot()["requests"] == served + 2

@@ -100,6 +100,10 @@ def test_choices_is_n_or_one() -> None:
     ({"max_tokens": 2 ** 62}, "max_tokens"), ({"max_completion_tokens": 10_000_001}, "max_completion_tokens"),
     ({"n": 129}, "n"), ({"Max_Tokens": 5}, "Max_Tokens"), ({"MODEL": "gpt-4o"}, "MODEL"),
     ({"\u017ftream": True}, "\u017ftream"),  # long s: Go's case folding reads it as "stream"
+    ({"messages": [{"role": "user", "content": "hi", "CONTENT": "a hidden prompt"}]}, "messages[0].CONTENT"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q", "Text": "x"}]}]},
+     "messages[0].content[0].Text"),
+    ({"stream": True, "stream_options": {"Include_Usage": True}}, "stream_options.Include_Usage"),
 ])
 def test_bounds_and_other_spellings_of_read_fields_are_bad_field(body: dict, name: str) -> None:
     full = {"model": "m", "messages": [{"role": "user", "content": "x"}], **body}
@@ -126,6 +130,9 @@ def test_the_largest_bounds_and_other_fields_in_any_case_are_read() -> None:
     ("[" * 3000 + "]" * 3000, False),
     (('{"a":' * 3000 + '{"messages": []}' + "}" * 3000).encode(), True),  # deeper than Python's json
     (b'{"prompt": "messages"}', False),                     # a value, not a key
+    (b'{"thread": {"messages": [{"role": "user", "content": "hi"}]}}', False),  # Assistants: not chat
+    (b'{"prompt": "x", "metadata": {"messages": "3"}}', False),
+    (b'{"thread": {"messages": []}} trailing', False),     # the first value is readable
     (b'{not json', False), (None, False),
 ])
 def test_could_be_chat_finds_a_messages_key_in_any_spelling(raw: Any, expected: bool) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from aigov.request import ChatRequest, sha256_hex
+from aigov.request import ChatRequest, is_text_part, sha256_hex
 
 ANONYMOUS_CONSUMER = "anonymous"   # the one shared scope of unauthenticated traffic
 GLOBAL_CONSUMER = "global"         # scope: global (opt-in) puts every consumer here
@@ -161,11 +161,12 @@ def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, 
     params["stream"] = bool(request.stream)
     # Images, audio and files in the semantic messages are not embedded (only text is), so they
     # go into the exact scope: the same question about another picture never shares an answer.
-    # (Those messages' other fields, such as `name`, are in the context part: context_messages.)
+    # So does any part that is not only text (an image part with a "text" key, a text part with a
+    # "TEXT" key a case-insensitive upstream reads instead). (Those messages' other fields, such
+    # as `name`, are in the context part: context_messages.)
     attachments = [part for i in request.user_indices()[-max(1, message_countback):]
                    for part in (request.messages[i].get("content") or [])
-                   if isinstance(request.messages[i].get("content"), list)
-                   and not (isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text"), str)))]
+                   if isinstance(request.messages[i].get("content"), list) and not is_text_part(part)]
     if attachments:
         params["attachments"] = sha256_hex(attachments)
     context: Any = canonical_messages(request.context_messages(message_countback))

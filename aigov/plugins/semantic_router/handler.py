@@ -37,7 +37,7 @@ from aigov import __version__
 from aigov import metrics
 from aigov.embeddings import embedder_from_config
 from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
-from aigov.request import RequestError, could_be_chat, json_text, parse_chat_request
+from aigov.request import UNREADABLE_CHAT, RequestError, could_be_chat, json_text, parse_chat_request
 from aigov.routing.core import (Decision, Route, Router, RouterConfigError, RouterSettings, prompt_text,
                                 settings_from_config)
 
@@ -103,7 +103,9 @@ class SemanticRouterHandler:
         try:
             chat = parse_chat_request(body, settings.max_body_bytes)
         except RequestError as exc:
-            if exc.reason == "bad_field" or could_be_chat(body):
+            if exc.reason != "bad_field" and could_be_chat(body):
+                exc = RequestError("bad_field", UNREADABLE_CHAT)
+            if exc.reason == "bad_field":
                 # A chat request read wrongly here but maybe rightly by a lenient provider: sent
                 # on, it would reach the client's own model, unrouted. Refused, as OpenAI would.
                 kong.log.set_serialize_value("aigov.router", {"route": None, "reason": "invalid_request"})

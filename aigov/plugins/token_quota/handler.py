@@ -56,7 +56,7 @@ from aigov.prices import Price, nano_to_usd
 from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, ReserveResult,
                               charge_from_usage, identity_tag, openai_error, plan_counters, rate_limit_headers,
                               rejection_body)
-from aigov.request import RequestError, could_be_chat, parse_chat_request
+from aigov.request import UNREADABLE_CHAT, RequestError, could_be_chat, parse_chat_request
 
 NAME = "llm-token-quota"
 VERSION = __version__
@@ -218,7 +218,9 @@ class TokenQuotaHandler:
                 kong.response.exit(413, openai_error(f"llm-token-quota: {exc}", "invalid_request_error",
                                                      "request_too_large"), {"Content-Type": "application/json"})
                 return
-            if exc.reason == "bad_field" or could_be_chat(body):
+            if exc.reason != "bad_field" and could_be_chat(body):
+                exc = RequestError("bad_field", UNREADABLE_CHAT)
+            if exc.reason == "bad_field":
                 # A chat request with a wrongly typed field, or one this parser cannot read but a
                 # more lenient provider could (a "Messages" key, trailing bytes, deep nesting):
                 # OpenAI answers it 400, another provider might serve it, so it is refused, never

@@ -21,7 +21,9 @@ LABEL_MAX_CHARS = 64       # longest label value kept (a client may send a 1 MB 
 MAX_UNPRICED_MODELS = 100  # distinct model names outside every price table, per process
 DEFAULT_MAX_CONSUMERS = 10_000
 DEFAULT_MAX_SERIES = 20_000  # per metric family whose labels come from clients (~0.75 KB each)
-FOLDABLE_LABELS = ("consumer", "ai_model")  # the client-derived labels a full family folds
+# The client-derived labels a full family folds; a quota's "limit" names the model of a
+# per-model limit ("400 tokens per day for model X"), which may be the client's made-up one.
+FOLDABLE_LABELS = ("consumer", "ai_model", "limit")
 
 # Latency buckets in milliseconds, as Kong's AI latency histograms use ms.
 MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)

@@ -67,6 +67,19 @@ def test_series_budget_folds_client_labels_and_keeps_totals() -> None:
     assert budget.child(tokens, "a", "prompt_tokens", "c0") is tokens.labels("a", "prompt_tokens", "c0")
 
 
+def test_series_budget_folds_a_limit_label_naming_a_client_model() -> None:
+    """A per-model limit's label names the model ("... for model X"), which may be made up."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    rejections = Counter("t_rejections_total", "t", ["consumer", "limit", "window"], registry=registry)
+    budget = metrics.SeriesBudget(cap=10)
+    for i in range(300):
+        budget.child(rejections, "other", f"100 tokens per day for model made-up-{i}", "day").inc()
+    series = [s for fam in registry.collect() for s in fam.samples if s.name == "t_rejections_total"]
+    assert len(series) == 11 and sum(s.value for s in series) == 300
+
+
 def scrape_registry() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -24,3 +24,16 @@ def test_memory_store_budget_covers_many_one_entry_scopes() -> None:
     matrices = sum(b._matrix.nbytes for b in store._buckets.values())
     assert store.bytes <= 1024 * 1024 and 100 < len(store) < 5000
     assert matrices <= store.bytes // 2, (matrices, store.bytes)  # the estimate covers the rows
+
+
+def test_memory_store_budget_counts_the_model_and_usage() -> None:
+    from aigov.cache.key import CacheScope
+    from aigov.cache.policies import CacheEntry
+
+    store = MemoryStore("big-model", max_entries=1000, max_bytes=1024 * 1024)
+    vec = np.ones(8, dtype=np.float32) / np.sqrt(8)
+    now = time.time()
+    for i in range(20):
+        store.put(CacheScope("big-model", "c", "r", "m", "x", "p"), vec,
+                  CacheEntry(f"k{i}", "hi", {"choices": []}, "m" * 200_000, {"note": "u" * 1000}, now, now + 60))
+    assert store.bytes <= 1024 * 1024 and len(store) <= 5  # 200 KB of model name each

@@ -84,11 +84,13 @@ class MemoryStore:
 
     @staticmethod
     def entry_bytes(entry: CacheEntry, dim: int) -> int:
-        """What an entry holds in memory, estimated: its prompt string, twice its answer's JSON
-        (parsed dicts and strings take more than their text), its vector row twice (a matrix
-        that grows by doubling is at most half empty) and 1.5 KB of bookkeeping (its entry,
-        LRU and row-map slots, and its scope's share when the scope holds only it)."""
-        return sys.getsizeof(entry.prompt) + 2 * len(json.dumps(entry.response, default=str)) + 8 * dim + 1536
+        """What an entry holds in memory, estimated: its prompt, key and model strings, twice the
+        JSON of its answer, usage and meta (parsed dicts and strings take more than their text),
+        its vector row twice (a matrix that grows by doubling is at most half empty) and 1.5 KB
+        of bookkeeping (its entry, LRU and row-map slots, and its scope's share when the scope
+        holds only it)."""
+        return (sys.getsizeof(entry.prompt) + sys.getsizeof(entry.key) + sys.getsizeof(entry.model or "")
+                + 2 * len(json.dumps([entry.response, entry.usage, entry.meta], default=str)) + 8 * dim + 1536)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -50,6 +50,7 @@ class Service:
     path: str | None
     read_timeout_ms: int = 60000
     connect_timeout_ms: int = 60000
+    write_timeout_ms: int = 60000
 
     @property
     def url(self) -> str:
@@ -439,7 +440,8 @@ class _Loader:
         if path is not None and not str(path).startswith("/"):
             raise DeclarativeError(f"{where}.path: must start with /")
         svc = Service(self._id(s, "service", where), s.get("name"), protocol, str(host), port,
-                      path, int(s.get("read_timeout", 60000)), int(s.get("connect_timeout", 60000)))
+                      path, int(s.get("read_timeout", 60000)), int(s.get("connect_timeout", 60000)),
+                      int(s.get("write_timeout", 60000)))
         self.services[svc.id] = svc
         for i, r in enumerate(self._list(s, "routes", where)):
             self._route(r, f"{where}.routes[{i}]", svc.id)

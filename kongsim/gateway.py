@@ -361,9 +361,9 @@ class Gateway:
                                       if p.bundled is None)
         with tm.span("balancer"):
             host, port = self._target(ctx)
-        # A service's connect_timeout bounds the connect, its read_timeout each read (nginx's
-        # proxy_connect_timeout and proxy_read_timeout, which Kong sets from them); both end in
-        # nginx's 504.
+        # A service's connect_timeout bounds the connect, its write_timeout each send and its
+        # read_timeout each read (nginx's proxy_connect_timeout, proxy_send_timeout and
+        # proxy_read_timeout, which Kong sets from them); each ends in nginx's 504.
         timeout = ctx.service.read_timeout_ms / 1000.0
         t_up = time.time()
         ctx.proxy_latency_ms = int((t_up - t0) * 1000)
@@ -376,7 +376,7 @@ class Gateway:
         try:
             conn.connect()
             assert conn.sock is not None
-            conn.sock.settimeout(timeout)
+            conn.sock.settimeout(ctx.service.write_timeout_ms / 1000.0)
             target = up.path + ("?" + up.query if up.query else "")
             conn.putrequest(up.method, target, skip_host=True, skip_accept_encoding=True)
             for k, v in up.headers.items():
@@ -387,6 +387,7 @@ class Gateway:
             if up.body or up.method in ("POST", "PUT", "PATCH"):
                 conn.putheader("Content-Length", str(len(up.body)))
             conn.endheaders(up.body or None)
+            conn.sock.settimeout(timeout)
             resp = conn.getresponse()
         except (socket.timeout, TimeoutError):
             conn.close()

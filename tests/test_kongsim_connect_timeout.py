@@ -44,3 +44,27 @@ def test_connect_timeout_not_read_timeout_bounds_the_connect(unaccepting_port: i
         assert "timing out" in r.json()["message"]
     finally:
         gw.close()
+
+
+def test_write_timeout_bounds_sending_the_body() -> None:
+    """An upstream that accepts but never reads: a body bigger than the socket buffers cannot be
+    sent, and the service's write_timeout (nginx's proxy_send_timeout) ends it with a 504."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    decl = {"_format_version": "3.0", "services": [{
+        "name": "deaf", "url": f"http://127.0.0.1:{listener.getsockname()[1]}", "write_timeout": 300,
+        "read_timeout": 60000, "routes": [{"name": "r", "paths": ["/"]}]}]}
+    gw = start_gateway(decl, server=[])
+    try:
+        r = gw.request("POST", "/upload", body=b"x" * (16 * 1024 * 1024), timeout=20)
+        assert r.status == 504
+    finally:
+        gw.close()
+        for s in held:
+            s.close()
+        listener.close()

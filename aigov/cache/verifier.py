@@ -10,7 +10,12 @@ gate". A candidate above the threshold is served only if its user text and the q
 - units (km vs miles, USD vs EUR, hours vs minutes, ...),
 - direction ("A to B" vs "B to A", "from A to B"),
 - antonym pairs (enable/disable, increase/decrease, add/remove, ... and un-/dis-/de- prefixes),
-- closed word classes whose members exclude each other (colours, genders, weekdays, ...),
+- opposite poles of a scale (size, price, speed, quality, mood, ...: "largest"/"smallest",
+  "cheapest"/"most expensive", "faster"/"slower"; comparatives and superlatives by rule, and
+  "less"/"least" turn a pole round, so "least expensive" is "cheapest") and of contrast nouns
+  (pros/cons, benefits/drawbacks),
+- closed word classes whose members exclude each other (colours, genders, weekdays, diets, food
+  groups, units of text length such as sentence/paragraph, ...),
 - relative time (today/tomorrow/yesterday/tonight; "next week", "last year", "this Friday"):
   a day or period shifted from the present must be in both texts, and so must "after"/"before"
   next to a time word ("the day after tomorrow", "the day before my exam"),
@@ -89,7 +94,8 @@ UNITS = {
 }
 
 # Pairs of opposite words (both directions are checked). Verb/adjective pairs users actually
-# flip in support questions, plus common opposites of description.
+# flip in support questions. Gradable adjectives are not here but in SCALES (their comparatives,
+# superlatives and "less"/"least" need the scale's poles, not a word pair).
 ANTONYM_PAIRS = [
     ("enable", "disable"), ("enabled", "disabled"), ("activate", "deactivate"), ("increase", "decrease"),
     ("add", "remove"), ("add", "delete"), ("allow", "deny"), ("allow", "block"), ("allow", "forbid"),
@@ -99,12 +105,10 @@ ANTONYM_PAIRS = [
     ("maximum", "minimum"), ("max", "min"), ("maximize", "minimize"), ("before", "after"),
     ("above", "below"), ("inside", "outside"), ("input", "output"), ("push", "pull"),
     ("lock", "unlock"), ("login", "logout"), ("subscribe", "unsubscribe"), ("connect", "disconnect"),
-    ("show", "hide"), ("expand", "collapse"), ("win", "lose"), ("hot", "cold"), ("warm", "cool"),
-    ("high", "low"), ("fast", "slow"), ("big", "small"), ("large", "small"), ("long", "short"),
-    ("tall", "short"), ("cheap", "expensive"), ("true", "false"), ("yes", "no"),
-    ("positive", "negative"), ("best", "worst"), ("better", "worse"), ("more", "less"),
-    ("more", "fewer"), ("most", "least"), ("first", "last"), ("early", "late"), ("old", "new"),
-    ("old", "young"), ("left", "right"), ("up", "down"), ("north", "south"), ("east", "west"),
+    ("show", "hide"), ("expand", "collapse"), ("win", "lose"), ("true", "false"), ("yes", "no"),
+    ("positive", "negative"), ("more", "less"),
+    ("more", "fewer"), ("most", "least"), ("first", "last"),
+    ("left", "right"), ("up", "down"), ("north", "south"), ("east", "west"),
     ("encode", "decode"), ("serialize", "deserialize"), ("ascending", "descending"), ("asc", "desc"),
     ("horizontal", "vertical"), ("internal", "external"), ("public", "private"),
     ("synchronous", "asynchronous"), ("sync", "async"), ("client", "server"), ("send", "receive"),
@@ -112,21 +116,70 @@ ANTONYM_PAIRS = [
     ("success", "failure"), ("succeed", "fail"), ("pass", "fail"), ("valid", "invalid"),
     ("legal", "illegal"), ("possible", "impossible"), ("front", "back"), ("top", "bottom"),
     ("forward", "backward"), ("plus", "minus"), ("income", "expense"), ("credit", "debit"),
-    ("deposit", "withdraw"), ("borrow", "lend"), ("asleep", "awake"), ("light", "dark"),
-    ("light", "heavy"), ("day", "night"), ("morning", "evening"), ("summer", "winter"),
-    ("wet", "dry"), ("full", "empty"), ("rich", "poor"), ("strong", "weak"), ("safe", "dangerous"),
-    ("easy", "hard"), ("easy", "difficult"), ("simple", "complex"), ("inner", "outer"),
+    ("deposit", "withdraw"), ("borrow", "lend"), ("asleep", "awake"),
+    ("day", "night"), ("morning", "evening"), ("summer", "winter"),
+    ("inner", "outer"),
     ("upper", "lower"), ("uppercase", "lowercase"), ("min", "max"), ("join", "leave"),
     ("arrive", "depart"), ("arrival", "departure"), ("entry", "exit"), ("enter", "exit"),
     ("attach", "detach"), ("install", "uninstall"), ("mount", "unmount"), ("freeze", "unfreeze"),
-    ("on", "off"), ("in", "out"), ("online", "offline"), ("sunrise", "sunset"), ("wide", "narrow"),
-    ("thick", "thin"), ("love", "hate"), ("like", "dislike"), ("agree", "disagree"),
+    ("on", "off"), ("in", "out"), ("online", "offline"), ("sunrise", "sunset"),
+    ("love", "hate"), ("like", "dislike"), ("agree", "disagree"),
     ("gain", "lose"), ("profit", "loss"), ("raise", "lower"), ("upgrade", "downgrade"),
     ("inbound", "outbound"), ("incoming", "outgoing"), ("sender", "recipient"), ("buyer", "seller"),
     ("parent", "child"), ("debug", "release"),
     ("sitting", "standing"), ("sit", "stand"), ("coming", "going"), ("come", "go"),
     ("catch", "throw"), ("give", "take"), ("win", "loss"), ("winner", "loser"),
 ]
+
+# Scales of gradable adjectives: scale -> (words at its high pole, words at its low pole). Words
+# of one pole are near-synonyms ("big"/"large", "cheap"/"affordable") and may stand for each
+# other; a word of one pole against one of the other ("largest"/"smallest") is a changed meaning.
+# A word may sit on several scales ("light": weight and brightness; "short": length and height).
+# Comparatives and superlatives are found by rule (_stems), and a preceding "less"/"least"
+# turns the pole round ("least expensive" = "cheapest"), "more"/"most" keeps it.
+SCALES = {
+    "size": ("big large huge enormous giant massive vast", "small little tiny"),
+    "length": ("long lengthy", "short brief"),
+    "height": ("tall", "short"),
+    "level": ("high", "low"),
+    "width": ("wide broad", "narrow"),
+    "thickness": ("thick", "thin"),
+    "depth": ("deep", "shallow"),
+    "body": ("fat obese overweight", "thin skinny slim underweight"),
+    "weight": ("heavy", "light"),
+    "brightness": ("bright light", "dark dim"),
+    "price": ("expensive costly pricey", "cheap inexpensive affordable"),
+    "speed": ("fast quick rapid speedy", "slow sluggish"),
+    "quality": ("good excellent", "bad poor terrible awful horrible"),
+    "mood": ("happy glad cheerful joyful joyous", "sad unhappy miserable gloomy"),
+    "temperature": ("hot warm", "cold cool chilly"),
+    "difficulty": ("hard difficult complex complicated", "easy simple straightforward"),
+    "texture": ("hard", "soft"),
+    "strength": ("strong powerful", "weak"),
+    "wealth": ("rich wealthy", "poor"),
+    "safety": ("safe", "dangerous unsafe risky hazardous"),
+    "moisture": ("wet", "dry"),
+    "fullness": ("full", "empty"),
+    "timing": ("early", "late"),
+    "age": ("old", "young"),
+    "novelty": ("old", "new"),
+    "distance": ("far distant", "near close"),
+    "loudness": ("loud noisy", "quiet silent"),
+    "cleanliness": ("clean", "dirty"),
+    "importance": ("major", "minor"),
+}
+# Comparatives and superlatives the suffix rule cannot find. ("further" is left out: it mostly
+# means "more", as in "further details".)
+IRREGULAR_DEGREES = {"better": "good", "best": "good", "worse": "bad", "worst": "bad",
+                     "elder": "old", "eldest": "old", "farther": "far", "farthest": "far",
+                     "furthest": "far"}
+# Nouns that name the two sides of an assessment; not gradable ("more benefits" stays a benefit).
+CONTRAST_NOUNS = {
+    "merit": ("pro advantage benefit upside merit strength",
+              "con disadvantage drawback downside shortcoming weakness risk"),
+}
+# "less expensive" is the low pole of price, "most expensive" the high one.
+_DEGREE_MODIFIERS = {"more": 1, "most": 1, "less": -1, "least": -1}
 
 # Closed classes whose members exclude each other: "red bus" is not a "white bus".
 EXCLUSIVE_CLASSES = {
@@ -152,6 +205,13 @@ EXCLUSIVE_CLASSES = {
         grownup grownups elderly senior seniors pensioner pensioners""".split(),
     # Days relative to now ("weather today" vs "weather tonight"); see also _relative_time.
     "relative_day": "today tonight tomorrow yesterday".split(),
+    # Alternatives, not kinds of each other in a question: a vegetarian recipe may have cheese, a
+    # vegan one may not; a tomato is a fruit or a vegetable, and the answer says which.
+    "diet": "vegan vegans vegetarian vegetarians pescatarian pescatarians keto paleo".split(),
+    "food_group": """fruit fruits vegetable vegetables veggie veggies grain grains legume legumes
+        nut nuts meat meats""".split(),
+    # Units of a text's length: "in one sentence" is not "in one paragraph".
+    "text_unit": "word words sentence sentences paragraph paragraphs page pages chapter chapters".split(),
 }
 
 _SIMPLE_STOP = frozenset("""a an the of to in on at for from by with and or is are was were be been
@@ -223,6 +283,80 @@ for _a, _b in ANTONYM_PAIRS:
     _ANTONYMS.setdefault(_b, set()).add(_a)
 _CLASS_OF: dict[str, str] = {w: cls for cls, words in EXCLUSIVE_CLASSES.items() for w in words}
 _OPPOSITE_PREFIXES = ("un", "dis", "de", "non", "in", "im", "il", "ir", "anti")
+
+_GRADABLE_POLES: dict[str, frozenset[tuple[str, int]]] = {}
+_NOUN_POLES: dict[str, frozenset[tuple[str, int]]] = {}
+for _table, _into in ((SCALES, _GRADABLE_POLES), (CONTRAST_NOUNS, _NOUN_POLES)):
+    for _scale, (_high, _low) in _table.items():
+        for _sign, _words in ((1, _high), (-1, _low)):
+            for _w in _words.split():
+                _into[_w] = _into.get(_w, frozenset()) | {(_scale, _sign)}
+
+
+def _stems(word: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Plausible bases of `word` without one of `suffixes`: "larger" -> "large", "biggest" ->
+    "big", "happier" -> "happy", "drying" -> "dry". Only bases that are scale words are used."""
+    out: list[str] = []
+    for suffix in suffixes:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 2:
+            stem = word[: -len(suffix)]
+            out += [stem, stem + "e"]
+            if stem.endswith("i"):
+                out += [stem[:-1] + "y", stem[:-1] + "ey"]    # happier, dried, priciest
+            if len(stem) >= 3 and stem[-1] == stem[-2] and stem[-1] not in "aeiou":
+                out.append(stem[:-1])                         # bigger, hottest, thinning
+    return out
+
+
+# An adjective's degrees and its verb's forms ("cooling", "dried") name its pole; plural "-s"
+# does not ("news" is not "new", "fares" not "far", "shorts" not "short"). Nouns take plurals.
+_ADJECTIVE_SUFFIXES = ("est", "er", "ing", "ed")
+_NOUN_SUFFIXES = ("es", "s")
+
+
+@_memo_short(_MAX_CACHED_WORD, 16384)
+def _poles(word: str) -> tuple[frozenset[tuple[str, int]], bool]:
+    """(the (scale, sign) poles a word names, whether it is a gradable adjective)."""
+    if word in _GRADABLE_POLES:
+        return _GRADABLE_POLES[word], True
+    if word in _NOUN_POLES:
+        return _NOUN_POLES[word], False
+    base = IRREGULAR_DEGREES.get(word)
+    if base is not None:
+        return _GRADABLE_POLES[base], True
+    for cand in _stems(word, _ADJECTIVE_SUFFIXES):
+        if cand in _GRADABLE_POLES:
+            return _GRADABLE_POLES[cand], True
+    for cand in _stems(word, _NOUN_SUFFIXES):
+        if cand in _NOUN_POLES:
+            return _NOUN_POLES[cand], False
+    return frozenset(), False
+
+
+@dataclass(frozen=True)
+class _Poles:
+    found: dict[tuple[str, int], str]     # (scale, sign) -> the first word that names it
+    modifiers: frozenset[str]             # "more"/"less"/... used only as a scale word's degree
+
+
+def _scale_poles(t: _Text) -> _Poles:
+    found: dict[tuple[str, int], str] = {}
+    low = t.lower
+    used: set[int] = set()
+    for i, w in enumerate(low):
+        poles, gradable = _poles(w)
+        if not poles:
+            continue
+        sign, word = 1, w
+        if gradable and i > 0 and low[i - 1] in _DEGREE_MODIFIERS:
+            sign = _DEGREE_MODIFIERS[low[i - 1]]
+            used.add(i - 1)
+            word = f"{low[i - 1]} {w}"
+        for scale, pole in poles:
+            found.setdefault((scale, pole * sign), word)
+    # A modifier is left out of the antonym pairs only if every occurrence qualifies a scale word.
+    free = {w for i, w in enumerate(low) if w in _DEGREE_MODIFIERS and i not in used}
+    return _Poles(found, frozenset(low[i] for i in used) - free)
 
 
 @dataclass
@@ -321,6 +455,10 @@ class _Text:
             if stems:
                 out[w] = stems
         return out
+
+    @cached_property
+    def poles(self) -> _Poles:
+        return _scale_poles(self)
 
     @cached_property
     def squashed(self) -> str:
@@ -812,16 +950,26 @@ def _time_clash(a: _Text, b: _Text) -> str | None:
 
 
 def _antonym_clash(a: _Text, b: _Text) -> str | None:
-    only_a = a.words - b.words
-    only_b = b.words - a.words
+    pa, pb = a.poles, b.poles
+    wa, wb = a.words - pa.modifiers, b.words - pb.modifiers
+    only_a = wa - wb
+    only_b = wb - wa
     for w in only_a:
         for opp in _ANTONYMS.get(w, ()):
             if opp in only_b:
                 return f"{w}/{opp}"
-    # un-/dis-/de- prefixes: "install" vs "uninstall", "able" vs "disable" style flips
+    # Opposite poles of one scale, each named by one text only ("largest"/"smallest").
+    for (scale, sign), word in pa.found.items():
+        if (scale, sign) not in pb.found and (scale, -sign) in pb.found \
+                and (scale, -sign) not in pa.found:
+            return f"{word}/{pb.found[(scale, -sign)]}"
+    # un-/dis-/de- prefixes: "install" vs "uninstall", "able" vs "disable" style flips. Scale
+    # words are left to the scales ("inexpensive" is "least expensive", not its opposite).
     for t, x, y in ((a, only_a, only_b), (b, only_b, only_a)):
         stems = t.prefix_stems
         for w in x:
+            if w in _GRADABLE_POLES or w in _NOUN_POLES:
+                continue
             for stem in stems.get(w, ()):
                 if stem in y:
                     return f"{stem}/{w}"
@@ -836,7 +984,12 @@ _CANONICAL = {"kid": "child", "kids": "child", "children": "child", "babies": "b
               "preschoolers": "preschooler",
               "grey": "gray", "golden": "gold", "lady": "woman", "ladies": "woman", "women": "woman",
               "men": "man", "gentleman": "man", "female": "woman", "male": "man", "boys": "boy",
-              "girls": "girl", "mac": "macos", "osx": "macos", "c#": "csharp", "golang": "go"}
+              "girls": "girl", "mac": "macos", "osx": "macos", "c#": "csharp", "golang": "go",
+              "vegans": "vegan", "vegetarians": "vegetarian", "pescatarians": "pescatarian",
+              "fruits": "fruit", "vegetables": "vegetable", "veggie": "vegetable",
+              "veggies": "vegetable", "grains": "grain", "legumes": "legume", "nuts": "nut",
+              "meats": "meat", "words": "word", "sentences": "sentence", "paragraphs": "paragraph",
+              "pages": "page", "chapters": "chapter"}
 
 
 def _class_words(low: list[str]) -> list[str]:

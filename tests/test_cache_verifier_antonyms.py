@@ -1,0 +1,173 @@
+"""The verifier's scales, contrast nouns and exclusive sets (aigov/cache/verifier.py).
+
+A tester's probe got opposite prompts served at the default threshold (pros/cons,
+largest/smallest, cheapest/most expensive, vegan/vegetarian, ...). The fix is knowledge of
+scales and sets, not of those sentences, so most cases below use other words of the same sets.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+
+from aigov.cache.core import CacheSettings, SemanticCache
+from aigov.cache.key import exact_key, scope_for
+from aigov.cache.verifier import verify
+from aigov.request import parse_chat_request
+
+
+def _refused(a: str, b: str) -> list[str]:
+    """The reasons in both directions; the checks are symmetric, so both must refuse."""
+    out = []
+    for q, c in ((a, b), (b, a)):
+        v = verify(q, c)
+        assert not v.ok, (q, c)
+        out.append(v.reason)
+    return out
+
+
+def _kept(a: str, b: str) -> None:
+    for q, c in ((a, b), (b, a)):
+        v = verify(q, c)
+        assert v.ok, (q, c, v.reason)
+
+
+@pytest.mark.parametrize("a, b", [
+    # opposite poles of a scale, in positive, comparative and superlative forms
+    ("What is the largest planet in the solar system?", "What is the smallest planet in the solar system?"),
+    ("Which dog breed is the biggest?", "Which dog breed is the tiniest?"),          # doubled consonant, -iest
+    ("What is the hottest month in Spain?", "What is the coldest month in Spain?"),
+    ("Is Rust faster than Go?", "Is Rust slower than Go?"),
+    ("What is the easiest language to learn?", "What is the hardest language to learn?"),
+    ("Which route is shorter?", "Which route is longer?"),
+    ("Who is the oldest player on the team?", "Who is the youngest player on the team?"),
+    ("Is coffee good for you?", "Is coffee bad for you?"),
+    ("What is the best laptop for students?", "What is the worst laptop for students?"),  # irregular
+    ("Write a happy poem about rain", "Write a sad poem about rain"),
+    ("Are cats happier indoors?", "Are cats sadder indoors?"),                           # -ier, -dder
+    ("Which is the nearest station?", "Which is the farthest station?"),
+    ("Is it expensive to live in Oslo?", "Is it inexpensive to live in Oslo?"),
+    # "most"/"least" give a superlative its pole; "least" turns it round
+    ("What is the cheapest city in Europe?", "What is the most expensive city in Europe?"),
+    ("What is the cheapest city in Europe?", "What is the priciest city in Europe?"),    # pricey -> priciest
+    ("Which phone is the least expensive?", "Which phone is the most expensive?"),
+    ("Is a train more expensive than a bus?", "Is a train cheaper than a bus?"),
+    ("Which is more affordable, Lisbon or Porto?", "Which is more expensive, Lisbon or Porto?"),
+])
+def test_opposite_poles_of_a_scale_are_refused(a: str, b: str) -> None:
+    assert all(r.startswith("antonym:") for r in _refused(a, b))
+
+
+@pytest.mark.parametrize("a, b", [
+    ("What are the pros of nuclear power?", "What are the cons of nuclear power?"),
+    ("What are the benefits of fasting?", "What are the risks of fasting?"),
+    ("List the strengths of this plan", "List the weaknesses of this plan"),
+    ("What are the upsides of remote work?", "What are the drawbacks of remote work?"),
+])
+def test_contrast_nouns_are_refused(a: str, b: str) -> None:
+    assert all(r.startswith("antonym:") for r in _refused(a, b))
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Give me a vegan recipe for dinner", "Give me a vegetarian recipe for dinner"),
+    ("Are vegans allowed honey?", "Are pescatarians allowed honey?"),
+    ("Is a tomato a fruit?", "Is a tomato a vegetable?"),
+    ("Are peanuts nuts?", "Are peanuts legumes?"),
+    ("Summarize the book in one sentence", "Summarize the book in one paragraph"),
+    ("Summarize this article in 50 words", "Summarize this article in 50 sentences"),
+    ("Write two pages about the French revolution", "Write two paragraphs about the French revolution"),
+])
+def test_exclusive_alternatives_are_refused(a: str, b: str) -> None:
+    assert all(r.startswith("class:") for r in _refused(a, b))
+
+
+@pytest.mark.parametrize("a, b", [
+    # the same pole said otherwise: degrees, "least" + the opposite word, synonyms of one pole
+    ("What is the cheapest city in Europe?", "What is the least expensive city in Europe?"),
+    ("Which phone is cheaper?", "Which phone is less expensive?"),
+    ("Which phone is more affordable?", "Which phone is less expensive?"),  # "more"/"less" as degrees only
+    ("Where can I find inexpensive flights?", "Where can I find the least expensive flights?"),
+    ("What is the biggest planet?", "What is the largest planet?"),
+    ("Give me an easy recipe", "Give me a simple recipe"),
+    ("Write a brief summary", "Write a short summary"),
+    ("What are the benefits of meditation?", "What are the advantages of meditation?"),
+    ("What are the pros and cons of Kotlin?", "What are the advantages and disadvantages of Kotlin?"),
+    ("Healthy vegetables for kids", "Healthy veggies for kids"),
+    ("Are fruits and vegetables good for you?", "Are vegetables and fruits good for you?"),
+])
+def test_same_pole_and_same_member_still_match(a: str, b: str) -> None:
+    _kept(a, b)
+
+
+def test_more_and_less_of_a_plain_noun_still_clash() -> None:
+    # Only a scale word's "less"/"more" is taken as its degree; here they are quantities.
+    assert sorted(_refused("How do I use more memory in Java?", "How do I use less memory in Java?")) == \
+        ["antonym:less/more", "antonym:more/less"]
+
+
+# The tester's 14 paraphrases (probe at the default threshold, memory store, verifier on).
+PARAPHRASES = [
+    ("What is the capital of France?", "what is the capital of france"),
+    ("How do I reset my password?", "How can I reset my password?"),
+    ("What is the weather today?", "what's the weather today"),
+    ("Who wrote Hamlet?", "who wrote hamlet?"),
+    ("Can you recommend a good book", "can you recommend a good book?"),
+    ("What's the dose of ibuprofen for a kid", "What's the ibuprofen dose for a child"),
+    ("Explain quantum computing.", "explain quantum computing"),
+    ("How do I install Docker on Windows?", "How can I install Docker on Windows?"),
+    ("What are the benefits of meditation?", "What are the benefits of meditating?"),
+    ("How do I cook rice?", "What's the way to cook rice?"),
+    ("Tell me a joke about cats", "Tell me a cat joke"),
+    ("What is machine learning?", "Can you explain what machine learning is?"),
+    ("How tall is the Eiffel Tower?", "What is the height of the Eiffel Tower?"),
+    ("Best way to learn Spanish", "What's the best way to learn Spanish?"),
+    # and scale words the model puts close together, said the same way
+    ("Is a train cheaper than a bus?", "Is a train less expensive than a bus?"),
+]
+# The tester's wrong hits (each one above 0.82 before the fix), through the cache's own lookup.
+OPPOSITES = [
+    ("What are the pros of nuclear power?", "What are the cons of nuclear power?"),
+    ("What is the largest planet in the solar system?", "What is the smallest planet in the solar system?"),
+    ("What is the cheapest city in Europe?", "What is the most expensive city in Europe?"),
+    ("Give me a vegan recipe for dinner", "Give me a vegetarian recipe for dinner"),
+    ("Write a happy poem about rain", "Write a sad poem about rain"),
+    ("Summarize the book in one sentence", "Summarize the book in one paragraph"),
+    ("Is coffee good for you?", "Is coffee bad for you?"),
+    ("How do I make my code faster?", "How do I make my code slower?"),
+    ("Is a tomato a fruit?", "Is a tomato a vegetable?"),
+]
+
+
+@pytest.fixture(scope="module")
+def cache() -> Any:
+    settings = CacheSettings.from_config({"vectordb": {"strategy": "memory",
+                                                       "namespace": f"ant-{uuid.uuid4().hex[:8]}"}})
+    c = SemanticCache(settings)     # the default threshold (0.82) and the verifier on
+    yield c
+    c.store.purge()
+
+
+def _lookup(cache: Any, stored: str, asked: str) -> Any:
+    def req(text: str) -> Any:
+        return parse_chat_request(json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}))
+    consumer = uuid.uuid4().hex                     # one scope per pair: pairs cannot answer each other
+    sa = scope_for(req(stored), namespace=cache.settings.namespace, consumer_id=consumer, route_id="r")
+    sb = scope_for(req(asked), namespace=cache.settings.namespace, consumer_id=consumer, route_id="r")
+    cache.save(sa, exact_key(sa, stored), stored, cache.embed(stored), {"choices": []}, None, "m")
+    return cache.lookup(sb, asked, exact_key(sb, asked))
+
+
+@pytest.mark.parametrize("stored, asked", OPPOSITES)
+def test_the_testers_opposites_miss_through_the_cache(cache: Any, stored: str, asked: str) -> None:
+    found = _lookup(cache, stored, asked)
+    # The premise: the model alone would serve it (the nearest entry passed the threshold).
+    assert found.status == "Miss" and found.rejected, (stored, asked, found.similarity)
+    assert found.rejected[0].startswith(("antonym:", "class:"))
+
+
+@pytest.mark.parametrize("stored, asked", PARAPHRASES)
+def test_paraphrases_still_hit_through_the_cache(cache: Any, stored: str, asked: str) -> None:
+    found = _lookup(cache, stored, asked)
+    assert found.status == "Hit", (stored, asked, found.similarity, found.rejected)

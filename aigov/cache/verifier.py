@@ -43,7 +43,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, wraps
-from typing import Any
+from typing import Any, Callable
 
 _TOKEN_RE = re.compile(r"[$€£¥%°]|\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z0-9]*(?:['’][A-Za-z]+)?(?:[-_.][A-Za-z0-9]+)*")
 _SENTENCE_OPENERS = frozenset(".!?:;\"'([")
@@ -1067,6 +1067,16 @@ def _entity_known(entity: str, other: _Text) -> bool:
                for w in other.words)
 
 
+# The checks that name what clashes, in the order verify runs them, with their reason's prefix
+# (the code-shape checks name themselves whole).
+_CLASH_CHECKS: tuple[tuple[str, Callable[[_Text, _Text], str | None]], ...] = (
+    ("direction:", _role_swap), ("antonym:", _antonym_clash), ("class:", _class_clash),
+    ("time:", _time_clash), ("ids:", _identifier_clash), ("case:", _case_clash),
+    ("case:", _symbol_case_clash), ("literal:", _literal_clash), ("", _indent_clash),
+    ("", _line_order_clash),
+)
+
+
 def verify(query: str, candidate: str) -> Verdict:
     """Whether `candidate` (a cached prompt) may answer `query`. Identical texts always pass."""
     if query == candidate:
@@ -1088,30 +1098,10 @@ def verify(query: str, candidate: str) -> Verdict:
     for x, y in da:
         if (y, x) in db and (x, y) not in db:
             return Verdict(False, f"direction:{x}->{y}")
-    clash = _role_swap(a, b)
-    if clash:
-        return Verdict(False, f"direction:{clash}")
-    clash = _antonym_clash(a, b)
-    if clash:
-        return Verdict(False, f"antonym:{clash}")
-    clash = _class_clash(a, b)
-    if clash:
-        return Verdict(False, f"class:{clash}")
-    clash = _time_clash(a, b)
-    if clash:
-        return Verdict(False, f"time:{clash}")
-    clash = _identifier_clash(a, b)
-    if clash:
-        return Verdict(False, f"ids:{clash}")
-    clash = _case_clash(a, b) or _symbol_case_clash(a, b)
-    if clash:
-        return Verdict(False, f"case:{clash}")
-    clash = _literal_clash(a, b)
-    if clash:
-        return Verdict(False, f"literal:{clash}")
-    clash = _indent_clash(a, b) or _line_order_clash(a, b)
-    if clash:
-        return Verdict(False, clash)
+    for prefix, check in _CLASH_CHECKS:
+        clash = check(a, b)
+        if clash:
+            return Verdict(False, prefix + clash)
     missing_in_b = {e for e in a.entities if not _entity_known(e, b)}
     missing_in_a = {e for e in b.entities if not _entity_known(e, a)}
     if missing_in_a and missing_in_b:  # one name replaced by another

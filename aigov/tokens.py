@@ -265,6 +265,21 @@ def count_chat_messages(messages: Any, model: Any = None,
     return total
 
 
+OFFLOAD_COUNT_BYTES = 64 * 1024  # bodies larger than this are token-counted off the loop
+
+
+def count_chat_messages_off_loop(messages: Any, model: Any = None, tools: Iterable[Any] | None = None,
+                                 body_bytes: int = 0) -> int:
+    """count_chat_messages for a plugin handler on the plugin server's loop: a big prompt (tens
+    to hundreds of ms for 1 MiB) or the first count of an encoding (reading its ranks: up to
+    0.8 s) runs on a thread while the loop serves other requests (tiktoken releases the GIL)."""
+    if body_bytes > OFFLOAD_COUNT_BYTES or not encoding_ready(model):
+        from aigov import cooperative
+
+        return cooperative.run_blocking(count_chat_messages, messages, model, tools)
+    return count_chat_messages(messages, model, tools)
+
+
 def count_tools(tools: Iterable[Any], model: Any = None) -> int:
     """Tokens that tool (function) definitions add to the prompt, per the cookbook's constants
     (measured by OpenAI for gpt-4o / gpt-4o-mini and for gpt-4 / gpt-3.5-turbo)."""

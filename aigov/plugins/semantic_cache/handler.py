@@ -44,7 +44,6 @@ VERSION = __version__
 PRIORITY = 770
 SHARED_KEY = "aigov"
 CAPTURE_ENV = "AIGOV_CAPTURE_PHASE"
-OFFLOAD_COUNT_BYTES = 64 * 1024  # bodies larger than this are token-counted off the loop (as the quota does)
 
 log = logging.getLogger("aigov.cache.handler")
 
@@ -408,15 +407,10 @@ def _estimate_usage(model: Any, source: PromptSource | None, prompt_text: str, a
     non-stream answer came without usage) only the semantic text is known: the prompt count is
     then a lower bound."""
     try:
-        from aigov import cooperative, tokens
+        from aigov import tokens
 
         messages, tools, size = source if source is not None else ([{"role": "user", "content": prompt_text}], None, 0)
-        if size > OFFLOAD_COUNT_BYTES:
-            # tiktoken releases the GIL: a big prompt is counted on a thread while the plugin
-            # server's loop serves other requests.
-            prompt = cooperative.run_blocking(tokens.count_chat_messages, messages, model, tools)
-        else:
-            prompt = tokens.count_chat_messages(messages, model, tools)
+        prompt = tokens.count_chat_messages_off_loop(messages, model, tools, size)
         completion = tokens.count_text(answer, model)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "estimated": True}

@@ -49,7 +49,7 @@ from collections import OrderedDict
 from typing import Any
 
 from aigov import __version__
-from aigov import cooperative, metrics
+from aigov import metrics
 from aigov.llm_response import LLMResponse, parse_upstream_response
 from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
 from aigov.prices import Price, nano_to_usd
@@ -67,7 +67,6 @@ SHARED_KEY = "aigov"
 # then rewriting) the shared "aigov" dict of facts other plugins publish.
 STATE_KEY = "aigov.quota"
 MEMO_NAME_MAX = 256  # longest model name the price memo keeps
-OFFLOAD_COUNT_BYTES = 64 * 1024  # bodies larger than this are token-counted off the loop
 CAPTURE_PHASE = "log" if os.environ.get("AIGOV_CAPTURE_PHASE", "").strip().lower() == "log" else "response"
 
 _stores: dict[tuple[str, str], QuotaStore] = {}
@@ -265,14 +264,8 @@ class TokenQuotaHandler:
             route = r.get("name") or r.get("id")
 
         from aigov import tokens  # lazy: tiktoken loads its encodings on first use
-        count_args = (request.messages, model_asked, request.body.get("tools"))
-        if len(body) > OFFLOAD_COUNT_BYTES or not tokens.encoding_ready(model_asked):
-            # tiktoken releases the GIL: a big prompt (tens to hundreds of ms for 1 MiB), or the
-            # first count of an encoding (reading its ranks: up to 0.8 s), runs on a thread while
-            # the plugin server's loop serves other requests.
-            prompt_est = cooperative.run_blocking(tokens.count_chat_messages, *count_args)
-        else:
-            prompt_est = tokens.count_chat_messages(*count_args)
+        prompt_est = tokens.count_chat_messages_off_loop(request.messages, model_asked, request.body.get("tools"),
+                                                         len(body))
         # n choices are each up to max_tokens long: the bound is the product (the prompt is
         # billed once).
         completion_est = (request.max_tokens or q.completion_estimate_tokens) * request.choices

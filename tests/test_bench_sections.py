@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aigov.bench import common, peer, plugin_server, run as bench_run, scale
@@ -87,6 +88,28 @@ def test_cache_scoring_counts_only_own_entry_hits() -> None:
     at_093 = peer.at_threshold(scored["sweep"], 0.93)
     assert (at_093["precision"], at_093["recall"]) == (1.0, pytest.approx(1 / 3, abs=1e-4))
     assert scored["best"]["f1"] == max(r["f1"] for r in scored["sweep"])
+
+
+def test_paired_f1_bootstrap_interval() -> None:
+    # 40 same-meaning pairs and 20 different-meaning ones; system a finds 30 of the 40 with no
+    # false hit, system b the same 30 plus 5 false hits: a is better on every resample that
+    # holds one of b's false hits.
+    labels = np.array([True] * 40 + [False] * 20)
+    entry_of = {f"s{i}": i for i in range(60)}
+    pairs = [{"sentence1": f"s{i}", "label": int(labels[i])} for i in range(60)]
+    found_a = [(i, 0.95) if i < 30 else (None, -1.0) for i in range(60)]
+    found_b = [(i, 0.95) if i < 30 or 40 <= i < 45 else (None, -1.0) for i in range(60)]
+    a = peer.score_cache(pairs, entry_of, found_a)
+    b = peer.score_cache(pairs, entry_of, found_b)
+    boot = peer.paired_f1_bootstrap(a, b, labels, seed=7, resamples=500)
+    assert boot["f1_difference"] == pytest.approx(a["best"]["f1"] - b["best"]["f1"], abs=1e-4)
+    assert boot["f1_difference"] > 0 and boot["ci95_low"] >= 0 < boot["ci95_high"]
+    assert boot["share_at_least_equal"] == 1.0
+    same = peer.paired_f1_bootstrap(a, a, labels, seed=7, resamples=200)
+    assert (same["f1_difference"], same["ci95_low"], same["ci95_high"]) == (0.0, 0.0, 0.0)
+    # The other way round the interval lies below zero.
+    rev = peer.paired_f1_bootstrap(b, a, labels, seed=7, resamples=500)
+    assert rev["ci95_high"] <= 0 and rev["share_at_least_equal"] < 0.05
 
 
 def test_router_scores() -> None:

@@ -15,6 +15,11 @@ per-request state (`RequestContext`). What is imitated, with the Kong source it 
 * `kong.log.serialize` returns a JSON string shaped like Kong's basic serializer
   (`kong/pdk/log.lua` serialize), only in `log`;
 * in `log`, request/response getters read the data saved when the response was sent;
+* `kong.log.set_serialize_value` in `log` is seen by nobody: Kong runs an external plugin's log
+  handler in its own `ngx.timer.at(0)` on a clone of `ngx.ctx`, with the serializer snapshot
+  taken when the log phase called it (`kong/runloop/plugin_servers/plugin.lua` build_phases);
+  the Lua loggers (http-log, file-log) have serialized by then, and that plugin's own
+  `kong.log.serialize` returns the snapshot. Values reach loggers only from earlier phases;
 * the client address: `kong.client.get_ip` is the connection's, `get_forwarded_ip/port` are
   nginx's `$remote_addr/$remote_port` after the realip module, which Kong configures from
   kong.conf `trusted_ips` (default none), `real_ip_header` (X-Real-IP) and `real_ip_recursive`
@@ -148,6 +153,9 @@ class RequestContext:
     ctx_shared: dict[str, Any] = field(default_factory=dict)
     ngx_ctx: dict[str, Any] = field(default_factory=dict)
     serialize_values: dict[str, Any] = field(default_factory=dict)
+    # What log handlers set with set_serialize_value: Kong keeps it nowhere (module doc); held
+    # here only so a test can show a plugin does not rely on it.
+    discarded_serialize_values: dict[str, Any] = field(default_factory=dict)
     upstream: UpstreamRequest | None = None
     # the response Kong sends; `exit_response` is a delayed kong.response.exit
     status: int | None = None
@@ -957,9 +965,12 @@ class PDK:
     def _set_serialize_value(ctx: RequestContext, key: str, value: Any, options: Any = None) -> None:
         if not isinstance(key, str):
             raise PdkLuaError("key must be a string")
+        if ctx.phase == "log" or ctx.saved is not None:
+            # The log timer's set goes into a clone of ngx.ctx that nothing serializes again
+            # (see the module doc): accepted, and lost, as on Kong.
+            ctx.discarded_serialize_values[key] = value
+            return
         ctx.serialize_values[key] = value  # a fresh wire value (see _shared_set)
-        if ctx.saved is not None:
-            _set_dotted(ctx.saved["serialize"], key, copy.deepcopy(value))
 
 
 @dataclass

@@ -44,11 +44,12 @@ def kong_yml(mock_url: str, redis_port: int) -> dict[str, Any]:
     def route(name: str, *plugins: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "paths": [f"/{name}"], "strip_path": True, "plugins": [auth, *plugins]}
 
+    logged_quota = {**quota, "config": {**quota["config"], "log_statistics": True}}
     return {"_format_version": "3.0",
             "consumers": [{"username": "perf", "keyauth_credentials": [{"key": "perf-key"}]}],
             "services": [{"name": "llm", "url": mock_url, "routes": [
                 route("quota", quota), route("cache", cache), route("router", router),
-                route("all", router, quota, cache)]}]}
+                route("all", router, logged_quota, cache)]}]}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,9 @@ def test_quota_phases_make_four_three_and_two_calls_and_meter_exactly_once(gatew
     # No upstream header or status read (the body carries usage) and no ctx write-back on the
     # client's path after the answer.
     assert response == ["kong.ctx.shared.get", "kong.service.response.get_raw_body", "kong.response.set_headers"]
-    assert log == ["kong.ctx.shared.get", "kong.log.set_serialize_value"]
+    # Settled in response: log only finds that out (no serializer write: Kong drops the log
+    # timer's, and log_statistics is off).
+    assert log == ["kong.ctx.shared.get"]
 
     # Same outcome as before: the provider's usage charged exactly once, headers agree with it.
     assert int(reply.header("X-AI-Tokens-Prompt")) == usage["prompt_tokens"]
@@ -119,8 +122,8 @@ def test_quota_phases_make_four_three_and_two_calls_and_meter_exactly_once(gatew
     assert used - before.get(key, 0) == usage["total_tokens"]
     assert int(reply.header("X-AI-RateLimit-Remaining-Day")) == DAY_TOKENS - used
     assert rclient.hlen(key.decode().split(":tokens:")[0] + ":res") == 0  # nothing left reserved
-    logged = serialize(calls.contexts[rid])["aigov"]["quota"]
-    assert (logged["status"], logged["total_tokens"]) == ("usage", usage["total_tokens"])
+    assert "quota" not in serialize(calls.contexts[rid]).get("aigov", {})
+    assert calls.contexts[rid].discarded_serialize_values == {}
 
 
 def test_quota_counts_a_stream_without_reading_upstream_headers(gateway, rclient) -> None:
@@ -185,9 +188,14 @@ def test_router_reports_in_three_calls_and_all_three_plugins_agree(gateway, rcli
     logged = serialize(calls.contexts[rid])["aigov"]
     assert logged["router"]["route"] == "banking" and logged["router"]["reason"] == "matched"
     assert set(logged["router"]) >= {"route", "reason", "score", "latency_ms"}
-    assert logged["quota"]["status"] == "usage" and logged["cache"]["status"] == "Miss"
-    # Every plugin's log-phase round trips, whole request: quota 2, cache none (it stores in response).
-    assert len(calls.calls(rid, "llm-token-quota", "log")) == 2
+    # log_statistics on this route: the settled charge is logged from the response phase, the
+    # last one whose serializer values reach http-log and file-log.
+    assert logged["cache"]["status"] == "Miss"
+    assert (logged["quota"]["status"], logged["quota"]["total_tokens"]) == ("usage", reply.json()["usage"]["total_tokens"])
+    assert calls.calls(rid, "llm-token-quota", "response")[-1] == "kong.log.set_serialize_value"
+    # Every plugin's log-phase round trips, whole request: quota 1, cache none (it stores in response).
+    assert len(calls.calls(rid, "llm-token-quota", "log")) == 1
+    assert calls.contexts[rid].discarded_serialize_values == {}
     assert calls.calls(rid, "llm-semantic-cache", "log") == []
 
 

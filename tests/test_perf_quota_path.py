@@ -29,6 +29,13 @@ def _port(redis_server: Any) -> int:
     return int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
 
 
+def _ai_proxy(mock_url: str) -> dict[str, Any]:
+    return {"name": "ai-proxy", "config": {
+        "route_type": "llm/v1/chat", "auth": {"header_name": "Authorization", "header_value": "Bearer sk-test"},
+        "model": {"provider": "openai", "options": {"upstream_url": f"{mock_url}/v1/chat/completions"}},
+        "logging": {"log_statistics": True, "log_payloads": False}}}
+
+
 @pytest.fixture(scope="module")
 def log_mode(redis_server, mock_llm) -> Iterator[tuple[GatewayHandle, PdkCallLog]]:
     """The recommended AI-route setup: AIGOV_CAPTURE_PHASE=log, ai-proxy on the route."""
@@ -36,10 +43,7 @@ def log_mode(redis_server, mock_llm) -> Iterator[tuple[GatewayHandle, PdkCallLog
     quota = {"name": QUOTA, "config": {
         "policy": "redis", "key_prefix": prefix, "limits": [{"window": "day", "tokens": 5000}],
         "redis": {"host": "127.0.0.1", "port": _port(redis_server), "timeout_ms": 1000}}}
-    ai_proxy = {"name": "ai-proxy", "config": {
-        "route_type": "llm/v1/chat", "auth": {"header_name": "Authorization", "header_value": "Bearer sk-test"},
-        "model": {"provider": "openai", "options": {"upstream_url": f"{mock_llm.url}/v1/chat/completions"}},
-        "logging": {"log_statistics": True, "log_payloads": False}}}
+    ai_proxy = _ai_proxy(mock_llm.url)
     yml = {"_format_version": "3.0",
            "consumers": [{"username": "perfpath", "keyauth_credentials": [{"key": "perfpath-key"}]}],
            "services": [{"name": "llm", "url": mock_llm.url, "routes": [{
@@ -79,16 +83,50 @@ def test_log_capture_puts_only_four_calls_on_the_clients_path_and_settles_to_ai_
     assert calls.calls(rid, QUOTA, "access") == ["kong.request.get_raw_body", "kong.client.get_consumer",
                                           "kong.ctx.shared.set", "kong.response.set_headers"]
     assert calls.calls(rid, QUOTA, "response") == []  # no response phase declared: Kong does not buffer
-    # After the response: own state, one serializer read (usage, cache outcome, upstream status),
-    # one log field. The shared "aigov" dict is not read when the cache did not hit.
-    assert calls.calls(rid, QUOTA, "log") == ["kong.ctx.shared.get", "kong.log.serialize", "kong.log.set_serialize_value"]
+    # After the response: own state, one serializer read (usage, cache outcome, upstream status).
+    # No log field: Kong drops what a log timer sets. The shared "aigov" dict is not read when
+    # the cache did not hit.
+    assert calls.calls(rid, QUOTA, "log") == ["kong.ctx.shared.get", "kong.log.serialize"]
     usage = reply.json()["usage"]
     with redislib.Redis.from_url(redis_server.url) as client:
         assert _day_used(client) == usage["total_tokens"]  # settled to ai-proxy's logged usage
-    logged = serialize(calls.contexts[rid])["aigov"]["quota"]
-    assert (logged["status"], logged["total_tokens"]) == ("usage", usage["total_tokens"])
+    assert "quota" not in serialize(calls.contexts[rid]).get("aigov", {})  # log_statistics off
     # the headers left before the usage was known: they show the reservation
     assert int(reply.header("X-AI-RateLimit-Remaining-Day")) < 5000 - usage["total_tokens"]
+
+
+def test_log_statistics_logs_the_reservation_from_access_in_log_capture(redis_server, mock_llm) -> None:
+    """With log_statistics the entry http-log gets is written in access, the last phase before
+    the log timer here: the reservation, since the usage is not known yet."""
+    prefix = f"perfstat{uuid.uuid4().hex[:8]}"
+    quota = {"name": QUOTA, "config": {
+        "policy": "redis", "key_prefix": prefix, "limits": [{"window": "day", "tokens": 5000}],
+        "log_statistics": True, "redis": {"host": "127.0.0.1", "port": _port(redis_server), "timeout_ms": 1000}}}
+    ai_proxy = _ai_proxy(mock_llm.url)
+    yml = {"_format_version": "3.0",
+           "consumers": [{"username": "perfstat", "keyauth_credentials": [{"key": "perfstat-key"}]}],
+           "services": [{"name": "llm", "url": mock_llm.url,
+                         "routes": [{"name": "ai", "paths": ["/ai"], "strip_path": True,
+                                     "plugins": [{"name": "key-auth", "config": {"key_names": ["apikey"]}},
+                                                 quota, ai_proxy]}]}]}
+    gw2, calls2 = start_recorded_gateway(yml, server="aigov", pythonpath=str(REPO),
+                                         extra_env={"AIGOV_CAPTURE_PHASE": "log"})
+    try:
+        reply = gw2.request("POST", "/ai/v1/chat/completions", headers={"apikey": "perfstat-key"},
+                            json={"model": MODEL, "messages": [{"role": "user", "content": "log me"}],
+                                  "max_tokens": 50})
+        assert reply.status == 200 and gw2.wait_logs(20)
+        rid = reply.header("X-Kong-Request-Id")
+        assert calls2.calls(rid, QUOTA, "access")[-1] == "kong.log.set_serialize_value"
+        logged = serialize(calls2.contexts[rid])["aigov"]["quota"]
+        assert logged["status"] == "reserved" and logged["completion_tokens"] == 50
+        assert logged["prompt_tokens"] > 0 and logged["total_tokens"] == logged["prompt_tokens"] + 50
+        assert logged["consumer"].startswith("consumer:") and logged["store"] == "redis"
+        with redislib.Redis.from_url(redis_server.url) as client:
+            assert _day_used(client, f"{prefix}:*:tokens:day:*") == reply.json()["usage"]["total_tokens"]
+            client.delete(*client.keys(f"{prefix}:*"))
+    finally:
+        gw2.close()
 
 
 def test_a_rejected_request_leaves_log_nothing_to_settle(log_mode, redis_server) -> None:

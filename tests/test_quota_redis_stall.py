@@ -26,7 +26,6 @@ from aigov.metrics import REGISTRY
 from aigov.quota.core import Counter, QuotaConfig, meta_keys, plan_counters
 from aigov.quota.policies.redis import RedisQuotaStore
 from aigov.redis_client import RedisLayer, RedisUnavailable
-from kongsim.pdk import serialize
 from kongsim.pytest_plugin import start_recorded_gateway
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,7 +216,7 @@ def test_a_redis_stall_during_requests_converges_to_the_real_usage(stall_redis, 
         state = {k: c.ctx_shared[STATE_KEY] for k, c in ctx.items()}
         assert state["A"]["store"] == "redis" and state["D"]["store"] == "redis"
         assert state["B"]["store"] == "memory" and state["B"].get("redis_unsure") is True
-        assert serialize(ctx["B"])["aigov"]["quota"]["redis_unsure"] is True
+        assert ctx["B"].discarded_serialize_values == {}  # nothing relies on a log-timer write
         assert state["C"]["store"] == "memory"
 
         (key,) = rclient.keys(f"{prefix}:*:tokens:day:*")

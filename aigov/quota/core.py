@@ -63,6 +63,7 @@ class QuotaConfig:
     completion_estimate_tokens: int = 512
     reservation_ttl_s: int = 600
     hide_client_headers: bool = False
+    log_statistics: bool = False          # the aigov.quota log-serializer entry (handler._serialize)
 
     @classmethod
     def from_plugin_config(cls, conf: Mapping[str, Any]) -> "QuotaConfig":
@@ -130,7 +131,8 @@ class QuotaConfig:
                    on_malformed_request=conf.get("on_malformed_request") or "pass",
                    unknown_model=unknown, default_price=default_price,
                    completion_estimate_tokens=int(512 if estimate is None else estimate),
-                   reservation_ttl_s=int(ttl), hide_client_headers=bool(conf.get("hide_client_headers")))
+                   reservation_ttl_s=int(ttl), hide_client_headers=bool(conf.get("hide_client_headers")),
+                   log_statistics=bool(conf.get("log_statistics")))
 
 
 # ---------------------------------------------------------------- identity and counters

@@ -12,7 +12,7 @@ import os
 
 Schema = (
     {"label": {"type": "string", "default": "floor",
-               "description": "Tag written to the log serializer (the quota's consumer tag)."}},
+               "description": "A label for this instance (the floor makes no use of it)."}},
 )
 version = "0.1.0"
 priority = 906  # llm-token-quota's
@@ -52,7 +52,6 @@ class Plugin:
         kong.ctx.shared.get(STATE_KEY)
         if CAPTURE_PHASE == "log":
             kong.log.serialize()  # log mode reads ai-proxy's usage from the serializer
-        kong.log.set_serialize_value("aigov.quota", {"consumer": self.label, "status": "counted"})
 
 
 if CAPTURE_PHASE == "response":

@@ -339,19 +339,10 @@ class SemanticCacheHandler:
         pending = shared.get("cache_pending")
         return shared, pending if isinstance(pending, dict) and pending.get("key") else None
 
-    def _record_store(self, kong: Any, shared: dict[str, Any], outcome: str, write_back: bool = True) -> None:
-        kong.log.set_serialize_value("aigov.cache.stored", outcome)
-        if not write_back:
-            return
-        shared.pop("cache_pending", None)
-        cache = shared.get("cache") if isinstance(shared.get("cache"), dict) else {}
-        shared["cache"] = {**cache, "stored": outcome}
-        kong.ctx.shared.set(SHARED_KEY, shared)
-
     @guarded
     def capture_response(self, kong: Any) -> None:
         """`response` phase: the buffered upstream answer."""
-        shared, pending = self._take_pending(kong)
+        _, pending = self._take_pending(kong)
         if pending is None:
             return
         status = value(kong.service.response.get_status())
@@ -364,14 +355,14 @@ class SemanticCacheHandler:
             OUTAGE_LOG.log(kong.log.warn, "cache:store_answer", f"semantic cache store failed: {exc}")
         # No ctx.shared write-back on the client's path: in this capture mode nothing after the
         # response phase reads cache_pending or the store outcome from ctx (the cache has no log
-        # phase, the quota's log reads only the status and usage published in access); the
-        # outcome is in the log entry.
-        self._record_store(kong, shared, outcome, write_back=False)
+        # phase, the quota's log reads only the status and usage published in access). The
+        # response phase is the last one whose serializer values reach http-log and file-log.
+        kong.log.set_serialize_value("aigov.cache.stored", outcome)
 
     @guarded
     def capture_log(self, kong: Any) -> None:
         """`log` phase (AIGOV_CAPTURE_PHASE=log): the answer as ai-proxy logged it (log_payloads)."""
-        shared, pending = self._take_pending(kong)
+        _, pending = self._take_pending(kong)
         if pending is None:
             return
         serialized = value(kong.log.serialize())
@@ -381,15 +372,22 @@ class SemanticCacheHandler:
             data = {}
         status = int(value(kong.response.get_status()) or 0)
         payload = (((data.get("ai") or {}).get("proxy") or {}).get("payload") or {}).get("response")
+        # The outcome goes to Kong's error log, not the serializer: this handler runs in a timer
+        # after http-log and file-log have serialized, and Kong drops what it sets (§2.8).
         if payload is None:
-            self._record_store(kong, shared, "no ai.proxy.payload.response (enable ai-proxy logging.log_payloads)")
+            _PENDING.pop(pending.get("kept"))
+            OUTAGE_LOG.log(kong.log.warn, "cache:no_payload",
+                           "semantic cache: nothing stored, ai-proxy logged no ai.proxy.payload.response "
+                           "(enable ai-proxy logging.log_payloads)")
             return
         body = payload.encode("utf-8") if isinstance(payload, str) else json.dumps(payload).encode()
         try:
             outcome = self._store_answer(kong, pending, status, {}, body)
         except (StoreUnavailable, EmbeddingError) as exc:
-            outcome = f"failed: {exc}"
-        self._record_store(kong, shared, outcome)
+            OUTAGE_LOG.log(kong.log.warn, "cache:store_answer", f"semantic cache store failed: {exc}")
+            return
+        if outcome != "stored":
+            kong.log.info(f"semantic cache: not stored ({outcome})")
 
 
 def _matched_route(kong: Any) -> str:

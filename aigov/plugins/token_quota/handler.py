@@ -286,6 +286,8 @@ class TokenQuotaHandler:
         }
         if not counters:  # no limit applies to this model: metered (logged, priced), never blocked
             kong.ctx.shared.set(STATE_KEY, state)
+            if q.log_statistics and CAPTURE_PHASE == "log":
+                self._serialize(kong, state, None)
             return
 
         result = self._reserve(kong, state, tag, request_id, counters, amounts, now)
@@ -307,6 +309,9 @@ class TokenQuotaHandler:
             else:
                 shown = values  # log mode: the reservation is all we know before the response leaves
             kong.response.set_headers(rate_limit_headers(counters, shown, now))
+        if q.log_statistics and CAPTURE_PHASE == "log":
+            # The last phase before the log timer: what loggers get is the reservation.
+            self._serialize(kong, state, None)
 
     def _reserve(self, kong: Any, state: dict[str, Any], tag: str, request_id: str, counters: list[Counter],
                  amounts: list[int], now: float) -> ReserveResult | None:
@@ -400,6 +405,8 @@ class TokenQuotaHandler:
             _NOTES.put(rid, ("settled", charge))
             if not q.hide_client_headers:
                 kong.response.set_headers(self._usage_headers(counters, values, charge))
+            if q.log_statistics:
+                self._serialize(kong, state, charge)
             return
         reserved = [int(a) for a in state.get("reserved") or []]
         values = [v - r + charge.amount_for(c) for v, r, c in zip(note[1], reserved, counters)]
@@ -419,6 +426,8 @@ class TokenQuotaHandler:
             raise
         self._settle(kong, state, charge, pending)
         _NOTES.put(rid, ("settled", charge))
+        if q.log_statistics:
+            self._serialize(kong, state, charge)
 
     @staticmethod
     def _usage_headers(counters: list[Counter], values: list[int], charge: Charge) -> dict[str, str]:
@@ -443,7 +452,6 @@ class TokenQuotaHandler:
             return
         note = _NOTES.pop(state.get("rid"))
         if note is not None and note[0] == "settled":  # settled in the response phase
-            self._serialize(kong, state, note[1])
             return
         # One serializer read answers everything below: the cache's outcome (it logs
         # aigov.cache.status), ai-proxy's usage (log mode) and the upstream status.
@@ -459,7 +467,6 @@ class TokenQuotaHandler:
                 if _num(saved.get(token_type)):
                     metrics.SERIES.child(metrics.LLM_TOKENS, state.get("metric_model", ""), f"saved_{token_type}",
                                          metrics.consumer_label(state.get("tag", ""))).inc(_num(saved.get(token_type)))
-            state["tokens_saved"] = {k: _num(saved.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         elif CAPTURE_PHASE == "log":
             charge = self._charge_from_log(kong, state, logged)
         else:
@@ -487,8 +494,10 @@ class TokenQuotaHandler:
                 charge = self._reservation_kept(state, "timeout")
             else:
                 charge = Charge.zero("released")
+        # Nothing goes to the log serializer from here: Kong runs this handler in a timer after
+        # http-log and file-log have serialized (reference §2.8), so the entry is written in
+        # access or response (log_statistics).
         self._settle(kong, state, charge)
-        self._serialize(kong, state, charge)
 
     def _retry_deferred(self, kong: Any) -> None:
         """Replay a few deferred Redis settles; no PDK call and no round trip when none are queued."""
@@ -659,6 +668,9 @@ class TokenQuotaHandler:
         kong.response.exit(429, body, headers)
 
     def _serialize(self, kong: Any, state: dict[str, Any], charge: Charge | None) -> None:
+        """log_statistics: this request's entry in Kong's log serializer (http-log, file-log):
+        the settled charge (response phase) or, with charge None, the reservation (access, log
+        capture: the response leaves before the usage is known)."""
         out: dict[str, Any] = {"consumer": state.get("tag"), "model": state.get("model_label"),
                                "store": state.get("store")}
         if state.get("redis_unsure"):
@@ -667,8 +679,10 @@ class TokenQuotaHandler:
             out.update(status=charge.source, prompt_tokens=charge.prompt_tokens,
                        completion_tokens=charge.completion_tokens, total_tokens=charge.total_tokens,
                        cost_usd=nano_to_usd(charge.cost_nano))
-        if state.get("tokens_saved"):
-            out["tokens_saved"] = state["tokens_saved"]
+        else:
+            est = state["estimate"]
+            out.update(status="reserved", prompt_tokens=int(est[0]), completion_tokens=int(est[1]),
+                       total_tokens=int(est[0]) + int(est[1]), cost_usd=nano_to_usd(int(est[2])))
         kong.log.set_serialize_value("aigov.quota", out)
 
 

@@ -77,4 +77,9 @@ SCHEMA: list[Field] = [
           default=600, between=[10, 86400]),
     field("hide_client_headers", "boolean", "Do not send the X-AI-RateLimit-* and X-AI-Tokens-* headers.",
           default=False),
+    field("log_statistics", "boolean",
+          "Write each request's charge to Kong's log serializer as aigov.quota, for http-log and "
+          "file-log (like ai-proxy's logging.log_statistics): the settled usage from the response "
+          "phase, or the reservation with AIGOV_CAPTURE_PHASE=log. One more PDK call per request.",
+          default=False),
 ]

@@ -31,6 +31,18 @@ tokens.ensure_offline_encodings()
 pytest_plugins = (["kongsim.pytest_plugin"]
                   if importlib.util.find_spec("kongsim.pytest_plugin") is not None else [])
 
+# The evaluation data: ../shared/data beside the clone (where CI puts it), or $AIGOV_DATA_DIR.
+DATA_DIR = Path(os.environ.get("AIGOV_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
+
+
+def shared_data(*parts: str) -> Path:
+    """A file of the evaluation data; the test fails (never skips) when it is missing."""
+    path = DATA_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"evaluation data {path} is missing: put ../shared beside the clone or set AIGOV_DATA_DIR")
+    return path
+
+
 KONG_SKIP_REASON = ("set KONG_PROXY_URL to a real Kong proxy (e.g. the docker/compose.yml stack) "
                     "to run real-Kong tests")
 

@@ -16,20 +16,19 @@ import pytest
 from aigov.cache.core import DEFAULT_THRESHOLD
 from aigov.cli import main as aigov_main
 from aigov.eval.cache import load_pairs
+from conftest import shared_data
 
-STSB_VALIDATION = Path("/work/shared/data/stsb/validation.jsonl")
 JSON_KEYS = {"precision", "recall", "false_hit_rate", "threshold", "pairs"}
 SWEEP = "0.75,0.82,0.9"
 SUBSET = 80
 
-pytestmark = pytest.mark.skipif(not STSB_VALIDATION.exists(), reason=f"{STSB_VALIDATION} not present")
 
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first SUBSET labelled STS-B validation lines, unchanged (label null lines skipped)."""
     kept = []
-    for line in STSB_VALIDATION.read_text(encoding="utf-8").splitlines():
+    for line in shared_data("stsb", "validation.jsonl").read_text(encoding="utf-8").splitlines():
         if line.strip() and json.loads(line).get("label") is not None:
             kept.append(line)
         if len(kept) == SUBSET:
@@ -84,7 +83,7 @@ def test_redis_store_gives_the_memory_figures(capsys: pytest.CaptureFixture[str]
 
 
 def test_distance_like_threshold_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    code = aigov_main(["eval", "cache", "--pairs", str(STSB_VALIDATION), "--threshold", "0.2", "--json"])
+    code = aigov_main(["eval", "cache", "--pairs", str(shared_data("stsb", "validation.jsonl")), "--threshold", "0.2", "--json"])
     # refused before any pair is embedded
     err = capsys.readouterr().err
     assert code == 2 and "distance" in err

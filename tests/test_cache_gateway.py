@@ -127,6 +127,9 @@ def test_context_and_parameters_are_hard_scope(gw: GatewayHandle) -> None:
 
 def test_enable_vs_disable_two_factor_is_a_miss(gw: GatewayHandle) -> None:
     assert status(post(gw, "c", chat("How do I enable two-factor authentication on my account?"))) == "Miss"
+    gw.wait_logs()
+    # The first answer is stored (the repeat hits), so the opposite question's Miss is a refusal.
+    assert status(post(gw, "c", chat("How do I enable two-factor authentication on my account?"))) == "Hit"
     r = post(gw, "c", chat("How do I disable two-factor authentication on my account?"))
     assert r.status == 200 and status(r) == "Miss"
 

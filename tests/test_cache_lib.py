@@ -406,3 +406,24 @@ def test_memory_store_bounds_bytes() -> None:
     assert store.bytes == sum(store.entry_bytes(e, 8) for _, e in store._entries.values())
     store.purge()
     assert store.bytes == 0 and len(store) == 0
+
+
+def _answer(message: dict[str, Any], finish_reason: str = "stop") -> bytes:
+    return json.dumps({"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [
+        {"index": 0, "message": message, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode()
+
+
+def test_storable_refuses_tool_calls_even_with_finish_reason_stop() -> None:
+    # Some providers answer tool calls with finish_reason "stop": replaying a call the model
+    # asked the client to run, for another caller, would run it again on stale arguments.
+    from aigov.cache.core import storable
+    from aigov.llm_response import parse_upstream_response
+
+    settings = CacheSettings.from_config({})
+    plain = _answer({"role": "assistant", "content": "Paris."})
+    call = _answer({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]})
+    assert storable(settings, parse_upstream_response(200, {}, plain), None, len(plain)) == (True, "")
+    ok, reason = storable(settings, parse_upstream_response(200, {}, call), None, len(call))
+    assert not ok and reason == "tool calls"

@@ -94,3 +94,10 @@ def test_broken_price_file_is_a_clear_error(tmp_path) -> None:
     path.write_text("not json")
     with pytest.raises(PriceError, match="cannot read"):
         load_price_file(path)
+
+
+@pytest.mark.parametrize(("usd", "nano"), [(1.001, 1_001_000_000), (0.000000001, 1), (2.675, 2_675_000_000),
+                                          (0.1 + 0.2, 300_000_000)])
+def test_usd_to_nano_rounds_to_the_nearest_nano(usd: float, nano: int) -> None:
+    from aigov.prices import usd_to_nano
+    assert usd_to_nano(usd) == nano

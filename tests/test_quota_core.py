@@ -108,3 +108,12 @@ def test_outage_log_throttle_logs_the_first_line_then_one_per_interval_with_the_
     clock[0] += 5.0
     throttle.log(logged.append, "quota:fail_open", "store down")
     assert logged[-1] == "store down"   # nothing was held back in between
+
+
+def test_two_limits_on_the_same_counter_keep_the_tighter_one() -> None:
+    # Same window, metric and scope: one Redis key, so one counter, and the stricter budget binds.
+    cfg = QuotaConfig.from_plugin_config({"limits": [
+        {"window": "minute", "tokens": 1000}, {"window": "minute", "tokens": 200},
+        {"window": "minute", "tokens": 500}]})
+    counters = plan_counters(cfg, "consumer:a", "gpt-4o", None, NOW)
+    assert [c.limit for c in counters] == [200]

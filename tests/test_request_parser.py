@@ -137,3 +137,12 @@ def test_the_largest_bounds_and_other_fields_in_any_case_are_read() -> None:
 ])
 def test_could_be_chat_finds_a_messages_key_in_any_spelling(raw: Any, expected: bool) -> None:
     assert could_be_chat(raw) is expected
+
+
+def test_max_completion_tokens_wins_over_max_tokens() -> None:
+    # OpenAI's newer field is the cap the provider applies when both are sent.
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1000, "max_completion_tokens": 10}
+    assert parse_chat_request(json.dumps(body).encode()).max_tokens == 10
+    body = {**body, "max_tokens": 5}
+    assert parse_chat_request(json.dumps(body).encode()).max_tokens == 10

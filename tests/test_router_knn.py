@@ -4,7 +4,6 @@ property is arithmetic; the real MiniLM where the text matters (and CLINC150 whe
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,8 +13,8 @@ from aigov.embeddings import get_embedder
 from aigov.routing import core, model as rmodel
 from test_router_gateway import BILLING, CODING, GENERAL, HELD_OUT, LASAGNA, NEGATIVES
 from test_router_model import _clustered
+from conftest import shared_data
 
-CLINC_DIR = Path("/work/shared/data/clinc150")
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +91,11 @@ def test_off_topic_prompts_have_fewer_close_neighbours(embedder: Any) -> None:
 
 
 def _clinc(split: str) -> list[tuple[str, str | None]]:
-    rows = [json.loads(line) for line in (CLINC_DIR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in shared_data("clinc150", f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
             if line.strip()]
     return [(r["text"], None if r["intent"] == "oos" else r["intent"]) for r in rows]
 
 
-@pytest.mark.skipif(not (CLINC_DIR / "train.jsonl").exists(), reason="CLINC150 not present")
 def test_neighbour_term_separates_clinc_out_of_scope(embedder: Any) -> None:
     # 20 intents x 20 utterances (+ the 100 train "oos" lines as negatives), scored on those
     # intents' validation lines and the 100 validation "oos" ones: ~1,000 embeddings.

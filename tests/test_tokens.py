@@ -196,3 +196,14 @@ def test_tools_add_prompt_tokens_and_bad_tools_are_tolerated() -> None:
             - tokens.count_chat_messages(messages, "gpt-4")) == expected_tool_tokens("gpt-4", 10)
     assert tokens.count_chat_messages(messages, "gpt-4o", tools=[None, "x", {"function": 3}]) == base
     assert tokens.count_chat_messages(messages, "gpt-4o", tools="nonsense") == base  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("body_bytes", [0, tokens.OFFLOAD_COUNT_BYTES + 1])
+def test_off_loop_count_includes_tools_on_either_path(body_bytes: int) -> None:
+    # Inline (small body) and on a thread (big body): the same count, tool definitions included.
+    messages = [{"role": "user", "content": "what is the weather in Paris?"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    with_tools = tokens.count_chat_messages(messages, "gpt-4o", tools)
+    assert with_tools > tokens.count_chat_messages(messages, "gpt-4o", None)
+    assert tokens.count_chat_messages_off_loop(messages, "gpt-4o", tools, body_bytes) == with_tools

@@ -224,3 +224,30 @@ def test_the_pdk_floor_plugin_makes_exactly_the_quotas_calls(capture: str, redis
     assert len(seen["llm-token-quota"]["access"]) == 4
     assert bool(seen["llm-token-quota"]["response"]) == (capture == "response")
     assert ("kong.log.serialize" in seen["llm-token-quota"]["log"]) == (capture == "log")
+
+
+def test_request_path_rows_need_all_200s_and_real_hits() -> None:
+    from aigov.bench import request_path
+
+    assert request_path._all_ok({"http_statuses": {200: 200}})
+    assert not request_path._all_ok({"http_statuses": {200: 150, 429: 50}})  # fast 429s would look cheap
+    assert not request_path._all_ok({"http_statuses": {}})
+    assert request_path._mostly_hits({"repeat_cache_status": {"hit": 95, "miss": 5}})
+    assert not request_path._mostly_hits({"repeat_cache_status": {"hit": 1, "miss": 99}})
+    assert not request_path._mostly_hits({})
+
+
+def test_scale_gives_no_cache_verdict_when_lookups_miss_their_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    def level(entries: int, p50: float, found: float) -> dict:
+        return {"entries": entries, "lookup": {"p50_ms": p50}, "nearest_found": found}
+
+    quota = {"status": "ok", "consumers": 10, "one_consumer": {"p50_ms": 1.0}, "many_consumers": {"p50_ms": 1.1}}
+    monkeypatch.setattr(scale, "quota_scale", lambda ctx, policy: dict(quota))
+    ctx = BenchContext(quick=True)
+    for found, expect in ((1.0, True), (0.2, None)):
+        monkeypatch.setattr(scale, "cache_scale", lambda c, f=found: {
+            "status": "ok", "levels": [level(1000, 1.0, 1.0), level(100000, 1.2, f)]})
+        (cache_target, *_) = scale.run(ctx)["targets"]
+        assert cache_target.holds is expect, cache_target
+        if expect is None:
+            assert "recall@1" in cache_target.note

@@ -101,6 +101,8 @@ class CacheStoreAdapter:
             if docs >= count and pct >= 1.0:
                 return
             time.sleep(0.1)
+        # Lookups against a half-built index would time something else: the level fails.
+        raise RuntimeError(f"index {index} not built within {timeout_s:.0f} s ({docs} of {count} entries)")
 
     def memory_bytes(self) -> dict[str, int]:
         client = self.cache.store.layer.client

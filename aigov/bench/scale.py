@@ -23,6 +23,7 @@ DIM = 384
 # Our own bar (the issue asks for the figures): 100x the entries or consumers may cost at most
 # this factor in p50 lookup/check latency, i.e. the store scales sub-linearly.
 MAX_GROWTH_FACTOR = 3.0
+MIN_RECALL_AT_1 = 0.95  # each query is a stored vector plus noise: HNSW must find its own entry
 
 
 def embedding_shaped_vectors(ctx: BenchContext, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -147,9 +148,14 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     targets: list[Target] = []
     if cache["status"] == "ok":
         first, last = cache["levels"][0], cache["levels"][-1]
+        # A fast lookup that does not find the query's own entry is not a lookup: no verdict.
+        lost = [lv for lv in cache["levels"] if lv["nearest_found"] < MIN_RECALL_AT_1]
         targets.append(Target(f"cache lookup p50 at {last['entries']} vs {first['entries']} entries",
-                              ratio(last["lookup"]["p50_ms"], first["lookup"]["p50_ms"]), "x", "<=",
-                              MAX_GROWTH_FACTOR, baseline=first["lookup"]["p50_ms"]))
+                              None if lost else ratio(last["lookup"]["p50_ms"], first["lookup"]["p50_ms"]),
+                              "x", "<=", MAX_GROWTH_FACTOR, baseline=first["lookup"]["p50_ms"],
+                              note=(f"no verdict: recall@1 below {MIN_RECALL_AT_1} at "
+                                    + ", ".join(f"{lv['entries']} entries ({lv['nearest_found']})" for lv in lost))
+                              if lost else ""))
     for policy, r in quota.items():
         if r["status"] == "ok":
             targets.append(Target(f"quota ({policy}) check p50 with {r['consumers']} consumers vs 1",

@@ -30,8 +30,8 @@ FIELD_TYPES = {"string", "number", "integer", "boolean", "array", "set", "map", 
 # Attributes MetaSchema accepts on a field (metaschema.lua `field_schema` + validators).
 GENERIC_ATTRIBUTES = {
     "type", "required", "default", "description", "examples", "deprecation", "referenceable",
-    "encrypted", "immutable", "auto", "unique", "err", "nullable", "indexed", "translate_backwards",
-    "legacy", "abstract", "generate_admin_api", "reference", "on_delete", "unique_across_ws",
+    "encrypted", "immutable", "auto", "unique", "err", "abstract", "generate_admin_api", "reference",
+    "on_delete", "unique_across_ws",
 }
 # Validators and the types each applies to (metaschema.lua `attribute_types`).
 VALIDATOR_TYPES: dict[str, set[str]] = {

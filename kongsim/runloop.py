@@ -401,7 +401,12 @@ class Runloop:
             except ExitSignal:
                 pass  # in response, exit sends its response directly
             except (PdkLuaError, StartInstanceError) as exc:
+                # Kong.response() runs the handlers unprotected (kong/init.lua; mp_rpc.lua
+                # call_pdk_method and plugin.lua get_instance_id raise): the request ends in a 500.
                 log.error("[%s] %s", pdef.name, exc)
+                ctx.exit_response = (500, b'{"message":"An unexpected error occurred"}',
+                                     Headers([("Content-Type", "application/json; charset=utf-8")]))
+                ctx.response_source = "error"
             if ctx.exit_response is not None:
                 return
 

@@ -339,6 +339,18 @@ def test_wrong_phase_pdk_call_is_a_500(upstream, prefix) -> None:
         gw.close()
 
 
+def test_lua_error_in_the_response_phase_is_a_500(upstream, prefix) -> None:
+    # Kong.response() calls the handlers unprotected: the buffered answer is replaced by a 500.
+    gw = start_gateway(kong_yml(upstream, [{"name": "kt-probe", "config": {"mode": "response_lua_error"}}]),
+                       server=[probe_entry(prefix, phases="access,response,log")], prefix=prefix, http=False)
+    try:
+        r = gw.request("GET", "/p")
+        assert len(upstream.requests) == 1  # proxied, then the response phase failed
+        assert r.status == 500 and r.json() == {"message": "An unexpected error occurred"}
+    finally:
+        gw.close()
+
+
 def test_vault_secret_resolved_and_credentials_never_logged(upstream, prefix, caplog, monkeypatch) -> None:
     caplog.set_level(logging.DEBUG, logger="kongsim")
     secret = "vault-secret-8f2c1d"

@@ -574,7 +574,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if limit is not None and len(answer_tokens) > limit:
             answer_tokens, finish_reason = answer_tokens[:limit], "length"
         content = encoding.decode(answer_tokens)
-        prompt_tokens = tokens.count_chat_messages(messages, model, body.get("tools"))
+        # Tool definitions are billed as prompt tokens, the legacy `functions` too.
+        definitions = [d for key in ("tools", "functions") if isinstance(body.get(key), list) for d in body[key]]
+        prompt_tokens = tokens.count_chat_messages(messages, model, definitions or None)
         n = body.get("n") or 1  # check_chat_request has checked it: an integer in 1..128
         completion_tokens = tokens.count_text(content, model) * n  # OpenAI bills every choice
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -175,6 +175,13 @@ class ChatRequest:
     def has_tools(self) -> bool:
         return bool(self.body.get("tools") or self.body.get("functions"))
 
+    def tool_definitions(self) -> list[Any] | None:
+        """What the provider bills as tool definitions: `tools` plus the legacy `functions`
+        (bare function objects, which tokens.count_tools reads the same way)."""
+        defs = [d for key in ("tools", "functions") if isinstance(self.body.get(key), list)
+                for d in self.body[key]]
+        return defs or None
+
 
 def _without_content(message: dict[str, Any]) -> dict[str, Any]:
     """A semantic message minus its content, which the cache keys elsewhere (the text is the

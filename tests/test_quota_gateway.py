@@ -266,6 +266,28 @@ def test_stream_without_usage_is_counted_with_tiktoken(shared_gateway, rclient) 
     assert counter_values(rclient, "stream-nousage") == [prompt_tokens(body) + expected_completion]
 
 
+@pytest.mark.parametrize("field", ["tools", "functions"])
+def test_tool_definitions_are_charged_on_a_stream_without_usage(shared_gateway, rclient, field: str) -> None:
+    # The provider bills function definitions as prompt tokens, the legacy `functions` as much
+    # as `tools`; with no usage in the stream, the prompt charge is the quota's own count.
+    function = {"name": "lookup_order", "description": "Find an order by its number " + "and more " * 200,
+                "parameters": {"type": "object", "properties": {"number": {"type": "string"}}}}
+    defs = [{"type": "function", "function": function}] if field == "tools" else [function]
+    body = {**chat("where is my order?", max_tokens=None, stream=True), field: defs}
+    plain = tokens.count_chat_messages(body["messages"], MODEL)
+    expected_prompt = tokens.count_chat_messages(body["messages"], MODEL, [{"type": "function", "function": function}])
+    assert expected_prompt > plain + 200
+    who = f"defs-{field}"
+    r = post(shared_gateway, "day", body, who)
+    assert r.status == 200
+    completion, complete = sse.completion_from_chat_chunks(r.body)
+    assert complete and completion.get("usage") is None
+    assert int(r.header("X-AI-Tokens-Prompt")) == expected_prompt
+    wait_settled(shared_gateway, rclient, who)
+    used = tokens.count_text(completion["choices"][0]["message"]["content"], MODEL)
+    assert counter_values(rclient, who) == [expected_prompt + used]
+
+
 def test_stream_with_usage_only_in_the_final_chunk(shared_gateway, rclient) -> None:
     body = chat("stream with usage", max_tokens=None, stream=True, stream_options={"include_usage": True})
     r = post(shared_gateway, "day", body, "stream-usage", **{"X-Mock-Usage": "total=77,prompt=20"})

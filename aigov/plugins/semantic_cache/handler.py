@@ -221,7 +221,7 @@ class SemanticCacheHandler:
         kong.response.set_headers({"X-Cache-Status": status, "X-Cache-Key": key})
         # A stream without include_usage gets no usage from the provider: keep what its prompt
         # estimate is counted from (in process, not in ctx.shared, and not tokenised here).
-        source = ((request.messages, request.body.get("tools"), request.raw_size)
+        source = ((request.messages, request.tool_definitions(), request.raw_size)
                   if request.stream and not request.include_usage else None)
         kept = _PENDING.put(vector, source) if vector is not None or source is not None else None
         # The prompt travels as JSON text: a lone surrogate (JSON's "\ud800") cannot be packed as

@@ -264,7 +264,7 @@ class TokenQuotaHandler:
             route = r.get("name") or r.get("id")
 
         from aigov import tokens  # lazy: tiktoken loads its encodings on first use
-        prompt_est = tokens.count_chat_messages_off_loop(request.messages, model_asked, request.body.get("tools"),
+        prompt_est = tokens.count_chat_messages_off_loop(request.messages, model_asked, request.tool_definitions(),
                                                          len(body))
         # n choices are each up to max_tokens long: the bound is the product (the prompt is
         # billed once).
@@ -294,6 +294,12 @@ class TokenQuotaHandler:
         if result is None:
             return  # fail_closed: the 503 is sent
         if not result.admitted:
+            if state.get("redis_unsure"):
+                # Refused locally (fail_open), but the reserve script sent to Redis may still
+                # run: give that late reservation back once Redis answers, as fail_closed does.
+                defer = getattr(self._store(), "defer_settle", None)
+                if defer is not None:
+                    defer(tag, request_id, counters, [0] * len(counters), q.reservation_ttl_s, now)
             kong.ctx.shared.set(STATE_KEY, None)  # nothing reserved: log has nothing to settle
             self._reject(kong, counters, result.values, result.blocked or 0, amounts, tag, now)
             return

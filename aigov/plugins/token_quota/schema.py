@@ -73,7 +73,9 @@ SCHEMA: list[Field] = [
     field("completion_estimate_tokens", "integer",
           "Completion tokens reserved when the request sets no max_tokens.", default=512, between=[1, 1000000]),
     field("reservation_ttl_seconds", "integer",
-          "A reservation nobody settles (node died) is given back after this many seconds.",
+          "A reservation nobody settles (node died) is given back after this many seconds. Keep it "
+          "above the longest request (a stream can outlast Kong's read_timeout, which bounds each "
+          "read): a request still running then loses its reservation, and the limit can be passed.",
           default=600, between=[10, 86400]),
     field("hide_client_headers", "boolean", "Do not send the X-AI-RateLimit-* and X-AI-Tokens-* headers.",
           default=False),

@@ -388,3 +388,54 @@ def test_fail_open_usage_of_a_redis_outage_is_replayed_in_batches_after_it_resta
         gw.close()
         if client is not None:
             client.close()
+
+
+def test_a_request_refused_locally_after_its_reserve_reached_a_stalled_redis_holds_nothing(
+        stall_redis, rclient, mock_llm) -> None:
+    # The tester's case: during a stall, fail_open decides in local memory. A request whose
+    # reserve script was written to the stalled Redis (unsure) and which local memory then
+    # refuses (429) used to leave that script's reservation in Redis once it ran, holding the
+    # consumer's budget until the reservation TTL. Its release is now queued like fail_closed's.
+    prefix = f"refused{uuid.uuid4().hex[:8]}"
+    user = f"u{uuid.uuid4().hex[:6]}"
+    gw, calls, _post, _replies = _fail_open_gateway(stall_redis.port, mock_llm.url, prefix, user, 100)
+    res, pending, _ = meta_keys(prefix, f"header:{user}")
+    replies: dict[str, Any] = {}
+
+    def post(name: str, max_tokens: int, total: int, who: str = user, **headers: str) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"request {name}"}],
+                "max_tokens": max_tokens}
+        replies[name] = gw.request("POST", "/q/v1/chat/completions", json=body,
+                                   headers={"X-User": who, "X-Mock-Usage": f"total={total}", **headers})
+
+    try:
+        # A busy node holds several pooled Redis connections: 6 reserves in flight during a pause
+        # shorter than the 200 ms timeout each take one, so the scripts below are written to
+        # open connections (a new one would fail its handshake instead: no script at all).
+        warm = [threading.Thread(target=post, args=(f"warm{i}", 5, 5, f"{user}-warm")) for i in range(6)]
+        with stalled(stall_redis):
+            for t in warm:
+                t.start()
+            time.sleep(0.12)
+        for t in warm:
+            t.join(timeout=30)
+        assert gw.wait_logs(20)
+        with stalled(stall_redis):
+            post("W", 5, 10)  # the first timeout: unsure, served from memory; the breaker opens
+            slow = threading.Thread(target=post, args=("A", 60, 20), kwargs={"X-Mock-Latency-Ms": "3000"})
+            slow.start()      # breaker open: plain fail open, ~70 reserved in memory only
+            time.sleep(1.3)   # past the breaker's 1 s cooldown: the next call reaches Redis again
+            post("B", 60, 20)  # its script is written to the stalled Redis, then memory says 429
+            slow.join(timeout=30)
+            assert gw.wait_logs(20)
+        assert (replies["W"].status, replies["A"].status, replies["B"].status) == (200, 200, 429)
+        rclient.ping()
+        time.sleep(1.2)  # the breaker lets Redis calls through again
+        for i in range(3):  # another caller's log phases replay the deferred settles and releases
+            post(f"after{i}", 5, 5, who=f"{user}-other")
+            assert gw.wait_logs(20)
+        (key,) = rclient.keys(f"{prefix}:{{header:{user}}}:*tokens:day:*")
+        assert int(rclient.get(key)) == 10 + 20  # W and A, what was used; nothing of B
+        assert rclient.hlen(res) == 0 and rclient.zcard(pending) == 0
+    finally:
+        gw.close()

@@ -117,3 +117,23 @@ def test_two_limits_on_the_same_counter_keep_the_tighter_one() -> None:
         {"window": "minute", "tokens": 500}]})
     counters = plan_counters(cfg, "consumer:a", "gpt-4o", None, NOW)
     assert [c.limit for c in counters] == [200]
+
+
+def test_unpriced_model_names_share_one_per_model_counter() -> None:
+    # Client-chosen names: rotating them must not open a fresh budget each.
+    cfg = QuotaConfig.from_plugin_config({"unknown_model": "default_price",
+                                          "default_price": {"input": 1, "output": 2},
+                                          "limits": [{"window": "day", "cost_usd": 0.001, "per_model": True}]})
+    keys = {plan_counters(cfg, "consumer:a", name, None, NOW, priced=False)[0].key
+            for name in ("mystery-0", "mystery-1", "openai/mystery-x")}
+    assert len(keys) == 1 and ":unpriced:" in keys.pop()
+    priced = {plan_counters(cfg, "consumer:a", name, None, NOW)[0].key for name in ("gpt-4o", "gpt-4o-mini")}
+    assert len(priced) == 2  # priced models keep a counter each
+    # A limit that names an unpriced model keeps that model apart.
+    named = QuotaConfig.from_plugin_config({"unknown_model": "default_price",
+                                            "default_price": {"input": 1, "output": 2},
+                                            "limits": [{"window": "day", "tokens": 100, "per_model": True,
+                                                        "models": ["llama-local", "mistral-local"]}]})
+    own = {plan_counters(named, "consumer:a", name, None, NOW, priced=False)[0].key
+           for name in ("llama-local", "mistral-local")}
+    assert len(own) == 2

@@ -178,14 +178,24 @@ def _scope_part(value: str | None) -> str:
     return value if re.match(r"^[A-Za-z0-9._-]{1,64}$", value) else "h" + hashlib.sha256(value.encode()).hexdigest()[:16]
 
 
-def plan_counters(config: QuotaConfig, tag: str, model: str | None, route: str | None, now: float) -> list[Counter]:
-    """The counters this request must fit in, deduplicated by key (the tighter limit wins)."""
+UNPRICED_MODEL_SCOPE = "unpriced"  # the per_model counter every unpriced model name shares
+
+
+def plan_counters(config: QuotaConfig, tag: str, model: str | None, route: str | None, now: float,
+                  priced: bool = True) -> list[Counter]:
+    """The counters this request must fit in, deduplicated by key (the tighter limit wins).
+
+    `priced` False: the model is not in the price table (charged at default_price). Its name is
+    the client's choice, so a per_model limit counts every such name on one shared counter,
+    unless the limit lists the name in `models`: otherwise each made-up name would open a fresh
+    budget on an upstream that serves any name."""
     by_key: dict[str, Counter] = {}
     for spec in config.limits:
         if not spec.applies_to(model):
             continue
         window = window_at(spec.window, now)
-        scope = f"{_scope_part(model if spec.per_model else None)}:{_scope_part(route if spec.per_route else None)}"
+        model_scope = model if priced or (spec.models and model in spec.models) else UNPRICED_MODEL_SCOPE
+        scope = f"{_scope_part(model_scope if spec.per_model else None)}:{_scope_part(route if spec.per_route else None)}"
         for metric, amount in (("tokens", spec.tokens), ("cost", spec.cost_usd)):
             if amount is None:
                 continue
@@ -198,7 +208,7 @@ def plan_counters(config: QuotaConfig, tag: str, model: str | None, route: str |
             label = (f"{int(amount)} tokens per {spec.window}" if metric == "tokens"
                      else f"${float(amount):g} per {spec.window}")
             if spec.per_model and model:
-                label += f" for model {model}"
+                label += f" for model {model}" if model_scope == model else " for models not in the price table"
             if spec.per_route and route:
                 label += f" on route {route}"
             if spec.name:

@@ -244,6 +244,7 @@ class TokenQuotaHandler:
         model_label = model or (model_asked or "")[:64]
         # The metrics' name for it: bounded, since an unpriced name is the client's choice.
         metric_model = metrics.model_label(model_asked, priced_as=model)
+        price_known = price is not None
         if price is None:
             action = "block" if q.unknown_model == "block" else "default_price"
             metrics.QUOTA_UNKNOWN_MODEL.labels(metric_model, action).inc()
@@ -272,7 +273,7 @@ class TokenQuotaHandler:
         estimate = Charge(prompt_est, completion_est, prompt_est + completion_est,
                           price.estimate_nano(prompt_est, completion_est))
         now = time.time()
-        counters = plan_counters(q, tag, model, route, now)
+        counters = plan_counters(q, tag, model, route, now, priced=price_known)
         amounts = [estimate.amount_for(c) for c in counters]
         request_id = uuid.uuid4().hex
         state: dict[str, Any] = {

@@ -35,7 +35,9 @@ SCHEMA: list[Field] = [
             field("tokens", "integer", "Token budget per window (provider-metered total tokens).", gt=0),
             field("cost_usd", "number", "Cost budget per window in USD, priced with the price table.", gt=0),
             field("name", "string", "Optional name, used in the 429 message and the header suffix."),
-            field("per_model", "boolean", "Keep a separate counter per model for this limit.", default=False),
+            field("per_model", "boolean", "Keep a separate counter per model for this limit. Models not in the "
+                  "price table share one counter (their names are the client's), unless listed in models.",
+                  default=False),
             field("per_route", "boolean", "Keep a separate counter per Kong route for this limit.", default=False),
             array("models", "Apply this limit only to these models (empty: every model).",
                   {"type": "string"}, default=[]),

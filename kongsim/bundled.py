@@ -5,15 +5,16 @@ written against Kong can read through the PDK), not Kong's Lua implementation. A
 bundled plugin name in a kong.yml is reported as "not imitated by the stand-in".
 
 * key-auth (priority 1250, `kong/plugins/key-auth/handler.lua`): key_names default
-  ["apikey"], key_in_header/query/body, hide_credentials, anonymous; 401
-  `{"message":"No API key found in request"}` without a key and `{"message":"Unauthorized"}`
-  with a wrong one (Kong 3.x wording), `WWW-Authenticate: Key`; sets the authenticated consumer
-  and credential plus the X-Consumer-* upstream headers.
+  ["apikey"], key_in_header/query/body, hide_credentials (clears the header and the query
+  argument of that name, and the body field), anonymous; 401 `{"message":"No API key found in
+  request"}` without a key, `{"message":"Unauthorized"}` with a wrong one and `{"message":
+  "Duplicate API key found"}` for a key sent twice (Kong 3.x wording), `WWW-Authenticate: Key`;
+  sets the authenticated consumer and credential plus the X-Consumer-* upstream headers.
 * ai-proxy (priority 770, reference kong-plugin-server.md §4.1): route_type llm/v1/chat with
   provider openai only; model.name / model.options.upstream_url; auth.header_name /
   header_value; logging.log_statistics / log_payloads set `ai.proxy.meta`, `ai.proxy.usage`,
   `ai.proxy.payload.{request,response}` in the serializer and `ngx.ctx.ai_llm_metrics`;
-  `X-Kong-LLM-Model: openai/<model>`; streams pass through (usage read from the final chunk).
+  `X-Kong-LLM-Model: openai/<model>` when the service answered 200; streams pass through (usage read from the final chunk).
 """
 from __future__ import annotations
 
@@ -102,8 +103,11 @@ class KeyAuth(BundledPlugin):
                 up = ctx.upstream
                 if up is not None:
                     self._consumer_headers(ctx, anon)
+                    up.headers.remove("X-Credential-Identifier")  # set_consumer(anonymous, nil)
                     up.headers.set("X-Anonymous-Consumer", "true")
                 return
+            if where == "duplicate":
+                self._exit(ctx, 401, "Duplicate API key found", conf)
             if key is None:
                 self._exit(ctx, 401, "No API key found in request", conf)
             self._exit(ctx, 401, "Unauthorized", conf)
@@ -130,12 +134,20 @@ class KeyAuth(BundledPlugin):
 
     @staticmethod
     def _find_key(ctx: RequestContext, conf: dict[str, Any]) -> tuple[str | None, str | None]:
+        """(key, where); where is "duplicate" for a key sent twice (a Lua table in Kong's
+        get_headers / get_query: 401 "Duplicate API key found")."""
         body_args: dict[str, Any] | None = None
         for name in conf["key_names"]:
-            if conf["key_in_header"] and ctx.headers.get(name):
-                return ctx.headers.get(name), "header:" + name
+            if conf["key_in_header"]:
+                values = ctx.headers.get_all(name)
+                if len(values) > 1:
+                    return None, "duplicate"
+                if values:
+                    return values[0], "header:" + name
             if conf["key_in_query"]:
                 values = ctx.query_multimap().get(name)
+                if values and len(values) > 1:
+                    return None, "duplicate"
                 if values:
                     return values[0], "query:" + name
             if conf["key_in_body"]:
@@ -147,15 +159,14 @@ class KeyAuth(BundledPlugin):
 
     @staticmethod
     def _hide(ctx: RequestContext, conf: dict[str, Any], where: str | None) -> None:
+        # Kong clears the query argument and the header of that name wherever the key was
+        # found, and the body field when key_in_body is on (key-auth handler.lua).
         up = ctx.upstream
         assert up is not None
         kind, _, name = (where or "").partition(":")
-        if kind == "header":
-            up.headers.remove(name)
-        elif kind == "query":
-            up.query = urlencode([(k, v) for k, v in parse_qsl(up.query, keep_blank_values=True)
-                                  if k != name])
-        elif kind == "body":
+        up.headers.remove(name)
+        up.query = urlencode([(k, v) for k, v in parse_qsl(up.query, keep_blank_values=True) if k != name])
+        if conf["key_in_body"] and (kind == "body" or name in _body_args(ctx)):
             args = _body_args(ctx)
             args.pop(name, None)
             ctype = (ctx.headers.get("content-type") or "").lower()
@@ -300,7 +311,10 @@ class AiProxy(BundledPlugin):
 
     def response_started(self, ctx: RequestContext, conf: dict[str, Any]) -> None:
         state = ctx.ngx_ctx.get("_kongsim_ai_proxy")
-        if state and conf["model_name_header"]:
+        # normalize-json-response.lua (RES_TRANSFORMATION, run in header_filter for streams
+        # too) sets it only when the service answered 200: not for an error or another exit.
+        if (state and conf["model_name_header"]
+                and ctx.response_source == "service" and ctx.service_status == 200):
             ctx.response_headers.set("X-Kong-LLM-Model", f"openai/{state['model']}")
 
     def response_chunk(self, ctx: RequestContext, conf: dict[str, Any], chunk: bytes) -> None:

@@ -245,6 +245,9 @@ def test_ai_proxy_stream_usage_from_final_chunk_unbuffered(slow_mock: MockLLM) -
         assert usage["prompt_tokens"] == final_usage["prompt_tokens"]
         assert usage["completion_tokens"] == final_usage["completion_tokens"]
         assert usage["total_tokens"] == final_usage["total_tokens"]
+        # normalize-json-response.lua names the model only when the service answered 200
+        failed = gw.request("POST", "/chat", json={**body, "stream": False}, headers={"X-Mock-Fail": "500"})
+        assert failed.status == 500 and failed.header("X-Kong-LLM-Model") is None
     finally:
         gw.close()
 

@@ -351,6 +351,24 @@ def test_lua_error_in_the_response_phase_is_a_500(upstream, prefix) -> None:
         gw.close()
 
 
+def test_key_auth_duplicate_key_and_hide_credentials_follow_kong(upstream, prefix) -> None:
+    # key-auth handler.lua: a key sent twice is a Lua table, 401 "Duplicate API key found";
+    # hide_credentials clears the query argument and the header of that name, wherever the key was.
+    cfg = kong_yml(upstream, [{"name": "key-auth", "route": "r", "config": {"hide_credentials": True}}])
+    gw = start_gateway(cfg, server=[probe_entry(prefix)], prefix=prefix, http=False)
+    try:
+        dup = gw.request("GET", "/p?apikey=alice-key-123&apikey=alice-key-123")
+        assert dup.status == 401 and dup.json() == {"message": "Duplicate API key found"}
+        assert dup.header("WWW-Authenticate") == "Key"
+        ok = gw.request("GET", "/p?apikey=stray&keep=1", headers={"apikey": "alice-key-123"})
+        assert ok.status == 200
+        seen = upstream.requests[-1]
+        assert "apikey" not in seen["headers"] and "apikey" not in seen["path"] and "keep=1" in seen["path"]
+        assert len(upstream.requests) == 1  # the duplicate never reached the upstream
+    finally:
+        gw.close()
+
+
 def test_vault_secret_resolved_and_credentials_never_logged(upstream, prefix, caplog, monkeypatch) -> None:
     caplog.set_level(logging.DEBUG, logger="kongsim")
     secret = "vault-secret-8f2c1d"

@@ -251,3 +251,24 @@ def test_scale_gives_no_cache_verdict_when_lookups_miss_their_entry(monkeypatch:
         assert cache_target.holds is expect, cache_target
         if expect is None:
             assert "recall@1" in cache_target.note
+
+
+def test_peer_targets_are_the_ratios_of_the_compared_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    lat = lambda p50: {"p50_ms": p50}  # noqa: E731
+    cache = {"ours": {"status": "ok", "best": {"f1": 0.70}, "lookup_latency_given_vector": lat(0.5)},
+             "redisvl": {"status": "ok", "best": {"f1": 0.80}, "check_latency_given_vector": lat(0.6)},
+             "f1_bootstrap": {"f1_difference": -0.1, "ci95_low": -0.2, "ci95_high": 0.01}}
+    router = {"ours": {"status": "ok", "accuracy": 0.9}, "redisvl": {"status": "ok", "accuracy": 0.75},
+              "nearest_neighbour": {"status": "ok", "accuracy": 0.8}}
+    monkeypatch.setattr(peer, "VectorTable", lambda embedder: None)
+    monkeypatch.setattr(peer, "compare_cache", lambda ctx, table: cache)
+    monkeypatch.setattr(peer, "compare_router", lambda ctx, table: router)
+    ctx = BenchContext(quick=True)
+    monkeypatch.setattr(ctx, "embedder", lambda: None)
+    by_name = {t.name: t for t in peer.run(ctx)["targets"]}
+    f1 = by_name["cache best F1, ours / RedisVL"]
+    assert f1.measured == pytest.approx(0.70 / 0.80) and f1.holds is False
+    assert "[-0.200, +0.010]" in f1.note
+    assert by_name["cache lookup p50 (given vector), RedisVL / ours"].measured == pytest.approx(0.6 / 0.5)
+    assert by_name["router accuracy, ours / nearest neighbour"].measured == pytest.approx(0.9 / 0.8)
+    assert by_name["router accuracy, ours / RedisVL"].measured == pytest.approx(0.9 / 0.75)

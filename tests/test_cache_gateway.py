@@ -304,3 +304,17 @@ def test_prompt_with_a_lone_surrogate_is_cached_and_hit(gw: GatewayHandle) -> No
                         headers={"apikey": "key-alice", "Content-Type": "application/json"})
     assert second.status == 200 and status(second) == "Hit", (second.status, status(second))
     assert answer_text(second) == answer_text(first)
+
+
+def test_a_temperature_above_max_temperature_is_never_cached(gw: GatewayHandle) -> None:
+    # max_temperature (default 1.0): a sampled, deliberately varied answer is neither stored
+    # nor served; at or under the bound the same question is cached as usual.
+    hot = chat("Write a one-line poem about autumn leaves.", temperature=1.5)
+    assert status(post(gw, "c", hot)) == "Bypass"
+    gw.wait_logs()
+    again = post(gw, "c", hot)
+    assert again.status == 200 and status(again) == "Bypass"
+    cool = chat("Write a one-line poem about autumn leaves.", temperature=1.0)
+    assert status(post(gw, "c", cool)) == "Miss"
+    gw.wait_logs()
+    assert status(post(gw, "c", cool)) == "Hit"

@@ -165,6 +165,7 @@ class KeyAuth(BundledPlugin):
         assert up is not None
         kind, _, name = (where or "").partition(":")
         up.headers.remove(name)
+        ctx.headers.remove(name)  # the same request in Kong: gone from get_header and the log too
         up.query = urlencode([(k, v) for k, v in parse_qsl(up.query, keep_blank_values=True) if k != name])
         if conf["key_in_body"] and (kind == "body" or name in _body_args(ctx)):
             args = _body_args(ctx)
@@ -172,6 +173,7 @@ class KeyAuth(BundledPlugin):
             ctype = (ctx.headers.get("content-type") or "").lower()
             up.body = json.dumps(args).encode() if "json" in ctype else urlencode(args).encode()
             up.headers.set("Content-Length", str(len(up.body)))
+            ctx.body = up.body
 
     @staticmethod
     def _exit(ctx: RequestContext, status: int, message: str, conf: dict[str, Any]) -> None:

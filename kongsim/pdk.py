@@ -226,7 +226,10 @@ def _unquote(s: str) -> str:
 
 def serialize(ctx: RequestContext) -> dict[str, Any]:
     """Kong's basic log serializer (kong/pdk/log.lua) plus set_serialize_value entries."""
-    req_headers = redact.safe_headers(ctx.headers.flat(), ctx.secret_header_names)
+    # kong/pdk/log.lua masks these two only; a key-auth key is logged unless hide_credentials
+    # cleared it from the request (Kong/kong#2532).
+    req_headers = {k: ("REDACTED" if k.lower() in ("authorization", "proxy-authorization") else v)
+                   for k, v in ctx.headers.flat().items()}
     resp_headers = ctx.response_headers.flat()
     url = f"{ctx.scheme}://{ctx.host}:{ctx.port}{ctx.path_with_query}"
     now_ms = int(time.time() * 1000)
@@ -234,7 +237,7 @@ def serialize(ctx: RequestContext) -> dict[str, Any]:
     upstream_ms = ctx.upstream_latency_ms if ctx.upstream_latency_ms is not None else -1
     proxy_ms = ctx.proxy_latency_ms if ctx.proxy_latency_ms is not None else -1
     out: dict[str, Any] = {
-        "request": {"method": ctx.method, "uri": ctx.path_with_query, "url": url,
+        "request": {"id": ctx.request_id or "", "method": ctx.method, "uri": ctx.path_with_query, "url": url,
                     "querystring": {k: (v[0] if len(v) == 1 else (v or True))
                                     for k, v in ctx.query_multimap().items()},
                     "headers": req_headers, "size": len(ctx.body) + sum(
@@ -845,12 +848,16 @@ class PDK:
         up = self._upstream(ctx, f"kong.service.request.{op}_header", REWRITE_ACCESS)
         if not isinstance(name, str) or not name:
             raise PdkLuaError("header name must be a string")
-        if op == "set":
-            up.headers.set(name, _header_value(value))
-        elif op == "add":
-            up.headers.add(name, _header_value(value))
-        else:
-            up.headers.remove(name)
+        # Kong changes the one request (ngx.req.set_header / clear_header in
+        # kong/pdk/service/request.lua): kong.request.get_header(s) and the log serializer's
+        # request.headers (kong/pdk/log.lua) see the change too.
+        for headers in (up.headers, ctx.headers):
+            if op == "set":
+                headers.set(name, _header_value(value))
+            elif op == "add":
+                headers.add(name, _header_value(value))
+            else:
+                headers.remove(name)
 
     def _svc_set_headers(self, ctx: RequestContext, headers: Any) -> None:
         up = self._upstream(ctx, "kong.service.request.set_headers", REWRITE_ACCESS)
@@ -858,6 +865,7 @@ class PDK:
             raise PdkLuaError("headers must be a table")
         for k, v in headers.items():
             up.headers.set(str(k), _header_value(v))
+            ctx.headers.set(str(k), _header_value(v))  # the same request, as in _svc_hdr
 
     def _svc_set(self, ctx: RequestContext, attr: str, value: Any) -> None:
         up = self._upstream(ctx, f"kong.service.request.set_{attr}", REWRITE_ACCESS)

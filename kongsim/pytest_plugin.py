@@ -107,6 +107,23 @@ class GatewayHandle:
         conn.close()
         return out
 
+    def finished_request(self, request_id: str | None) -> RequestContext:
+        """The context of a request whose log phases are done (what Kong's loggers got is its
+        `saved["serialize"]`). Kept from the first call on: call it once before the requests."""
+        if not hasattr(self, "_finished"):
+            self._finished: dict[str, RequestContext] = {}
+            runloop = self.gateway.runloop
+            chained = runloop.on_request_done
+
+            def keep(ctx: RequestContext) -> None:
+                self._finished[ctx.request_id] = ctx
+                if chained is not None:
+                    chained(ctx)
+
+            runloop.on_request_done = keep
+        self.wait_logs()
+        return self._finished.get(request_id or "")  # type: ignore[return-value]
+
     def wait_logs(self, timeout_s: float = 10.0) -> bool:
         assert self.gateway.runloop is not None
         return self.gateway.runloop.wait_logs(timeout_s)

@@ -46,6 +46,8 @@ VERSION = __version__
 PRIORITY = 907
 SHARED_KEY = "aigov"
 
+# Request headers kong/pdk/log.lua already masks in the log serializer.
+_SERIALIZER_MASKED = frozenset({"authorization", "proxy-authorization"})
 HEADER_ROUTE = "X-Semantic-Route"
 HEADER_SCORE = "X-Semantic-Route-Score"
 HEADER_REASON = "X-Semantic-Route-Reason"
@@ -171,6 +173,12 @@ class SemanticRouterHandler:
         credential = t.credential_value()
         if credential:
             kong.service.request.set_header(t.auth_header, credential)
+            name = t.auth_header.lower()
+            if name not in _SERIALIZER_MASKED and "." not in name:
+                # Kong's log serializer reads the request's headers after this change
+                # (kong.request.get_headers) and masks only Authorization: without this the
+                # provider key would reach http-log and file-log in plain text.
+                kong.log.set_serialize_value(f"request.headers.{name}", "REDACTED")
         return model
 
     @staticmethod

@@ -50,6 +50,7 @@ import uuid
 from typing import Any, Mapping
 
 from aigov import sse, tokens
+from aigov import request as request_fields
 
 log = logging.getLogger(__name__)
 
@@ -574,9 +575,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if limit is not None and len(answer_tokens) > limit:
             answer_tokens, finish_reason = answer_tokens[:limit], "length"
         content = encoding.decode(answer_tokens)
-        # Tool definitions are billed as prompt tokens, the legacy `functions` too.
-        definitions = [d for key in ("tools", "functions") if isinstance(body.get(key), list) for d in body[key]]
-        prompt_tokens = tokens.count_chat_messages(messages, model, definitions or None)
+        # Billed as prompt: tool definitions (the legacy `functions` too) and a response schema.
+        prompt_tokens = tokens.count_chat_messages(messages, model, request_fields.tool_definitions(body),
+                                                   request_fields.prompt_extras(body))
         n = body.get("n") or 1  # check_chat_request has checked it: an integer in 1..128
         completion_tokens = tokens.count_text(content, model) * n  # OpenAI bills every choice
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

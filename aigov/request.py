@@ -175,12 +175,26 @@ class ChatRequest:
     def has_tools(self) -> bool:
         return bool(self.body.get("tools") or self.body.get("functions"))
 
+    def prompt_extras(self) -> tuple[str, ...]:
+        return prompt_extras(self.body)
+
     def tool_definitions(self) -> list[Any] | None:
-        """What the provider bills as tool definitions: `tools` plus the legacy `functions`
-        (bare function objects, which tokens.count_tools reads the same way)."""
-        defs = [d for key in ("tools", "functions") if isinstance(self.body.get(key), list)
-                for d in self.body[key]]
-        return defs or None
+        return tool_definitions(self.body)
+
+
+def prompt_extras(body: dict[str, Any]) -> tuple[str, ...]:
+    """Request fields besides messages and tools that the provider reads as prompt: a
+    structured-output schema (response_format json_schema), as its JSON text."""
+    fmt = body.get("response_format")
+    schema = fmt.get("json_schema") if isinstance(fmt, dict) else None
+    return (json.dumps(schema, ensure_ascii=False),) if isinstance(schema, dict) and schema else ()
+
+
+def tool_definitions(body: dict[str, Any]) -> list[Any] | None:
+    """What the provider bills as tool definitions: `tools` plus the legacy `functions` (bare
+    function objects, which tokens.count_tools reads the same way)."""
+    defs = [d for key in ("tools", "functions") if isinstance(body.get(key), list) for d in body[key]]
+    return defs or None
 
 
 def _without_content(message: dict[str, Any]) -> dict[str, Any]:

@@ -233,11 +233,13 @@ REPLY_PRIMING_TOKENS = 3
 
 
 def count_chat_messages(messages: Any, model: Any = None,
-                        tools: Iterable[Any] | None = None) -> int:
+                        tools: Iterable[Any] | None = None, extra_texts: Iterable[str] = ()) -> int:
     """Prompt tokens of a chat request, per OpenAI's cookbook formula.
 
-    Each message costs 3 tokens plus its role, content, name (+1) and tool-call texts; +3 primes
-    the reply. Malformed entries are skipped, never raised on.
+    Each message costs 3 tokens plus its role, content, name (+1) and tool-call texts (the
+    legacy function_call too); +3 primes the reply. Refusal parts count as their text.
+    `extra_texts` are other request fields the provider reads as prompt (a response_format
+    schema, see request.ChatRequest.prompt_extras). Malformed entries are skipped, never raised on.
     """
     enc = encoding_for(model)
 
@@ -250,18 +252,25 @@ def count_chat_messages(messages: Any, model: Any = None,
             continue
         total += TOKENS_PER_MESSAGE
         total += n(message.get("role"))
-        total += n(content_text(message.get("content")))
+        content = message.get("content")
+        total += n(content_text(content))
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, Mapping):
+                total += n(part.get("refusal"))  # an assistant refusal part carries text too
         if isinstance(message.get("name"), str):
             total += n(message["name"]) + TOKENS_PER_NAME
         total += n(message.get("tool_call_id"))
         tool_calls = message.get("tool_calls")
-        for call in tool_calls if isinstance(tool_calls, list) else []:
-            function = call.get("function") if isinstance(call, Mapping) else None
+        calls = [c.get("function") for c in tool_calls if isinstance(c, Mapping)] if isinstance(tool_calls, list) else []
+        calls.append(message.get("function_call"))  # the legacy single call
+        for function in calls:
             if isinstance(function, Mapping):
                 total += n(function.get("name")) + n(function.get("arguments"))
     total += REPLY_PRIMING_TOKENS
     if tools:
         total += count_tools(tools, model)
+    for text in extra_texts:
+        total += n(text)
     return total
 
 
@@ -269,15 +278,15 @@ OFFLOAD_COUNT_BYTES = 64 * 1024  # bodies larger than this are token-counted off
 
 
 def count_chat_messages_off_loop(messages: Any, model: Any = None, tools: Iterable[Any] | None = None,
-                                 body_bytes: int = 0) -> int:
+                                 body_bytes: int = 0, extra_texts: Iterable[str] = ()) -> int:
     """count_chat_messages for a plugin handler on the plugin server's loop: a big prompt (tens
     to hundreds of ms for 1 MiB) or the first count of an encoding (reading its ranks: up to
     0.8 s) runs on a thread while the loop serves other requests (tiktoken releases the GIL)."""
     if body_bytes > OFFLOAD_COUNT_BYTES or not encoding_ready(model):
         from aigov import cooperative
 
-        return cooperative.run_blocking(count_chat_messages, messages, model, tools)
-    return count_chat_messages(messages, model, tools)
+        return cooperative.run_blocking(count_chat_messages, messages, model, tools, tuple(extra_texts))
+    return count_chat_messages(messages, model, tools, extra_texts)
 
 
 def count_tools(tools: Iterable[Any], model: Any = None) -> int:
@@ -316,6 +325,11 @@ def count_tools(tools: Iterable[Any], model: Any = None) -> int:
                         total += enum_item + n(s(item))
                 p_desc = s(prop.get("description")).removesuffix(".")
                 total += n(f"{key}:{s(prop.get('type'))}:{p_desc}")
+                # What the cookbook's flat formula leaves out (nested properties or items,
+                # defaults, examples) still reaches the model: counted as its JSON text.
+                rest = {k: v for k, v in prop.items() if k not in ("type", "description", "enum")}
+                if rest:
+                    total += n(json.dumps(rest, ensure_ascii=False))
     if counted:
         total += func_end
     return total

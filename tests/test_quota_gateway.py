@@ -123,6 +123,9 @@ def shared_gateway(redis_server, mock_llm) -> Iterator[GatewayHandle]:
                                 limits=[{"window": "day", "tokens": 100000}])],
         "priced": [quota_plugin(port, unknown_model="default_price", default_price={"input": 1, "output": 2},
                                 limits=[{"window": "day", "cost_usd": 1}])],
+        "listed": [quota_plugin(port, unknown_model="default_price", default_price={"input": 1, "output": 2},
+                                limits=[{"window": "day", "tokens": 100, "per_model": True, "name": "listed",
+                                         "models": ["ft:custom-x:acme::abc123", "acme/custom-y", "plain-custom"]}])],
     }
     consumers = [{"username": "alice", "keyauth_credentials": [{"key": "key-alice"}]},
                  {"username": "bob", "keyauth_credentials": [{"key": "key-bob"}]}]
@@ -286,6 +289,29 @@ def test_tool_definitions_are_charged_on_a_stream_without_usage(shared_gateway, 
     wait_settled(shared_gateway, rclient, who)
     used = tokens.count_text(completion["choices"][0]["message"]["content"], MODEL)
     assert counter_values(rclient, who) == [expected_prompt + used]
+
+
+@pytest.mark.parametrize("asked", ["ft:custom-x:acme::abc123", "acme/custom-y", "Plain-Custom"])
+def test_a_listed_unpriced_model_meets_its_limit_however_it_is_spelled(shared_gateway, rclient, asked: str) -> None:
+    # The limit's `models` are normalised (provider/ prefix, ft: wrapper, case): so is the name
+    # the client sends, or the limit would never apply to it.
+    who = f"listed-{asked.replace('/', '-').replace(':', '-')}"
+    body = {"model": asked, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    statuses = [post(shared_gateway, "listed", body, who, **{"X-Mock-Usage": "total=30"}).status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429], statuses
+
+
+def test_a_response_schema_is_charged_on_a_stream_without_usage(shared_gateway, rclient) -> None:
+    # A structured-output schema is prompt the provider reads; a client must not hide text there.
+    schema = {"name": "answer", "schema": {"type": "object", "description": "an essay " * 300,
+                                           "properties": {"text": {"type": "string"}}}}
+    body = {**chat("answer in json", max_tokens=None, stream=True),
+            "response_format": {"type": "json_schema", "json_schema": schema}}
+    r = post(shared_gateway, "cost", body, "schema")
+    assert r.status == 200
+    expected = tokens.count_chat_messages(body["messages"], MODEL, None, [json.dumps(schema, ensure_ascii=False)])
+    assert expected > prompt_tokens(body) + 250
+    assert int(r.header("X-AI-Tokens-Prompt")) == expected
 
 
 def test_stream_with_usage_only_in_the_final_chunk(shared_gateway, rclient) -> None:

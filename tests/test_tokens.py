@@ -207,3 +207,30 @@ def test_off_loop_count_includes_tools_on_either_path(body_bytes: int) -> None:
     with_tools = tokens.count_chat_messages(messages, "gpt-4o", tools)
     assert with_tools > tokens.count_chat_messages(messages, "gpt-4o", None)
     assert tokens.count_chat_messages_off_loop(messages, "gpt-4o", tools, body_bytes) == with_tools
+
+
+def test_billed_text_outside_message_content_is_counted() -> None:
+    # Text a client can put where the provider reads it as prompt: each adds its own tokens.
+    essay = "the quick brown fox jumps over the lazy dog " * 50
+    n = len(tokens.encoding_for("gpt-4o").encode_ordinary(essay))
+    base = [{"role": "user", "content": "hi"}]
+    plain = tokens.count_chat_messages(base, "gpt-4o")
+    legacy = base + [{"role": "assistant", "content": None,
+                      "function_call": {"name": "f", "arguments": essay}}]
+    refusal = base + [{"role": "assistant", "content": [{"type": "refusal", "refusal": essay}]}]
+    assert tokens.count_chat_messages(legacy, "gpt-4o") >= plain + n
+    assert tokens.count_chat_messages(refusal, "gpt-4o") >= plain + n
+    assert tokens.count_chat_messages(base, "gpt-4o", None, [essay]) == plain + n
+    nested = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "opts": {"type": "object", "properties": {"note": {"type": "string", "description": essay}}}}}}}]
+    flat = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "opts": {"type": "object"}}}}}]
+    assert tokens.count_tools(nested, "gpt-4o") >= tokens.count_tools(flat, "gpt-4o") + n
+    # Keys besides type, description and enum add their JSON text, and only those.
+    def weather(city: dict) -> list:
+        return [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                 "parameters": {"type": "object", "properties": {"city": city,
+                                                                 "unit": {"type": "string", "enum": ["c", "f"]}}}}}]
+    simple = tokens.count_tools(weather({"type": "string", "description": "City"}), "gpt-4o")
+    with_default = tokens.count_tools(weather({"type": "string", "description": "City", "default": "Paris"}), "gpt-4o")
+    assert with_default == simple + len(tokens.encoding_for("gpt-4o").encode_ordinary('{"default": "Paris"}'))

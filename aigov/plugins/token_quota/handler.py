@@ -52,7 +52,7 @@ from aigov import __version__
 from aigov import metrics
 from aigov.llm_response import LLMResponse, parse_upstream_response
 from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
-from aigov.prices import Price, nano_to_usd
+from aigov.prices import Price, nano_to_usd, normalize_model
 from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, ReserveResult,
                               charge_from_usage, identity_tag, openai_error, plan_counters, rate_limit_headers,
                               rejection_body)
@@ -256,7 +256,9 @@ class TokenQuotaHandler:
                                    {"Content-Type": "application/json"})
                 return
             price = q.default_price
-            model = (model_asked or "unknown").strip().lower()[:64]
+            # Normalised as the limits' `models` lists are (QuotaConfig), so a listed name
+            # matches however the client wraps it (provider/, ft:, case).
+            model = normalize_model(model_asked or "unknown")[:MEMO_NAME_MAX] or "unknown"
 
         tag = self._identify(kong)
         route = None
@@ -266,7 +268,7 @@ class TokenQuotaHandler:
 
         from aigov import tokens  # lazy: tiktoken loads its encodings on first use
         prompt_est = tokens.count_chat_messages_off_loop(request.messages, model_asked, request.tool_definitions(),
-                                                         len(body))
+                                                         len(body), request.prompt_extras())
         # n choices are each up to max_tokens long: the bound is the product (the prompt is
         # billed once).
         completion_est = (request.max_tokens or q.completion_estimate_tokens) * request.choices

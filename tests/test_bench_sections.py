@@ -232,6 +232,8 @@ def test_request_path_rows_need_all_200s_and_real_hits() -> None:
     assert request_path._all_ok({"http_statuses": {200: 200}})
     assert not request_path._all_ok({"http_statuses": {200: 150, 429: 50}})  # fast 429s would look cheap
     assert not request_path._all_ok({"http_statuses": {}})
+    # 200s from a plugin that failed open (no headers of its own) are not its request path
+    assert not request_path._all_ok({"http_statuses": {200: 200}, "replies_without_plugin_headers": 3})
     assert request_path._mostly_hits({"repeat_cache_status": {"hit": 95, "miss": 5}})
     assert not request_path._mostly_hits({"repeat_cache_status": {"hit": 1, "miss": 99}})
     assert not request_path._mostly_hits({})

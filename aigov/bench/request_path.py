@@ -35,6 +35,11 @@ QUOTA_LOG = "llm-token-quota (log capture, ai-proxy)"
 # The quota's PDK calls with none of its work (aigov/bench/plugins/bench-pdk-floor.py), on the
 # same aigov serve: what those round trips alone add, so the quota's own share is the difference.
 FLOOR_PLUGIN = "bench-pdk-floor"
+# A header each plugin sets on every answer it handled (lowercase, as Client.chat returns them).
+PLUGIN_HEADERS = {"llm-token-quota": ("x-ai-ratelimit-remaining-day",),
+                  "llm-semantic-cache": ("x-cache-status",),
+                  "llm-semantic-router": ("x-semantic-route",),
+                  FLOOR_PLUGIN: ("x-ai-ratelimit-remaining-day",)}
 FLOOR = "PDK floor (the quota's calls, no work)"
 FLOOR_LOG = "PDK floor (log capture, ai-proxy)"
 LOG_CAPTURE_ENV = {"AIGOV_CAPTURE_PHASE": "log"}
@@ -122,12 +127,18 @@ def run_variant(ctx: BenchContext, name: str, plugins: list[dict[str, Any]], moc
             client.chat("warm up " + text, upstream_ms)
         handle.wait_logs(10)
         lat, statuses = [], {}
+        # A plugin that failed open (an exception: the request passes untouched) is fast and
+        # still answers 200: each reply must carry the headers of every plugin on the route.
+        expected = [h for p in plugins for h in PLUGIN_HEADERS.get(p["name"], ())]
+        unmarked = 0
         for text in prompts[5:]:
             elapsed, status, headers, _ = client.chat(text, upstream_ms)
             lat.append(elapsed)
             statuses[status] = statuses.get(status, 0) + 1
+            unmarked += any(h not in headers for h in expected)
         record: dict[str, Any] = {"variant": name, "status": "ok", "upstream_ms": upstream_ms,
-                                  "latency": latency_stats(lat), "http_statuses": statuses}
+                                  "latency": latency_stats(lat), "http_statuses": statuses,
+                                  "replies_without_plugin_headers": unmarked}
         if hits:
             handle.wait_logs(10)          # stores happen after the response (response/log phase)
             hit_lat, observed = [], {}
@@ -146,9 +157,9 @@ def run_variant(ctx: BenchContext, name: str, plugins: list[dict[str, Any]], moc
 
 
 def _all_ok(record: dict[str, Any]) -> bool:
-    """Every timed request of the variant was answered 200."""
+    """Every timed request of the variant was answered 200 with its plugins' headers."""
     statuses = record.get("http_statuses") or {}
-    return bool(statuses) and set(statuses) == {200}
+    return bool(statuses) and set(statuses) == {200} and not record.get("replies_without_plugin_headers")
 
 
 def _mostly_hits(record: dict[str, Any]) -> bool:

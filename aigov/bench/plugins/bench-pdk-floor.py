@@ -26,9 +26,8 @@ _STATE = {  # the quota's state for one day-window limit: same keys, same sizes
                   1000000000, 1764806400, 1764810000, "Day", "1000000000 tokens per day"]],
     "reserved": [4123], "estimate": [27, 4096, 2461], "stream": False,
 }
-_ACCESS_HEADERS = {"X-RateLimit-Limit-Day": "1000000000", "X-RateLimit-Remaining-Day": "999995877",
-                   "RateLimit-Limit": "1000000000", "RateLimit-Remaining": "999995877",
-                   "RateLimit-Reset": "5400"}
+_ACCESS_HEADERS = {"X-AI-RateLimit-Limit-Day": "1000000000", "X-AI-RateLimit-Remaining-Day": "999995877",
+                   "X-AI-RateLimit-Reset-Day": "5400"}  # the quota's (aigov.quota.core.rate_limit_headers)
 _RESPONSE_HEADERS = {**_ACCESS_HEADERS, "X-AI-Tokens-Prompt": "27", "X-AI-Tokens-Completion": "40",
                      "X-AI-Cost-USD": "0.000028050"}
 

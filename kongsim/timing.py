@@ -46,28 +46,32 @@ class RequestTiming:
         self.loopback = True
 
     # --- building ------------------------------------------------------------------------
-    def enter(self, name: str) -> None:
+    def enter(self, name: str, now: float | None = None) -> None:
         node = self._stack[-1].setdefault("child", {}).setdefault(name, {})
         self._stack.append(node)
-        self._starts.append(time.perf_counter())
+        self._starts.append(time.perf_counter() if now is None else now)
 
-    def leave(self) -> None:
+    def leave(self, now: float | None = None) -> None:
         if len(self._stack) <= 1:
             return  # unbalanced leave: ignore rather than corrupt the root
         node = self._stack.pop()
-        elapsed_ms = (time.perf_counter() - self._starts.pop()) * 1000.0
+        elapsed_ms = ((time.perf_counter() if now is None else now) - self._starts.pop()) * 1000.0
         node["total_time"] = node.get("total_time", 0.0) + elapsed_ms
 
     @contextlib.contextmanager
     def span(self, *names: str) -> Iterator[None]:
-        """Enter each name in turn (nested), leave them all on exit, even on exceptions."""
+        """Enter each name in turn (nested), leave them all on exit, even on exceptions. The
+        nested names share one start and one end reading: `<plugin>` and its `<plugin id>`
+        child time the same call, so they must agree (Kong's whole milliseconds do)."""
+        start = time.perf_counter()
         for n in names:
-            self.enter(n)
+            self.enter(n, start)
         try:
             yield
         finally:
+            end = time.perf_counter()
             for _ in names:
-                self.leave()
+                self.leave(end)
 
     def add(self, path: tuple[str, ...], ms: float) -> None:
         """Add a measured duration to a node (used for the mocked upstream phase)."""

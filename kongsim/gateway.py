@@ -678,6 +678,13 @@ def _local_entries(kind: str, prefix: str | None) -> list[PluginServerEntry]:
     files = sorted(plugins_dir.glob("llm-*.py"))
     if not files:
         raise SystemExit(f"aigov gateway: no plugin modules in {plugins_dir}")
+    if prefix:
+        # Kong creates its prefix (`kong prepare`); a missing one would make the plugin
+        # server exit at start, and the stand-in restart it forever.
+        try:
+            Path(prefix).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SystemExit(f"aigov gateway: --prefix {prefix}: {exc}") from None
     prefix = prefix or tempfile.mkdtemp(prefix="aigov-gw-")
     pythonpath = str(plugins_dir.parent)
     if kind == "stock":

@@ -122,3 +122,14 @@ def test_aigov_gateway_end_to_end_to_mock_llm(server: str, mock_llm) -> None:
     text = log_path.read_text()
     assert "started pluginserver 'llm-token-quota'" in text
     assert KEY not in text and PROVIDER_KEY not in text
+
+
+def test_a_missing_prefix_directory_is_created_like_kong_prepare(tmp_path: Path) -> None:
+    # `aigov gateway --plugin-server aigov --prefix <new dir>` used to restart a plugin server
+    # that exited at once ("kong prefix ... does not exist") forever.
+    from kongsim.gateway import _local_entries
+
+    prefix = tmp_path / "new" / "prefix"
+    entries = _local_entries("aigov", str(prefix))
+    assert prefix.is_dir()
+    assert entries and all(str(prefix) in e.socket for e in entries)

@@ -115,6 +115,7 @@ def _routes(mocks: tuple[MockLLM, MockLLM], cache_dir: Path) -> dict[str, dict[s
     a, b = mocks
     return {
         "main": router_config(a, b, cache_dir=str(cache_dir)),
+        "small-bodies": router_config(a, b, max_body_bytes=4096),
         "reject": router_config(a, b, default_route="reject"),
         "mismatch-error": router_config(a, b, calibrated_for_model="text-embedding-3-small",
                                         thresholds={"min_confidence": 0.5}),
@@ -251,6 +252,17 @@ def test_no_provider_key_reaches_the_log_entry(gateway: GatewayHandle) -> None:
             assert headers["authorization"] == "REDACTED"
     for key in (BILLING_KEY, CODING_KEY, CLIENT_AUTH.split()[-1]):
         assert all(key not in entry for entry in logged.values()), key
+
+
+def test_a_body_over_max_body_bytes_takes_the_default_route_unread(gateway: GatewayHandle) -> None:
+    # Documented: bodies larger than max_body_bytes are not parsed; they go to the default
+    # route untouched (the quota, when on the route, refuses them with 413), never a 400.
+    big = chat(HELD_OUT["coding"][0] + " " + "and more detail " * 600)
+    r = post(gateway, "small-bodies", big)
+    assert r.status == 200, r.body
+    assert (r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Reason")) == ("general", "default")
+    small = post(gateway, "small-bodies", chat(HELD_OUT["coding"][0]))
+    assert (small.header("X-Semantic-Route"), small.header("X-Semantic-Route-Reason")) == ("coding", "matched")
 
 
 def test_reject_default_gives_clear_4xx(gateway: GatewayHandle) -> None:

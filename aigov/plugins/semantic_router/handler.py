@@ -105,7 +105,9 @@ class SemanticRouterHandler:
         try:
             chat = parse_chat_request(body, settings.max_body_bytes)
         except RequestError as exc:
-            if exc.reason != "bad_field" and could_be_chat(body):
+            # A body over max_body_bytes is not read at all (the documented default route; the
+            # quota, when on the route, refuses it with 413): no whole-body sniffing of 20 MB.
+            if exc.reason not in ("bad_field", "too_large") and could_be_chat(body):
                 exc = RequestError("bad_field", UNREADABLE_CHAT)
             if exc.reason == "bad_field":
                 # A chat request read wrongly here but maybe rightly by a lenient provider: sent

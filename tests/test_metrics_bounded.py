@@ -151,3 +151,13 @@ def test_client_chosen_models_and_callers_stay_bounded(gateway: dict[str, Any]) 
     token_series = [lbls for (n, lbls) in samples if n == "ai_llm_tokens_total"]
     assert len(token_series) <= MAX_SERIES + 3, len(token_series)
     assert metric_sum(samples, "ai_metrics_label_overflow_total", label="series") > 0
+
+
+def test_exposition_has_no_created_series() -> None:
+    # Kong's prometheus plugin has none; prometheus_client adds one per series unless told not to.
+    from aigov import metrics
+
+    metrics.QUOTA_REJECTIONS.labels("consumer:created-test", "1 tokens per day", "day").inc()
+    text = metrics.generate_latest(metrics.REGISTRY).decode()
+    assert "ai_quota_rejections_total{" in text
+    assert "_created" not in text

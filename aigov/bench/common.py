@@ -154,7 +154,8 @@ def machine_info() -> dict[str, Any]:
     versions: dict[str, str] = {}
     from importlib import metadata
 
-    for dist in ("kong-pdk", "torch", "sentence-transformers", "redis", "redisvl", "numpy", "msgpack"):
+    for dist in ("kong-pdk", "torch", "onnxruntime", "sentence-transformers", "redis", "redisvl", "numpy",
+                 "msgpack"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

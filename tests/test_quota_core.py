@@ -66,6 +66,11 @@ def test_headers_and_rejection_body_agree_with_the_counter() -> None:
     assert retry_after == 30 and err["retry_after"] == 30
     assert err["type"] == "rate_limit_exceeded" and err["window"] == "minute"
     assert "400 tokens per minute" in err["message"] and "120 tokens, 50 tokens left" in err["message"]
+    # A request larger than the limit itself: waiting cannot help, so no Retry-After.
+    body, retry_after = rejection_body(counters[0], 0, 500, NOW)
+    err = json.loads(body)["error"]
+    assert retry_after is None and err["retry_after"] is None
+    assert "larger than the limit" in err["message"] and "lower max_tokens" in err["message"]
 
 
 def test_a_limit_naming_a_dated_or_prefixed_model_applies_to_that_family() -> None:

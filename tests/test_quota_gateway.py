@@ -615,6 +615,7 @@ def test_n_choices_are_reserved_and_charged_n_times(shared_gateway, rclient) -> 
     # 8 x 200 completion tokens can never fit a 1000-token day, whatever is left
     too_many = post(shared_gateway, "day", chat("count to three", max_tokens=200, n=8), "nchoices-2")
     assert too_many.status == 429 and "larger than the limit" in too_many.json()["error"]["message"]
+    assert too_many.header("Retry-After") is None  # waiting cannot make it fit
 
 
 def test_an_upstream_timeout_keeps_the_reservation(redis_server, mock_llm, rclient) -> None:

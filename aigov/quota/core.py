@@ -321,18 +321,23 @@ def openai_error(message: str, type_: str, code: str, **extra: Any) -> str:
     return json.dumps({"error": err})
 
 
-def rejection_body(counter: Counter, value: int, amount: int, now: float) -> tuple[str, int]:
-    """The 429 body and its Retry-After seconds for the first limit that did not fit."""
-    retry_after = max(1, int(counter.reset_at - now + 0.999))
+def rejection_body(counter: Counter, value: int, amount: int, now: float) -> tuple[str, int | None]:
+    """The 429 body and its Retry-After seconds for the first limit that did not fit; None when
+    waiting cannot help (the request alone is larger than the limit, in any window)."""
+    reset_in = max(1, int(counter.reset_at - now + 0.999))
     remaining = max(0, counter.limit - int(value))
     if counter.metric == "cost":
         need, left = f"${nano_to_usd(amount):.6f}", f"${nano_to_usd(remaining):.6f}"
     else:
         need, left = f"{amount} tokens", f"{remaining} tokens"
-    reason = ("the request alone is larger than the limit" if amount > counter.limit
-              else f"the request needs up to {need}, {left} left")
-    msg = (f"LLM quota exceeded: {counter.label}; {reason}. The {counter.window} window resets in "
-           f"{retry_after}s.")
+    if amount > counter.limit:
+        retry_after = None
+        msg = (f"LLM quota exceeded: {counter.label}; the request alone ({need} with its max_tokens) "
+               "is larger than the limit, so retrying cannot succeed: lower max_tokens or the prompt.")
+    else:
+        retry_after = reset_in
+        msg = (f"LLM quota exceeded: {counter.label}; the request needs up to {need}, {left} left. "
+               f"The {counter.window} window resets in {reset_in}s.")
     body = openai_error(msg, "rate_limit_exceeded", "quota_exceeded",
                         limit=counter.label, window=counter.window, metric=counter.metric,
                         reset_at=counter.reset_at, retry_after=retry_after)

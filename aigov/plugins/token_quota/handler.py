@@ -670,7 +670,9 @@ class TokenQuotaHandler:
         metrics.SERIES.child(metrics.QUOTA_REJECTIONS, metrics.consumer_label(tag), counter.label,
                              counter.window).inc()
         self._gauge(tag, counters, values)
-        headers = {"Content-Type": "application/json", "Retry-After": str(retry_after)}
+        headers = {"Content-Type": "application/json"}
+        if retry_after is not None:  # no Retry-After when waiting cannot make the request fit
+            headers["Retry-After"] = str(retry_after)
         if self.quota is not None and not self.quota.hide_client_headers:
             headers.update(rate_limit_headers(counters, values, now))
         kong.log.set_serialize_value("aigov.quota.status", "rejected")

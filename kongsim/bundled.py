@@ -167,6 +167,9 @@ class KeyAuth(BundledPlugin):
         up.headers.remove(name)
         ctx.headers.remove(name)  # the same request in Kong: gone from get_header and the log too
         up.query = urlencode([(k, v) for k, v in parse_qsl(up.query, keep_blank_values=True) if k != name])
+        # clear_query_arg changes the request's args: kong.request.get_query and the logged
+        # querystring lose the key; the logged uri ($request_uri) keeps the line as sent, as Kong's
+        ctx.query = urlencode([(k, v) for k, v in parse_qsl(ctx.query, keep_blank_values=True) if k != name])
         if conf["key_in_body"] and (kind == "body" or name in _body_args(ctx)):
             args = _body_args(ctx)
             args.pop(name, None)

@@ -175,10 +175,14 @@ class RequestContext:
     # (address, port) after nginx's realip module, set by PDK.post_read; port None is an
     # empty $remote_port (an address taken from a header without a port)
     realip: tuple[str, int | None] | None = None
+    request_uri: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         if self.timing is None:
             self.timing = RequestTiming(self.request_id)
+        # nginx's $request_uri: the request line as the client sent it, which no plugin changes
+        # (a cleared query argument changes $args, i.e. `query`, only)
+        self.request_uri = self.path + ("?" + self.query if self.query else "")
 
     @property
     def remote_addr(self) -> str:
@@ -192,7 +196,7 @@ class RequestContext:
 
     @property
     def path_with_query(self) -> str:
-        return self.path + ("?" + self.query if self.query else "")
+        return self.request_uri
 
     def query_multimap(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

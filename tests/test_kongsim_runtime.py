@@ -373,6 +373,9 @@ def test_key_auth_duplicate_key_and_hide_credentials_follow_kong(upstream, prefi
         logged = gw.finished_request(ok.header("X-Kong-Request-Id")).saved["serialize"]["request"]["headers"]
         # the cleared key is gone from Kong's log entry too; Authorization is masked as Kong does
         assert "apikey" not in logged and logged["authorization"] == "REDACTED"
+        entry = gw.finished_request(ok.header("X-Kong-Request-Id")).saved["serialize"]
+        assert entry["request"]["querystring"] == {"keep": "1"}  # get_query after clear_query_arg
+        assert entry["request"]["uri"] == "/p?apikey=stray&keep=1"  # $request_uri, as sent
         assert len(upstream.requests) == 1  # the duplicate never reached the upstream
     finally:
         gw.close()

@@ -282,6 +282,7 @@ def test_stream_and_non_stream_entries_never_mix(gw: GatewayHandle) -> None:
     gw.wait_logs()
     stream_hit = post(gw, "c", streamed_body)
     assert status(stream_hit) == "Hit" and "text/event-stream" in (stream_hit.header("Content-Type") or "")
+    assert stream_hit.header("Content-Type") == first_stream.header("Content-Type")  # the provider's
     replay, complete = sse.completion_from_chat_chunks(stream_hit.body)
     assert complete and stream_hit.body.count(b"data: [DONE]") == 1
     assert replay["choices"][0]["message"]["content"] == answer_text(plain)

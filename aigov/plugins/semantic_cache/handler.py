@@ -266,7 +266,7 @@ class SemanticCacheHandler:
                 # would fail on or count a boolean. It stays in the entry and ctx.shared.
                 completion["usage"] = {k: v for k, v in entry.usage.items() if k != "estimated"}
             body = sse.chat_chunks_from_completion(completion, include_usage=request.include_usage)
-            headers["Content-Type"] = "text/event-stream"
+            headers["Content-Type"] = "text/event-stream; charset=utf-8"  # as OpenAI sends it
             headers["Cache-Control"] = "no-cache"
         else:
             body = json_text(completion).encode("utf-8")

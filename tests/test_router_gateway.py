@@ -254,13 +254,13 @@ def test_no_provider_key_reaches_the_log_entry(gateway: GatewayHandle) -> None:
         assert all(key not in entry for entry in logged.values()), key
 
 
-def test_a_body_over_max_body_bytes_takes_the_default_route_unread(gateway: GatewayHandle) -> None:
-    # Documented: bodies larger than max_body_bytes are not parsed; they go to the default
-    # route untouched (the quota, when on the route, refuses them with 413), never a 400.
-    big = chat(HELD_OUT["coding"][0] + " " + "and more detail " * 600)
+def test_a_body_over_max_body_bytes_is_refused_when_its_model_could_not_be_enforced(gateway: GatewayHandle) -> None:
+    # Bodies larger than max_body_bytes are not parsed. The default route (general) sets a
+    # model, which an unread body would escape (the client's own model on general's key): 413,
+    # never the misleading 400 "cannot read exactly".
+    big = chat(HELD_OUT["coding"][0] + " " + "and more detail " * 600, model="o1-pro")
     r = post(gateway, "small-bodies", big)
-    assert r.status == 200, r.body
-    assert (r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Reason")) == ("general", "default")
+    assert r.status == 413 and r.json()["error"]["code"] == "request_too_large", r.body
     small = post(gateway, "small-bodies", chat(HELD_OUT["coding"][0]))
     assert (small.header("X-Semantic-Route"), small.header("X-Semantic-Route-Reason")) == ("coding", "matched")
 

@@ -117,6 +117,13 @@ class SemanticRouterHandler:
                                                     "invalid_request"), {"Content-Type": "application/json"})
                 return
             decision = router.default("default", detail=exc.reason)
+            if exc.reason == "too_large" and (decision.route is None or decision.route.target.model):
+                # Unread, the body keeps the client's model, which the default target's key would
+                # then pay for: refused, as the quota refuses a body it cannot meter.
+                kong.log.set_serialize_value("aigov.router", {"route": None, "reason": "too_large"})
+                kong.response.exit(413, _error_body(f"llm-semantic-router: {exc}", "invalid_request_error",
+                                                    "request_too_large"), {"Content-Type": "application/json"})
+                return
 
         if decision is None and settings.force_route_header:
             forced_name = text(kong.request.get_header(settings.force_route_header))

@@ -88,7 +88,8 @@ SCHEMA: list[Field] = [
     field("strip_client_auth", "boolean", "Remove the client's Authorization header and every "
           "target's auth header before setting the chosen target's own key.", default=True),
     EMBEDDINGS,
-    field("max_body_bytes", "integer", "Bodies larger than this are not parsed (default route).",
+    field("max_body_bytes", "integer", "Bodies larger than this are not parsed: they take the default "
+          "route unread, or get 413 when that route's target sets a model (it could not be enforced).",
           default=1048576, between=[1024, 67108864]),
     field("build_timeout_ms", "integer", "How long a request waits for the route model to be "
           "built; past it the request takes the default route (reason error).", default=30000,

@@ -243,8 +243,12 @@ def test_purge_removes_every_key_of_a_namespace(gw: GatewayHandle, redis_server:
     assert denied.status == 403
     assert client.keys(f"aigov:cache:{admin_ns}:*")
     # admin_path is matched against the client's path (kong.request.get_path)
+    gw.finished_request(None)  # keep finished requests from here on
     r = gw.request("POST", "/cadmin/purge", headers={"apikey": "key-alice", "X-Cache-Admin-Key": "s3cret"})
     assert r.status == 200 and r.json()["purged"] >= 2
+    # Kong logs every request header but Authorization: the admin key is masked in the entry
+    logged = gw.finished_request(r.header("X-Kong-Request-Id")).saved["serialize"]["request"]["headers"]
+    assert logged["x-cache-admin-key"] == "REDACTED"
     assert client.keys(f"aigov:cache:{admin_ns}:*") == []
     assert client.keys(f"aigov:cache:{other_ns}:*")
     assert status(post(gw, "cadmin", chat("How do I bake sourdough bread?"))) == "Miss"

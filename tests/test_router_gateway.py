@@ -248,8 +248,8 @@ def test_no_provider_key_reaches_the_log_entry(gateway: GatewayHandle) -> None:
         headers = ctx.saved["serialize"]["request"]["headers"]
         if route == "billing":
             assert headers["api-key"] == "REDACTED" and "authorization" not in headers
-        else:
-            assert headers["authorization"] == "REDACTED"
+        else:  # coding: its key, and the value of its extra X-Target header, masked too
+            assert headers["authorization"] == "REDACTED" and headers["x-target"] == "REDACTED"
     for key in (BILLING_KEY, CODING_KEY, CLIENT_AUTH.split()[-1]):
         assert all(key not in entry for entry in logged.values()), key
 
@@ -361,3 +361,31 @@ def test_lone_surrogate_and_null_stream_are_routed(gateway: GatewayHandle, mocks
     assert r.status == 200, r.body
     assert r.header("X-Semantic-Route") == "coding"
     assert r.header("X-Mock-Model") == "gpt-4o"
+
+
+def test_a_quota_keyed_on_the_clients_authorization_keeps_callers_apart_behind_the_router(
+        mocks: tuple[MockLLM, MockLLM], cache_dir: Path) -> None:
+    # The router (907) swaps the client's Authorization for the target's key before the quota
+    # (906) runs; a quota that identifies callers by that header must still see the client's.
+    quota = {"name": "llm-token-quota", "config": {
+        "policy": "memory", "identifier_sources": ["header"], "identifier_header": "Authorization",
+        "limits": [{"window": "day", "tokens": 1000}]}}
+    yml = {"_format_version": "3.0", "services": [{
+        "name": "llm", "url": "http://127.0.0.1:9/unrouted",
+        "routes": [{"name": "main", "paths": ["/main"], "strip_path": True,
+                    "plugins": [{"name": "llm-semantic-router", "config": router_config(*mocks, cache_dir=str(cache_dir))},
+                                quota]}]}]}
+    gw = start_gateway(yml, server="aigov", pythonpath=str(REPO),
+                       extra_env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        def ask(user: str) -> Any:
+            r = post(gw, "main", chat(HELD_OUT["coding"][0]), Authorization=f"Bearer key-of-{user}",
+                     **{"X-Mock-Usage": "total=30"})
+            assert r.status == 200 and r.header("X-Semantic-Route") == "coding", r.body
+            assert r.header("X-Mock-Auth-Sha256") == auth_fingerprint(f"Bearer {CODING_KEY}")  # target's key upstream
+            gw.wait_logs()
+            return int(r.header("X-AI-RateLimit-Remaining-Day"))
+
+        assert [ask("alice"), ask("alice"), ask("bob")] == [970, 940, 970]
+    finally:
+        gw.close()

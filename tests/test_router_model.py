@@ -313,3 +313,17 @@ def test_mismatched_negative_vectors_are_a_clear_error() -> None:
 @pytest.mark.parametrize("per_route,k", [(1, 1), (3, 3), (5, 5), (10, 5), (100, 5)])
 def test_default_top_k(per_route: int, k: int) -> None:
     assert rmodel.default_top_k(per_route) == k
+
+
+def test_a_dotted_target_header_name_is_a_config_error() -> None:
+    # Kong's log serializer nests dotted keys, so such a header's value could not be masked.
+    from aigov.routing.core import RouterConfigError, settings_from_config
+
+    conf = {"default_route": "a", "routes": [{"name": "a", "utterances": ["hello there"],
+                                              "target": {"model": "gpt-4o-mini", "api_key": "sk-x",
+                                                         "auth_header": "x.api.key"}}]}
+    with pytest.raises(RouterConfigError, match="x.api.key"):
+        settings_from_config(conf)
+    conf["routes"][0]["target"] = {"model": "gpt-4o-mini", "headers": {"x.goog.key": "v"}}
+    with pytest.raises(RouterConfigError, match="x.goog.key"):
+        settings_from_config(conf)

@@ -295,6 +295,9 @@ class SemanticCacheHandler:
             return False
         method = (text(kong.request.get_method()) or "").upper()
         given = _header(headers, "x-cache-admin-key")
+        if given:
+            # Kong's log entry carries every request header but Authorization: not this secret.
+            kong.log.set_serialize_value("request.headers.x-cache-admin-key", "REDACTED")
         if not given or not secrets.compare_digest(given, self.settings.admin_key or ""):
             kong.response.exit(403, json.dumps({"message": "X-Cache-Admin-Key missing or wrong"}),
                                {"Content-Type": "application/json"})

@@ -145,11 +145,13 @@ class SemanticRouterHandler:
                                            "no_route"),
                                {"Content-Type": "application/json", **self._headers(decision)})
             return
-        model = self._apply(kong, settings, decision.route, chat)
-        self._report(kong, decision, model, started)
+        model, replaced = self._apply(kong, settings, decision.route, chat)
+        self._report(kong, decision, model, started, replaced)
 
-    def _apply(self, kong: Any, settings: RouterSettings, route: Route, chat: Any) -> str | None:
-        """Point the request at the route's target; returns the model the upstream will see."""
+    def _apply(self, kong: Any, settings: RouterSettings, route: Route,
+               chat: Any) -> tuple[str | None, dict[str, Any]]:
+        """Point the request at the route's target; returns the model the upstream will see and
+        the client's own values of the request headers this changed (see _report)."""
         t = route.target
         model = chat.model if chat is not None else None
         new_body = None
@@ -169,6 +171,7 @@ class SemanticRouterHandler:
             kong.service.request.set_path(t.path)
         if new_body is not None:
             kong.service.request.set_raw_body(new_body)
+        sent: Any = None
         if settings.strip_client_auth:
             # The client's credential (e.g. its Kong key) and any other target's key header must
             # never reach this upstream: clear them all, then set this target's own.
@@ -177,18 +180,22 @@ class SemanticRouterHandler:
             sent_names = {str(k).lower() for k in sent} if isinstance(sent, dict) else set(settings.credential_headers)
             for name in sorted(settings.credential_headers & sent_names):
                 kong.service.request.clear_header(name)
-        for name, val in t.headers:
-            kong.service.request.set_header(name, val)
         credential = t.credential_value()
-        if credential:
-            kong.service.request.set_header(t.auth_header, credential)
-            name = t.auth_header.lower()
-            if name not in _SERIALIZER_MASKED and "." not in name:
-                # Kong's log serializer reads the request's headers after this change
-                # (kong.request.get_headers) and masks only Authorization: without this the
-                # provider key would reach http-log and file-log in plain text.
-                kong.log.set_serialize_value(f"request.headers.{name}", "REDACTED")
-        return model
+        set_here = [*t.headers, *([(t.auth_header, credential)] if credential else [])]
+        for name, val in set_here:
+            kong.service.request.set_header(name, val)
+        for name in sorted({n.lower() for n, _ in set_here} - _SERIALIZER_MASKED):
+            # Kong's log serializer reads the request's headers after this change
+            # (kong.request.get_headers) and masks only Authorization: every value the target's
+            # config sets (a provider key, x-goog-api-key, an organisation id) is masked, or it
+            # would reach http-log and file-log in plain text. (Dotted names: a config error.)
+            kong.log.set_serialize_value(f"request.headers.{name}", "REDACTED")
+        # Kong's later plugins read the changed headers (the same request): keep what the client
+        # sent under the names this changed, for a quota that identifies callers by a header.
+        changed = set(settings.credential_headers) | {n.lower() for n, _ in set_here}
+        replaced = ({str(k).lower(): v for k, v in sent.items() if str(k).lower() in changed}
+                    if isinstance(sent, dict) else {})
+        return model, replaced
 
     @staticmethod
     def _headers(decision: Decision) -> dict[str, str]:
@@ -197,7 +204,8 @@ class SemanticRouterHandler:
             h[HEADER_SCORE] = f"{decision.score:.4f}"
         return h
 
-    def _report(self, kong: Any, decision: Decision, model: str | None, started: float) -> None:
+    def _report(self, kong: Any, decision: Decision, model: str | None, started: float,
+                replaced: dict[str, Any] | None = None) -> None:
         # Three round trips: the headers in one set_headers, the shared dict, and every log field
         # in one set_serialize_value (the serializer nests dotted keys, so the entry is the same
         # as setting aigov.router.route, .reason, ... one by one).
@@ -207,6 +215,8 @@ class SemanticRouterHandler:
         shared["route"] = decision.route_name
         if model:
             shared["model"] = model
+        if replaced:
+            shared["client_headers"] = replaced  # in Kong's memory only, never logged
         kong.ctx.shared.set(SHARED_KEY, shared)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         fields: dict[str, Any] = {"route": decision.route_name, "reason": decision.reason}

@@ -537,7 +537,14 @@ class TokenQuotaHandler:
             elif source == "credential":
                 ident = _as_dict(value(kong.client.get_credential())).get("id")
             elif source == "header":
-                ident = text(kong.request.get_header(q.identifier_header or ""))
+                # The router (907, before this plugin) may have cleared or replaced the header
+                # (a client key swapped for the provider's): it keeps what the client sent.
+                name = (q.identifier_header or "").lower()
+                sent = _as_dict(_as_dict(value(kong.ctx.shared.get(SHARED_KEY))).get("client_headers"))
+                original = sent.get(name)
+                if isinstance(original, list):
+                    original = original[0] if original else None
+                ident = original if isinstance(original, str) else text(kong.request.get_header(name))
             else:
                 ident = text(kong.client.get_forwarded_ip()) or text(kong.client.get_ip())
             if isinstance(ident, str) and ident.strip():

@@ -19,9 +19,11 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 COMPLETION_BOUNDS = {"max_tokens": 10_000_000, "max_completion_tokens": 10_000_000, "n": 128}
 # Fields the plugins read: each must be spelled exactly (see parse_chat_request).
 READ_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens",
-                         "max_completion_tokens", "n", "tools", "functions", "temperature"})
-MESSAGE_READ_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "function_call"})
-PART_READ_FIELDS = frozenset({"type", "text", "image_url", "input_audio", "file"})
+                         "max_completion_tokens", "n", "tools", "functions", "temperature",
+                         "response_format"})
+MESSAGE_READ_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "function_call",
+                                 "refusal"})
+PART_READ_FIELDS = frozenset({"type", "text", "image_url", "input_audio", "file", "refusal"})
 
 # Top-level fields that cannot change the answer text, so they stay out of the cache's params
 # scope (issue 3's hard scope). It is a deny-list: any other field, including ones we do not

@@ -246,6 +246,12 @@ def count_chat_messages(messages: Any, model: Any = None,
     def n(text: Any) -> int:
         return len(enc.encode_ordinary(text)) if isinstance(text, str) and text else 0
 
+    def n_value(v: Any) -> int:
+        """A string's tokens; any other JSON value (object arguments) as its JSON text."""
+        if isinstance(v, str) or v is None:
+            return n(v)
+        return n(json.dumps(v, ensure_ascii=False, default=str))
+
     total = 0
     for message in messages if isinstance(messages, list) else []:
         if not isinstance(message, Mapping):
@@ -257,6 +263,7 @@ def count_chat_messages(messages: Any, model: Any = None,
         for part in content if isinstance(content, list) else []:
             if isinstance(part, Mapping):
                 total += n(part.get("refusal"))  # an assistant refusal part carries text too
+        total += n(message.get("refusal"))  # and so does an assistant message's refusal field
         if isinstance(message.get("name"), str):
             total += n(message["name"]) + TOKENS_PER_NAME
         total += n(message.get("tool_call_id"))
@@ -265,7 +272,7 @@ def count_chat_messages(messages: Any, model: Any = None,
         calls.append(message.get("function_call"))  # the legacy single call
         for function in calls:
             if isinstance(function, Mapping):
-                total += n(function.get("name")) + n(function.get("arguments"))
+                total += n(function.get("name")) + n_value(function.get("arguments"))
     total += REPLY_PRIMING_TOKENS
     if tools:
         total += count_tools(tools, model)
@@ -305,6 +312,10 @@ def count_tools(tools: Iterable[Any], model: Any = None) -> int:
     total = 0
     counted = False
     for tool in tools if isinstance(tools, (list, tuple)) else []:
+        if isinstance(tool, Mapping) and isinstance(tool.get("custom"), Mapping):
+            counted = True  # a custom (free-form) tool: its definition, as JSON text
+            total += func_init + n(json.dumps(tool["custom"], ensure_ascii=False, default=str))
+            continue
         function = tool.get("function", tool) if isinstance(tool, Mapping) else None
         if not isinstance(function, Mapping):
             continue
@@ -314,6 +325,11 @@ def count_tools(tools: Iterable[Any], model: Any = None) -> int:
         total += n(f"{s(function.get('name'))}:{description}")
         parameters = function.get("parameters")
         properties = parameters.get("properties") if isinstance(parameters, Mapping) else None
+        if isinstance(parameters, Mapping):
+            # Schema parts besides the properties ($defs, anyOf, ...) reach the model too.
+            extra = {k: v for k, v in parameters.items() if k not in ("type", "properties", "required")}
+            if extra:
+                total += n(json.dumps(extra, ensure_ascii=False, default=str))
         if isinstance(properties, Mapping) and properties:
             total += prop_init
             for key, prop in properties.items():

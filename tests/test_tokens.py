@@ -234,3 +234,21 @@ def test_billed_text_outside_message_content_is_counted() -> None:
     simple = tokens.count_tools(weather({"type": "string", "description": "City"}), "gpt-4o")
     with_default = tokens.count_tools(weather({"type": "string", "description": "City", "default": "Paris"}), "gpt-4o")
     assert with_default == simple + len(tokens.encoding_for("gpt-4o").encode_ordinary('{"default": "Paris"}'))
+
+
+def test_more_billed_shapes_are_counted() -> None:
+    essay = "the quick brown fox jumps over the lazy dog " * 50
+    n = len(tokens.encoding_for("gpt-4o").encode_ordinary(essay))
+    base = [{"role": "user", "content": "hi"}]
+    plain = tokens.count_chat_messages(base, "gpt-4o")
+    refusal_field = base + [{"role": "assistant", "content": None, "refusal": essay}]
+    object_args = base + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": {"text": essay}}}]}]
+    assert tokens.count_chat_messages(refusal_field, "gpt-4o") >= plain + n
+    assert tokens.count_chat_messages(object_args, "gpt-4o") >= plain + n
+    defs = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "$defs": {"note": {"type": "string", "description": essay}}}}}]
+    custom = [{"type": "custom", "custom": {"name": "grammar", "description": essay}}]
+    bare = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert tokens.count_tools(defs, "gpt-4o") >= tokens.count_tools(bare, "gpt-4o") + n
+    assert tokens.count_tools(custom, "gpt-4o") >= n

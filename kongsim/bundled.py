@@ -88,7 +88,6 @@ class KeyAuth(BundledPlugin):
             return
         if ctx.credential is not None and conf.get("anonymous"):
             return  # already authenticated by another plugin (logical OR with anonymous)
-        ctx.secret_header_names.update(n.lower() for n in conf["key_names"])
         key, where = self._find_key(ctx, conf)
         if key is not None:
             redact.register_secret(key)

@@ -169,7 +169,6 @@ class RequestContext:
     upstream_latency_ms: int | None = None
     proxy_latency_ms: int | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    secret_header_names: set[str] = field(default_factory=set)
     saved: dict[str, Any] | None = None  # log-time snapshot
     timing: RequestTiming | None = None  # Kong's request-debugging tree (always collected)
     # (address, port) after nginx's realip module, set by PDK.post_read; port None is an

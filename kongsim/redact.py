@@ -53,12 +53,6 @@ def redact(text: str) -> str:
     return text
 
 
-def safe_headers(headers: dict[str, object], extra_names: Iterable[str] = ()) -> dict[str, object]:
-    """A copy of `headers` fit for logging: credential headers' values masked."""
-    names = CREDENTIAL_HEADERS | {n.lower() for n in extra_names}
-    return {k: (REDACTED if k.lower() in names else v) for k, v in headers.items()}
-
-
 class RedactingFilter(logging.Filter):
     """Formats the record's message now and masks registered secrets in it."""
 

@@ -105,8 +105,8 @@ class SemanticRouterHandler:
         try:
             chat = parse_chat_request(body, settings.max_body_bytes)
         except RequestError as exc:
-            # A body over max_body_bytes is not read at all (the documented default route; the
-            # quota, when on the route, refuses it with 413): no whole-body sniffing of 20 MB.
+            # A body over max_body_bytes is not read at all (no whole-body sniffing of 20 MB):
+            # the default route, or 413 below when that route would rewrite the model.
             if exc.reason not in ("bad_field", "too_large") and could_be_chat(body):
                 exc = RequestError("bad_field", UNREADABLE_CHAT)
             if exc.reason == "bad_field":

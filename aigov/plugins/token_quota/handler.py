@@ -199,6 +199,7 @@ class TokenQuotaHandler:
         # shared "aigov" dict is not read: the routed model is already in the body (the router
         # rewrites it with set_raw_body, which get_raw_body then returns, reference §4.4), and
         # this plugin's state lives under its own key, so nothing of another plugin is overwritten.
+        # (It is read only to identify a caller by a header, which the router may have replaced.)
         if self.quota is None:
             kong.log.err(self.config_error)
             kong.response.exit(500, openai_error(self.config_error or "config error", "server_error",

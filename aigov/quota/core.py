@@ -332,8 +332,9 @@ def rejection_body(counter: Counter, value: int, amount: int, now: float) -> tup
         need, left = f"{amount} tokens", f"{remaining} tokens"
     if amount > counter.limit:
         retry_after = None
-        msg = (f"LLM quota exceeded: {counter.label}; the request alone ({need} with its max_tokens) "
-               "is larger than the limit, so retrying cannot succeed: lower max_tokens or the prompt.")
+        msg = (f"LLM quota exceeded: {counter.label}; the request alone (up to {need}, its prompt and "
+               "the completion it may ask for) is larger than the limit, so retrying cannot succeed: "
+               "lower max_tokens or the prompt.")
     else:
         retry_after = reset_in
         msg = (f"LLM quota exceeded: {counter.label}; the request needs up to {need}, {left} left. "

@@ -1,7 +1,8 @@
 """`aigov mock-llm`: a deterministic OpenAI-compatible upstream for tests and the demo.
 
 Endpoints: POST /v1/chat/completions (JSON, or SSE with `stream: true`), POST /v1/embeddings,
-GET /v1/models, GET /health, GET /mock/stats, POST /mock/reset.
+GET /v1/models, GET /health, GET /mock/stats (requests by path, model, status and failure, and
+`tokens_billed`: the usage total of every completion generated, cut ones too), POST /mock/reset.
 
 Answers are derived from the prompt ("Answer to: <last user text> [<hash of model+messages>]"),
 `usage` is counted with aigov.tokens, and `max_tokens` / `max_completion_tokens` truncate the
@@ -321,6 +322,7 @@ class MockStats:
     def reset(self) -> None:
         with self._lock:
             self.requests = 0
+            self.tokens_billed = 0  # the usage total of every completion generated
             self.by_model: collections.Counter[str] = collections.Counter()
             self.by_path: collections.Counter[str] = collections.Counter()
             self.by_status: collections.Counter[int] = collections.Counter()
@@ -331,6 +333,7 @@ class MockStats:
     def record(self, entry: dict[str, Any]) -> None:
         with self._lock:
             self.requests += 1
+            self.tokens_billed += entry.get("billed_tokens") or 0
             self.by_path[entry["path"]] += 1
             self.by_status[entry["status"]] += 1
             if entry.get("model"):
@@ -341,7 +344,8 @@ class MockStats:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"requests": self.requests, "by_model": dict(self.by_model),
+            return {"requests": self.requests, "tokens_billed": self.tokens_billed,
+                    "by_model": dict(self.by_model),
                     "by_path": dict(self.by_path),
                     "by_status": {str(k): v for k, v in self.by_status.items()},
                     "by_fail": dict(self.by_fail), "recent": list(self.recent)}
@@ -457,6 +461,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._status = 0
         self._model: str | None = None
         self._fail: str | None = None
+        self._billed = 0
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         routes = {
             ("POST", "/v1/chat/completions"): self._chat,
@@ -487,7 +492,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if path.startswith("/v1/"):
                 header_name, fingerprint = self._auth()
                 self.mock.stats.record({"path": path, "model": self._model, "status": self._status,
-                                        "fail": self._fail, "auth_header": header_name,
+                                        "fail": self._fail, "billed_tokens": self._billed,
+                                        "auth_header": header_name,
                                         "auth_sha256": fingerprint, "request_id": self._request_id})
 
     def _reset(self) -> None:
@@ -584,6 +590,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                  "total_tokens": prompt_tokens + completion_tokens}
         if usage_override:
             usage = _overridden_usage(usage, usage_override)
+        self._billed = usage["total_tokens"]  # generated, so billed: also when cut or sent without usage
         completion = {
             "id": f"chatcmpl-mock-{self._request_id}", "object": "chat.completion",
             "created": int(time.time()), "model": model, "system_fingerprint": "fp_aigov_mock",

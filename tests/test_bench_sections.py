@@ -274,3 +274,32 @@ def test_peer_targets_are_the_ratios_of_the_compared_figures(monkeypatch: pytest
     assert by_name["cache lookup p50 (given vector), RedisVL / ours"].measured == pytest.approx(0.6 / 0.5)
     assert by_name["router accuracy, ours / nearest neighbour"].measured == pytest.approx(0.9 / 0.8)
     assert by_name["router accuracy, ours / RedisVL"].measured == pytest.approx(0.9 / 0.75)
+
+
+def test_quota_rows_need_redis_to_count_what_the_upstream_billed(redis_server, mock_llm) -> None:
+    """A quota that fails open to local memory still answers 200 with its headers: section 2's
+    added-latency row is then not the quota's request path, and only the Redis counters can tell."""
+    from aigov.bench import request_path
+    from aigov.devredis import free_port
+
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+
+    def tokens_counted() -> tuple[int, int]:
+        return request_path.quota_tokens_in_redis(redis_server.url), mock_llm.stats.snapshot()["tokens_billed"]
+
+    prompts = [f"question number {i} about the weather" for i in range(9)]
+    records = {}
+    for label, redis_port in (("redis up", port), ("redis unreachable", free_port())):
+        conf = request_path.plugin_configs("127.0.0.1", redis_port)["llm-token-quota"]
+        records[label] = request_path.run_variant(
+            quick_ctx(), "llm-token-quota", [{"name": "llm-token-quota", "config": conf}], mock_llm.url,
+            prompts, upstream_ms=0, tokens_counted=tokens_counted)
+    up, down = records["redis up"], records["redis unreachable"]
+    # Same replies either way: all 200, every one with the quota's headers.
+    for rec in (up, down):
+        assert rec["http_statuses"] == {200: 4} and rec["replies_without_plugin_headers"] == 0
+    billed = up["quota_accounting"]["billed_tokens"]
+    assert billed > 9 * 10  # nine requests, each its prompt and answer
+    assert up["quota_accounting"]["redis_tokens"] == billed and request_path._all_ok(up)
+    assert down["quota_accounting"]["billed_tokens"] > 0
+    assert down["quota_accounting"]["redis_tokens"] == 0 and not request_path._all_ok(down)

@@ -443,6 +443,24 @@ def test_models_health_stats_and_restricted_models() -> None:
         assert mock.stats.snapshot()["requests"] == 0
 
 
+def test_stats_count_the_tokens_billed() -> None:
+    """tokens_billed is what the upstream generated: every answer's usage total, a cut answer
+    too (the provider bills it), nothing for a refusal. The benchmark checks the quota with it."""
+    with MockLLM() as mock:
+        whole = chat(mock).json()["usage"]["total_tokens"]
+        streamed = chat(mock, stream=True, stream_options={"include_usage": True})
+        assert streamed.status == 200
+        no_usage = chat(mock, {"X-Mock-Usage": "none"}, max_tokens=3)
+        assert "usage" not in no_usage.json()
+        chat(mock, {"X-Mock-Fail": "cut"})
+        for fail in ("500", "429"):
+            assert chat(mock, {"X-Mock-Fail": fail}).status == int(fail)
+        truncated = chat(mock, max_tokens=3).json()["usage"]["total_tokens"]
+        # the stream and the cut JSON are the same completion as `whole`; no_usage as `truncated`
+        assert mock.stats.snapshot()["tokens_billed"] == 3 * whole + 2 * truncated
+        assert truncated < whole
+
+
 def test_requests_run_concurrently() -> None:
     with MockLLM(latency_ms=400) as mock:
         replies: list[int] = []

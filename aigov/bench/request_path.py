@@ -15,7 +15,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from aigov.bench.common import (NOOP_PLUGINS_DIR, REPO_ROOT, BenchContext, SectionSkipped, Target,
@@ -58,6 +58,21 @@ def plugin_configs(redis_host: str, redis_port: int) -> dict[str, dict[str, Any]
             {"name": "banking", "target": {"model": "gpt-4o-mini"},
              "utterances": ["what is my account balance", "why was my card declined"]}]},
     }
+
+
+def quota_tokens_in_redis(redis_url: str) -> int:
+    """Every token the quota has counted in this Redis: the sum of its token counters (the
+    bench's limit is one unnamed day window, so these are all of its counters' integers)."""
+    import redis
+
+    from aigov.quota.core import DEFAULT_KEY_PREFIX
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    try:
+        keys = list(client.scan_iter(match=f"{DEFAULT_KEY_PREFIX}:*:tokens:day:*", count=1000))
+        return sum(int(v) for v in client.mget(keys) if v is not None) if keys else 0
+    finally:
+        client.close()
 
 
 def ai_proxy_plugin(upstream: str) -> dict[str, Any]:
@@ -109,7 +124,11 @@ def cache_status(headers: dict[str, str]) -> str:
 
 def run_variant(ctx: BenchContext, name: str, plugins: list[dict[str, Any]], mock_url: str,
                 prompts: list[str], upstream_ms: int, hits: int = 0,
-                extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+                extra_env: dict[str, str] | None = None,
+                tokens_counted: Callable[[], tuple[int, int]] | None = None) -> dict[str, Any]:
+    """One gateway with `plugins`, timed. `tokens_counted` (for a route with the quota) returns
+    (tokens the quota counted in Redis, tokens the mock billed) so far: their growth over the
+    variant must agree, or the quota did not do its work (it failed open to local memory, say)."""
     from kongsim.gateway import aigov_entries
     from kongsim.pytest_plugin import make_prefix, start_gateway
 
@@ -122,6 +141,7 @@ def run_variant(ctx: BenchContext, name: str, plugins: list[dict[str, Any]], moc
     handle = start_gateway(declarative(mock_url, plugins), server=server, pythonpath=str(REPO_ROOT),
                            http=True, extra_env=extra_env, prefix=prefix)
     client = Client(handle.url)
+    counted_before = tokens_counted() if tokens_counted else None
     try:
         for text in prompts[:5]:          # warm-up: model load, connections, instances
             client.chat("warm up " + text, upstream_ms)
@@ -150,6 +170,11 @@ def run_variant(ctx: BenchContext, name: str, plugins: list[dict[str, Any]], moc
                     hit_lat.append(elapsed)
             record["hit_latency"] = latency_stats(hit_lat)
             record["repeat_cache_status"] = observed
+        if tokens_counted is not None and counted_before is not None:
+            handle.wait_logs(10)          # log capture settles in the log phase
+            counted_after = tokens_counted()
+            record["quota_accounting"] = {"redis_tokens": counted_after[0] - counted_before[0],
+                                          "billed_tokens": counted_after[1] - counted_before[1]}
         return record
     finally:
         client.close()
@@ -157,9 +182,12 @@ def run_variant(ctx: BenchContext, name: str, plugins: list[dict[str, Any]], moc
 
 
 def _all_ok(record: dict[str, Any]) -> bool:
-    """Every timed request of the variant was answered 200 with its plugins' headers."""
+    """Every timed request of the variant was answered 200 with its plugins' headers, and a
+    quota counted in Redis exactly the tokens the upstream billed."""
     statuses = record.get("http_statuses") or {}
-    return bool(statuses) and set(statuses) == {200} and not record.get("replies_without_plugin_headers")
+    accounting = record.get("quota_accounting")
+    return (bool(statuses) and set(statuses) == {200} and not record.get("replies_without_plugin_headers")
+            and (accounting is None or accounting["redis_tokens"] == accounting["billed_tokens"] > 0))
 
 
 def _mostly_hits(record: dict[str, Any]) -> bool:
@@ -210,6 +238,10 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     per_variant = ctx.size(25, 205)
     hits = ctx.size(10, 100)
     mock = mockllm.MockLLM("127.0.0.1").start()
+
+    def tokens_counted() -> tuple[int, int]:
+        return quota_tokens_in_redis(redis_url), mock.stats.snapshot()["tokens_billed"]
+
     quota_entry = {"name": "llm-token-quota", "config": configs["llm-token-quota"]}
     # (name, plugins, plugin-server environment, baseline it is compared with)
     variants: list[tuple[str, list[dict[str, Any]], dict[str, str] | None, str | None]] = [(BASELINE, [], None, None)]
@@ -227,8 +259,10 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             prompts = texts[offset:offset + per_variant]
             offset += per_variant
             try:
+                has_quota = any(p["name"] == "llm-token-quota" for p in plugins)
                 rec = run_variant(ctx, name, plugins, mock.url, prompts, PATH_LATENCY_MS,
-                                  hits=hits if name == "llm-semantic-cache" else 0, extra_env=env)
+                                  hits=hits if name == "llm-semantic-cache" else 0, extra_env=env,
+                                  tokens_counted=tokens_counted if has_quota else None)
                 rec["baseline"] = against
             except Exception as exc:  # noqa: BLE001 - one variant failing keeps the others
                 rec = {"variant": name, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]}
@@ -236,6 +270,10 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             if rec["status"] == "ok":
                 ctx.echo(f"  {name:40s} p50 {rec['latency']['p50_ms']} ms p95 {rec['latency']['p95_ms']} ms "
                          f"statuses {rec['http_statuses']}")
+                if "quota_accounting" in rec:
+                    acc = rec["quota_accounting"]
+                    ctx.echo(f"  {'':40s} quota counted {acc['redis_tokens']} tokens in Redis, the upstream "
+                             f"billed {acc['billed_tokens']}" + ("" if _all_ok(rec) else ": no verdict"))
             else:
                 ctx.echo(f"  {name:40s} error: {rec['reason']}")
         # Hit vs the miss it replaces, at 200 ms upstream latency.

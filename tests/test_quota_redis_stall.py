@@ -8,6 +8,7 @@ reserves leave Redis with the real usage, no stray reservation and nothing charg
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -310,9 +311,10 @@ def test_fail_open_usage_converges_into_redis_once_it_is_back(stall_redis, rclie
         plain = [k for k in stalled_served if not state[k].get("redis_unsure")]
         assert len(plain) >= 3, plain  # the bug's case: refused by the open breaker, not unsure
 
-        # The local decision during the outage kept working: the memory counters held the outage's
-        # usage (the headers of each fail-open request show them after its own settle).
-        seen = 0
+        # The local decision during the outage kept working: the memory counters started from the
+        # usage Redis last reported ("before") and held the outage's usage on top (the headers of
+        # each fail-open request show them after its own settle).
+        seen = real["before"]
         for k in stalled_served:
             seen += used[k]
             assert int(served[k].header("X-AI-RateLimit-Remaining-Day")) == limit - seen
@@ -336,6 +338,37 @@ def test_fail_open_usage_converges_into_redis_once_it_is_back(stall_redis, rclie
             assert [(rid, r.status) for rid, r in replayed] == [(state[k]["rid"], "duplicate") for k in real]
             assert int(rclient.get(key)) == 434
         store.layer.client.close()
+    finally:
+        gw.close()
+
+
+def test_an_exhausted_caller_stays_refused_when_redis_stalls(stall_redis, rclient, mock_llm) -> None:
+    # A new user's finding: the fail_open fallback counted from 0, so a caller who had used up the
+    # limit in Redis got a whole fresh budget in local memory for the outage (49 more requests
+    # served, about 2x the limit). It now starts from what Redis last reported to this node.
+    prefix = f"exh{uuid.uuid4().hex[:8]}"
+    gw, calls, post, replies = _fail_open_gateway(stall_redis.port, mock_llm.url, prefix, "carol", 1000)
+    try:
+        assert post("spend", 700).status == 200      # reserved 500 + prompt, charged 700
+        assert gw.wait_logs(20)
+        assert post("refused", 1).status == 429      # 700 + the 500 it may use: over 1000
+        assert gw.wait_logs(20)
+        with stalled(stall_redis):
+            statuses = [post(f"s{i}", 1).status for i in range(6)]
+            assert gw.wait_logs(20)
+        assert statuses == [429] * 6, statuses
+        state = {k: calls.contexts[r.header("X-Kong-Request-Id")].ctx_shared.get(STATE_KEY) for k, r in replies.items()}
+        assert all(state[f"s{i}"] is None or state[f"s{i}"]["store"] == "memory" for i in range(6))
+        assert json.loads(replies["s5"].body)["error"]["code"] == "quota_exceeded"
+        rclient.ping()
+        (key,) = rclient.keys(f"{prefix}:*:tokens:day:*")
+        assert int(rclient.get(key)) == 700         # refused requests hold nothing there
+        # Once Redis answers, a request that fits is served from Redis again.
+        time.sleep(1.2)  # the breaker lets Redis calls through again
+        small = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        reply = gw.request("POST", "/q/v1/chat/completions", json=small,
+                           headers={"X-User": "carol", "X-Mock-Usage": "total=20"})
+        assert reply.status == 200 and int(reply.header("X-AI-RateLimit-Remaining-Day")) == 280
     finally:
         gw.close()
 

@@ -357,6 +357,10 @@ class TokenQuotaHandler:
                 # The script was sent: Redis may still run it (a stall, not a refusal).
                 unsure = True
         if error is None and result is not None:
+            if not result.duplicate and store is not memory_store():
+                # What Redis holds before this request: the fail_open fallback's starting point.
+                own = amounts if result.admitted else [0] * len(amounts)
+                memory_store().observe(counters, [v - a for v, a in zip(result.values, own)], now)
             return result
         if unsure:
             metrics.QUOTA_STORE_FAILURES.labels("reserve_unsure").inc()
@@ -627,6 +631,8 @@ class TokenQuotaHandler:
             values = result.values
             if result.status == "duplicate":
                 return counters, values  # already settled: never meter twice
+            if store is not memory_store() and result.status == "settled":
+                memory_store().observe(counters, values)  # Redis's count after this request
             if state.get("store") == "memory" and q.policy == "redis":
                 self._settle_in_redis_later(kong, state, counters, amounts)  # fail_open (never on the healthy path)
         metrics.QUOTA_SETTLE_LATENCY.observe((time.perf_counter() - started) * 1000)

@@ -101,6 +101,19 @@ class MemoryQuotaStore:
             self._settled[rid] = now + 2 * reservation_ttl_s
             return SettleResult("settled" if reservation else "orphan", values)
 
+    def observe(self, counters: Sequence[Counter], values: Sequence[int], now: float | None = None) -> None:
+        """Raise each counter to a value the shared store (Redis) reported, never lower it: the
+        fail_open fallback then decides from the usage this node last saw in Redis, not from 0
+        (an exhausted caller would get a fresh budget for the whole outage)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            for c, v in zip(counters, values):
+                item = self._counters.get(c.key)
+                if item is None or item[1] <= now:
+                    item = (0, c.expire_at)
+                if int(v) > item[0]:
+                    self._counters[c.key] = (int(v), item[1])
+
     def values(self, tag: str, counters: Sequence[Counter], now: float | None = None) -> list[int]:
         now = time.time() if now is None else now
         with self._lock:

@@ -137,7 +137,18 @@ OPPOSITES = [
     ("Is coffee good for you?", "Is coffee bad for you?"),
     ("How do I make my code faster?", "How do I make my code slower?"),
     ("Is a tomato a fruit?", "Is a tomato a vegetable?"),
+    # a second probe's (served at 0.82 before the rules at the end of this file)
+    ("switch on the VPN on my laptop", "switch off the VPN on my laptop"),
+    ("how to turn on bluetooth on iphone", "how to turn off bluetooth on iphone"),
+    ("is zero an even number", "is zero an odd number"),
+    ("list the even numbers below ten", "list the odd numbers below ten"),
+    ("align text vertically in css", "align text horizontally in css"),
+    ("How to center a div horizontally", "How to center a div vertically"),
+    ("how to zip a folder on linux", "how to unzip a folder on linux"),
+    ("approve the refund request for order", "deny the refund request for order"),
 ]
+# (The probe's grant/revoke, spanish/french and cake/cookie pairs are at 0.806, 0.747 and 0.789
+# cosine: misses at 0.82 without the verifier, so they are tested by verify alone below.)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +182,55 @@ def test_the_testers_opposites_miss_through_the_cache(cache: Any, stored: str, a
 def test_paraphrases_still_hit_through_the_cache(cache: Any, stored: str, asked: str) -> None:
     found = _lookup(cache, stored, asked)
     assert found.status == "Hit", (stored, asked, found.similarity, found.rejected)
+
+
+# The second probe's rules. Each: its opposites refused, a paraphrase of the same words kept.
+
+def test_antonyms_are_counted_so_a_recurring_preposition_does_not_hide_a_particle() -> None:
+    # "on" is also the preposition of "on my laptop": as sets both texts have it
+    assert _refused("switch on the VPN on my laptop", "switch off the VPN on my laptop") == \
+        ["antonym:on/off", "antonym:off/on"]
+    assert _refused("turn the heating on in the bedroom in winter",
+                    "turn the heating off in the bedroom in winter")[0] == "antonym:on/off"
+    _kept("how to turn on bluetooth on iphone", "how to switch on bluetooth on iphone")
+    _kept("turn the lights on and off", "turn the lights off and on")
+
+
+def test_parity_is_refused() -> None:
+    assert _refused("is zero an even number", "is zero an odd number") == \
+        ["antonym:even/odd", "antonym:odd/even"]
+    _refused("sum of the odd digits of 1234", "sum of the even digits of 1234")
+    _kept("is zero an even number", "is zero even")
+
+
+def test_adverbs_of_antonyms_are_refused() -> None:
+    assert _refused("How to center a div horizontally", "How to center a div vertically") == \
+        ["antonym:horizontally/vertically", "antonym:vertically/horizontally"]
+    _refused("is the service reachable publicly", "is the service reachable privately")
+    _kept("align text vertically in css", "how do I vertically align text in css")
+
+
+def test_decisions_on_requests_and_access_are_refused() -> None:
+    assert _refused("approve the refund request for order", "deny the refund request for order")[0] == \
+        "antonym:approve/deny"
+    assert _refused("grant read access to the bucket", "revoke read access to the bucket")[0] == \
+        "antonym:grant/revoke"
+    _refused("who can grant admin rights", "who can deny admin rights")
+    _kept("approve the refund request for order", "accept the refund request for order")
+    _kept("grant read access to the bucket", "give read access to the bucket")
+
+
+def test_un_before_a_short_stem_is_refused() -> None:
+    # the prefix rule needs a stem of 4 letters or more ("unit" is not "it" undone)
+    assert _refused("how to zip a folder on linux", "how to unzip a folder on linux") == \
+        ["antonym:zip/unzip", "antonym:unzip/zip"]
+    _refused("how do I pin a message in slack", "how do I unpin a message in slack")
+    _kept("how to zip a folder on linux", "how do I zip a folder in linux")
+
+
+def test_human_languages_exclude_each_other() -> None:
+    assert _refused("translate hello to spanish", "translate hello to french") == \
+        ["class:human_language:spanish!=french", "class:human_language:french!=spanish"]
+    _refused("how do you say thank you in japanese", "how do you say thank you in korean")
+    _kept("translate hello to spanish", "how do you say hello in spanish")
+    _kept("how to say thank you in mandarin", "how to say thank you in chinese")

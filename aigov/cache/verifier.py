@@ -9,13 +9,15 @@ gate". A candidate above the threshold is served only if its user text and the q
 - numbers and quantities (digits and number words; "a"/"one" count as 1),
 - units (km vs miles, USD vs EUR, hours vs minutes, ...),
 - direction ("A to B" vs "B to A", "from A to B"),
-- antonym pairs (enable/disable, increase/decrease, add/remove, ... and un-/dis-/de- prefixes),
+- antonym pairs (enable/disable, increase/decrease, add/remove, on/off, even/odd, grant/revoke,
+  ... and un-/dis-/de- prefixes), counted: "switch on the VPN on my laptop" has one "on" more
+  than "switch off the VPN on my laptop", which has the "off",
 - opposite poles of a scale (size, price, speed, quality, mood, ...: "largest"/"smallest",
   "cheapest"/"most expensive", "faster"/"slower"; comparatives and superlatives by rule, and
   "less"/"least" turn a pole round, so "least expensive" is "cheapest") and of contrast nouns
   (pros/cons, benefits/drawbacks),
 - closed word classes whose members exclude each other (colours, genders, weekdays, diets, food
-  groups, units of text length such as sentence/paragraph, ...),
+  groups, units of text length such as sentence/paragraph, human languages, ...),
 - relative time (today/tomorrow/yesterday/tonight; "next week", "last year", "this Friday"):
   a day or period shifted from the present must be in both texts, and so must "after"/"before"
   next to a time word ("the day after tomorrow", "the day before my exam"),
@@ -129,6 +131,17 @@ ANTONYM_PAIRS = [
     ("parent", "child"), ("debug", "release"),
     ("sitting", "standing"), ("sit", "stand"), ("coming", "going"), ("come", "go"),
     ("catch", "throw"), ("give", "take"), ("win", "loss"), ("winner", "loser"),
+    # parity ("is zero even" / "is zero odd")
+    ("even", "odd"),
+    # adverbs of the pairs above: the word forms (_variants) strip no "-ly"
+    ("horizontally", "vertically"), ("internally", "externally"), ("publicly", "privately"),
+    ("positively", "negatively"), ("synchronously", "asynchronously"), ("legally", "illegally"),
+    # decisions on a request and on access
+    ("approve", "deny"), ("approve", "decline"), ("grant", "revoke"), ("grant", "deny"),
+    ("permit", "deny"), ("permit", "forbid"),
+    # un- before a stem too short for the prefix rule (its stems have 4 letters or more, so
+    # "unit" is not "it" undone)
+    ("zip", "unzip"), ("pin", "unpin"), ("ban", "unban"), ("tie", "untie"),
 ]
 
 # Scales of gradable adjectives: scale -> (words at its high pole, words at its low pole). Words
@@ -212,6 +225,13 @@ EXCLUSIVE_CLASSES = {
         nut nuts meat meats""".split(),
     # Units of a text's length: "in one sentence" is not "in one paragraph".
     "text_unit": "word words sentence sentences paragraph paragraphs page pages chapter chapters".split(),
+    # Human languages (and the nationality words that name them): "translate hello to spanish"
+    # is not "... to french". Lower-case, so the entity check does not see them; programming
+    # languages are the class "language". ("polish" is left out: it is also a verb.)
+    "human_language": """english spanish french german italian portuguese russian chinese mandarin
+        cantonese japanese korean arabic hindi urdu bengali punjabi dutch swedish norwegian danish
+        finnish czech greek turkish hebrew persian farsi vietnamese thai indonesian malay tagalog
+        swahili latin ukrainian romanian hungarian""".split(),
 }
 
 _SIMPLE_STOP = frozenset("""a an the of to in on at for from by with and or is are was were be been
@@ -445,6 +465,15 @@ class _Text:
         if len(lemmas) > 30:
             return None
         return {w: i for i, w in enumerate(lemmas) if lemmas.count(w) == 1}
+
+    @cached_property
+    def word_counts(self) -> dict[str, int]:
+        """How many tokens have each word form (`words` with multiplicity)."""
+        out: dict[str, int] = {}
+        for t in self.lower:
+            for v in _variants(t):
+                out[v] = out.get(v, 0) + 1
+        return out
 
     @cached_property
     def prefix_stems(self) -> dict[str, list[str]]:
@@ -949,11 +978,21 @@ def _time_clash(a: _Text, b: _Text) -> str | None:
     return None
 
 
+def _more_often(x: _Text, mx: frozenset[str], y: _Text, my: frozenset[str]) -> set[str]:
+    """The word forms x has more often than y, a scale's degree modifiers counting as absent.
+
+    Counted, not compared as sets: a word may recur in another role ("switch on the VPN on my
+    laptop" / "switch off the VPN on my laptop": the particle "on" became "off", the preposition
+    "on" stayed), and the word that changed is the one whose count changed."""
+    cy = y.word_counts
+    return {w for w, n in x.word_counts.items()
+            if w not in mx and n > (0 if w in my else cy.get(w, 0))}
+
+
 def _antonym_clash(a: _Text, b: _Text) -> str | None:
     pa, pb = a.poles, b.poles
-    wa, wb = a.words - pa.modifiers, b.words - pb.modifiers
-    only_a = wa - wb
-    only_b = wb - wa
+    only_a = _more_often(a, pa.modifiers, b, pb.modifiers)
+    only_b = _more_often(b, pb.modifiers, a, pa.modifiers)
     for w in only_a:
         for opp in _ANTONYMS.get(w, ()):
             if opp in only_b:
@@ -989,7 +1028,7 @@ _CANONICAL = {"kid": "child", "kids": "child", "children": "child", "babies": "b
               "fruits": "fruit", "vegetables": "vegetable", "veggie": "vegetable",
               "veggies": "vegetable", "grains": "grain", "legumes": "legume", "nuts": "nut",
               "meats": "meat", "words": "word", "sentences": "sentence", "paragraphs": "paragraph",
-              "pages": "page", "chapters": "chapter"}
+              "pages": "page", "chapters": "chapter", "mandarin": "chinese", "farsi": "persian"}
 
 
 def _class_words(low: list[str]) -> list[str]:

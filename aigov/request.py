@@ -207,8 +207,8 @@ def _without_content(message: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if k != "content" or not isinstance(v, (str, list))}
 
 
-def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> ChatRequest:
-    """Parse and check a Chat Completions body. Raises RequestError with a clear reason."""
+def _load_object(raw: bytes | str | None, max_bytes: int) -> tuple[dict[str, Any], int, bool]:
+    """The body as a JSON object, its size and whether bytes had to be replaced (decode_body)."""
     if raw is None:
         raise RequestError("not_chat", "request has no body")
     if isinstance(raw, str):
@@ -222,6 +222,67 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
         raise RequestError("invalid_json", f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise RequestError("not_object", "request body must be a JSON object")
+    return body, len(raw), lossy
+
+
+@dataclass
+class EmbeddingsRequest:
+    """An OpenAI Embeddings body (POST .../embeddings), as the quota meters it: the provider
+    bills its input tokens, one per id of an input given as token ids."""
+    body: dict[str, Any]
+    model: str | None
+    texts: list[str]
+    token_ids: int
+    raw_size: int
+
+
+def parse_embeddings_request(raw: bytes | str | None,
+                             max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> EmbeddingsRequest:
+    """Parse and check an Embeddings body. Raises RequestError with a clear reason."""
+    body, size, _ = _load_object(raw, max_bytes)
+    _spelled_exactly(body, {"model", "input"}, "")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("bad_field", "'model' must be a string")
+    value = body.get("input")
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise RequestError("bad_field", "'input' must be a string or a non-empty array")
+    texts: list[str] = []
+    token_ids = 0
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        token_ids = len(items)  # one input given as token ids
+    else:
+        for x in items:
+            if isinstance(x, str):
+                texts.append(x)
+            elif isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+                token_ids += len(x)
+            else:
+                raise RequestError("bad_field", "'input' must be a string, an array of strings, an array "
+                                                "of token ids or an array of token-id arrays")
+    return EmbeddingsRequest(body=body, model=model, texts=texts, token_ids=token_ids, raw_size=size)
+
+
+# Fields that make a JSON body without `messages` a call a provider bills: the Responses and
+# Embeddings APIs' `input`, the legacy Completions' and the image APIs' `prompt`.
+BILLABLE_INPUT_FIELDS = ("input", "prompt")
+
+
+def billable_fields(raw: bytes | str | None) -> list[str]:
+    """The BILLABLE_INPUT_FIELDS a body's top-level JSON object has, in any spelling (a
+    case-insensitive reader takes "Input" too); [] for anything else."""
+    try:
+        body, _, _ = _load_object(raw, max_bytes=1 << 62)
+    except RequestError:
+        return []
+    keys = {str(k).casefold() for k in body}
+    return [f for f in BILLABLE_INPUT_FIELDS if f in keys]
+
+
+def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> ChatRequest:
+    """Parse and check a Chat Completions body. Raises RequestError with a clear reason."""
+    body, size, lossy = _load_object(raw, max_bytes)
     # Go's encoding/json (Ollama, LocalAI) matches keys case-insensitively, the last one winning:
     # "Max_Tokens" would bound the answer there and be unseen here, a message's "CONTENT" would be
     # the prompt there and uncounted here.
@@ -261,7 +322,7 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
     opts = body.get("stream_options")
     include_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage") is True)
     return ChatRequest(body=body, messages=messages, model=model, stream=stream,
-                       include_usage=include_usage, raw_size=len(raw), lossy=lossy)
+                       include_usage=include_usage, raw_size=size, lossy=lossy)
 
 
 # The only non-ASCII characters that case-fold to one ASCII letter: the long s and the Kelvin sign.

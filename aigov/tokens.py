@@ -296,6 +296,17 @@ def count_chat_messages_off_loop(messages: Any, model: Any = None, tools: Iterab
     return count_chat_messages(messages, model, tools, extra_texts)
 
 
+def count_texts_off_loop(texts: Iterable[str], model: Any = None, body_bytes: int = 0) -> int:
+    """The tokens of several texts (an embeddings call's inputs), with the same rule as
+    count_chat_messages_off_loop for when the count runs on a thread."""
+    texts = list(texts)
+    if body_bytes > OFFLOAD_COUNT_BYTES or not encoding_ready(model):
+        from aigov import cooperative
+
+        return cooperative.run_blocking(lambda: sum(count_text(t, model) for t in texts))
+    return sum(count_text(t, model) for t in texts)
+
+
 def count_tools(tools: Iterable[Any], model: Any = None) -> int:
     """Tokens that tool (function) definitions add to the prompt, per the cookbook's constants
     (measured by OpenAI for gpt-4o / gpt-4o-mini and for gpt-4 / gpt-3.5-turbo)."""

@@ -682,9 +682,64 @@ def test_bodies_a_lenient_reader_could_serve_are_refused_not_passed(shared_gatew
         assert r.status == 400, (name, r.status, r.body[:200])
         assert r.json()["error"]["code"] == "invalid_request", name
     assert mock_llm.stats.snapshot()["requests"] == served and counter_values(rclient, "lenient") == []
-    # bodies that cannot be a chat request for anyone still pass, as documented: a legacy
-    # completion, an Assistants run whose messages are nested in its thread
-    for raw in (b'{"prompt": "legacy"}', b'{"assistant_id": "a", "thread": {"messages": []}}'):
-        other = shared_gateway.request("POST", "/day/v1/chat/completions", body=raw, headers={"X-User": "lenient"})
-        assert other.status == 400 and "llm-token-quota" not in other.body.decode(), raw  # the mock's own 400
-    assert mock_llm.stats.snapshot()["requests"] == served + 2
+    # A body that cannot be a chat request for anyone and bills nothing still passes, as
+    # documented: an Assistants run whose messages are nested in its thread. A legacy completion
+    # (`prompt`) is refused as an API the quota cannot meter (test_other_billable_apis_...).
+    raw = b'{"assistant_id": "a", "thread": {"messages": []}}'
+    other = shared_gateway.request("POST", "/day/v1/chat/completions", body=raw, headers={"X-User": "lenient"})
+    assert other.status == 400 and "llm-token-quota" not in other.body.decode(), raw  # the mock's own 400
+    legacy = shared_gateway.request("POST", "/day/v1/chat/completions", body=b'{"prompt": "legacy"}',
+                                    headers={"X-User": "lenient"})
+    assert legacy.status == 400 and legacy.json()["error"]["code"] == "not_metered"
+    assert mock_llm.stats.snapshot()["requests"] == served + 1
+
+
+def test_embeddings_calls_are_metered_and_refused_when_exhausted(shared_gateway, rclient, mock_llm) -> None:
+    # A new user's finding: /v1/embeddings passed as "not a chat request", unmetered, although the
+    # provider bills its input. Now it is reserved by its counted input and settled to the usage.
+    def embed(user: str, value: Any, model: str = "text-embedding-3-small") -> Any:
+        return shared_gateway.request("POST", "/day/v1/embeddings", json={"model": model, "input": value},
+                                      headers={"X-User": user})
+
+    texts = ["the quick brown fox jumps over the lazy dog", "a second input to embed"]
+    first = embed("embedder", texts)
+    assert first.status == 200, first.body[:300]
+    billed = first.json()["usage"]["prompt_tokens"]
+    assert billed == sum(tokens.count_text(t, "text-embedding-3-small") for t in texts)
+    assert int(first.header("X-AI-Tokens-Prompt")) == billed and first.header("X-AI-Tokens-Completion") == "0"
+    assert float(first.header("X-AI-Cost-USD")) == pytest.approx(billed * 0.02 / 1e6, abs=1e-9)
+    ids = embed("embedder", [[101, 102, 103], [7] * 40])  # token ids: billed one per id
+    assert ids.status == 200 and ids.json()["usage"]["prompt_tokens"] == 43
+    wait_settled(shared_gateway, rclient, "embedder")
+    assert counter_values(rclient, "embedder") == [billed + 43]
+    assert int(ids.header("X-AI-RateLimit-Remaining-Day")) == 1000 - billed - 43
+    # Exhausted: the next embeddings call is refused and never reaches the provider.
+    big = embed("embedder", "word " * 990)
+    assert big.status == 429 and big.json()["error"]["code"] == "quota_exceeded"
+    wrong = embed("embedder", {"text": "x"})
+    assert wrong.status == 400 and "'input' must be" in wrong.json()["error"]["message"]
+    assert counter_values(rclient, "embedder") == [billed + 43]
+
+
+def test_other_billable_apis_are_refused_not_passed_unmetered(shared_gateway, rclient, mock_llm) -> None:
+    # The Responses API, legacy Completions and image generation bill too; the quota cannot meter
+    # them, so it refuses them clearly instead of passing them on uncounted.
+    served = mock_llm.stats.snapshot()["requests"]
+    for path, body in (("/day/v1/responses", {"model": MODEL, "input": "hello"}),
+                       ("/day/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hello"}),
+                       ("/day/v1/images/generations", {"model": "dall-e-3", "Prompt": "a cat"})):
+        r = shared_gateway.request("POST", path, json=body, headers={"X-User": "other-api"})
+        assert r.status == 400, (path, r.status)
+        err = r.json()["error"]
+        assert err["code"] == "not_metered" and path.split("/day", 1)[1] in err["message"]
+    assert mock_llm.stats.snapshot()["requests"] == served and counter_values(rclient, "other-api") == []
+    # A body with neither (an Assistants-style call) still passes, as documented.
+    thread = shared_gateway.request("POST", "/day/v1/threads", json={"metadata": {"k": "v"}},
+                                    headers={"X-User": "other-api"})
+    assert thread.status == 404  # the mock's own answer: the quota passed it on
+
+
+def test_a_request_without_model_says_so(shared_gateway, rclient) -> None:
+    r = post(shared_gateway, "day", {"messages": [{"role": "user", "content": "hi"}]}, "no-model")
+    assert r.status == 400 and r.json()["error"]["code"] == "model_not_priced"
+    assert "names no model" in r.json()["error"]["message"] and "None" not in r.json()["error"]["message"]

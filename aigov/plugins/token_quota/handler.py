@@ -1,8 +1,8 @@
 """Handler of the llm-token-quota Kong plugin: reserve in access, settle after the response.
 
 Phases
-- access: parse the chat request, price it, estimate it (tiktoken prompt count + max_tokens or
-  completion_estimate_tokens), and check-and-reserve every applicable limit atomically in the
+- access: parse the chat request (or an embeddings call: its input, no completion), price it,
+  estimate it (tiktoken prompt count + max_tokens or completion_estimate_tokens), and check-and-reserve every applicable limit atomically in the
   store. Rejects with 429 (OpenAI-shaped body, Retry-After) when a limit does not fit.
 - response (default capture phase): read the buffered upstream answer, take the provider's usage
   as the truth (or count the streamed text with tiktoken when there is none), settle the
@@ -56,7 +56,8 @@ from aigov.prices import Price, nano_to_usd, normalize_model
 from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, ReserveResult,
                               charge_from_usage, identity_tag, openai_error, plan_counters, rate_limit_headers,
                               rejection_body)
-from aigov.request import UNREADABLE_CHAT, RequestError, could_be_chat, parse_chat_request
+from aigov.request import (UNREADABLE_CHAT, ChatRequest, EmbeddingsRequest, RequestError, billable_fields,
+                           could_be_chat, parse_chat_request, parse_embeddings_request)
 
 NAME = "llm-token-quota"
 VERSION = __version__
@@ -207,38 +208,13 @@ class TokenQuotaHandler:
             return
         q = self.quota
         body = raw(kong.request.get_raw_body())
+        request: ChatRequest | EmbeddingsRequest | None
         try:
             request = parse_chat_request(body)
         except RequestError as exc:
-            if exc.reason == "too_large":
-                # A readable request too big to meter is never passed on: the provider would
-                # answer it, so passing it would let any client step around its quota by padding.
-                kong.log.warn(f"llm-token-quota: rejected ({exc})")
-                kong.log.set_serialize_value("aigov.quota.status", "rejected:too_large")
-                kong.response.exit(413, openai_error(f"llm-token-quota: {exc}", "invalid_request_error",
-                                                     "request_too_large"), {"Content-Type": "application/json"})
-                return
-            if exc.reason != "bad_field" and could_be_chat(body):
-                exc = RequestError("bad_field", UNREADABLE_CHAT)
-            if exc.reason == "bad_field":
-                # A chat request with a wrongly typed field, or one this parser cannot read but a
-                # more lenient provider could (a "Messages" key, trailing bytes, deep nesting):
-                # OpenAI answers it 400, another provider might serve it, so it is refused, never
-                # passed unmetered.
-                kong.log.set_serialize_value("aigov.quota.status", "rejected:bad_field")
-                kong.response.exit(400, openai_error(f"llm-token-quota: {exc}", "invalid_request_error",
-                                                     "invalid_request"), {"Content-Type": "application/json"})
-                return
-            # Other unreadable bodies are not answerable chat requests: the provider rejects them
-            # without spending tokens, so passing them on (the default) loses no accounting.
-            if not body.strip() or q.on_malformed_request == "pass":
-                # Not a chat request (or unreadable): documented pass-through, unmetered.
-                kong.log.notice(f"llm-token-quota: not metering request ({exc.reason}: {exc})")
-                kong.log.set_serialize_value("aigov.quota.status", f"bypass:{exc.reason}")
-                return
-            kong.response.exit(400, openai_error(f"llm-token-quota: {exc}", "invalid_request_error",
-                                                 "invalid_request"), {"Content-Type": "application/json"})
-            return
+            request = self._not_a_chat_request(kong, body, exc)
+            if request is None:
+                return  # answered, or passed on unmetered as documented
 
         model_asked = request.model
         model, price = self._priced(model_asked)
@@ -251,8 +227,14 @@ class TokenQuotaHandler:
             metrics.QUOTA_UNKNOWN_MODEL.labels(metric_model, action).inc()
             if q.unknown_model == "block" or q.default_price is None:
                 kong.log.warn(f"llm-token-quota: model {(model_asked or '')[:64]!r} has no price; blocked")
-                msg = (f"llm-token-quota: model {model_asked!r} is not in the price table, so its cost "
-                       f"cannot be metered; add it to the plugin's prices or set unknown_model=default_price")
+                if model_asked is None:
+                    # ai-proxy fills in its route's model, but it runs after the quota (priority 770).
+                    msg = ("llm-token-quota: the request names no model, so its cost cannot be metered; "
+                           "send 'model' (also on an ai-proxy route, which runs after the quota), or set "
+                           "unknown_model=default_price")
+                else:
+                    msg = (f"llm-token-quota: model {model_asked!r} is not in the price table, so its cost "
+                           f"cannot be metered; add it to the plugin's prices or set unknown_model=default_price")
                 kong.response.exit(400, openai_error(msg, "invalid_request_error", "model_not_priced"),
                                    {"Content-Type": "application/json"})
                 return
@@ -268,11 +250,17 @@ class TokenQuotaHandler:
             route = r.get("name") or r.get("id")
 
         from aigov import tokens  # lazy: tiktoken loads its encodings on first use
-        prompt_est = tokens.count_chat_messages_off_loop(request.messages, model_asked, request.tool_definitions(),
-                                                         len(body), request.prompt_extras())
-        # n choices are each up to max_tokens long: the bound is the product (the prompt is
-        # billed once).
-        completion_est = (request.max_tokens or q.completion_estimate_tokens) * request.choices
+        if isinstance(request, EmbeddingsRequest):
+            # Input tokens only, and the provider's usage settles it (prompt_tokens).
+            prompt_est = tokens.count_texts_off_loop(request.texts, model_asked, len(body)) + request.token_ids
+            completion_est = 0
+        else:
+            prompt_est = tokens.count_chat_messages_off_loop(request.messages, model_asked,
+                                                             request.tool_definitions(), len(body),
+                                                             request.prompt_extras())
+            # n choices are each up to max_tokens long: the bound is the product (the prompt is
+            # billed once).
+            completion_est = (request.max_tokens or q.completion_estimate_tokens) * request.choices
         estimate = Charge(prompt_est, completion_est, prompt_est + completion_est,
                           price.estimate_nano(prompt_est, completion_est))
         now = time.time()
@@ -286,7 +274,7 @@ class TokenQuotaHandler:
                       -1 if price.reasoning is None else price.reasoning],
             "counters": [c.to_list() for c in counters], "reserved": amounts,
             "estimate": [prompt_est, completion_est, estimate.cost_nano],
-            "stream": bool(request.stream),
+            "stream": bool(getattr(request, "stream", False)),
         }
         if not counters:  # no limit applies to this model: metered (logged, priced), never blocked
             kong.ctx.shared.set(STATE_KEY, state)
@@ -322,6 +310,60 @@ class TokenQuotaHandler:
         if q.log_statistics and CAPTURE_PHASE == "log":
             # The last phase before the log timer: what loggers get is the reservation.
             self._serialize(kong, state, None)
+
+    def _not_a_chat_request(self, kong: Any, body: bytes, exc: RequestError) -> EmbeddingsRequest | None:
+        """A body parse_chat_request refused: an embeddings call to meter, or None once it is
+        answered (413/400) or passed on unmetered (on_malformed_request: pass)."""
+        q = self.quota
+        assert q is not None
+        if exc.reason == "not_chat" and body.strip():
+            # A JSON object without `messages`. The provider bills an embeddings call (its input),
+            # so it is metered; another API it bills (Responses, legacy Completions, images: an
+            # `input` or `prompt` field) cannot be metered here and is refused, never passed on.
+            path = str(value(kong.request.get_path()) or "")
+            fields = billable_fields(body)
+            if path.rstrip("/").endswith("/embeddings"):
+                try:
+                    return parse_embeddings_request(body)
+                except RequestError as embeddings_exc:
+                    exc = embeddings_exc
+            elif fields:
+                kong.log.set_serialize_value("aigov.quota.status", "rejected:not_metered")
+                kong.response.exit(400, openai_error(
+                    f"llm-token-quota: {path or 'this path'} is not a chat completions or embeddings call "
+                    f"(no 'messages'; it has {' and '.join(map(repr, fields))}), which this "
+                    "quota cannot meter; enable the quota only on the routes of APIs it meters",
+                    "invalid_request_error", "not_metered"), {"Content-Type": "application/json"})
+                return None
+        if exc.reason == "too_large":
+            # A readable request too big to meter is never passed on: the provider would
+            # answer it, so passing it would let any client step around its quota by padding.
+            kong.log.warn(f"llm-token-quota: rejected ({exc})")
+            kong.log.set_serialize_value("aigov.quota.status", "rejected:too_large")
+            kong.response.exit(413, openai_error(f"llm-token-quota: {exc}", "invalid_request_error",
+                                                 "request_too_large"), {"Content-Type": "application/json"})
+            return None
+        if exc.reason != "bad_field" and could_be_chat(body):
+            exc = RequestError("bad_field", UNREADABLE_CHAT)
+        if exc.reason == "bad_field":
+            # A chat request with a wrongly typed field, or one this parser cannot read but a
+            # more lenient provider could (a "Messages" key, trailing bytes, deep nesting):
+            # OpenAI answers it 400, another provider might serve it, so it is refused, never
+            # passed unmetered.
+            kong.log.set_serialize_value("aigov.quota.status", "rejected:bad_field")
+            kong.response.exit(400, openai_error(f"llm-token-quota: {exc}", "invalid_request_error",
+                                                 "invalid_request"), {"Content-Type": "application/json"})
+            return None
+        # Other unreadable bodies are not answerable chat requests: the provider rejects them
+        # without spending tokens, so passing them on (the default) loses no accounting.
+        if not body.strip() or q.on_malformed_request == "pass":
+            # Not a chat request (or unreadable): documented pass-through, unmetered.
+            kong.log.notice(f"llm-token-quota: not metering request ({exc.reason}: {exc})")
+            kong.log.set_serialize_value("aigov.quota.status", f"bypass:{exc.reason}")
+            return None
+        kong.response.exit(400, openai_error(f"llm-token-quota: {exc}", "invalid_request_error",
+                                             "invalid_request"), {"Content-Type": "application/json"})
+        return None
 
     def _reserve(self, kong: Any, state: dict[str, Any], tag: str, request_id: str, counters: list[Counter],
                  amounts: list[int], now: float) -> ReserveResult | None:

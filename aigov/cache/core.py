@@ -37,7 +37,8 @@ _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class CacheConfigError(ValueError):
-    """A plugin config the cache refuses (raised at instance start, so StartInstance fails clearly)."""
+    """A plugin config the cache refuses. The handler catches it at instance start and answers
+    every request with a JSON 500 naming the field (StartInstance failing would be opaque)."""
 
 
 @dataclass
@@ -90,14 +91,15 @@ class CacheSettings:
         if strategy not in ("memory", "redis"):
             raise CacheConfigError(f"vectordb.strategy must be memory or redis, got {strategy!r}")
         namespace = vdb.get("namespace") or "aigov"
-        if not _NAMESPACE_RE.match(str(namespace)):
+        if not _NAMESPACE_RE.fullmatch(str(namespace)):  # fullmatch: `$` would pass "ns\n"
             raise CacheConfigError("vectordb.namespace must be 1-64 characters of A-Z a-z 0-9 _ -")
         emb = conf.get("embeddings") or {}
         provider = emb.get("provider") or "local"
         if provider not in ("local", "openai"):
             raise CacheConfigError(f"embeddings.provider must be local or openai, got {provider!r}")
-        if provider == "openai" and not (emb.get("url") and emb.get("model")):
-            raise CacheConfigError("embeddings.provider openai needs embeddings.url and embeddings.model")
+        missing = [f"embeddings.{name}" for name in ("url", "model") if not emb.get(name)]
+        if provider == "openai" and missing:
+            raise CacheConfigError(f"embeddings.provider openai needs {' and '.join(missing)}")
         scope = conf.get("scope") or "consumer"
         if scope not in ("consumer", "global"):
             raise CacheConfigError(f"scope must be consumer or global, got {scope!r}")

@@ -130,7 +130,16 @@ class SemanticCacheHandler:
     def __init__(self, config: dict[str, Any]) -> None:
         # Validation only: no model, no Redis here (StartInstance must stay cheap).
         self.config = config
-        self.settings = CacheSettings.from_config(config)
+        # A config the schema could not reject (admin_path without admin_key; on the stand-in
+        # also the embeddings entity checks) is reported on every request as a clear JSON 500 and
+        # logged, like the quota and router do: failing StartInstance would give Kong's opaque
+        # 500 and leave the reason in the plugin server's traceback only.
+        self.config_error: str | None = None
+        try:
+            self.settings = CacheSettings.from_config(config)
+        except (CacheConfigError, TypeError, ValueError) as exc:
+            self.config_error = f"llm-semantic-cache config error: {exc}"
+            self.settings = CacheSettings()  # never serves: every phase stops at config_error
         self.cache = SemanticCache(self.settings)
         # A route-scoped instance serves one route. A global, service- or consumer-scoped one
         # serves many, so access asks Kong which route matched (kong.router.get_route): routes
@@ -161,8 +170,19 @@ class SemanticCacheHandler:
         self._count("Bypass", model)
 
     # -- access ----------------------------------------------------------------------------
+    def _config_failed(self, kong: Any) -> None:
+        """Every request on a config the cache refuses: log the reason, answer a JSON 500."""
+        message = self.config_error or "llm-semantic-cache config error"
+        kong.log.err(message)
+        body = json.dumps({"error": {"message": message, "type": "server_error", "param": None,
+                                     "code": "cache_config_error"}})
+        kong.response.exit(500, body, {"Content-Type": "application/json"})
+
     @guarded
     def access(self, kong: Any) -> None:
+        if self.config_error is not None:
+            self._config_failed(kong)
+            return
         headers = value(kong.request.get_headers()) or {}   # first PDK call: nothing heavy before it
         if self.settings.admin_path and self._admin(kong, headers):
             return
@@ -345,6 +365,8 @@ class SemanticCacheHandler:
     @guarded
     def capture_response(self, kong: Any) -> None:
         """`response` phase: the buffered upstream answer."""
+        if self.config_error is not None:
+            return
         _, pending = self._take_pending(kong)
         if pending is None:
             return
@@ -365,6 +387,8 @@ class SemanticCacheHandler:
     @guarded
     def capture_log(self, kong: Any) -> None:
         """`log` phase (AIGOV_CAPTURE_PHASE=log): the answer as ai-proxy logged it (log_payloads)."""
+        if self.config_error is not None:
+            return
         _, pending = self._take_pending(kong)
         if pending is None:
             return

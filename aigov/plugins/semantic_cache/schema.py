@@ -3,30 +3,50 @@
 Differences from Kong's, on purpose: `vectordb.threshold` is a cosine SIMILARITY (higher is
 stricter; Kong's is a distance), `scope` defaults to per-consumer, `exact_caching` and the
 `verifier` are on by default, and an in-process `memory` strategy exists.
+
+Config errors are rejected when the gateway loads the config wherever the schema can say so:
+`vectordb.namespace` carries a `match` Lua pattern (the characters keys and index names allow),
+and the `embeddings` record an entity check (provider openai needs url and model; real Kong
+enforces nested-record `entity_checks`, the stand-in does not). What a Python plugin's schema
+cannot express (no entity_checks on the `config` record itself: admin_path needs admin_key) is
+checked by aigov.cache.core.CacheSettings.from_config; the handler then answers every request
+with a JSON 500 naming the field and logs it through kong.log.err, as the quota and router do.
 """
 from __future__ import annotations
 
 from aigov.cache.core import DEFAULT_THRESHOLD
 from aigov.schema import Field, array, field, record, redis_record, secret
 
+# Lua pattern (Kong's `match`): the characters aigov.cache.core accepts in a namespace (A-Z a-z
+# 0-9 _ -), since the namespace becomes part of Redis keys and the RediSearch index name.
+NAMESPACE_PATTERN = "^[%w_%-]+$"
+
 SCHEMA: list[Field] = [
     record("embeddings", "How prompts are embedded: the local all-MiniLM-L6-v2 or an OpenAI-compatible endpoint.", [
         field("provider", "string", "Embedding provider: local (in-process MiniLM) or openai (HTTP endpoint).",
               default="local", one_of=["local", "openai"]),
-        field("model", "string", "Embedding model name (openai provider; ignored by local)."),
-        field("url", "string", "Full URL of the OpenAI-compatible /embeddings endpoint (openai provider)."),
+        field("model", "string", "Embedding model name (required with provider openai; ignored by local)."),
+        field("url", "string", "Full URL of the OpenAI-compatible /embeddings endpoint (required with provider openai)."),
         secret("api_key", "API key for the embeddings endpoint; may be a Kong Vault reference."),
         field("timeout_ms", "integer", "Timeout of one embeddings call in milliseconds.", default=10000,
               between=[1, 120000]),
-    ], required=True),
+    ], required=True, entity_checks=[
+        {"conditional": {"if_field": "provider", "if_match": {"one_of": ["openai"]},
+                         "then_field": "url", "then_match": {"required": True},
+                         "then_err": "embeddings.provider openai needs embeddings.url"}},
+        {"conditional": {"if_field": "provider", "if_match": {"one_of": ["openai"]},
+                         "then_field": "model", "then_match": {"required": True},
+                         "then_err": "embeddings.provider openai needs embeddings.model"}},
+    ]),
     record("vectordb", "Where entries live and how similar a cached prompt must be to answer.", [
         field("strategy", "string", "Store: memory (in-process, single node) or redis (RediSearch vectors).",
               default="memory", one_of=["memory", "redis"]),
         field("threshold", "number",
               "Minimum cosine SIMILARITY (0.5-1, higher is stricter) for a semantic hit. Not a distance: "
               "for a Kong/RedisVL distance d use 1 - d.", default=DEFAULT_THRESHOLD, between=[0.5, 1]),
-        field("namespace", "string", "Key and index namespace; `aigov purge --namespace` drops it.",
-              default="aigov", len_min=1, len_max=64),
+        field("namespace", "string", "Key and index namespace, letters, digits, _ and - only; "
+              "`aigov purge --namespace` drops it.",
+              default="aigov", len_min=1, len_max=64, match=NAMESPACE_PATTERN),
         field("max_entries", "integer", "Memory strategy: most entries kept per namespace (LRU eviction).",
               default=10000, between=[1, 10000000]),
         field("max_memory_mb", "integer", "Memory strategy: most megabytes of prompts, answers and vectors "
@@ -52,6 +72,7 @@ SCHEMA: list[Field] = [
     field("stop_on_failure", "boolean", "When the store or embedder fails: answer 503 instead of proxying.",
           default=False),
     field("admin_path", "string", "Optional request path on the route that purges this namespace "
-          "(DELETE or POST with the X-Cache-Admin-Key header).", starts_with="/"),
-    secret("admin_key", "Key the X-Cache-Admin-Key header must carry on admin_path; a Vault reference is fine."),
+          "(DELETE or POST with the X-Cache-Admin-Key header); needs admin_key.", starts_with="/"),
+    secret("admin_key", "Key the X-Cache-Admin-Key header must carry on admin_path (required with admin_path); a Vault "
+           "reference is fine."),
 ]

@@ -670,7 +670,14 @@ def aigov_entries(names: Sequence[str], prefix: str | Path, python: str = sys.ex
     return entries
 
 
-def _local_entries(kind: str, prefix: str | None) -> list[PluginServerEntry]:
+# What kong.conf.example lists in nginx_main_env: the variables a plugin server started by a
+# worker still sees (nginx clears the rest). --plugin-server stands for that file's entries, so
+# these pass from the caller's environment as they would under Kong with that kong.conf.
+LOCAL_MAIN_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TIKTOKEN_CACHE_DIR", "AIGOV_CAPTURE_PHASE",
+                  "AIGOV_ROUTER_CACHE_DIR", "AIGOV_EMBEDDINGS_RUNTIME", "AIGOV_MODEL_CACHE")
+
+
+def _local_entries(kind: str, prefix: str | None, metrics_listen: str | None = None) -> list[PluginServerEntry]:
     """Pluginserver entries for this repository's plugins/ run from this interpreter."""
     import tempfile
 
@@ -687,9 +694,15 @@ def _local_entries(kind: str, prefix: str | None) -> list[PluginServerEntry]:
             raise SystemExit(f"aigov gateway: --prefix {prefix}: {exc}") from None
     prefix = prefix or tempfile.mkdtemp(prefix="aigov-gw-")
     pythonpath = str(plugins_dir.parent)
+    env = {k: os.environ[k] for k in LOCAL_MAIN_ENV if k in os.environ}
     if kind == "stock":
-        return stock_entries(files, prefix, pythonpath=pythonpath)
-    return aigov_entries([f.stem for f in files], prefix, pythonpath=pythonpath)
+        if metrics_listen:
+            raise SystemExit("aigov gateway: --metrics-listen needs --plugin-server aigov "
+                             "(the stock kong-pdk server has no metrics)")
+        return stock_entries(files, prefix, pythonpath=pythonpath, extra_env=env)
+    serve_args = ["--metrics-listen", metrics_listen] if metrics_listen else []
+    return aigov_entries([f.stem for f in files], prefix, pythonpath=pythonpath, extra_env=env,
+                         serve_args=serve_args)
 
 
 def _env_prefix(pythonpath: str | None, extra_env: Mapping[str, str] | None) -> str:
@@ -712,6 +725,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="without --conf: run this repository's plugins locally on one "
                              "`aigov serve` (aigov) or one kong-pdk dedicated server each (stock)")
     parser.add_argument("--prefix", help="socket directory for --plugin-server (default: a temp dir)")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="with --plugin-server aigov: `aigov serve --metrics-listen` (Prometheus)")
     parser.add_argument("--override-host", action="append", default=[], metavar="FROM=TO",
                         help="rewrite host:port FROM to TO in the kong.yml for a local run, e.g. "
                              "mock-llm:8080=127.0.0.1:8080 (repeatable; the file is not changed)")
@@ -729,6 +744,10 @@ def run(args: argparse.Namespace) -> int:
     installed = None
     entries: list[PluginServerEntry] = []
     conf_kwargs: dict[str, Any] = {}
+    if args.conf and args.metrics_listen:
+        print("aigov gateway: --metrics-listen is for --plugin-server; with --conf, add it to the "
+              "`aigov serve` start_cmd in that file", file=sys.stderr)
+        return 2
     if args.conf:
         try:
             conf, entries = process.load_kong_conf(args.conf, os.environ)
@@ -747,7 +766,7 @@ def run(args: argparse.Namespace) -> int:
         # trusted_ips, real_ip_header, real_ip_recursive (and the nginx_proxy_* forms)
         conf_kwargs.update(real_ip_settings(conf))
     elif args.plugin_server:
-        entries = _local_entries(args.plugin_server, args.prefix)
+        entries = _local_entries(args.plugin_server, args.prefix, args.metrics_listen)
     config: Any = args.config
     if args.override_host:
         try:

@@ -133,3 +133,60 @@ def test_a_missing_prefix_directory_is_created_like_kong_prepare(tmp_path: Path)
     entries = _local_entries("aigov", str(prefix))
     assert prefix.is_dir()
     assert entries and all(str(prefix) in e.socket for e in entries)
+
+
+def test_plugin_server_entries_see_kong_conf_examples_main_env(tmp_path: Path, monkeypatch) -> None:
+    # A new user ran `AIGOV_CAPTURE_PHASE=log aigov gateway --plugin-server aigov`: the query_cmd
+    # saw log mode, the started server (a worker's environment, nginx-cleared) did not, and every
+    # request logged "llm-semantic-cache does not implement phase 'log'". --plugin-server stands
+    # for kong.conf.example's entries, whose nginx_main_env passes these variables.
+    from kongsim import process
+    from kongsim.gateway import LOCAL_MAIN_ENV, _local_entries
+
+    conf, _ = process.load_kong_conf(str(REPO / "kong.conf.example"), {})
+    listed = [v.strip().removeprefix("env ").strip() for v in conf["nginx_main_env"].split(";")]
+    assert tuple(listed) == LOCAL_MAIN_ENV
+    monkeypatch.setenv("AIGOV_CAPTURE_PHASE", "log")
+    monkeypatch.delenv("AIGOV_ROUTER_CACHE_DIR", raising=False)
+    for kind in ("aigov", "stock"):
+        entries = _local_entries(kind, str(tmp_path / kind))
+        started = [e.start_cmd for e in entries if e.start_cmd]
+        assert started and all("AIGOV_CAPTURE_PHASE=log" in cmd for cmd in started), started
+        assert all("AIGOV_ROUTER_CACHE_DIR" not in cmd for cmd in started)
+    (first, *_) = _local_entries("aigov", str(tmp_path / "m"), metrics_listen="127.0.0.1:9599")
+    assert first.start_cmd.endswith("--metrics-listen 127.0.0.1:9599")
+    with pytest.raises(SystemExit, match="needs --plugin-server aigov"):
+        _local_entries("stock", str(tmp_path / "s"), metrics_listen="127.0.0.1:9599")
+
+
+def test_gateway_metrics_listen_serves_the_plugin_servers_metrics(tmp_path: Path, mock_llm) -> None:
+    port, metrics_port = _free_port(), _free_port()
+    kong_yml = {"_format_version": "3.0", "services": [{"name": "llm", "url": mock_llm.url, "routes": [{
+        "name": "chat", "paths": ["/chat"], "plugins": [{"name": "llm-token-quota", "config": {
+            "limits": [{"window": "day", "tokens": 100000}], "identifier_sources": ["ip"]}}]}]}]}
+    (tmp_path / "kong.yml").write_text(yaml.safe_dump(kong_yml))
+    log_path = tmp_path / "gw.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([PY, "-m", "aigov.cli", "gateway", "-c", str(tmp_path / "kong.yml"),
+                                 "--listen", f"127.0.0.1:{port}", "--plugin-server", "aigov",
+                                 "--prefix", str(tmp_path / "p"), "--metrics-listen", f"127.0.0.1:{metrics_port}"],
+                                cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline, status = time.monotonic() + 60, None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request("POST", "/chat/v1/chat/completions", headers={"Content-Type": "application/json"},
+                             body=json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+                status = conn.getresponse().status
+                conn.close()
+            except OSError:
+                time.sleep(0.3)
+        assert status == 200, log_path.read_text()[-2000:]
+        conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        assert 'ai_llm_tokens_total{' in text and 'token_type="total_tokens"' in text
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -121,6 +121,25 @@ def test_build_failure_is_reported_not_raised() -> None:
     assert "build failed" in d.detail
 
 
+def test_a_dead_embeddings_endpoint_does_not_fail_another_routes_build(mock_llm) -> None:
+    # A new user's finding: two routers naming the same embedding model on different endpoints
+    # shared one in-memory build, so the dead endpoint's failure answered the live one's requests
+    # with reason "error" for BUILD_RETRY_S. Real HTTP embedders (the mock's /v1/embeddings).
+    from aigov.devredis import free_port
+    from aigov.embeddings import OpenAIEmbedder
+
+    core.clear_model_cache()
+    settings = core.settings_from_config(conf(negative_utterances=[]))
+    dead = OpenAIEmbedder(f"http://127.0.0.1:{free_port()}/v1/embeddings", "text-embedding-3-small", timeout_s=2)
+    live = OpenAIEmbedder(f"{mock_llm.url}/v1/embeddings", "text-embedding-3-small", timeout_s=10)
+    with pytest.raises(core.ModelNotReady, match="build failed"):
+        core.get_model(settings, dead, 10)
+    model, source = core.get_model(settings, live, 30)
+    assert source == "built" and model is not None
+    with pytest.raises(core.ModelNotReady):  # the dead one still backs off, on its own
+        core.get_model(settings, dead, 10)
+
+
 @pytest.mark.parametrize("bad,needle", [
     ({"default_route": "nowhere"}, "default_route 'nowhere'"),
     ({"default_route": None}, "default_route is required"),

@@ -333,19 +333,23 @@ def get_model(settings: RouterSettings, embedder: Any, wait_s: float) -> tuple[r
     it is not ready within `wait_s` (the build goes on in the background) or the build failed.
     """
     key = settings.model_key(embedder.model_id)
+    # In memory a build belongs to its embedder (get_embedder keeps one per url, model and key):
+    # two routes naming the same embedding model on different endpoints share the disk entry,
+    # but one endpoint being down must not fail the other's build for BUILD_RETRY_S.
+    slot_key = f"{key}|{id(embedder)}"
     start_build = False
     with _SLOTS_LOCK:
-        slot = _SLOTS.get(key)
+        slot = _SLOTS.get(slot_key)
         if slot is not None and slot.error is not None and time.monotonic() - slot.failed_at > BUILD_RETRY_S:
             slot = None  # retry a failed build after the back-off
         if slot is None:
             slot = _Slot()
-            _SLOTS[key] = slot
+            _SLOTS[slot_key] = slot
             start_build = True
             while len(_SLOTS) > MAX_CACHED_MODELS:
                 _SLOTS.popitem(last=False)
         else:
-            _SLOTS.move_to_end(key)
+            _SLOTS.move_to_end(slot_key)
     if start_build:
         threading.Thread(target=_build_into, args=(slot, key, settings, embedder),
                          name="aigov-router-build", daemon=True).start()

@@ -159,7 +159,6 @@ class Stack:
     metrics_url: str
     mock: Any
     redis: Any
-    consumer_tags: dict[str, str]  # quota identity tag -> username
     config_path: Path
 
     @property
@@ -236,8 +235,7 @@ class StackRunner:
         self._closers.append(("gateway", gw.close))
         gw.start()
         url = gw.serve("127.0.0.1", 0)
-        tags = {f"consumer:{c.id}": c.username for c in gw.decl.consumers.values() if c.username}
-        return Stack(gw, url, f"http://{metrics_addr}/metrics", mock, redis, tags, config_path)
+        return Stack(gw, url, f"http://{metrics_addr}/metrics", mock, redis, config_path)
 
     def close(self) -> None:
         import shutil
@@ -480,7 +478,7 @@ def metric_sum(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float],
 
 
 def cross_checks(summary: Mapping[str, Any], results: Sequence[Mapping[str, Any]], before: Mapping, after: Mapping,
-                 tags: Mapping[str, str], upstream_calls: int | None) -> dict[str, Any]:
+                 upstream_calls: int | None) -> dict[str, Any]:
     """The report against the plugin server's own counters (deltas over the replay)."""
     def delta(name: str, **labels: str) -> float:
         return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
@@ -493,9 +491,8 @@ def cross_checks(summary: Mapping[str, Any], results: Sequence[Mapping[str, Any]
         "cache_hits": check(cache["hits"], delta("ai_llm_requests_total", cache_status="hit")),
         "cache_misses": check(cache["misses"], delta("ai_llm_requests_total", cache_status="miss")),
     }
-    by_user = {u: t for t, u in tags.items()}
     for name, c in summary["consumers"].items():
-        tag = by_user.get(name, "")
+        tag = name  # the quota labels a Kong consumer by its username, as Kong's prometheus does
         checks[f"tokens_spent[{name}]"] = check(
             c["spent"]["total_tokens"],
             delta("ai_llm_tokens_total", token_type="prompt_tokens", consumer=tag)
@@ -596,7 +593,7 @@ def run(args: argparse.Namespace) -> int:
         upstream_calls = None if args.provider_url else (
             stack.mock.stats.snapshot()["by_path"].get("/v1/chat/completions", 0) - mock_before)
         summary = demo_report.summarize(results, latency)
-        checks = cross_checks(summary, results, before, after, stack.consumer_tags, upstream_calls)
+        checks = cross_checks(summary, results, before, after, upstream_calls)
         files = {"json": out_dir / "report.json", "requests": out_dir / "requests.jsonl", "kong_yml": stack.config_path}
         if not args.no_png:
             files["png"] = out_dir / "report.png"

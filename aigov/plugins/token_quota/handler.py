@@ -154,6 +154,11 @@ def _sniffed_headers(stream_requested: bool, body: bytes) -> dict[str, Any]:
     return {}
 
 
+def _consumer(state: dict[str, Any]) -> str:
+    """The caller's `consumer` metrics label (state written before it existed: the tag)."""
+    return str(state.get("consumer") or state.get("tag") or "")
+
+
 def _num(v: Any) -> int:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
     return int(v) if ok else 0
@@ -243,7 +248,7 @@ class TokenQuotaHandler:
             # matches however the client wraps it (provider/, ft:, case).
             model = normalize_model(model_asked or "unknown")[:MEMO_NAME_MAX] or "unknown"
 
-        tag = self._identify(kong)
+        tag, consumer = self._identify(kong)
         route = None
         if self._per_route:
             r = _as_dict(value(kong.router.get_route()))
@@ -268,7 +273,7 @@ class TokenQuotaHandler:
         amounts = [estimate.amount_for(c) for c in counters]
         request_id = uuid.uuid4().hex
         state: dict[str, Any] = {
-            "rid": request_id, "tag": tag, "store": "memory" if q.policy != "redis" else "redis",
+            "rid": request_id, "tag": tag, "consumer": consumer, "store": "memory" if q.policy != "redis" else "redis",
             "model": model, "model_label": model_label, "metric_model": metric_model,
             "price": [price.input, price.output, -1 if price.cached_input is None else price.cached_input,
                       -1 if price.reasoning is None else price.reasoning],
@@ -293,12 +298,12 @@ class TokenQuotaHandler:
                 if defer is not None:
                     defer(tag, request_id, counters, [0] * len(counters), q.reservation_ttl_s, now)
             kong.ctx.shared.set(STATE_KEY, None)  # nothing reserved: log has nothing to settle
-            self._reject(kong, counters, result.values, result.blocked or 0, amounts, tag, now)
+            self._reject(kong, counters, result.values, result.blocked or 0, amounts, consumer, now)
             return
         values = list(result.values)
         if CAPTURE_PHASE == "response":  # the response phase builds its headers from them
             _NOTES.put(request_id, ("reserved", values))
-        self._gauge(tag, counters, values)
+        self._gauge(consumer, counters, values)
         if not q.hide_client_headers:
             if CAPTURE_PHASE == "response":
                 # As if this request were free: right for a cache hit or a failed upstream (both
@@ -522,7 +527,7 @@ class TokenQuotaHandler:
             for token_type in ("prompt_tokens", "completion_tokens"):
                 if _num(saved.get(token_type)):
                     metrics.SERIES.child(metrics.LLM_TOKENS, state.get("metric_model", ""), f"saved_{token_type}",
-                                         metrics.consumer_label(state.get("tag", ""))).inc(_num(saved.get(token_type)))
+                                         metrics.consumer_label(_consumer(state))).inc(_num(saved.get(token_type)))
         elif CAPTURE_PHASE == "log":
             charge = self._charge_from_log(kong, state, logged)
         else:
@@ -572,15 +577,22 @@ class TokenQuotaHandler:
             kong.log.notice(f"llm-token-quota: replayed {len(replayed)} deferred Redis settle(s): {statuses}")
 
     # ------------------------------------------------------------------ helpers
-    def _identify(self, kong: Any) -> str:
+    def _identify(self, kong: Any) -> tuple[str, str]:
+        """(the caller's tag in the counter keys, its `consumer` metrics label). A Kong consumer is
+        keyed by its id (stable across renames) and labelled by its username, as Kong's
+        prometheus plugin labels it; other identities are labelled by their tag."""
         q = self.quota
         assert q is not None
         if q.limit_by == "global":
-            return "global"
+            return "global", "global"
         for source in q.identifier_sources:
             if source == "consumer":
                 c = _as_dict(value(kong.client.get_consumer()))
                 ident = c.get("id") or c.get("username") or c.get("custom_id")
+                if isinstance(ident, str) and ident.strip():
+                    tag = identity_tag(source, ident.strip())
+                    name = c.get("username")
+                    return tag, name if isinstance(name, str) and name else tag
             elif source == "credential":
                 ident = _as_dict(value(kong.client.get_credential())).get("id")
             elif source == "header":
@@ -595,9 +607,10 @@ class TokenQuotaHandler:
             else:
                 ident = text(kong.client.get_forwarded_ip()) or text(kong.client.get_ip())
             if isinstance(ident, str) and ident.strip():
-                return identity_tag(source, ident.strip())
+                tag = identity_tag(source, ident.strip())
+                return tag, tag
         # Nobody identifiable (no source matched): one shared "anonymous" caller.
-        return "anonymous"
+        return "anonymous", "anonymous"
 
     def _price(self, state: dict[str, Any]) -> Price:
         p = list(state.get("price") or [0, 0, -1, -1])
@@ -678,8 +691,8 @@ class TokenQuotaHandler:
             if state.get("store") == "memory" and q.policy == "redis":
                 self._settle_in_redis_later(kong, state, counters, amounts)  # fail_open (never on the healthy path)
         metrics.QUOTA_SETTLE_LATENCY.observe((time.perf_counter() - started) * 1000)
-        self._gauge(state.get("tag", ""), counters, values)
-        model, tag = state.get("metric_model", ""), metrics.consumer_label(state.get("tag", ""))
+        self._gauge(_consumer(state), counters, values)
+        model, tag = state.get("metric_model", ""), metrics.consumer_label(_consumer(state))
         # Kong's ai_llm_tokens_total token_type values (prompt_tokens, completion_tokens,
         # total_tokens), and the same shape for the two Kong does not count.
         for token_type, n in (("prompt_tokens", charge.prompt_tokens), ("completion_tokens", charge.completion_tokens),
@@ -709,8 +722,8 @@ class TokenQuotaHandler:
             return
         defer(state["tag"], state["rid"], counters, amounts, q.reservation_ttl_s, time.time())
 
-    def _gauge(self, tag: str, counters: list[Counter], values: list[int]) -> None:
-        consumer = metrics.CONSUMERS(tag)
+    def _gauge(self, consumer_name: str, counters: list[Counter], values: list[int]) -> None:
+        consumer = metrics.CONSUMERS(consumer_name)
         if consumer is None:
             return  # past --metrics-max-consumers: an "other" gauge would show whoever came last
         for c, v in zip(counters, values):
@@ -720,12 +733,12 @@ class TokenQuotaHandler:
                 gauge.set(nano_to_usd(remaining) if c.metric == "cost" else remaining)
 
     def _reject(self, kong: Any, counters: list[Counter], values: list[int], blocked: int, amounts: list[int],
-                tag: str, now: float) -> None:
+                consumer: str, now: float) -> None:
         counter = counters[blocked]
         body, retry_after = rejection_body(counter, values[blocked], amounts[blocked], now)
-        metrics.SERIES.child(metrics.QUOTA_REJECTIONS, metrics.consumer_label(tag), counter.label,
+        metrics.SERIES.child(metrics.QUOTA_REJECTIONS, metrics.consumer_label(consumer), counter.label,
                              counter.window).inc()
-        self._gauge(tag, counters, values)
+        self._gauge(consumer, counters, values)
         headers = {"Content-Type": "application/json"}
         if retry_after is not None:  # no Retry-After when waiting cannot make the request fit
             headers["Retry-After"] = str(retry_after)

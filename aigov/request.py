@@ -364,8 +364,9 @@ def could_be_chat(raw: bytes | str | None) -> bool:
     return isinstance(first, dict) and any(k.casefold() == "messages" for k in first)
 
 
-UNREADABLE_CHAT = ("the body has a 'messages' key this plugin cannot read exactly (another spelling, "
-                   "bytes after the JSON value, or nesting too deep); a more lenient provider might "
+UNREADABLE_CHAT = ("the body has a 'messages' key this plugin cannot read exactly (invalid or cut-off "
+                   "JSON, another spelling, bytes after the JSON value, or nesting too deep); a more "
+                   "lenient provider might "
                    "answer it, so it is not passed on: send it as OpenAI reads it")
 
 

@@ -87,7 +87,7 @@ class Gateway:
                  request_debug_token: str | None = None,
                  on_timing: Callable[[RequestTiming], None] | None = None,
                  trusted_ips: Sequence[str] = (), real_ip_header: str = DEFAULT_REAL_IP_HEADER,
-                 real_ip_recursive: bool = False) -> None:
+                 real_ip_recursive: bool = False, client_timeout_s: float = 60.0) -> None:
         self.decl = config if isinstance(config, declarative.DeclarativeConfig) \
             else declarative.load(config)
         self.entries = list(servers)
@@ -97,6 +97,9 @@ class Gateway:
         self.allow_unimitated = allow_unimitated
         self.environ = dict(os.environ if environ is None else environ)
         self.socket_timeout_s = socket_timeout_s
+        # nginx's client_header_timeout, client_body_timeout and keepalive_timeout (60 s each
+        # under Kong): a client that stops sending gets 408, an idle keep-alive is closed.
+        self.client_timeout_s = client_timeout_s
         self.managed: dict[str, ManagedServer] = {}
         self.infos: dict[str, PluginInfo] = {}
         self.runloop: Runloop | None = None
@@ -552,6 +555,7 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
         # for the client's delayed ACK (~40 ms). nginx sets TCP_NODELAY on keep-alive too.
         disable_nagle_algorithm = True
         server_version = f"kong/{KONG_VERSION}"
+        timeout = gw.client_timeout_s  # socket timeout of each client connection (see Gateway)
 
         def log_message(self, fmt: str, *args: Any) -> None:
             # The request line may carry an apikey query argument: log no query strings.
@@ -575,6 +579,12 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
         def _handle(self) -> None:
             try:
                 body = self._read_body()
+            except (socket.timeout, TimeoutError):
+                # nginx's client_body_timeout: 408, and the connection is closed.
+                self.close_connection = True
+                self._write(Response(408, Headers([("Content-Type", JSON_CT)]),
+                                     b'{"message":"Request timeout"}'))
+                return
             except (ValueError, OSError):
                 self.send_error(400, "bad request body")
                 return

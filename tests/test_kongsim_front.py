@@ -156,3 +156,27 @@ def test_64_simultaneous_clients_all_answered(upstream) -> None:
         assert isinstance(gw.gateway._http, FrontServer) and gw.gateway._http.daemon_threads
     finally:
         gw.close()
+
+
+def test_a_body_shorter_than_its_content_length_gets_408(upstream) -> None:
+    # A new user's request hung for over 70 s; nginx answers 408 after client_body_timeout
+    # (60 s under Kong), here set to 1 s, and the upstream never sees the request.
+    gw = start_gateway({"_format_version": "3.0",
+                        "services": [{"name": "svc", "url": upstream.url,
+                                      "routes": [{"name": "r", "paths": ["/p"]}]}]},
+                       server=[], prefix=make_prefix(), client_timeout_s=1.0)
+    try:
+        port = int(gw.url.rsplit(":", 1)[1])
+        seen_before = len(upstream.requests)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            started = time.monotonic()
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+            waited = time.monotonic() - started
+        assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+        assert 0.5 < waited < 5, waited
+        assert len(upstream.requests) == seen_before
+    finally:
+        gw.close()

@@ -363,6 +363,8 @@ def _lua_pattern(pattern: str) -> str:
             ch = "*?"  # Lua's lazy repetition
         elif ch == "-" and in_set and i + 1 < len(pattern) and pattern[i + 1] == "]":
             ch = "\\-"
+        elif ch == "$" and not in_set and i == len(pattern) - 1:
+            ch = "\\Z"  # Lua's `$` anchors at the very end; a regex `$` also before a final newline
         out.append(ch)
         i += 1
     return "".join(out)

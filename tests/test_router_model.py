@@ -346,3 +346,26 @@ def test_a_dotted_target_header_name_is_a_config_error() -> None:
     conf["routes"][0]["target"] = {"model": "gpt-4o-mini", "headers": {"x.goog.key": "v"}}
     with pytest.raises(RouterConfigError, match="x.goog.key"):
         settings_from_config(conf)
+
+
+@pytest.mark.parametrize("target,where", [
+    ({"headers": {"x-org": "acme\r\nx-injected: 1"}}, "headers"),
+    ({"headers": {"x.goog.key": "v"}}, "headers"),
+    ({"auth_header": "x.api.key", "api_key": "sk-x"}, "auth_header"),
+    ({"auth_header": "x-key\n", "api_key": "sk-x"}, "auth_header"),
+    ({"auth_prefix": "Bearer\r\n", "api_key": "sk-x"}, "auth_prefix"),
+])
+def test_the_schema_refuses_header_names_and_values_the_router_could_not_send(target: dict, where: str) -> None:
+    # A new user's CRLF in a target header value passed the schema, then raised in the stand-in on
+    # every request (ngx.req.set_header refuses it in Kong): now the config does not load.
+    from aigov.plugins.semantic_router.schema import SCHEMA
+    from kongsim import metaschema
+
+    conf = {"default_route": "a", "routes": [{"name": "a", "utterances": ["hello there"],
+                                              "target": {"model": "gpt-4o-mini", **target}}]}
+    with pytest.raises(metaschema.ConfigError, match=f"target.{where}"):
+        metaschema.process_config(SCHEMA, conf, "llm-semantic-router")
+    fine = {"default_route": "a", "routes": [{"name": "a", "utterances": ["hello there"], "target": {
+        "model": "gpt-4o-mini", "headers": {"OpenAI-Organization": "org-1", "x_team": "a b"},
+        "auth_header": "api-key", "auth_prefix": "Key ", "api_key": "sk-x"}}]}
+    metaschema.process_config(SCHEMA, fine, "llm-semantic-router")

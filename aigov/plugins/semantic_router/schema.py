@@ -10,6 +10,11 @@ from __future__ import annotations
 from aigov.schema import Field, array, field, record, secret
 
 _STRINGS = {"type": "string"}
+# Lua patterns (Kong's `match` / `not_match`): what the router may set as a request header. A
+# line break would split the header (ngx.req.set_header refuses it: a 500 per request), and a
+# dotted name cannot be masked in Kong's log entry (the serializer nests dotted keys).
+HEADER_NAME_PATTERN = "^[%w_%-]+$"
+LINE_BREAK_PATTERN = "[\r\n]"
 
 EMBEDDINGS = record("embeddings", "Which embedder turns prompts and utterances into vectors: the local "
                     "all-MiniLM-L6-v2 model (default) or an OpenAI-compatible /embeddings endpoint.", [
@@ -33,14 +38,16 @@ TARGET = record("target", "Where a routed request goes and with which model and 
     field("path", "string", "Upstream request path, e.g. /v1/chat/completions; unset keeps it.",
           starts_with="/"),
     field("model", "string", "Model name written into the JSON body's model field; unset keeps the client's."),
-    field("headers", "map", "Extra upstream request headers set for this target.",
-          keys=_STRINGS, values=_STRINGS),
+    field("headers", "map", "Extra upstream request headers set for this target (names of letters, "
+          "digits, - and _; values without line breaks).",
+          keys={"type": "string", "match": HEADER_NAME_PATTERN},
+          values={"type": "string", "not_match": LINE_BREAK_PATTERN}),
     secret("api_key", "This target's own credential, sent only to this target; use a Kong Vault "
            "reference such as {vault://env/OPENAI_KEY} to keep it out of kong.yml."),
     field("auth_header", "string", "Header that carries api_key (Authorization, api-key, x-api-key...).",
-          default="Authorization"),
+          default="Authorization", match=HEADER_NAME_PATTERN),
     field("auth_prefix", "string", "Prefix before api_key; unset means 'Bearer ' for Authorization "
-          "and nothing for other headers."),
+          "and nothing for other headers.", not_match=LINE_BREAK_PATTERN),
 ], required=True)
 
 ROUTE = {"type": "record", "fields": [

@@ -20,7 +20,8 @@ def test_config_errors_are_reported_together_and_clearly() -> None:
             "default_price": {"input": None, "output": None},
             "prices": [{"model": "gpt-4o", "input": 0.0000025, "output": 10}]})
     msg = str(err.value)
-    for fragment in ("limits[0].window", "limits[1] needs", "limits[2].tokens", "identifier_header is not set",
+    # array elements counted from 1, as in Kong's schema errors
+    for fragment in ("limits[1].window", "limits[2] needs", "limits[3].tokens", "identifier_header is not set",
                      "default_price {input, output} is not set", "did you mean 2.5"):
         assert fragment in msg, fragment
 

@@ -70,7 +70,8 @@ class QuotaConfig:
         """Build from the Kong plugin config (defaults filled by Kong). Raises QuotaConfigError."""
         problems: list[str] = []
         limits: list[LimitSpec] = []
-        for i, item in enumerate(conf.get("limits") or []):
+        # Counted from 1, as Kong's schema errors count array elements (config.limits[1]).
+        for i, item in enumerate(conf.get("limits") or [], start=1):
             if not isinstance(item, Mapping):
                 problems.append(f"limits[{i}] must be an object")
                 continue

@@ -269,15 +269,27 @@ def parse_embeddings_request(raw: bytes | str | None,
 BILLABLE_INPUT_FIELDS = ("input", "prompt")
 
 
-def billable_fields(raw: bytes | str | None) -> list[str]:
-    """The BILLABLE_INPUT_FIELDS a body's top-level JSON object has, in any spelling (a
-    case-insensitive reader takes "Input" too); [] for anything else."""
+def json_object(raw: bytes | str | None) -> dict[str, Any] | None:
+    """The body's JSON object, read as parse_chat_request reads it; None when it is not one."""
     try:
-        body, _, _ = _load_object(raw, max_bytes=1 << 62)
+        return _load_object(raw, max_bytes=1 << 62)[0]
     except RequestError:
-        return []
+        return None
+
+
+def billable_fields(body: dict[str, Any]) -> list[str]:
+    """The BILLABLE_INPUT_FIELDS a top-level JSON object has, in any spelling (a
+    case-insensitive reader takes "Input" too)."""
     keys = {str(k).casefold() for k in body}
     return [f for f in BILLABLE_INPUT_FIELDS if f in keys]
+
+
+def names_an_embedding_model(body: dict[str, Any]) -> bool:
+    """Whether the body's model is an embedding model (text-embedding-3-small, nomic-embed-text,
+    embed-english-v3.0, ...): an embeddings call whatever path the client used (a route with
+    strip_path may give it one like /emb)."""
+    model = body.get("model")
+    return isinstance(model, str) and "embed" in model.lower()
 
 
 def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> ChatRequest:

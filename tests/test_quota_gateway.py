@@ -716,6 +716,12 @@ def test_embeddings_calls_are_metered_and_refused_when_exhausted(shared_gateway,
     # Exhausted: the next embeddings call is refused and never reaches the provider.
     big = embed("embedder", "word " * 990)
     assert big.status == 429 and big.json()["error"]["code"] == "quota_exceeded"
+    # An embedding model is metered on any path (strip_path can leave the client "/emb"): refused
+    # here as over the limit, not as an API the quota cannot meter.
+    elsewhere = shared_gateway.request("POST", "/day/emb", json={"model": "text-embedding-3-small",
+                                                                  "input": "word " * 990},
+                                       headers={"X-User": "embedder"})
+    assert elsewhere.status == 429 and elsewhere.json()["error"]["code"] == "quota_exceeded"
     wrong = embed("embedder", {"text": "x"})
     assert wrong.status == 400 and "'input' must be" in wrong.json()["error"]["message"]
     assert counter_values(rclient, "embedder") == [billed + 43]

@@ -57,7 +57,8 @@ from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, Qu
                               charge_from_usage, identity_tag, openai_error, plan_counters, rate_limit_headers,
                               rejection_body)
 from aigov.request import (UNREADABLE_CHAT, ChatRequest, EmbeddingsRequest, RequestError, billable_fields,
-                           could_be_chat, parse_chat_request, parse_embeddings_request)
+                           could_be_chat, json_object, names_an_embedding_model, parse_chat_request,
+                           parse_embeddings_request)
 
 NAME = "llm-token-quota"
 VERSION = __version__
@@ -326,8 +327,9 @@ class TokenQuotaHandler:
             # so it is metered; another API it bills (Responses, legacy Completions, images: an
             # `input` or `prompt` field) cannot be metered here and is refused, never passed on.
             path = str(value(kong.request.get_path()) or "")
-            fields = billable_fields(body)
-            if path.rstrip("/").endswith("/embeddings"):
+            obj = json_object(body) or {}
+            fields = billable_fields(obj)
+            if path.rstrip("/").lower().endswith("/embeddings") or names_an_embedding_model(obj):
                 try:
                     return parse_embeddings_request(body)
                 except RequestError as embeddings_exc:

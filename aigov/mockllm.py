@@ -462,7 +462,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._model: str | None = None
         self._fail: str | None = None
         self._billed = 0
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        self._recorded = False
+        path = self._path = self.path.split("?", 1)[0].rstrip("/") or "/"
         routes = {
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/embeddings"): self._embeddings,
@@ -489,12 +490,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             except OSError:
                 self.close_connection = True
         finally:
-            if path.startswith("/v1/"):
-                header_name, fingerprint = self._auth()
-                self.mock.stats.record({"path": path, "model": self._model, "status": self._status,
-                                        "fail": self._fail, "billed_tokens": self._billed,
-                                        "auth_header": header_name,
-                                        "auth_sha256": fingerprint, "request_id": self._request_id})
+            self._record_stats()  # a call that sent no answer (timeout, dropped client) too
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Recorded as the answer starts, so a client that has read it finds it in the stats.
+        self._status = code
+        self._record_stats()
+        super().send_response(code, message)
+
+    def _record_stats(self) -> None:
+        if self._recorded or not self._path.startswith("/v1/"):
+            return
+        self._recorded = True
+        header_name, fingerprint = self._auth()
+        self.mock.stats.record({"path": self._path, "model": self._model, "status": self._status,
+                                "fail": self._fail, "billed_tokens": self._billed,
+                                "auth_header": header_name,
+                                "auth_sha256": fingerprint, "request_id": self._request_id})
 
     def _reset(self) -> None:
         self.mock.stats.reset()

@@ -456,6 +456,8 @@ def test_stats_count_the_tokens_billed() -> None:
         for fail in ("500", "429"):
             assert chat(mock, {"X-Mock-Fail": fail}).status == int(fail)
         truncated = chat(mock, max_tokens=3).json()["usage"]["total_tokens"]
+        # A call is in the stats as soon as its answer starts: no wait for the last one.
+        assert mock.stats.snapshot()["requests"] == 7
         # the stream and the cut JSON are the same completion as `whole`; no_usage as `truncated`
         assert mock.stats.snapshot()["tokens_billed"] == 3 * whole + 2 * truncated
         assert truncated < whole

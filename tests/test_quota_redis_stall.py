@@ -373,10 +373,38 @@ def test_an_exhausted_caller_stays_refused_when_redis_stalls(stall_redis, rclien
         gw.close()
 
 
+def test_the_first_reserve_after_an_outage_sees_what_was_served_during_it(stall_redis, rclient, mock_llm) -> None:
+    # A tester's finding: once Redis answered again, reserves were decided on Redis's figure,
+    # which lacked the outage's usage until later log phases replayed it: an exhausted caller got
+    # 5 more answers. The reserve now replays the deferred settles first.
+    prefix = f"rec{uuid.uuid4().hex[:8]}"
+    gw, calls, post, replies = _fail_open_gateway(stall_redis.port, mock_llm.url, prefix, "dora", 1500)
+    try:
+        assert post("before", 300).status == 200
+        assert gw.wait_logs(20)
+        with stalled(stall_redis):
+            # The probe's reserve times out (it may still land: ~505 reserved late), then the
+            # breaker is open and "during" fails open plainly, served from local memory.
+            assert post("probe", 100).status == 200
+            assert post("during", 800).status == 200
+            assert gw.wait_logs(20)
+        rclient.ping()
+        time.sleep(1.2)  # the breaker lets Redis calls through again
+        # Redis alone holds at most 300 + the probe's late ~505 = ~805, where this one (its prompt
+        # + 500) fits a 1500 limit; the real usage is 1200, where it does not.
+        after = post("after", 20)
+        assert after.status == 429, (after.status, after.body[:200])
+        assert gw.wait_logs(20)
+        (key,) = rclient.keys(f"{prefix}:*:tokens:day:*")
+        assert int(rclient.get(key)) == 1200  # the outage's usage replayed, the refusal holds nothing
+    finally:
+        gw.close()
+
+
 def test_fail_open_usage_of_a_redis_outage_is_replayed_in_batches_after_it_restarts(stall_redis, mock_llm) -> None:
     # Redis down (connection refused, then the breaker): every request fails open plainly (no
-    # reserve ever reached Redis). Once it is back, each log phase replays up to eight queued settles
-    # as orphans (charged, id marked settled); a failed upstream (released) queued nothing.
+    # reserve ever reached Redis). Once it is back, each access (before its reserve) and each log
+    # phase replays up to eight queued settles as orphans (charged, id marked settled); a failed upstream (released) queued nothing.
     prefix = f"down{uuid.uuid4().hex[:8]}"
     gw, calls, post, replies = _fail_open_gateway(stall_redis.port, mock_llm.url, prefix, "bob", 100_000)
     tag = "header:bob"
@@ -404,8 +432,8 @@ def test_fail_open_usage_of_a_redis_outage_is_replayed_in_batches_after_it_resta
 
         post("after1", 7)
         assert gw.wait_logs(20)
-        first_eight = list(outage)[:8]
-        assert int(client.get(key)) == 7 + sum(outage[k] for k in first_eight)
+        # eight replayed before its reserve (access), the other two after it (its log phase)
+        assert int(client.get(key)) == 7 + sum(outage.values())
         post("after2", 9)
         assert gw.wait_logs(20)
         assert int(client.get(key)) == 7 + 9 + sum(outage.values()) == 261

@@ -73,15 +73,26 @@ CAPTURE_PHASE = "log" if os.environ.get("AIGOV_CAPTURE_PHASE", "").strip().lower
 
 _stores: dict[tuple[str, str], QuotaStore] = {}
 _memory_store: QuotaStore | None = None
+_fallback_store: QuotaStore | None = None
 
 
 def memory_store() -> QuotaStore:
-    """The process-wide in-memory store (the memory policy and the fail_open fallback)."""
+    """The process-wide in-memory store of the memory policy."""
     global _memory_store
     if _memory_store is None:
         from aigov.quota.policies.memory import MemoryQuotaStore
         _memory_store = MemoryQuotaStore()
     return _memory_store
+
+
+def fallback_store() -> QuotaStore:
+    """The redis policy's fail_open store, apart from the memory policy's: it mirrors what Redis
+    last reported (MemoryQuotaStore.observe), which must not reach a memory-policy route's counters."""
+    global _fallback_store
+    if _fallback_store is None:
+        from aigov.quota.policies.memory import MemoryQuotaStore
+        _fallback_store = MemoryQuotaStore()
+    return _fallback_store
 
 
 def store_for(config: QuotaConfig) -> QuotaStore:
@@ -380,6 +391,10 @@ class TokenQuotaHandler:
         q = self.quota
         assert q is not None
         store = self._store()
+        if getattr(store, "deferred_count", lambda: 0)():
+            # Right after an outage Redis lacks what this node served meanwhile: replay that first,
+            # or this reserve is decided on the lower figure (no round trip when nothing is queued).
+            self._retry_deferred(kong)
         pending = None
         error: Exception | None = None
         begin = getattr(store, "reserve_begin", None)
@@ -406,10 +421,10 @@ class TokenQuotaHandler:
                 # The script was sent: Redis may still run it (a stall, not a refusal).
                 unsure = True
         if error is None and result is not None:
-            if not result.duplicate and store is not memory_store():
+            if not result.duplicate and q.policy == "redis":
                 # What Redis holds before this request: the fail_open fallback's starting point.
                 own = amounts if result.admitted else [0] * len(amounts)
-                memory_store().observe(counters, [v - a for v, a in zip(result.values, own)], now)
+                fallback_store().observe(counters, [v - a for v, a in zip(result.values, own)], now)
             return result
         if unsure:
             metrics.QUOTA_STORE_FAILURES.labels("reserve_unsure").inc()
@@ -435,7 +450,7 @@ class TokenQuotaHandler:
         if unsure:
             state["redis_unsure"] = True  # a zero settle (release) goes to Redis too (see the module doc)
         kong.ctx.shared.set(STATE_KEY, state)  # later phases settle where this was reserved
-        return memory_store().reserve(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
+        return fallback_store().reserve(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
 
     # ------------------------------------------------------------------ response (buffered capture)
     def _response(self, kong: Any) -> None:
@@ -668,7 +683,8 @@ class TokenQuotaHandler:
         values: list[int] = []
         started = time.perf_counter()
         if counters:
-            store = memory_store() if state.get("store") == "memory" else self._store()
+            local = fallback_store() if q.policy == "redis" else memory_store()
+            store = local if state.get("store") == "memory" else self._store()
             try:
                 if pending is not None:
                     result = pending.result()
@@ -683,13 +699,13 @@ class TokenQuotaHandler:
                 OUTAGE_LOG.log(kong.log.err, "quota:settle",
                                f"llm-token-quota: settle failed ({type(exc).__name__}: {exc}); charged in "
                                f"local memory, {later}")
-                result = memory_store().settle(state["tag"], state["rid"], counters, amounts, time.time(),
-                                               q.reservation_ttl_s)
+                result = local.settle(state["tag"], state["rid"], counters, amounts, time.time(),
+                                      q.reservation_ttl_s)
             values = result.values
             if result.status == "duplicate":
                 return counters, values  # already settled: never meter twice
-            if store is not memory_store() and result.status == "settled":
-                memory_store().observe(counters, values)  # Redis's count after this request
+            if store is not local and result.status == "settled":
+                local.observe(counters, values)  # Redis's count after this request
             if state.get("store") == "memory" and q.policy == "redis":
                 self._settle_in_redis_later(kong, state, counters, amounts)  # fail_open (never on the healthy path)
         metrics.QUOTA_SETTLE_LATENCY.observe((time.perf_counter() - started) * 1000)

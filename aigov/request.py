@@ -20,7 +20,7 @@ COMPLETION_BOUNDS = {"max_tokens": 10_000_000, "max_completion_tokens": 10_000_0
 # Fields the plugins read: each must be spelled exactly (see parse_chat_request).
 READ_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens",
                          "max_completion_tokens", "n", "tools", "functions", "temperature",
-                         "response_format"})
+                         "response_format", "input", "prompt"})
 MESSAGE_READ_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "function_call",
                                  "refusal"})
 PART_READ_FIELDS = frozenset({"type", "text", "image_url", "input_audio", "file", "refusal"})
@@ -186,10 +186,23 @@ class ChatRequest:
 
 def prompt_extras(body: dict[str, Any]) -> tuple[str, ...]:
     """Request fields besides messages and tools that the provider reads as prompt: a
-    structured-output schema (response_format json_schema), as its JSON text."""
+    structured-output schema (response_format json_schema), as its JSON text; and an `input` or
+    `prompt` beside the messages (BILLABLE_INPUT_FIELDS): an upstream serving another API on the
+    same path (embeddings, completions) bills them, so they are counted too."""
+    out: list[str] = []
     fmt = body.get("response_format")
     schema = fmt.get("json_schema") if isinstance(fmt, dict) else None
-    return (json.dumps(schema, ensure_ascii=False),) if isinstance(schema, dict) and schema else ()
+    if isinstance(schema, dict) and schema:
+        out.append(json.dumps(schema, ensure_ascii=False))
+    for name in BILLABLE_INPUT_FIELDS:
+        v = body.get(name)
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+            out.extend(v)
+        elif v is not None:
+            out.append(json.dumps(v, ensure_ascii=False, default=str))  # token ids and the like: an upper bound
+    return tuple(out)
 
 
 def tool_definitions(body: dict[str, Any]) -> list[Any] | None:

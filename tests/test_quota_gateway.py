@@ -733,11 +733,15 @@ def test_other_billable_apis_are_refused_not_passed_unmetered(shared_gateway, rc
     served = mock_llm.stats.snapshot()["requests"]
     for path, body in (("/day/v1/responses", {"model": MODEL, "input": "hello"}),
                        ("/day/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hello"}),
-                       ("/day/v1/images/generations", {"model": "dall-e-3", "Prompt": "a cat"})):
+                       ("/day/v1/images/generations", {"model": "dall-e-3", "prompt": "a cat"})):
         r = shared_gateway.request("POST", path, json=body, headers={"X-User": "other-api"})
         assert r.status == 400, (path, r.status)
         err = r.json()["error"]
         assert err["code"] == "not_metered" and path.split("/day", 1)[1] in err["message"]
+    # In another spelling (a case-insensitive reader takes it) it is refused too.
+    other_case = shared_gateway.request("POST", "/day/v1/images/generations",
+                                        json={"model": "dall-e-3", "Prompt": "a cat"}, headers={"X-User": "other-api"})
+    assert other_case.status == 400 and "'Prompt' must be spelled 'prompt'" in other_case.json()["error"]["message"]
     assert mock_llm.stats.snapshot()["requests"] == served and counter_values(rclient, "other-api") == []
     # A body with neither (an Assistants-style call) still passes, as documented.
     thread = shared_gateway.request("POST", "/day/v1/threads", json={"metadata": {"k": "v"}},
@@ -749,3 +753,32 @@ def test_a_request_without_model_says_so(shared_gateway, rclient) -> None:
     r = post(shared_gateway, "day", {"messages": [{"role": "user", "content": "hi"}]}, "no-model")
     assert r.status == 400 and r.json()["error"]["code"] == "model_not_priced"
     assert "names no model" in r.json()["error"]["message"] and "None" not in r.json()["error"]["message"]
+
+
+def test_an_input_beside_the_messages_is_counted(shared_gateway, rclient, mock_llm) -> None:
+    # A tester's finding: an embeddings body that also carries `messages` was read as chat and its
+    # `input` (5,000 tokens, billed by the embeddings upstream) reserved and charged as nothing.
+    body = {"model": "text-embedding-3-small", "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 1, "input": "word " * 5000}
+    served = mock_llm.stats.snapshot()["requests"]
+    r = shared_gateway.request("POST", "/day/v1/embeddings", json=body, headers={"X-User": "mixed"})
+    assert r.status == 429 and "larger than the limit" in r.json()["error"]["message"]
+    small = {**body, "input": "word " * 200}
+    ok = shared_gateway.request("POST", "/day/v1/embeddings", json=small, headers={"X-User": "mixed"})
+    assert ok.status == 200
+    wait_settled(shared_gateway, rclient, "mixed")
+    assert counter_values(rclient, "mixed") == [ok.json()["usage"]["total_tokens"]]
+    assert mock_llm.stats.snapshot()["requests"] == served + 1
+
+
+def test_an_embeddings_body_it_cannot_read_is_refused(shared_gateway, rclient, mock_llm) -> None:
+    # Go's decoder (Ollama) reads past trailing bytes and deeper nesting; passing such a body on
+    # unmetered would let an exhausted caller embed for free there.
+    served = mock_llm.stats.snapshot()["requests"]
+    good = json.dumps({"model": "text-embedding-3-small", "input": "hi"}).encode()
+    for raw in (good + b" trailing", good[:-1] + b', "x": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+                b"[" + good + b"]"):
+        r = shared_gateway.request("POST", "/day/v1/embeddings", body=raw, headers={"X-User": "unread"})
+        assert r.status == 400 and r.json()["error"]["code"] == "invalid_request", (raw[:60], r.status)
+        assert "cannot read exactly" in r.json()["error"]["message"]
+    assert mock_llm.stats.snapshot()["requests"] == served and counter_values(rclient, "unread") == []

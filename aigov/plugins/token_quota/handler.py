@@ -333,7 +333,7 @@ class TokenQuotaHandler:
         answered (413/400) or passed on unmetered (on_malformed_request: pass)."""
         q = self.quota
         assert q is not None
-        if exc.reason == "not_chat" and body.strip():
+        if exc.reason in ("not_chat", "invalid_json", "not_object") and body.strip():
             # A JSON object without `messages`. The provider bills an embeddings call (its input),
             # so it is metered; another API it bills (Responses, legacy Completions, images: an
             # `input` or `prompt` field) cannot be metered here and is refused, never passed on.
@@ -341,10 +341,16 @@ class TokenQuotaHandler:
             obj = json_object(body) or {}
             fields = billable_fields(obj)
             if path.rstrip("/").lower().endswith("/embeddings") or names_an_embedding_model(obj):
-                try:
-                    return parse_embeddings_request(body)
-                except RequestError as embeddings_exc:
-                    exc = embeddings_exc
+                if exc.reason != "not_chat":
+                    # Unreadable here, but Go's decoder (Ollama) reads past trailing bytes and
+                    # deeper nesting: as for chat, refused rather than passed unmetered.
+                    exc = RequestError("bad_field", f"an embeddings body this plugin cannot read exactly "
+                                                    f"({exc}); send it as OpenAI reads it")
+                else:
+                    try:
+                        return parse_embeddings_request(body)
+                    except RequestError as embeddings_exc:
+                        exc = embeddings_exc
             elif fields:
                 kong.log.set_serialize_value("aigov.quota.status", "rejected:not_metered")
                 kong.response.exit(400, openai_error(

@@ -234,3 +234,16 @@ def test_human_languages_exclude_each_other() -> None:
     _refused("how do you say thank you in japanese", "how do you say thank you in korean")
     _kept("translate hello to spanish", "how do you say hello in spanish")
     _kept("how to say thank you in mandarin", "how to say thank you in chinese")
+
+
+def test_a_second_probes_opposites_are_refused() -> None:
+    # languages the first list lacked, permit/prohibit, locally/remotely, enable vs turn off
+    _refused("translate hello into slovak", "translate hello into czech")
+    _refused("translate hello into lithuanian", "translate hello into latvian")
+    _refused("how do I permit a user to ssh", "how do I prohibit a user from ssh")
+    _refused("how to store passwords locally", "how to store passwords remotely")
+    assert _refused("how to enable dark mode", "how to turn off dark mode")[0] == "antonym:enable/off"
+    _refused("how do I disable wifi", "how do I turn wifi on")
+    _kept("how to enable dark mode", "how to turn on dark mode")
+    _kept("disable notifications on iphone", "turn off notifications on iphone")
+    _kept("how to store passwords locally", "how do I store passwords locally")

@@ -138,7 +138,9 @@ ANTONYM_PAIRS = [
     ("positively", "negatively"), ("synchronously", "asynchronously"), ("legally", "illegally"),
     # decisions on a request and on access
     ("approve", "deny"), ("approve", "decline"), ("grant", "revoke"), ("grant", "deny"),
-    ("permit", "deny"), ("permit", "forbid"),
+    ("permit", "deny"), ("permit", "forbid"), ("permit", "prohibit"), ("allow", "prohibit"),
+    ("enable", "off"), ("disable", "on"),  # "enable dark mode" / "turn dark mode off"
+    ("locally", "remotely"),
     # un- before a stem too short for the prefix rule (its stems have 4 letters or more, so
     # "unit" is not "it" undone)
     ("zip", "unzip"), ("pin", "unpin"), ("ban", "unban"), ("tie", "untie"),
@@ -231,7 +233,11 @@ EXCLUSIVE_CLASSES = {
     "human_language": """english spanish french german italian portuguese russian chinese mandarin
         cantonese japanese korean arabic hindi urdu bengali punjabi dutch swedish norwegian danish
         finnish czech greek turkish hebrew persian farsi vietnamese thai indonesian malay tagalog
-        swahili latin ukrainian romanian hungarian""".split(),
+        swahili latin ukrainian romanian hungarian slovak slovenian croatian serbian bosnian
+        bulgarian macedonian albanian lithuanian latvian estonian icelandic irish welsh catalan
+        basque galician maltese belarusian armenian georgian azerbaijani kazakh uzbek mongolian
+        nepali tamil telugu marathi gujarati kannada malayalam sinhala burmese khmer lao amharic
+        somali afrikaans zulu xhosa yoruba igbo hausa""".split(),
 }
 
 _SIMPLE_STOP = frozenset("""a an the of to in on at for from by with and or is are was were be been

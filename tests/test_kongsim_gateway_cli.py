@@ -190,3 +190,12 @@ def test_gateway_metrics_listen_serves_the_plugin_servers_metrics(tmp_path: Path
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_metrics_listen_without_a_local_plugin_server_is_an_error(tmp_path: Path) -> None:
+    # A tester's --metrics-listen on a plain `aigov gateway -c` was silently ignored.
+    (tmp_path / "kong.yml").write_text(yaml.safe_dump({"_format_version": "3.0"}))
+    done = subprocess.run([PY, "-m", "aigov.cli", "gateway", "-c", str(tmp_path / "kong.yml"),
+                           "--metrics-listen", "127.0.0.1:9"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "--metrics-listen needs --plugin-server aigov" in done.stderr

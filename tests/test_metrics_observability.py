@@ -22,6 +22,7 @@ from kongsim.pytest_plugin import GatewayHandle, make_prefix, start_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = {"ann": "ann-obs-key", "ben": "ben-obs-key"}
+CUSTOM_ID_KEY = "cust-obs-key"  # a consumer with a custom_id and no username
 
 
 def _config(mock_url: str) -> dict[str, Any]:
@@ -41,7 +42,8 @@ def _config(mock_url: str) -> dict[str, Any]:
     cache = {"name": "llm-semantic-cache", "config": {"vectordb": {"namespace": "obs"}}}
     return {
         "_format_version": "3.0",
-        "consumers": [{"username": u, "keyauth_credentials": [{"key": k}]} for u, k in KEYS.items()],
+        "consumers": [{"username": u, "keyauth_credentials": [{"key": k}]} for u, k in KEYS.items()]
+        + [{"custom_id": "cust-42", "keyauth_credentials": [{"key": CUSTOM_ID_KEY}]}],
         "services": [{"name": "llm", "url": mock_url, "routes": [{
             "name": "obs", "paths": ["/v1/chat"], "strip_path": False,
             "plugins": [{"name": "key-auth", "config": {"key_names": ["apikey"]}}, router, quota, cache]}]}],
@@ -202,3 +204,21 @@ def test_metrics_listen_binds_loopback_only(observed: dict[str, Any]) -> None:
     for name in ("ai_llm_requests_total", "ai_llm_tokens_total", "ai_router_decisions_total",
                  "ai_quota_rejections_total"):
         assert f"# TYPE {name} counter" in text, name
+
+
+def test_a_consumer_is_labelled_by_username_else_custom_id_never_its_id(observed: dict[str, Any]) -> None:
+    gw, url = observed["gw"], observed["metrics_url"]
+    before = scrape(url)
+    body = {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "name a planet"}]}
+    reply = gw.request("POST", "/v1/chat/completions", headers={"apikey": CUSTOM_ID_KEY}, json=body, timeout=90)
+    assert reply.status == 200
+    assert gw.wait_logs(15)
+    after = scrape(url)
+    spent = int(reply.header("X-AI-Tokens-Prompt")) + int(reply.header("X-AI-Tokens-Completion"))
+    label_deltas = {}
+    for (name, labels), v in after.items():
+        if name == "ai_llm_tokens_total" and dict(labels).get("token_type") == "total_tokens":
+            label_deltas[dict(labels)["consumer"]] = v - before.get((name, labels), 0)
+    assert label_deltas.get("cust-42") == spent
+    consumer_id = next(c.id for c in gw.gateway.decl.consumers.values() if c.custom_id == "cust-42")
+    assert not any(consumer_id in label for label in label_deltas)

@@ -346,6 +346,11 @@ def test_a_dotted_target_header_name_is_a_config_error() -> None:
     conf["routes"][0]["target"] = {"model": "gpt-4o-mini", "headers": {"x.goog.key": "v"}}
     with pytest.raises(RouterConfigError, match="x.goog.key"):
         settings_from_config(conf)
+    # A tester's Transfer-Encoding broke every routed request (the upstream answered 411).
+    for framing in ("Transfer-Encoding", "content-length", "Host"):
+        conf["routes"][0]["target"] = {"model": "gpt-4o-mini", "headers": {framing: "chunked"}}
+        with pytest.raises(RouterConfigError, match=f"header '{framing}' frames or addresses"):
+            settings_from_config(conf)
 
 
 @pytest.mark.parametrize("target,where", [

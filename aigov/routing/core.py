@@ -35,6 +35,10 @@ log = logging.getLogger("aigov.routing")
 REJECT = "reject"
 REASONS = ("matched", "default", "forced", "error")
 MAX_CACHED_MODELS = 16
+# Headers that frame or address the request: set by a target, they break every request (a
+# Transfer-Encoding the body does not have, a Content-Length that lies, another Host).
+FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive",
+                             "te", "trailer", "upgrade", "proxy-connection", "expect"})
 BUILD_RETRY_S = 5.0  # after a failed build (embedder down), wait before trying again
 
 
@@ -175,6 +179,10 @@ def settings_from_config(conf: dict[str, Any]) -> RouterSettings:
             # Kong's log serializer nests dotted keys: such a header could not be masked there.
             raise RouterConfigError(f"route {name!r}: header name {dotted[0]!r} contains '.', which "
                                     "cannot be masked in Kong's log entry")
+        framing = [h for h in header_names if isinstance(h, str) and h.lower() in FRAMING_HEADERS]
+        if framing:
+            raise RouterConfigError(f"route {name!r}: header {framing[0]!r} frames or addresses the "
+                                    "request (Kong and the upstream set it); a target cannot set it")
         target = Target(upstream=t.get("upstream") or None, host=t.get("host") or None,
                         port=int(port) if port is not None else None, scheme=t.get("scheme") or None,
                         path=t.get("path") or None, model=t.get("model") or None,

@@ -602,8 +602,8 @@ class TokenQuotaHandler:
     # ------------------------------------------------------------------ helpers
     def _identify(self, kong: Any) -> tuple[str, str]:
         """(the caller's tag in the counter keys, its `consumer` metrics label). A Kong consumer is
-        keyed by its id (stable across renames) and labelled by its username, as Kong's
-        prometheus plugin labels it; other identities are labelled by their tag."""
+        keyed by its id (stable across renames) and labelled by its username (else its
+        custom_id), as Kong's prometheus plugin labels it; other identities by their tag."""
         q = self.quota
         assert q is not None
         if q.limit_by == "global":
@@ -614,8 +614,10 @@ class TokenQuotaHandler:
                 ident = c.get("id") or c.get("username") or c.get("custom_id")
                 if isinstance(ident, str) and ident.strip():
                     tag = identity_tag(source, ident.strip())
-                    name = c.get("username")
-                    return tag, name if isinstance(name, str) and name else tag
+                    # Kong's prometheus labels by username; a consumer with only a custom_id
+                    # gets that rather than its id.
+                    name = next((n for n in (c.get("username"), c.get("custom_id")) if isinstance(n, str) and n), tag)
+                    return tag, name
             elif source == "credential":
                 ident = _as_dict(value(kong.client.get_credential())).get("id")
             elif source == "header":

@@ -1,4 +1,5 @@
-"""The one chat-request parser: an OpenAI Chat Completions body as the plugins see it.
+"""The one chat-request parser: an OpenAI Chat Completions body as the plugins see it (and the
+Embeddings body the quota meters, read the same lenient way).
 
 Every plugin reads the client's body through `parse_chat_request`, so "what is the prompt", "is it
 streamed" and "which parameters change the answer" have one definition. Errors are typed so each

@@ -754,13 +754,9 @@ def run(args: argparse.Namespace) -> int:
     installed = None
     entries: list[PluginServerEntry] = []
     conf_kwargs: dict[str, Any] = {}
-    if args.metrics_listen and not args.plugin_server:
+    if args.metrics_listen and (args.conf or not args.plugin_server):
         print("aigov gateway: --metrics-listen needs --plugin-server aigov (with --conf, add it to the "
               "`aigov serve` start_cmd in that file)", file=sys.stderr)
-        return 2
-    if args.conf and args.metrics_listen:
-        print("aigov gateway: --metrics-listen is for --plugin-server; with --conf, add it to the "
-              "`aigov serve` start_cmd in that file", file=sys.stderr)
         return 2
     if args.conf:
         try:

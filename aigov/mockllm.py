@@ -686,22 +686,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         except _NoResponse:
             return
-        raw_input = body.get("input")
-
-        def token_ids(x: Any) -> bool:
-            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-        # (text to embed, tokens billed or None to count it): a token array is billed one per id.
-        if isinstance(raw_input, str):
-            inputs: list[tuple[str, int | None]] = [(raw_input, None)]
-        elif token_ids(raw_input):
-            inputs = [(json.dumps(raw_input), len(raw_input))]  # one token array
-        elif isinstance(raw_input, list) and raw_input and all(isinstance(t, str) or token_ids(t) for t in raw_input):
-            inputs = [(t, None) if isinstance(t, str) else (json.dumps(t), len(t)) for t in raw_input]
-        else:
+        inputs = request_fields.embeddings_inputs(body.get("input"))
+        if inputs is None:
             raise MockError(400, "input must be a string, an array of strings or token arrays",
                             param="input")
-        texts = [t for t, _ in inputs]
+        # A token array is embedded as its JSON text and billed one token per id.
+        texts = [x if isinstance(x, str) else json.dumps(x) for x in inputs]
         dimensions = body.get("dimensions", DEFAULT_EMBEDDING_DIM)
         if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= 4096:
             raise MockError(400, "dimensions must be an integer from 1 to 4096", param="dimensions")
@@ -712,7 +702,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             value: Any = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode() \
                 if as_base64 else vector
             data.append({"object": "embedding", "index": index, "embedding": value})
-        prompt_tokens = sum(tokens.count_text(t, model) if n is None else n for t, n in inputs)
+        prompt_tokens = sum(tokens.count_text(x, model) if isinstance(x, str) else len(x) for x in inputs)
         self._billed = prompt_tokens
         self._send_json(200, {"object": "list", "data": data, "model": model,
                               "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}},

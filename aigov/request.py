@@ -49,9 +49,10 @@ class RequestError(ValueError):
     `reason` is one of: too_large, invalid_json, not_object, not_chat, bad_field.
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, parsed: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.parsed = parsed  # not_chat: the body's JSON object, so a caller need not read it again
 
 
 def content_text(content: Any, sep: str = "\n") -> str:
@@ -245,50 +246,51 @@ class EmbeddingsRequest:
     bills its input tokens, one per id of an input given as token ids."""
     body: dict[str, Any]
     model: str | None
-    texts: list[str]
-    token_ids: int
+    inputs: list[str | list[int]]
     raw_size: int
 
+    @property
+    def texts(self) -> list[str]:
+        return [x for x in self.inputs if isinstance(x, str)]
 
-def parse_embeddings_request(raw: bytes | str | None,
-                             max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> EmbeddingsRequest:
-    """Parse and check an Embeddings body. Raises RequestError with a clear reason."""
-    body, size, _ = _load_object(raw, max_bytes)
+    @property
+    def token_ids(self) -> int:
+        return sum(len(x) for x in self.inputs if isinstance(x, list))
+
+
+def _token_ids(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def embeddings_inputs(value: Any) -> list[str | list[int]] | None:
+    """An Embeddings `input` as its inputs (each a string or a token-id array), or None when it is
+    none of the shapes OpenAI takes: a string, an array of strings, one token-id array, an array
+    of token-id arrays."""
+    if isinstance(value, str):
+        return [value]
+    if _token_ids(value):
+        return [list(value)]
+    if isinstance(value, list) and value and all(isinstance(x, str) or _token_ids(x) for x in value):
+        return list(value)
+    return None
+
+
+def parse_embeddings_request(body: dict[str, Any], raw_size: int) -> EmbeddingsRequest:
+    """Check an Embeddings body (already read as a JSON object). Raises RequestError."""
     _spelled_exactly(body, {"model", "input"}, "")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("bad_field", "'model' must be a string")
-    value = body.get("input")
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
-        raise RequestError("bad_field", "'input' must be a string or a non-empty array")
-    texts: list[str] = []
-    token_ids = 0
-    if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
-        token_ids = len(items)  # one input given as token ids
-    else:
-        for x in items:
-            if isinstance(x, str):
-                texts.append(x)
-            elif isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
-                token_ids += len(x)
-            else:
-                raise RequestError("bad_field", "'input' must be a string, an array of strings, an array "
-                                                "of token ids or an array of token-id arrays")
-    return EmbeddingsRequest(body=body, model=model, texts=texts, token_ids=token_ids, raw_size=size)
+    inputs = embeddings_inputs(body.get("input"))
+    if inputs is None:
+        raise RequestError("bad_field", "'input' must be a string, an array of strings, an array "
+                                        "of token ids or an array of token-id arrays")
+    return EmbeddingsRequest(body=body, model=model, inputs=inputs, raw_size=raw_size)
 
 
 # Fields that make a JSON body without `messages` a call a provider bills: the Responses and
 # Embeddings APIs' `input`, the legacy Completions' and the image APIs' `prompt`.
 BILLABLE_INPUT_FIELDS = ("input", "prompt")
-
-
-def json_object(raw: bytes | str | None) -> dict[str, Any] | None:
-    """The body's JSON object, read as parse_chat_request reads it; None when it is not one."""
-    try:
-        return _load_object(raw, max_bytes=1 << 62)[0]
-    except RequestError:
-        return None
 
 
 def billable_fields(body: dict[str, Any]) -> list[str]:
@@ -317,7 +319,7 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
         _spelled_exactly(body["stream_options"], {"include_usage"}, "stream_options.")
     messages = body.get("messages")
     if messages is None:
-        raise RequestError("not_chat", "request has no 'messages' array: not a chat completion")
+        raise RequestError("not_chat", "request has no 'messages' array: not a chat completion", parsed=body)
     if not isinstance(messages, list) or not messages:
         # Present but not a non-empty array: a wrongly typed field (a lenient provider may still
         # answer `"messages": "hi"`), never "not a chat request" passed on unmetered.

@@ -26,7 +26,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import tiktoken
 
@@ -284,27 +284,31 @@ def count_chat_messages(messages: Any, model: Any = None,
 OFFLOAD_COUNT_BYTES = 64 * 1024  # bodies larger than this are token-counted off the loop
 
 
-def count_chat_messages_off_loop(messages: Any, model: Any = None, tools: Iterable[Any] | None = None,
-                                 body_bytes: int = 0, extra_texts: Iterable[str] = ()) -> int:
-    """count_chat_messages for a plugin handler on the plugin server's loop: a big prompt (tens
-    to hundreds of ms for 1 MiB) or the first count of an encoding (reading its ranks: up to
-    0.8 s) runs on a thread while the loop serves other requests (tiktoken releases the GIL)."""
+def _off_loop(count: Callable[..., int], model: Any, body_bytes: int, *args: Any) -> int:
+    """count(*args) for a plugin handler on the plugin server's loop: a big prompt (tens to
+    hundreds of ms for 1 MiB) or the first count of an encoding (reading its ranks: up to 0.8 s)
+    runs on a thread while the loop serves other requests (tiktoken releases the GIL)."""
     if body_bytes > OFFLOAD_COUNT_BYTES or not encoding_ready(model):
         from aigov import cooperative
 
-        return cooperative.run_blocking(count_chat_messages, messages, model, tools, tuple(extra_texts))
-    return count_chat_messages(messages, model, tools, extra_texts)
+        return cooperative.run_blocking(count, *args)
+    return count(*args)
+
+
+def count_chat_messages_off_loop(messages: Any, model: Any = None, tools: Iterable[Any] | None = None,
+                                 body_bytes: int = 0, extra_texts: Iterable[str] = ()) -> int:
+    """count_chat_messages, off the loop when it may be slow (_off_loop)."""
+    return _off_loop(count_chat_messages, model, body_bytes, messages, model, tools, tuple(extra_texts))
+
+
+def count_texts(texts: Iterable[str], model: Any = None) -> int:
+    """The tokens of several texts (an embeddings call's inputs)."""
+    return sum(count_text(t, model) for t in texts)
 
 
 def count_texts_off_loop(texts: Iterable[str], model: Any = None, body_bytes: int = 0) -> int:
-    """The tokens of several texts (an embeddings call's inputs), with the same rule as
-    count_chat_messages_off_loop for when the count runs on a thread."""
-    texts = list(texts)
-    if body_bytes > OFFLOAD_COUNT_BYTES or not encoding_ready(model):
-        from aigov import cooperative
-
-        return cooperative.run_blocking(lambda: sum(count_text(t, model) for t in texts))
-    return sum(count_text(t, model) for t in texts)
+    """count_texts, off the loop when it may be slow (_off_loop)."""
+    return _off_loop(count_texts, model, body_bytes, list(texts), model)
 
 
 def count_tools(tools: Iterable[Any], model: Any = None) -> int:

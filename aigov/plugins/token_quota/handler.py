@@ -57,7 +57,7 @@ from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, Qu
                               charge_from_usage, identity_tag, openai_error, plan_counters, rate_limit_headers,
                               rejection_body)
 from aigov.request import (UNREADABLE_CHAT, ChatRequest, EmbeddingsRequest, RequestError, billable_fields,
-                           could_be_chat, json_object, names_an_embedding_model, parse_chat_request,
+                           could_be_chat, names_an_embedding_model, parse_chat_request,
                            parse_embeddings_request)
 
 NAME = "llm-token-quota"
@@ -338,7 +338,7 @@ class TokenQuotaHandler:
             # so it is metered; another API it bills (Responses, legacy Completions, images: an
             # `input` or `prompt` field) cannot be metered here and is refused, never passed on.
             path = str(value(kong.request.get_path()) or "")
-            obj = json_object(body) or {}
+            obj = exc.parsed or {}  # the object parse_chat_request read (none when unreadable)
             fields = billable_fields(obj)
             if path.rstrip("/").lower().endswith("/embeddings") or names_an_embedding_model(obj):
                 if exc.reason != "not_chat":
@@ -348,7 +348,7 @@ class TokenQuotaHandler:
                                                     f"({exc}); send it as OpenAI reads it")
                 else:
                     try:
-                        return parse_embeddings_request(body)
+                        return parse_embeddings_request(obj, len(body))
                     except RequestError as embeddings_exc:
                         exc = embeddings_exc
             elif fields:

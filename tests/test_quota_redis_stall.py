@@ -54,6 +54,14 @@ def rclient(stall_redis: RedisServer) -> Iterator[redislib.Redis]:
     client.close()
 
 
+# The plugin server's Redis timeout in these gateways. A healthy call must never reach it, or a
+# request meant to reserve in Redis fails open instead (in one CI run on a busy 2-core host, a
+# healthy reserve took over 200 ms); a stalled call always does, whatever the timeout.
+GATEWAY_REDIS_TIMEOUT_MS = 1000
+# How long to wait after the last stalled call for the breaker (1 s cooldown) to let calls through.
+BREAKER_REOPENED_S = 1.5
+
+
 @contextmanager
 def stalled(server: RedisServer) -> Iterator[None]:
     assert server.pid is not None
@@ -177,7 +185,7 @@ def test_a_redis_stall_during_requests_converges_to_the_real_usage(stall_redis, 
     prefix = f"stall{uuid.uuid4().hex[:8]}"
     quota = {"name": "llm-token-quota", "config": {
         "policy": "redis", "key_prefix": prefix,
-        "redis": {"host": "127.0.0.1", "port": stall_redis.port, "timeout_ms": 200},
+        "redis": {"host": "127.0.0.1", "port": stall_redis.port, "timeout_ms": GATEWAY_REDIS_TIMEOUT_MS},
         # 20 s rather than the tester's 10: the late reservation must still be there when the test
         # looks, or the sweep, not the fix, would have given it back.
         "reservation_ttl_seconds": 20,
@@ -205,7 +213,7 @@ def test_a_redis_stall_during_requests_converges_to_the_real_usage(stall_redis, 
             assert not slow.is_alive()
             assert gw.wait_logs(20)
         rclient.ping()
-        time.sleep(1.2)  # the plugin server's breaker (1 s cooldown) lets Redis calls through again
+        time.sleep(BREAKER_REOPENED_S)  # the plugin server's breaker (1 s cooldown) lets Redis calls through again
         post("D", 29)  # one more request, after Redis resumed: its log phase replays the deferred settles
         assert gw.wait_logs(20)
 
@@ -246,11 +254,11 @@ def test_a_redis_stall_during_requests_converges_to_the_real_usage(stall_redis, 
 
 def _fail_open_gateway(redis_port: int, mock_url: str, prefix: str, user: str,
                        limit: int) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """A gateway with the quota (redis policy, fail_open, 200 ms Redis timeout) keyed on X-User,
+    """A gateway with the quota (redis policy, fail_open, GATEWAY_REDIS_TIMEOUT_MS) keyed on X-User,
     and `post(name, total)`: a request by `user` whose upstream reports `total` tokens used."""
     quota = {"name": "llm-token-quota", "config": {
         "policy": "redis", "key_prefix": prefix,
-        "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 200},
+        "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": GATEWAY_REDIS_TIMEOUT_MS},
         "reservation_ttl_seconds": 20,
         "identifier_sources": ["header"], "identifier_header": "X-User",
         "limits": [{"window": "day", "tokens": limit}]}}
@@ -294,7 +302,7 @@ def test_fail_open_usage_converges_into_redis_once_it_is_back(stall_redis, rclie
                 post(name, real[name])
             assert gw.wait_logs(20)
         rclient.ping()
-        time.sleep(1.2)  # the plugin server's breaker lets Redis calls through again
+        time.sleep(BREAKER_REOPENED_S)  # the plugin server's breaker lets Redis calls through again
         for name in ("after1", "after2", "after3"):  # their log phases replay the deferred settles
             post(name, real[name])
             assert gw.wait_logs(20)
@@ -364,7 +372,7 @@ def test_an_exhausted_caller_stays_refused_when_redis_stalls(stall_redis, rclien
         (key,) = rclient.keys(f"{prefix}:*:tokens:day:*")
         assert int(rclient.get(key)) == 700         # refused requests hold nothing there
         # Once Redis answers, a request that fits is served from Redis again.
-        time.sleep(1.2)  # the breaker lets Redis calls through again
+        time.sleep(BREAKER_REOPENED_S)  # the breaker lets Redis calls through again
         small = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
         reply = gw.request("POST", "/q/v1/chat/completions", json=small,
                            headers={"X-User": "carol", "X-Mock-Usage": "total=20"})
@@ -389,7 +397,7 @@ def test_the_first_reserve_after_an_outage_sees_what_was_served_during_it(stall_
             assert post("during", 800).status == 200
             assert gw.wait_logs(20)
         rclient.ping()
-        time.sleep(1.2)  # the breaker lets Redis calls through again
+        time.sleep(BREAKER_REOPENED_S)  # the breaker lets Redis calls through again
         # Redis alone holds at most 300 + the probe's late ~505 = ~805, where this one (its prompt
         # + 500) fits a 1500 limit; the real usage is 1200, where it does not.
         after = post("after", 20)
@@ -424,7 +432,7 @@ def test_fail_open_usage_of_a_redis_outage_is_replayed_in_batches_after_it_resta
         finally:
             stall_redis.start()
         client = stall_redis.client(socket_timeout=5)
-        time.sleep(1.2)  # the plugin server's breaker lets Redis calls through again
+        time.sleep(BREAKER_REOPENED_S)  # the plugin server's breaker lets Redis calls through again
         state = {k: calls.contexts[r.header("X-Kong-Request-Id")].ctx_shared[STATE_KEY] for k, r in replies.items()}
         assert all(s["store"] == "memory" and not s.get("redis_unsure") for s in state.values())
         key = Counter.from_list(state["o0"]["counters"][0]).key
@@ -471,7 +479,7 @@ def test_a_request_refused_locally_after_its_reserve_reached_a_stalled_redis_hol
 
     try:
         # A busy node holds several pooled Redis connections: 6 reserves in flight during a pause
-        # shorter than the 200 ms timeout each take one, so the scripts below are written to
+        # shorter than the Redis timeout each take one, so the scripts below are written to
         # open connections (a new one would fail its handshake instead: no script at all).
         warm = [threading.Thread(target=post, args=(f"warm{i}", 5, 5, f"{user}-warm")) for i in range(6)]
         with stalled(stall_redis):
@@ -491,7 +499,7 @@ def test_a_request_refused_locally_after_its_reserve_reached_a_stalled_redis_hol
             assert gw.wait_logs(20)
         assert (replies["W"].status, replies["A"].status, replies["B"].status) == (200, 200, 429)
         rclient.ping()
-        time.sleep(1.2)  # the breaker lets Redis calls through again
+        time.sleep(BREAKER_REOPENED_S)  # the breaker lets Redis calls through again
         for i in range(3):  # another caller's log phases replay the deferred settles and releases
             post(f"after{i}", 5, 5, who=f"{user}-other")
             assert gw.wait_logs(20)

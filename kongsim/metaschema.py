@@ -341,9 +341,11 @@ def _apply_validators(spec: dict[str, Any], value: Any, path: str, errors: dict[
 
 
 def _lua_pattern(pattern: str) -> str:
-    """Translate a Lua pattern's common subset (%d %a %w %s %. %-, [sets]) into a Python regex."""
+    """Translate a Lua pattern's common subset (%d %a %w %s %c %z %. %-, [sets]) into a Python regex."""
+    # The C-locale classes of Lua 5.1 (LuaJIT, Kong's Lua): %c is iscntrl, %z the NUL byte.
     classes = {"d": "0-9", "a": "A-Za-z", "w": "A-Za-z0-9", "s": " \\t\\n\\r\\f\\v",
-               "l": "a-z", "u": "A-Z", "x": "0-9A-Fa-f", "p": "!-/:-@\\[-`{-~"}
+               "l": "a-z", "u": "A-Z", "x": "0-9A-Fa-f", "p": "!-/:-@\\[-`{-~",
+               "c": "\\x00-\\x1f\\x7f", "z": "\\x00"}
     out, i, in_set = [], 0, False
     while i < len(pattern):
         ch = pattern[i]

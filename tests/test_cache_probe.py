@@ -228,7 +228,7 @@ def test_outage_is_a_fast_store_error_and_the_probe_recovers(rig: Any, redis_ser
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="marked down"):   # the breaker: no second connect
             rig.cache.lookup(rig.scope, RESET, "k-q", vec)
-        assert time.monotonic() - started < 0.1
+        assert time.monotonic() - started < 0.5  # no connect timeout waited out
     finally:
         redis_server.start()
     time.sleep(0.25)   # the breaker's cooldown

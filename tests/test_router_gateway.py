@@ -22,6 +22,7 @@ PLUGIN_FILE = REPO / "plugins" / "llm-semantic-router.py"
 CODING_KEY = "sk-coding-target-key"
 BILLING_KEY = "sk-billing-target-key"
 CLIENT_AUTH = "Bearer client-kong-key"
+VAULT_KEY_WITH_NEWLINE = "sk-from-a-mounted-file\n"
 
 CODING = ["how do I reverse a list in python", "my javascript function returns undefined",
           "fix this segmentation fault in my C program", "write a SQL query joining two tables",
@@ -123,6 +124,10 @@ def _routes(mocks: tuple[MockLLM, MockLLM], cache_dir: Path) -> dict[str, dict[s
                                        thresholds={"min_confidence": 0.5}, on_model_mismatch="warn"),
         "calibrated-ok": router_config(a, b, calibrated_for_model=LOCAL_MODEL_ID,
                                        thresholds={"min_confidence": 2.5}),
+        # A key read from a file keeps its final newline (VAULT_KEY_WITH_NEWLINE).
+        "vault-newline": router_config(a, b, routes=[{**router_config(a, b)["routes"][0], "target": {
+            **router_config(a, b)["routes"][0]["target"], "api_key": "{vault://env/router-test-key}"}}],
+            default_route="coding"),
         # An embeddings endpoint nobody listens on: the embedder is down.
         "embedder-down": router_config(a, b, embeddings={
             "provider": "openai", "model": "text-embedding-3-small",
@@ -136,7 +141,8 @@ def _start(server: str, mocks: tuple[MockLLM, MockLLM], cache_dir: Path) -> Gate
                                             "TOKENIZERS_PARALLELISM": "false"}}
     if server == "stock":
         kwargs["plugin_files"] = [PLUGIN_FILE]
-    return start_gateway(kong_yml(mocks[0], _routes(mocks, cache_dir)), **kwargs)
+    return start_gateway(kong_yml(mocks[0], _routes(mocks, cache_dir)), **kwargs,
+                         environ={**os.environ, "ROUTER_TEST_KEY": VAULT_KEY_WITH_NEWLINE})
 
 
 @pytest.fixture(scope="module", params=["aigov", "stock"])
@@ -263,6 +269,16 @@ def test_a_body_over_max_body_bytes_is_refused_when_its_model_could_not_be_enfor
     assert r.status == 413 and r.json()["error"]["code"] == "request_too_large", r.body
     small = post(gateway, "small-bodies", chat(HELD_OUT["coding"][0]))
     assert (small.header("X-Semantic-Route"), small.header("X-Semantic-Route-Reason")) == ("coding", "matched")
+
+
+def test_a_vault_value_with_a_line_break_is_a_clear_config_error(gateway: GatewayHandle) -> None:
+    # The schema sees only the reference; the value Kong's env vault resolves it to ends in a
+    # newline, which no header can carry. A JSON 500 names the field, never the value.
+    r = post(gateway, "vault-newline", chat("how do I reverse a list in python"))
+    assert r.status == 500, (r.status, r.body[:300])
+    err = json.loads(r.body)["error"]
+    assert err["code"] == "config_error" and "target.api_key contains a control character" in err["message"]
+    assert "sk-from-a-mounted-file" not in r.body.decode(errors="replace")
 
 
 def test_reject_default_gives_clear_4xx(gateway: GatewayHandle) -> None:

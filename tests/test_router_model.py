@@ -149,6 +149,10 @@ def test_a_dead_embeddings_endpoint_does_not_fail_another_routes_build(mock_llm)
     ({"routes": [{"name": "a", "utterances": ["  "]}], "default_route": "a"}, "at least one utterance"),
     ({"routes": [{"name": "a", "utterances": ["x"], "target": {"upstream": "u", "host": "h"}}],
       "default_route": "a"}, "both upstream and host"),
+    ({"routes": [{"name": "a", "utterances": ["x"], "target": {"api_key": "sk-x\n"}}],
+      "default_route": "a"}, "target.api_key contains a control character"),
+    ({"routes": [{"name": "a", "utterances": ["x"], "target": {"headers": {"x-org": "a\x00"}}}],
+      "default_route": "a"}, "target.headers.x-org contains a control character"),
 ])
 def test_config_errors_are_clear(bad: dict[str, Any], needle: str) -> None:
     with pytest.raises(core.RouterConfigError, match=needle):
@@ -359,6 +363,9 @@ def test_a_dotted_target_header_name_is_a_config_error() -> None:
     ({"auth_header": "x.api.key", "api_key": "sk-x"}, "auth_header"),
     ({"auth_header": "x-key\n", "api_key": "sk-x"}, "auth_header"),
     ({"auth_prefix": "Bearer\r\n", "api_key": "sk-x"}, "auth_prefix"),
+    ({"headers": {"x-org": "acme\x00"}}, "headers"),            # NUL
+    ({"headers": {"x-org": "\x1b[31macme"}}, "headers"),        # an escape sequence
+    ({"auth_prefix": "Key\x7f", "api_key": "sk-x"}, "auth_prefix"),  # DEL
 ])
 def test_the_schema_refuses_header_names_and_values_the_router_could_not_send(target: dict, where: str) -> None:
     # A new user's CRLF in a target header value passed the schema, then raised in the stand-in on

@@ -15,6 +15,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -35,6 +36,7 @@ log = logging.getLogger("aigov.routing")
 REJECT = "reject"
 REASONS = ("matched", "default", "forced", "error")
 MAX_CACHED_MODELS = 16
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")  # what a header value cannot carry
 # Headers that frame or address the request: set by a target, they break every request (a
 # Transfer-Encoding the body does not have, a Content-Length that lies, another Host).
 FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive",
@@ -172,8 +174,8 @@ def settings_from_config(conf: dict[str, Any]) -> RouterSettings:
         port = t.get("port")
         if t.get("host") and port is None:
             port = 443 if t.get("scheme") == "https" else 80
-        header_names = [t.get("auth_header") or "Authorization", *((t.get("headers") or {}) if
-                                                                   isinstance(t.get("headers"), dict) else {})]
+        extra = t.get("headers") if isinstance(t.get("headers"), dict) else {}
+        header_names = [t.get("auth_header") or "Authorization", *extra]
         dotted = [h for h in header_names if isinstance(h, str) and "." in h]
         if dotted:
             # Kong's log serializer nests dotted keys: such a header could not be masked there.
@@ -183,6 +185,15 @@ def settings_from_config(conf: dict[str, Any]) -> RouterSettings:
         if framing:
             raise RouterConfigError(f"route {name!r}: header {framing[0]!r} frames or addresses the "
                                     "request (Kong and the upstream set it); a target cannot set it")
+        sent = {"api_key": t.get("api_key"), "auth_prefix": t.get("auth_prefix"),
+                **{f"headers.{k}": v for k, v in extra.items()}}
+        controlled = [where for where, v in sent.items() if isinstance(v, str) and _CONTROL_CHAR.search(v)]
+        if controlled:
+            # The schema checks literal values; a vault reference is resolved after it, and a
+            # secret read from a file often ends in a newline. The value itself is never shown.
+            raise RouterConfigError(f"route {name!r}: target.{controlled[0]} contains a control "
+                                    "character (a line break at the end of a vault value?); a "
+                                    "header value cannot carry it")
         target = Target(upstream=t.get("upstream") or None, host=t.get("host") or None,
                         port=int(port) if port is not None else None, scheme=t.get("scheme") or None,
                         path=t.get("path") or None, model=t.get("model") or None,

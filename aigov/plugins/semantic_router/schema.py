@@ -11,10 +11,11 @@ from aigov.schema import Field, array, field, record, secret
 
 _STRINGS = {"type": "string"}
 # Lua patterns (Kong's `match` / `not_match`): what the router may set as a request header. A
-# line break would split the header (ngx.req.set_header refuses it: a 500 per request), and a
-# dotted name cannot be masked in Kong's log entry (the serializer nests dotted keys).
+# line break would split the header (ngx.req.set_header refuses it: a 500 per request), other
+# control characters (NUL, ESC, DEL...) are refused by upstream servers or corrupt their logs,
+# and a dotted name cannot be masked in Kong's log entry (the serializer nests dotted keys).
 HEADER_NAME_PATTERN = "^[%w_%-]+$"
-LINE_BREAK_PATTERN = "[\r\n]"
+CONTROL_CHAR_PATTERN = "%c"
 
 EMBEDDINGS = record("embeddings", "Which embedder turns prompts and utterances into vectors: the local "
                     "all-MiniLM-L6-v2 model (default) or an OpenAI-compatible /embeddings endpoint.", [
@@ -39,15 +40,15 @@ TARGET = record("target", "Where a routed request goes and with which model and 
           starts_with="/"),
     field("model", "string", "Model name written into the JSON body's model field; unset keeps the client's."),
     field("headers", "map", "Extra upstream request headers set for this target (names of letters, "
-          "digits, - and _; values without line breaks).",
+          "digits, - and _; values without control characters).",
           keys={"type": "string", "match": HEADER_NAME_PATTERN},
-          values={"type": "string", "not_match": LINE_BREAK_PATTERN}),
+          values={"type": "string", "not_match": CONTROL_CHAR_PATTERN}),
     secret("api_key", "This target's own credential, sent only to this target; use a Kong Vault "
            "reference such as {vault://env/OPENAI_KEY} to keep it out of kong.yml."),
     field("auth_header", "string", "Header that carries api_key (Authorization, api-key, x-api-key...).",
           default="Authorization", match=HEADER_NAME_PATTERN),
     field("auth_prefix", "string", "Prefix before api_key; unset means 'Bearer ' for Authorization "
-          "and nothing for other headers.", not_match=LINE_BREAK_PATTERN),
+          "and nothing for other headers.", not_match=CONTROL_CHAR_PATTERN),
 ], required=True)
 
 ROUTE = {"type": "record", "fields": [

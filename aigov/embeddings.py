@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from aigov import cooperative
+from aigov.schema import control_char_error, has_control_char
 
 log = logging.getLogger("aigov.embeddings")
 
@@ -289,6 +290,9 @@ class OpenAIEmbedder:
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout_s: float = 10.0,
                  dim: int | None = None) -> None:
+        if has_control_char(api_key):
+            # http.client would refuse it on every call, with the header's value in its message.
+            raise EmbeddingError(control_char_error("the embeddings api_key"))
         self.url = url
         self.model_id = model
         self._api_key = api_key

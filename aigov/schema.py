@@ -7,9 +7,27 @@ uniform; kongsim.metaschema checks them the way Kong does.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 Field = dict[str, dict[str, Any]]
+
+# Lua's %c (iscntrl: 0x00-0x1f and 0x7f), for `not_match` on what becomes a header value: a line
+# break would split the header, other control characters are refused by upstreams or corrupt logs.
+CONTROL_CHAR_PATTERN = "%c"
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def has_control_char(value: Any) -> bool:
+    """Whether a string holds what CONTROL_CHAR_PATTERN refuses. Kong validates a vault
+    reference, not the value it resolves to (a key file's final newline), so plugins check that."""
+    return isinstance(value, str) and _CONTROL_CHAR.search(value) is not None
+
+
+def control_char_error(where: str) -> str:
+    """The config error for a header-bound value with a control character; never the value."""
+    return (f"{where} contains a control character (a line break at the end of a vault value?); "
+            "a header value cannot carry it")
 
 
 def field(name: str, type_: str, description: str, **attrs: Any) -> Field:
@@ -28,6 +46,11 @@ def array(name: str, description: str, elements: dict[str, Any], **attrs: Any) -
 def secret(name: str, description: str, **attrs: Any) -> Field:
     """A credential: `referenceable` so `{vault://env/NAME}` works, `encrypted` at rest in Kong."""
     return field(name, "string", description, referenceable=True, encrypted=True, **attrs)
+
+
+def header_secret(name: str, description: str, **attrs: Any) -> Field:
+    """A credential sent in, or compared with, a request header: no control characters."""
+    return secret(name, description, not_match=CONTROL_CHAR_PATTERN, **attrs)
 
 
 def redis_record(description: str = "Redis connection used when the policy is redis.") -> Field:

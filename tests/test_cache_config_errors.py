@@ -10,7 +10,11 @@ kong.log.err, as the quota and router do:
   the `config` record), so every request gets the JSON 500;
 - `embeddings.provider: openai` without `url` (or `model`): the `embeddings` record's entity
   checks reject it in real Kong; the stand-in does not run entity_checks, so there every request
-  gets the JSON 500.
+  gets the JSON 500;
+- `admin_key` or `embeddings.api_key` given as a vault reference whose value holds a control
+  character (a key file's final newline): Kong validates the reference, not its value, so every
+  request gets the JSON 500, which names the field and never the value. A literal one is refused
+  at load (`not_match`).
 
 Real gateways (the Kong stand-in and both plugin servers: `aigov serve` and kong-pdk's stock
 server); only the upstream is the mock LLM. No request here embeds anything (the model never
@@ -21,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,7 +50,17 @@ RUNTIME_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
                      "embeddings.provider openai needs embeddings.url"),
     "openai-nomodel": ({"embeddings": {"provider": "openai", "url": "http://127.0.0.1:9/v1/embeddings"}},
                        "embeddings.provider openai needs embeddings.model"),
+    "admin-key-newline": ({"admin_path": "/admin-key-newline/purge",
+                           "admin_key": "{vault://env/cache-test-admin-key}"},
+                          "admin_key contains a control character"),
+    "embed-key-newline": ({"embeddings": {"provider": "openai", "model": "text-embedding-3-small",
+                                          "url": "http://127.0.0.1:9/v1/embeddings",
+                                          "api_key": "{vault://env/cache-test-embed-key}"}},
+                          "embeddings.api_key contains a control character"),
 }
+# What the stand-in's env vault resolves those references to (Kong's env vault reads the same).
+VAULT_VALUES = {"CACHE_TEST_ADMIN_KEY": "admin-key-from-a-file\n",
+                "CACHE_TEST_EMBED_KEY": "sk-embed-key-from-a-file\r\n"}
 
 
 def cache_plugin(namespace: str, **conf: Any) -> dict[str, Any]:
@@ -78,7 +93,8 @@ def post(gw: GatewayHandle, route: str, path: str = "/v1/chat/completions", **he
 @pytest.fixture(scope="module", params=["aigov", "stock"])
 def gw(request: pytest.FixtureRequest, mock_llm: Any) -> Iterator[GatewayHandle]:
     handle = start_gateway(kong_yml(mock_llm.url, base_routes()), server=request.param,
-                           plugin_files=[PLUGIN_FILE], pythonpath=str(REPO))
+                           plugin_files=[PLUGIN_FILE], pythonpath=str(REPO),
+                           environ={**os.environ, **VAULT_VALUES})
     try:
         yield handle
     finally:
@@ -110,10 +126,12 @@ def test_refused_config_answers_every_request_with_a_json_500_naming_the_field(
             assert body["error"]["type"] == "server_error"
             assert needle in body["error"]["message"], body
             assert body["error"]["message"].startswith("llm-semantic-cache config error: ")
+            assert not any(v.strip() in r.body.decode() for v in VAULT_VALUES.values())
     logged = [rec.getMessage() for rec in caplog.records
               if rec.levelno == logging.ERROR and "[llm-semantic-cache]" in rec.getMessage()]
     assert len(logged) == len(requests), logged   # kong.log.err once per request
     assert all(needle in line for line in logged), logged
+    assert not any(v.strip() in line for v in VAULT_VALUES.values() for line in logged)
     assert gw.gateway.runloop is not None
     _control_answers(gw)   # the other routes' instances are unaffected
 
@@ -188,7 +206,18 @@ def test_embeddings_entity_checks_reach_kong_in_the_dump() -> None:
     json.dumps(SCHEMA)  # JSON-expressible, as query_cmd sends it
 
 
-@pytest.mark.parametrize("conf", [c for c, _ in RUNTIME_ERRORS.values()] + [{"vectordb": {"namespace": "a b"}}])
+@pytest.mark.parametrize("field,conf", [
+    ("admin_key", {"admin_path": "/purge", "admin_key": "k\n"}),
+    ("embeddings.api_key", {"embeddings": {"provider": "openai", "model": "m", "url": "http://x/e",
+                                           "api_key": "sk\x00"}}),
+])
+def test_a_literal_header_secret_with_a_control_character_is_refused_at_load(field: str, conf: dict) -> None:
+    with pytest.raises(metaschema.ConfigError, match=f"config.{field}: invalid value"):
+        metaschema.process_config(SCHEMA, conf, "llm-semantic-cache")
+
+
+@pytest.mark.parametrize("conf", [c for c, _ in RUNTIME_ERRORS.values() if "vault://" not in json.dumps(c)]
+                         + [{"vectordb": {"namespace": "a b"}}, {"admin_path": "/p", "admin_key": "k\n"}])
 def test_handler_instance_starts_on_a_refused_config(conf: dict[str, Any]) -> None:
     """StartInstance must not fail (Kong would answer the opaque 500): the error is kept."""
     handler = SemanticCacheHandler(copy.deepcopy(conf))

@@ -381,3 +381,15 @@ def test_the_schema_refuses_header_names_and_values_the_router_could_not_send(ta
         "model": "gpt-4o-mini", "headers": {"OpenAI-Organization": "org-1", "x_team": "a b"},
         "auth_header": "api-key", "auth_prefix": "Key ", "api_key": "sk-x"}}]}
     metaschema.process_config(SCHEMA, fine, "llm-semantic-router")
+
+
+def test_an_embeddings_key_with_a_control_character_fails_without_showing_it() -> None:
+    # http.client refuses such a header on every call, with the header's value in its message,
+    # which the plugins log: the embedder refuses the key itself and names only the field.
+    from aigov.embeddings import EmbeddingError, OpenAIEmbedder
+
+    with pytest.raises(EmbeddingError, match="api_key contains a control character") as err:
+        OpenAIEmbedder("http://127.0.0.1:9/v1/embeddings", "text-embedding-3-small", api_key="sk-secret-1\n")
+    assert "sk-secret-1" not in str(err.value)
+    with pytest.raises(core.RouterConfigError, match="embeddings.api_key contains a control character"):
+        core.settings_from_config(conf(embeddings={"provider": "openai", "api_key": "sk-secret-1\r\n"}))

@@ -20,6 +20,7 @@ from aigov.cache.policies import CacheEntry, CacheStore, StoreUnavailable
 from aigov.cache.verifier import verify
 from aigov.embeddings import Embedder, EmbeddingError, embedder_from_config
 from aigov.llm_response import LLMResponse
+from aigov.schema import control_char_error, has_control_char
 
 log = logging.getLogger("aigov.cache")
 
@@ -100,6 +101,10 @@ class CacheSettings:
         missing = [f"embeddings.{name}" for name in ("url", "model") if not emb.get(name)]
         if provider == "openai" and missing:
             raise CacheConfigError(f"embeddings.provider openai needs {' and '.join(missing)}")
+        bad_secret = next((where for where, v in (("embeddings.api_key", emb.get("api_key")),
+                                                  ("admin_key", conf.get("admin_key"))) if has_control_char(v)), None)
+        if bad_secret:
+            raise CacheConfigError(control_char_error(bad_secret))
         scope = conf.get("scope") or "consumer"
         if scope not in ("consumer", "global"):
             raise CacheConfigError(f"scope must be consumer or global, got {scope!r}")

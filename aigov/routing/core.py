@@ -15,7 +15,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import re
 import stat
 import tempfile
 import threading
@@ -30,13 +29,13 @@ import numpy as np
 from aigov import cooperative
 from aigov.request import canonical_json, sha256_hex
 from aigov.routing import model as rmodel
+from aigov.schema import control_char_error, has_control_char
 
 log = logging.getLogger("aigov.routing")
 
 REJECT = "reject"
 REASONS = ("matched", "default", "forced", "error")
 MAX_CACHED_MODELS = 16
-_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")  # what a header value cannot carry
 # Headers that frame or address the request: set by a target, they break every request (a
 # Transfer-Encoding the body does not have, a Content-Length that lies, another Host).
 FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive",
@@ -147,6 +146,9 @@ def _headers(value: Any, where: str) -> tuple[tuple[str, str], ...]:
 
 def settings_from_config(conf: dict[str, Any]) -> RouterSettings:
     """Validate the plugin config (beyond what Kong's schema can express) into RouterSettings."""
+    embeddings = conf.get("embeddings")
+    if isinstance(embeddings, dict) and has_control_char(embeddings.get("api_key")):
+        raise RouterConfigError(control_char_error("embeddings.api_key"))
     raw_routes = conf.get("routes")
     if not isinstance(raw_routes, list) or not raw_routes:
         raise RouterConfigError("routes must list at least one route")
@@ -187,13 +189,11 @@ def settings_from_config(conf: dict[str, Any]) -> RouterSettings:
                                     "request (Kong and the upstream set it); a target cannot set it")
         sent = {"api_key": t.get("api_key"), "auth_prefix": t.get("auth_prefix"),
                 **{f"headers.{k}": v for k, v in extra.items()}}
-        controlled = [where for where, v in sent.items() if isinstance(v, str) and _CONTROL_CHAR.search(v)]
+        controlled = [where for where, v in sent.items() if has_control_char(v)]
         if controlled:
             # The schema checks literal values; a vault reference is resolved after it, and a
             # secret read from a file often ends in a newline. The value itself is never shown.
-            raise RouterConfigError(f"route {name!r}: target.{controlled[0]} contains a control "
-                                    "character (a line break at the end of a vault value?); a "
-                                    "header value cannot carry it")
+            raise RouterConfigError(f"route {name!r}: " + control_char_error(f"target.{controlled[0]}"))
         target = Target(upstream=t.get("upstream") or None, host=t.get("host") or None,
                         port=int(port) if port is not None else None, scheme=t.get("scheme") or None,
                         path=t.get("path") or None, model=t.get("model") or None,

@@ -15,7 +15,7 @@ with a JSON 500 naming the field and logs it through kong.log.err, as the quota 
 from __future__ import annotations
 
 from aigov.cache.core import DEFAULT_THRESHOLD
-from aigov.schema import Field, array, field, record, redis_record, secret
+from aigov.schema import Field, array, field, header_secret, record, redis_record
 
 # Lua pattern (Kong's `match`): the characters aigov.cache.core accepts in a namespace (A-Z a-z
 # 0-9 _ -), since the namespace becomes part of Redis keys and the RediSearch index name.
@@ -27,7 +27,7 @@ SCHEMA: list[Field] = [
               default="local", one_of=["local", "openai"]),
         field("model", "string", "Embedding model name (required with provider openai; ignored by local)."),
         field("url", "string", "Full URL of the OpenAI-compatible /embeddings endpoint (required with provider openai)."),
-        secret("api_key", "API key for the embeddings endpoint; may be a Kong Vault reference."),
+        header_secret("api_key", "API key for the embeddings endpoint; may be a Kong Vault reference."),
         field("timeout_ms", "integer", "Timeout of one embeddings call in milliseconds.", default=10000,
               between=[1, 120000]),
     ], required=True, entity_checks=[
@@ -73,6 +73,6 @@ SCHEMA: list[Field] = [
           default=False),
     field("admin_path", "string", "Optional request path on the route that purges this namespace "
           "(DELETE or POST with the X-Cache-Admin-Key header); needs admin_key.", starts_with="/"),
-    secret("admin_key", "Key the X-Cache-Admin-Key header must carry on admin_path (required with admin_path); a Vault "
+    header_secret("admin_key", "Key the X-Cache-Admin-Key header must carry on admin_path (required with admin_path); a Vault "
            "reference is fine."),
 ]

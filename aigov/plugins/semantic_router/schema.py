@@ -7,15 +7,12 @@ answers every request with a clear 500 JSON error naming the field, and logs it.
 """
 from __future__ import annotations
 
-from aigov.schema import Field, array, field, record, secret
+from aigov.schema import CONTROL_CHAR_PATTERN, Field, array, field, header_secret, record
 
 _STRINGS = {"type": "string"}
-# Lua patterns (Kong's `match` / `not_match`): what the router may set as a request header. A
-# line break would split the header (ngx.req.set_header refuses it: a 500 per request), other
-# control characters (NUL, ESC, DEL...) are refused by upstream servers or corrupt their logs,
-# and a dotted name cannot be masked in Kong's log entry (the serializer nests dotted keys).
+# A Lua pattern (Kong's `match`): the header names the router may set. A dotted name cannot be
+# masked in Kong's log entry (the serializer nests dotted keys). Values: CONTROL_CHAR_PATTERN.
 HEADER_NAME_PATTERN = "^[%w_%-]+$"
-CONTROL_CHAR_PATTERN = "%c"
 
 EMBEDDINGS = record("embeddings", "Which embedder turns prompts and utterances into vectors: the local "
                     "all-MiniLM-L6-v2 model (default) or an OpenAI-compatible /embeddings endpoint.", [
@@ -24,7 +21,7 @@ EMBEDDINGS = record("embeddings", "Which embedder turns prompts and utterances i
     field("model", "string", "Embedding model name sent to the openai endpoint; its id is what "
           "calibrated_for_model is compared with."),
     field("url", "string", "Full URL of the OpenAI-compatible embeddings endpoint (provider openai)."),
-    secret("api_key", "API key for the embeddings endpoint; may be a Kong Vault reference."),
+    header_secret("api_key", "API key for the embeddings endpoint; may be a Kong Vault reference."),
     field("timeout_ms", "integer", "Timeout of one embeddings call in milliseconds.", default=10000,
           between=[1, 600000]),
 ], required=True)
@@ -43,7 +40,7 @@ TARGET = record("target", "Where a routed request goes and with which model and 
           "digits, - and _; values without control characters).",
           keys={"type": "string", "match": HEADER_NAME_PATTERN},
           values={"type": "string", "not_match": CONTROL_CHAR_PATTERN}),
-    secret("api_key", "This target's own credential, sent only to this target; use a Kong Vault "
+    header_secret("api_key", "This target's own credential, sent only to this target; use a Kong Vault "
            "reference such as {vault://env/OPENAI_KEY} to keep it out of kong.yml."),
     field("auth_header", "string", "Header that carries api_key (Authorization, api-key, x-api-key...).",
           default="Authorization", match=HEADER_NAME_PATTERN),

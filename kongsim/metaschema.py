@@ -286,11 +286,87 @@ def _validate_value(spec: dict[str, Any], value: Any, path: str, errors: dict[st
         if not isinstance(value, dict):
             errors[path] = "expected a record"
             return value
-        return _process_record(spec.get("fields") or [], value, path, errors)
+        record = _process_record(spec.get("fields") or [], value, path, errors)
+        _run_entity_checks(spec, record, path, errors)
+        return record
     elif ftype == "json":
         pass
     _apply_validators(spec, value, path, errors)
     return value
+
+
+# --------------------------------------------------------------------------- entity checks
+
+def _run_entity_checks(spec: dict[str, Any], record: dict[str, Any], path: str,
+                       errors: dict[str, str]) -> None:
+    """A record's `entity_checks`, as Kong's Schema:validate runs them on a nested record after
+    its fields (kong/db/schema/init.lua `entity_checkers`, `run_entity_check`). Field errors go
+    to `path.field`; the check's own message to `path.@entity` (Kong's "@entity" list, joined).
+    Unset fields are null here, as after Kong's process_auto_fields, so no check is skipped as
+    missing. The checks a JSON schema can carry are run; any other name is refused loudly."""
+    fields = {name: fspec for item in spec.get("fields") or [] for name, fspec in item.items()}
+    entity: list[str] = []
+    for check in spec.get("entity_checks") or []:
+        (name, arg), = check.items()
+        if name == "conditional":
+            message = _conditional(arg, fields, record, path, errors)
+        elif name in _LIST_CHECKS:
+            present = [f for f in arg if _is_nonempty(record.get(f))]
+            ok, template = _LIST_CHECKS[name](present, arg, record)
+            message = None if ok else template.format(", ".join(f"'{f}'" for f in arg))
+        else:
+            message = f"the Kong stand-in does not run entity check {name!r}"
+        if message and message not in entity:
+            entity.append(message)
+    if entity:
+        errors[f"{path}.@entity"] = "; ".join(entity)
+
+
+def _is_nonempty(value: Any) -> bool:
+    return value is not None and value != "" and value != [] and value != {}
+
+
+# name -> (present fields, argument, record) -> (ok, Kong's message template)
+_LIST_CHECKS: dict[str, Any] = {
+    "at_least_one_of": lambda present, arg, rec: (
+        bool(present), "at least one of these fields must be non-empty: {}"),
+    "only_one_of": lambda present, arg, rec: (
+        len(present) == 1, "only one of these fields must be non-empty: {}"),
+    "mutually_required": lambda present, arg, rec: (
+        len(present) in (0, len(arg)), "all or none of these fields must be set: {}"),
+    "distinct": lambda present, arg, rec: (
+        len({json.dumps(rec[f], sort_keys=True) for f in present}) == len(present),
+        "values of these fields must be distinct: {}"),
+}
+
+
+def _conditional(arg: dict[str, Any], fields: dict[str, Any], record: dict[str, Any], path: str,
+                 errors: dict[str, str]) -> str | None:
+    """Kong's `conditional`: when if_field passes if_match (over the field's own definition),
+    then_field must pass then_match; `required` on a null then_field skips then_err."""
+    if_field, then_field = arg["if_field"], arg["then_field"]
+    if _field_error({**fields.get(if_field, {}), **arg["if_match"]}, record.get(if_field)) is not None:
+        return None
+    generic = f"failed conditional validation given value of field '{if_field}'"
+    then_value = record.get(then_field)
+    if arg["then_match"].get("required") is True and then_value is None:
+        errors[f"{path}.{then_field}"] = "required field missing"
+        return generic
+    err = _field_error({**fields.get(then_field, {}), **arg["then_match"]}, then_value)
+    if err is None:
+        return None
+    errors[f"{path}.{then_field}"] = err
+    then_err = arg.get("then_err")
+    return then_err.replace("%s", if_field) if then_err else generic
+
+
+def _field_error(spec: dict[str, Any], value: Any) -> str | None:
+    """Schema:validate_field on one value: None when it passes, else Kong's message."""
+    if value is None:
+        return "required field missing" if spec.get("required") else None
+    errs: dict[str, str] = {}
+    _validate_value(spec, copy.deepcopy(value), "v", errs)
+    return next(iter(errs.values()), None)
 
 
 def _apply_validators(spec: dict[str, Any], value: Any, path: str, errors: dict[str, str]) -> None:

@@ -9,8 +9,9 @@ kong.log.err, as the quota and router do:
 - `admin_path` without `admin_key`: no schema can say so for a Python plugin (no entity_checks on
   the `config` record), so every request gets the JSON 500;
 - `embeddings.provider: openai` without `url` (or `model`): the `embeddings` record's entity
-  checks reject it in real Kong; the stand-in does not run entity_checks, so there every request
-  gets the JSON 500;
+  checks reject it at load, in real Kong and in the stand-in (which runs a nested record's
+  `conditional` checks as Kong's Schema:validate does); the handler would still answer the JSON
+  500 to a Kong that let it through;
 - `admin_key` or `embeddings.api_key` given as a vault reference whose value holds a control
   character (a key file's final newline): Kong validates the reference, not its value, so every
   request gets the JSON 500, which names the field and never the value. A literal one is refused
@@ -46,10 +47,6 @@ BAD_NAMESPACES = ["*", "a:x:b", "a b{c}"]
 # route name -> (cache config, a text the error must contain)
 RUNTIME_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
     "admin-nokey": ({"admin_path": "/admin-nokey/purge"}, "admin_path needs admin_key"),
-    "openai-nourl": ({"embeddings": {"provider": "openai", "model": "text-embedding-3-small"}},
-                     "embeddings.provider openai needs embeddings.url"),
-    "openai-nomodel": ({"embeddings": {"provider": "openai", "url": "http://127.0.0.1:9/v1/embeddings"}},
-                       "embeddings.provider openai needs embeddings.model"),
     "admin-key-newline": ({"admin_path": "/admin-key-newline/purge",
                            "admin_key": "{vault://env/cache-test-admin-key}"},
                           "admin_key contains a control character"),
@@ -57,6 +54,14 @@ RUNTIME_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
                                           "url": "http://127.0.0.1:9/v1/embeddings",
                                           "api_key": "{vault://env/cache-test-embed-key}"}},
                           "embeddings.api_key contains a control character"),
+}
+# Refused at load by the `embeddings` record's entity checks: (cache config, the field, what the
+# library says if a config ever gets past them).
+ENTITY_CHECK_ERRORS: dict[str, tuple[dict[str, Any], str, str]] = {
+    "openai-nourl": ({"embeddings": {"provider": "openai", "model": "text-embedding-3-small"}},
+                     "config.embeddings.url", "embeddings.provider openai needs embeddings.url"),
+    "openai-nomodel": ({"embeddings": {"provider": "openai", "url": "http://127.0.0.1:9/v1/embeddings"}},
+                       "config.embeddings.model", "embeddings.provider openai needs embeddings.model"),
 }
 # What the stand-in's env vault resolves those references to (Kong's env vault reads the same).
 VAULT_VALUES = {"CACHE_TEST_ADMIN_KEY": "admin-key-from-a-file\n",
@@ -152,6 +157,27 @@ def test_bad_namespace_is_rejected_when_the_config_is_reloaded(gw: GatewayHandle
     _control_answers(gw)   # Kong keeps the previous config when a new one is refused
 
 
+@pytest.mark.parametrize("route", sorted(ENTITY_CHECK_ERRORS))
+def test_an_openai_embedder_without_url_or_model_is_rejected_at_load(gw: GatewayHandle, mock_llm: Any,
+                                                                     route: str) -> None:
+    conf, where, _ = ENTITY_CHECK_ERRORS[route]
+    routes = base_routes()
+    routes[route] = cache_plugin(f"cfgerr-{route}", **copy.deepcopy(conf))
+    with pytest.raises(LoadError) as err:
+        gw.gateway.reload(kong_yml(mock_llm.url, routes))
+    text = str(err.value)
+    assert f"{where}: required field missing" in text
+    assert "config.embeddings.@entity: failed conditional validation given value of field 'provider'" in text
+    _control_answers(gw)   # the previous config still serves
+
+
+def test_entity_checks_pass_a_complete_openai_embedder_and_the_local_one() -> None:
+    for emb in ({"provider": "openai", "url": "http://127.0.0.1:9/v1/embeddings", "model": "m"},
+                {"provider": "local"}, {}):
+        conf = metaschema.process_config(SCHEMA, {"embeddings": emb}, "llm-semantic-cache")
+        assert conf["embeddings"]["provider"] == emb.get("provider", "local")
+
+
 def test_bad_namespace_is_rejected_when_the_gateway_starts(mock_llm: Any) -> None:
     cfg = kong_yml(mock_llm.url, {"ns": cache_plugin("a:x:b")})
     with pytest.raises(LoadError) as err:
@@ -216,9 +242,12 @@ def test_a_literal_header_secret_with_a_control_character_is_refused_at_load(fie
         metaschema.process_config(SCHEMA, conf, "llm-semantic-cache")
 
 
-@pytest.mark.parametrize("conf", [c for c, _ in RUNTIME_ERRORS.values() if "vault://" not in json.dumps(c)]
-                         + [{"vectordb": {"namespace": "a b"}}, {"admin_path": "/p", "admin_key": "k\n"}])
-def test_handler_instance_starts_on_a_refused_config(conf: dict[str, Any]) -> None:
+@pytest.mark.parametrize("conf,needle", [(c, n) for c, n in RUNTIME_ERRORS.values() if "vault://" not in json.dumps(c)]
+                         + [(c, n) for c, _, n in ENTITY_CHECK_ERRORS.values()]
+                         + [({"vectordb": {"namespace": "a b"}}, "vectordb.namespace"),
+                            ({"admin_path": "/p", "admin_key": "k\n"}, "admin_key contains a control character")])
+def test_handler_instance_starts_on_a_refused_config(conf: dict[str, Any], needle: str) -> None:
     """StartInstance must not fail (Kong would answer the opaque 500): the error is kept."""
     handler = SemanticCacheHandler(copy.deepcopy(conf))
     assert handler.config_error and handler.config_error.startswith("llm-semantic-cache config error: ")
+    assert needle in handler.config_error

@@ -90,6 +90,54 @@ def test_process_config_reports_every_field_error_at_once() -> None:
     assert "plugin 'kt-probe': schema violation (" in str(err.value)
 
 
+def _nested(checks: list, fields: list) -> list:
+    return [{"r": {"type": "record", "description": "a nested record", "fields": fields,
+                   "entity_checks": checks}}]
+
+
+_POLICY = [{"policy": {"type": "string", "default": "local", "one_of": ["local", "redis"]}},
+           {"host": {"type": "string"}}, {"port": {"type": "integer"}}]
+
+
+def test_a_nested_records_conditional_check_runs_as_kongs_does() -> None:
+    # kong/db/schema/init.lua `conditional`: a null then_field under `required` gets "required
+    # field missing" and the generic message (then_err only for a then_match that fails otherwise).
+    fields = _nested([
+        {"conditional": {"if_field": "policy", "if_match": {"one_of": ["redis"]},
+                         "then_field": "host", "then_match": {"required": True}, "then_err": "no host"}},
+        {"conditional": {"if_field": "policy", "if_match": {"eq": "redis"},
+                         "then_field": "port", "then_match": {"between": [1, 65535]},
+                         "then_err": "policy %s needs a real port"}}], _POLICY)
+    with pytest.raises(metaschema.ConfigError) as err:
+        metaschema.process_config(fields, {"r": {"policy": "redis", "port": 0}})
+    assert err.value.errors == {
+        "config.r.host": "required field missing", "config.r.port": "value should be between 1 and 65535",
+        "config.r.@entity": "failed conditional validation given value of field 'policy'; "
+                            "policy policy needs a real port"}
+    assert metaschema.process_config(fields, {"r": {"policy": "redis", "host": "h", "port": 6379}})["r"]["host"] == "h"
+    assert metaschema.process_config(fields, {"r": {"port": 0}})["r"]["policy"] == "local"  # if_match fails: no check
+    assert metaschema.process_config(fields, {})["r"]["host"] is None  # the absent record is built, then checked
+
+
+@pytest.mark.parametrize("check,good,bad,message", [
+    ("at_least_one_of", {"host": "h"}, {}, "at least one of these fields must be non-empty: 'host', 'port'"),
+    ("only_one_of", {"port": 1}, {"host": "h", "port": 1}, "only one of these fields must be non-empty: 'host', 'port'"),
+    ("mutually_required", {"host": "h", "port": 1}, {"port": 1}, "all or none of these fields must be set: 'host', 'port'"),
+])
+def test_a_nested_records_field_list_checks(check: str, good: dict, bad: dict, message: str) -> None:
+    fields = _nested([{check: ["host", "port"]}], _POLICY)
+    metaschema.process_config(fields, {"r": good})
+    with pytest.raises(metaschema.ConfigError) as err:
+        metaschema.process_config(fields, {"r": bad})
+    assert err.value.errors == {"config.r.@entity": message}
+
+
+def test_an_entity_check_the_stand_in_cannot_run_is_refused_not_skipped() -> None:
+    fields = _nested([{"mutually_exclusive_sets": {"set1": ["host"], "set2": ["port"]}}], _POLICY)
+    with pytest.raises(metaschema.ConfigError, match="does not run entity check 'mutually_exclusive_sets'"):
+        metaschema.process_config(fields, {"r": {"host": "h"}})
+
+
 def test_vault_env_reference_resolves_and_missing_variable_is_a_clear_error() -> None:
     fields = metaschema.config_fields(_dump(PROBE))
     conf = metaschema.process_config(fields, {"secret": "{vault://env/kt-api-key}"})

@@ -130,8 +130,8 @@ class SemanticCacheHandler:
     def __init__(self, config: dict[str, Any]) -> None:
         # Validation only: no model, no Redis here (StartInstance must stay cheap).
         self.config = config
-        # A config the schema could not reject (admin_path without admin_key; on the stand-in
-        # also the embeddings entity checks) is reported on every request as a clear JSON 500 and
+        # A config the schema could not reject (admin_path without admin_key, a vault value with
+        # a control character) is reported on every request as a clear JSON 500 and
         # logged, like the quota and router do: failing StartInstance would give Kong's opaque
         # 500 and leave the reason in the plugin server's traceback only.
         self.config_error: str | None = None

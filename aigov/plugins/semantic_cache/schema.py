@@ -6,8 +6,8 @@ stricter; Kong's is a distance), `scope` defaults to per-consumer, `exact_cachin
 
 Config errors are rejected when the gateway loads the config wherever the schema can say so:
 `vectordb.namespace` carries a `match` Lua pattern (the characters keys and index names allow),
-and the `embeddings` record an entity check (provider openai needs url and model; real Kong
-enforces nested-record `entity_checks`, the stand-in does not). What a Python plugin's schema
+and the `embeddings` record entity checks (provider openai needs url and model; Kong, and the
+stand-in after it, run a nested record's `entity_checks`). What a Python plugin's schema
 cannot express (no entity_checks on the `config` record itself: admin_path needs admin_key) is
 checked by aigov.cache.core.CacheSettings.from_config; the handler then answers every request
 with a JSON 500 naming the field and logs it through kong.log.err, as the quota and router do.

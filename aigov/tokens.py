@@ -230,6 +230,22 @@ def content_text(content: Any) -> str:
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING_TOKENS = 3
+# An image part's tokens depend on its pixel size and the model, which the request does not say
+# (a URL) or says only in the image bytes. OpenAI's gpt-4o rule (85 + 170 per 512-px tile of the
+# image scaled to fit 768 px on its short side) gives 765 for a 1024 x 1024 image, and 85 at
+# detail "low" whatever the size. An estimate, so that an image is never free where the provider
+# reports no usage; with the provider's usage the charge is exact.
+IMAGE_PART_TOKENS = 765
+IMAGE_PART_TOKENS_LOW_DETAIL = 85
+
+
+def image_part_tokens(part: Mapping[str, Any]) -> int:
+    """The estimate for one content part: IMAGE_PART_TOKENS for an image, 0 for anything else."""
+    if part.get("type") not in ("image_url", "input_image") or not isinstance(part.get("image_url"), (Mapping, str)):
+        return 0
+    image = part["image_url"]
+    detail = image.get("detail") if isinstance(image, Mapping) else part.get("detail")
+    return IMAGE_PART_TOKENS_LOW_DETAIL if detail == "low" else IMAGE_PART_TOKENS
 
 
 def count_chat_messages(messages: Any, model: Any = None,
@@ -237,7 +253,8 @@ def count_chat_messages(messages: Any, model: Any = None,
     """Prompt tokens of a chat request, per OpenAI's cookbook formula.
 
     Each message costs 3 tokens plus its role, content, name (+1) and tool-call texts (the
-    legacy function_call too); +3 primes the reply. Refusal parts count as their text.
+    legacy function_call too); +3 primes the reply. Refusal parts count as their text, an image
+    part as IMAGE_PART_TOKENS (an estimate; audio and files are not counted).
     `extra_texts` are other request fields the provider reads as prompt (a response_format
     schema, see request.ChatRequest.prompt_extras). Malformed entries are skipped, never raised on.
     """
@@ -263,6 +280,7 @@ def count_chat_messages(messages: Any, model: Any = None,
         for part in content if isinstance(content, list) else []:
             if isinstance(part, Mapping):
                 total += n(part.get("refusal"))  # an assistant refusal part carries text too
+                total += image_part_tokens(part)
         total += n(message.get("refusal"))  # and so does an assistant message's refusal field
         if isinstance(message.get("name"), str):
             total += n(message["name"]) + TOKENS_PER_NAME

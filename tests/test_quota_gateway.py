@@ -291,6 +291,26 @@ def test_tool_definitions_are_charged_on_a_stream_without_usage(shared_gateway, 
     assert counter_values(rclient, who) == [expected_prompt + used]
 
 
+def test_images_are_charged_an_estimate_on_a_stream_without_usage(shared_gateway, rclient, mock_llm) -> None:
+    # An attacker's stream of 20 images without include_usage was charged its few text tokens.
+    png = "data:image/png;base64," + "iVBORw0KGgo" * 10
+    parts = [{"type": "text", "text": "compare these"}] + \
+        [{"type": "image_url", "image_url": {"url": png, "detail": "low" if i % 2 else "high"}} for i in range(20)]
+    body = {**chat("x", max_tokens=None, stream=True), "messages": [{"role": "user", "content": parts}]}
+    text_only = tokens.count_chat_messages([{"role": "user", "content": parts[:1]}], MODEL)
+    expected_prompt = text_only + 10 * tokens.IMAGE_PART_TOKENS + 10 * tokens.IMAGE_PART_TOKENS_LOW_DETAIL
+    billed_before = mock_llm.stats.snapshot()["tokens_billed"]
+    r = post(shared_gateway, "cost", body, "images")
+    assert r.status == 200
+    completion, complete = sse.completion_from_chat_chunks(r.body)
+    assert complete and completion.get("usage") is None
+    assert int(r.header("X-AI-Tokens-Prompt")) == expected_prompt
+    wait_settled(shared_gateway, rclient, "images")
+    used = tokens.count_text(completion["choices"][0]["message"]["content"], MODEL)
+    assert counter_values(rclient, "images") == [expected_prompt + used]
+    assert mock_llm.stats.snapshot()["tokens_billed"] - billed_before == expected_prompt + used  # the mock's bill
+
+
 @pytest.mark.parametrize("asked", ["ft:custom-x:acme::abc123", "acme/custom-y", "Plain-Custom"])
 def test_a_listed_unpriced_model_meets_its_limit_however_it_is_spelled(shared_gateway, rclient, asked: str) -> None:
     # The limit's `models` are normalised (provider/ prefix, ft: wrapper, case): so is the name

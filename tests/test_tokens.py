@@ -146,14 +146,27 @@ def test_chat_overhead_formula() -> None:
     assert tokens.count_chat_messages([], "gpt-4o") == 3
 
 
-def test_content_parts_count_text_only() -> None:
+def test_content_parts_count_their_text_and_an_estimate_per_image() -> None:
+    # Before, an image counted 0: a stream without usage got any number of images for free.
     as_string = [{"role": "user", "content": "describe this picture please"}]
-    as_parts = [{"role": "user", "content": [
-        {"type": "text", "text": "describe this "},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-        {"type": "text", "text": "picture please"},
-    ]}]
-    assert tokens.count_chat_messages(as_parts, "gpt-4o") == tokens.count_chat_messages(as_string, "gpt-4o")
+
+    def with_image(image: dict | str, kind: str = "image_url") -> list:
+        return [{"role": "user", "content": [
+            {"type": "text", "text": "describe this "}, {"type": kind, "image_url": image},
+            {"type": "text", "text": "picture please"}]}]
+
+    text_only = tokens.count_chat_messages(as_string, "gpt-4o")
+    png = "data:image/png;base64,AAAA"
+    assert tokens.count_chat_messages(with_image({"url": png}), "gpt-4o") == text_only + tokens.IMAGE_PART_TOKENS
+    assert tokens.count_chat_messages(with_image({"url": png, "detail": "high"}), "gpt-4o") == text_only + 765
+    assert tokens.count_chat_messages(with_image({"url": png, "detail": "low"}), "gpt-4o") == text_only + 85
+    many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}] * 40}]
+    assert tokens.count_chat_messages(many, "gpt-4o") >= 40 * 765
+    # A part that is not an image (audio, a file, a malformed image) adds no estimate.
+    for part in ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                 {"type": "file", "file": {"file_id": "f"}}, {"type": "image_url", "image_url": 5}):
+        assert tokens.count_chat_messages([{"role": "user", "content": [part]}], "gpt-4o") == \
+            tokens.count_chat_messages([{"role": "user", "content": []}], "gpt-4o")
 
 
 def test_odd_messages_are_tolerated() -> None:

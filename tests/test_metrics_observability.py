@@ -23,6 +23,8 @@ from kongsim.pytest_plugin import GatewayHandle, make_prefix, start_gateway
 REPO = Path(__file__).resolve().parent.parent
 KEYS = {"ann": "ann-obs-key", "ben": "ben-obs-key"}
 CUSTOM_ID_KEY = "cust-obs-key"  # a consumer with a custom_id and no username
+# Consumers named like the labels the quota gives others (unidentified callers, the overflow).
+RESERVED_NAME_KEYS = {"anonymous": "anon-named-key", "other": "other-named-key"}
 
 
 def _config(mock_url: str) -> dict[str, Any]:
@@ -42,7 +44,8 @@ def _config(mock_url: str) -> dict[str, Any]:
     cache = {"name": "llm-semantic-cache", "config": {"vectordb": {"namespace": "obs"}}}
     return {
         "_format_version": "3.0",
-        "consumers": [{"username": u, "keyauth_credentials": [{"key": k}]} for u, k in KEYS.items()]
+        "consumers": [{"username": u, "keyauth_credentials": [{"key": k}]}
+                      for u, k in {**KEYS, **RESERVED_NAME_KEYS}.items()]
         + [{"custom_id": "cust-42", "keyauth_credentials": [{"key": CUSTOM_ID_KEY}]}],
         "services": [{"name": "llm", "url": mock_url, "routes": [{
             "name": "obs", "paths": ["/v1/chat"], "strip_path": False,
@@ -222,3 +225,23 @@ def test_a_consumer_is_labelled_by_username_else_custom_id_never_its_id(observed
     assert label_deltas.get("cust-42") == spent
     consumer_id = next(c.id for c in gw.gateway.decl.consumers.values() if c.custom_id == "cust-42")
     assert not any(consumer_id in label for label in label_deltas)
+
+
+def test_a_consumer_named_like_a_reserved_label_gets_its_own_series(observed: dict[str, Any]) -> None:
+    # A consumer named "other" shared the series of the callers past --metrics-max-consumers, one
+    # named "anonymous" those of unidentified callers: each now gets "consumer:<name>".
+    gw, url = observed["gw"], observed["metrics_url"]
+    body = {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "name a moon"}]}
+    before = scrape(url)
+    spent = {}
+    for name, key in RESERVED_NAME_KEYS.items():
+        reply = gw.request("POST", "/v1/chat/completions", headers={"apikey": key}, json=body, timeout=90)
+        assert reply.status == 200
+        spent[name] = int(reply.header("X-AI-Tokens-Prompt")) + int(reply.header("X-AI-Tokens-Completion"))
+    assert gw.wait_logs(15)
+    after = scrape(url)
+    deltas = {dict(labels)["consumer"]: v - before.get((name, labels), 0) for (name, labels), v in after.items()
+              if name == "ai_llm_tokens_total" and dict(labels).get("token_type") == "total_tokens"}
+    assert deltas.get("consumer:anonymous") == spent["anonymous"]
+    assert deltas.get("consumer:other") == spent["other"]
+    assert not deltas.get("anonymous") and not deltas.get("other")

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from aigov.prices import Price
-from aigov.quota.core import (QuotaConfig, QuotaConfigError, charge_from_usage, identity_tag, plan_counters,
-                              rate_limit_headers, rejection_body)
+from aigov.metrics import OTHER
+from aigov.quota.core import (QuotaConfig, QuotaConfigError, charge_from_usage, consumer_metric_name, identity_tag,
+                              plan_counters, rate_limit_headers, rejection_body)
 
 NOW = 1_800_000_030.0
 
@@ -32,6 +33,17 @@ def test_identity_tags_cannot_break_the_cluster_hash_tag() -> None:
     assert "{" not in weird and "}" not in weird and weird.startswith("header:h")
     assert identity_tag("header", "evil}{tag value") == weird  # stable
     assert identity_tag("header", "x" * 500) != identity_tag("header", "x" * 501)
+
+
+def test_consumer_names_never_take_a_label_the_quota_gives_other_callers() -> None:
+    others = {"anonymous", "global", OTHER, identity_tag("header", "alice"), identity_tag("ip", "10.0.0.1"),
+              identity_tag("credential", "c1"), identity_tag("consumer", "4f1c-aa")}
+    names = ["alice", "anonymous", "global", "other", "header:alice", "ip:10.0.0.1", "credential:c1",
+             "consumer:4f1c-aa", "consumer:other", "Other", "team:ops", "a:b"]
+    labels = [consumer_metric_name(n) for n in names]
+    assert not set(labels) & others
+    assert len(set(labels)) == len(names)  # and no two names share one
+    assert consumer_metric_name("alice") == "alice" and consumer_metric_name("team:ops") == "team:ops"
 
 
 def test_counters_are_scoped_by_model_route_and_filtered_by_model() -> None:

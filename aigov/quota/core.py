@@ -141,6 +141,19 @@ class QuotaConfig:
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@=-]{1,80}$")
 
 
+# `consumer` label values the quota gives callers that are not a Kong consumer's own name.
+NON_CONSUMER_LABELS = frozenset({"anonymous", "global", "other"})
+
+
+def consumer_metric_name(name: str) -> str:
+    """A Kong consumer's `consumer` label: its name, as Kong's prometheus plugin labels it, unless
+    the name is one the quota gives other callers ("anonymous", "global", the overflow "other",
+    a "header:..." tag): then "consumer:" + name, so two callers never share a series."""
+    if name in NON_CONSUMER_LABELS or name.partition(":")[0] in IDENTIFIER_SOURCES and ":" in name:
+        return f"consumer:{name}"
+    return name
+
+
 def identity_tag(source: str, value: str) -> str:
     """The hash-tag part of the keys for one caller. Client-supplied values (headers) may hold
     anything, including '{' '}' that would break the Cluster hash tag, so unsafe or long values

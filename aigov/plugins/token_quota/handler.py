@@ -54,8 +54,8 @@ from aigov.llm_response import LLMResponse, parse_upstream_response
 from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
 from aigov.prices import Price, nano_to_usd, normalize_model
 from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, ReserveResult,
-                              charge_from_usage, identity_tag, openai_error, plan_counters, rate_limit_headers,
-                              rejection_body)
+                              charge_from_usage, consumer_metric_name, identity_tag, openai_error, plan_counters,
+                              rate_limit_headers, rejection_body)
 from aigov.request import (UNREADABLE_CHAT, ChatRequest, EmbeddingsRequest, RequestError, billable_fields,
                            could_be_chat, names_an_embedding_model, parse_chat_request,
                            parse_embeddings_request)
@@ -616,8 +616,8 @@ class TokenQuotaHandler:
                     tag = identity_tag(source, ident.strip())
                     # Kong's prometheus labels by username; a consumer with only a custom_id
                     # gets that rather than its id.
-                    name = next((n for n in (c.get("username"), c.get("custom_id")) if isinstance(n, str) and n), tag)
-                    return tag, name
+                    name = next((n for n in (c.get("username"), c.get("custom_id")) if isinstance(n, str) and n), None)
+                    return tag, tag if name is None else consumer_metric_name(name)
             elif source == "credential":
                 ident = _as_dict(value(kong.client.get_credential())).get("id")
             elif source == "header":

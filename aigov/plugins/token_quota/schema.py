@@ -7,6 +7,7 @@ identifier header) are checked by aigov.quota.core.QuotaConfig when the instance
 """
 from __future__ import annotations
 
+from aigov.quota.core import IDENTIFIER_SOURCES
 from aigov.quota.windows import WINDOWS
 from aigov.schema import Field, array, field, record, redis_record
 
@@ -47,7 +48,7 @@ SCHEMA: list[Field] = [
           "consumer: each caller has its own counters; global: every caller shares them.",
           one_of=["consumer", "global"], default="consumer"),
     array("identifier_sources", "How a caller is identified, first match wins: consumer, credential, header, ip.",
-          {"type": "string", "one_of": ["consumer", "credential", "header", "ip"]},
+          {"type": "string", "one_of": list(IDENTIFIER_SOURCES)},
           default=["consumer", "credential", "ip"]),
     field("identifier_header", "string", "Request header naming the caller when 'header' is a source."),
     field("policy", "string", "Where counters live: memory (one node) or redis (shared by every node).",

@@ -117,6 +117,14 @@ class _PendingMisses:
 _PENDING = _PendingMisses()
 
 
+def _same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison of two secrets as UTF-8 bytes: compare_digest refuses str with
+    non-ASCII characters (a TypeError, which failed the admin request open, on to the upstream)."""
+    def raw(s: str) -> bytes:
+        return s.encode("utf-8", "surrogateescape")
+    return secrets.compare_digest(raw(given), raw(expected))
+
+
 def _header(headers: Any, name: str) -> str | None:
     if not isinstance(headers, dict):
         return None
@@ -313,28 +321,37 @@ class SemanticCacheHandler:
         path = text(kong.request.get_path())
         if path != self.settings.admin_path:
             return False
+        try:
+            self._admin_request(kong, headers)
+        except Exception as exc:  # noqa: BLE001 - an admin request never fails open to the upstream
+            kong.log.err(f"llm-semantic-cache: admin request failed: {type(exc).__name__}: {exc}")
+            kong.response.exit(500, json.dumps({"message": "admin request failed; see Kong's error log"}),
+                               {"Content-Type": "application/json"})
+        return True
+
+    def _admin_request(self, kong: Any, headers: dict[str, Any]) -> None:
+        """Answer a request on admin_path (its key checked first); never proxied."""
         method = (text(kong.request.get_method()) or "").upper()
         given = _header(headers, "x-cache-admin-key")
         if given:
             # Kong's log entry carries every request header but Authorization: not this secret.
             kong.log.set_serialize_value("request.headers.x-cache-admin-key", "REDACTED")
-        if not given or not secrets.compare_digest(given, self.settings.admin_key or ""):
+        if not given or not _same_secret(given, self.settings.admin_key or ""):
             kong.response.exit(403, json.dumps({"message": "X-Cache-Admin-Key missing or wrong"}),
                                {"Content-Type": "application/json"})
-            return True
+            return
         if method not in ("DELETE", "POST"):
             kong.response.exit(405, json.dumps({"message": "use DELETE or POST to purge"}),
                                {"Content-Type": "application/json", "Allow": "DELETE, POST"})
-            return True
+            return
         try:
             removed = self.cache.store.purge()
         except StoreUnavailable as exc:
             kong.response.exit(503, json.dumps({"message": f"purge failed: {exc}"}),
                                {"Content-Type": "application/json"})
-            return True
+            return
         kong.response.exit(200, json.dumps({"namespace": self.settings.namespace, "purged": removed}),
                            {"Content-Type": "application/json"})
-        return True
 
     # -- capture ---------------------------------------------------------------------------
     def _store_answer(self, kong: Any, pending: dict[str, Any], status: int, headers: Any, body: bytes) -> str:

@@ -15,6 +15,9 @@ Field = dict[str, dict[str, Any]]
 # Lua's %c (iscntrl: 0x00-0x1f and 0x7f), for `not_match` on what becomes a header value: a line
 # break would split the header, other control characters are refused by upstreams or corrupt logs.
 CONTROL_CHAR_PATTERN = "%c"
+# Kong's not_match error is "invalid value: <the value>", which would put a credential into the
+# Admin API's answer and the error log; a field's `err` replaces it.
+CONTROL_CHAR_ERR = "must not contain control characters (a line break at the end of the value?)"
 _CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -50,7 +53,7 @@ def secret(name: str, description: str, **attrs: Any) -> Field:
 
 def header_secret(name: str, description: str, **attrs: Any) -> Field:
     """A credential sent in, or compared with, a request header: no control characters."""
-    return secret(name, description, not_match=CONTROL_CHAR_PATTERN, **attrs)
+    return secret(name, description, not_match=CONTROL_CHAR_PATTERN, err=CONTROL_CHAR_ERR, **attrs)
 
 
 def redis_record(description: str = "Redis connection used when the policy is redis.") -> Field:

@@ -291,7 +291,10 @@ def _validate_value(spec: dict[str, Any], value: Any, path: str, errors: dict[st
         return record
     elif ftype == "json":
         pass
+    before = errors.get(path)
     _apply_validators(spec, value, path, errors)
+    if spec.get("err") and errors.get(path) != before:
+        errors[path] = spec["err"]  # Schema:validate_field returns `field.err or err` for a validator
     return value
 
 

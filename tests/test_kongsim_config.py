@@ -99,6 +99,18 @@ _POLICY = [{"policy": {"type": "string", "default": "local", "one_of": ["local",
            {"host": {"type": "string"}}, {"port": {"type": "integer"}}]
 
 
+def test_a_fields_err_replaces_its_validators_message_not_its_type_error() -> None:
+    # Schema:validate_field returns `field.err or err` after a validator: Kong's own
+    # "invalid value: <value>" would echo a credential.
+    fields = [{"key": {"type": "string", "not_match": "%c", "err": "no control characters"}}]
+    with pytest.raises(metaschema.ConfigError) as err:
+        metaschema.process_config(fields, {"key": "sk-secret\n"})
+    assert err.value.errors == {"config.key": "no control characters"}
+    with pytest.raises(metaschema.ConfigError) as err:
+        metaschema.process_config(fields, {"key": 5})
+    assert err.value.errors == {"config.key": "expected a string"}
+
+
 def test_a_nested_records_conditional_check_runs_as_kongs_does() -> None:
     # kong/db/schema/init.lua `conditional`: a null then_field under `required` gets "required
     # field missing" and the generic message (then_err only for a then_match that fails otherwise).

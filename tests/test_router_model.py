@@ -366,6 +366,7 @@ def test_a_dotted_target_header_name_is_a_config_error() -> None:
     ({"headers": {"x-org": "acme\x00"}}, "headers"),            # NUL
     ({"headers": {"x-org": "\x1b[31macme"}}, "headers"),        # an escape sequence
     ({"auth_prefix": "Key\x7f", "api_key": "sk-x"}, "auth_prefix"),  # DEL
+    ({"api_key": "sk-acme-literal\n"}, "api_key"),  # a YAML `|` block keeps the final newline
 ])
 def test_the_schema_refuses_header_names_and_values_the_router_could_not_send(target: dict, where: str) -> None:
     # A new user's CRLF in a target header value passed the schema, then raised in the stand-in on
@@ -375,8 +376,9 @@ def test_the_schema_refuses_header_names_and_values_the_router_could_not_send(ta
 
     conf = {"default_route": "a", "routes": [{"name": "a", "utterances": ["hello there"],
                                               "target": {"model": "gpt-4o-mini", **target}}]}
-    with pytest.raises(metaschema.ConfigError, match=f"target.{where}"):
+    with pytest.raises(metaschema.ConfigError, match=f"target.{where}") as err:
         metaschema.process_config(SCHEMA, conf, "llm-semantic-router")
+    assert "acme" not in str(err.value)  # a value (it may be a credential) is never echoed back
     fine = {"default_route": "a", "routes": [{"name": "a", "utterances": ["hello there"], "target": {
         "model": "gpt-4o-mini", "headers": {"OpenAI-Organization": "org-1", "x_team": "a b"},
         "auth_header": "api-key", "auth_prefix": "Key ", "api_key": "sk-x"}}]}

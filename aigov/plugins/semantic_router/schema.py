@@ -7,7 +7,7 @@ answers every request with a clear 500 JSON error naming the field, and logs it.
 """
 from __future__ import annotations
 
-from aigov.schema import CONTROL_CHAR_PATTERN, Field, array, field, header_secret, record
+from aigov.schema import CONTROL_CHAR_ERR, CONTROL_CHAR_PATTERN, Field, array, field, header_secret, record
 
 _STRINGS = {"type": "string"}
 # A Lua pattern (Kong's `match`): the header names the router may set. A dotted name cannot be
@@ -39,13 +39,13 @@ TARGET = record("target", "Where a routed request goes and with which model and 
     field("headers", "map", "Extra upstream request headers set for this target (names of letters, "
           "digits, - and _; values without control characters).",
           keys={"type": "string", "match": HEADER_NAME_PATTERN},
-          values={"type": "string", "not_match": CONTROL_CHAR_PATTERN}),
+          values={"type": "string", "not_match": CONTROL_CHAR_PATTERN, "err": CONTROL_CHAR_ERR}),
     header_secret("api_key", "This target's own credential, sent only to this target; use a Kong Vault "
            "reference such as {vault://env/OPENAI_KEY} to keep it out of kong.yml."),
     field("auth_header", "string", "Header that carries api_key (Authorization, api-key, x-api-key...).",
           default="Authorization", match=HEADER_NAME_PATTERN),
     field("auth_prefix", "string", "Prefix before api_key; unset means 'Bearer ' for Authorization "
-          "and nothing for other headers.", not_match=CONTROL_CHAR_PATTERN),
+          "and nothing for other headers.", not_match=CONTROL_CHAR_PATTERN, err=CONTROL_CHAR_ERR),
 ], required=True)
 
 ROUTE = {"type": "record", "fields": [

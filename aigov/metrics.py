@@ -8,6 +8,7 @@ with `start_metrics_server` (default 127.0.0.1 only).
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any
 
@@ -21,6 +22,15 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 OTHER = "other"            # the label value of every value past a vocabulary's cap
 LABEL_MAX_CHARS = 64       # longest label value kept (a client may send a 1 MB "model")
+
+
+def bounded_label(value: str) -> str:
+    """`value` if it fits LABEL_MAX_CHARS, else its start and a digest of the whole: two long
+    values that share their first 64 characters (two service accounts) stay two series."""
+    if len(value) <= LABEL_MAX_CHARS:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{value[:LABEL_MAX_CHARS - 9]}~{digest}"
 MAX_UNPRICED_MODELS = 100  # distinct model names outside every price table, per process
 DEFAULT_MAX_CONSUMERS = 10_000
 DEFAULT_MAX_SERIES = 20_000  # per metric family whose labels come from clients (~0.75 KB each)
@@ -84,7 +94,7 @@ class LabelVocabulary:
     def __call__(self, raw_value: Any) -> str | None:
         """The label value for `raw_value`, or None when it is past the cap (a caller that sets a
         gauge skips it: "other" would hold whichever caller came last)."""
-        label_value = raw_value[:LABEL_MAX_CHARS] if isinstance(raw_value, str) else ""
+        label_value = bounded_label(raw_value) if isinstance(raw_value, str) else ""
         if label_value in self._seen:
             return label_value
         with self._lock:
@@ -107,11 +117,11 @@ def model_label(model: Any, priced_as: str | None = None) -> str:
     config, so bounded), else the name itself among the first MAX_UNPRICED_MODELS such names,
     else "other"."""
     if priced_as:
-        return priced_as[:LABEL_MAX_CHARS]
+        return bounded_label(priced_as)
     from aigov.prices import default_prices  # lazy: only the plugins load the price file
     table_name = default_prices().resolve(model) if isinstance(model, str) else None
     if table_name:
-        return table_name[:LABEL_MAX_CHARS]
+        return bounded_label(table_name)
     kept = UNPRICED_MODELS(model.strip().lower() if isinstance(model, str) else "")
     return OTHER if kept is None else kept
 

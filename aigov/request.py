@@ -71,6 +71,11 @@ def content_text(content: Any, sep: str = "\n") -> str:
     return ""
 
 
+# Request headers a client (or key-auth) carries a credential in: the router clears them before
+# setting a target's key, the quota never shows their values (hashed identities).
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "apikey", "api-key", "x-api-key",
+                                "x-goog-api-key"})
+
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
 
 

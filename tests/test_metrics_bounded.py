@@ -44,6 +44,18 @@ def test_model_label_prefers_the_price_table_and_truncates() -> None:
     assert metrics.model_label(["a", "list"]) == ""
 
 
+def test_long_label_values_that_share_a_prefix_stay_apart() -> None:
+    # Cut at 64 characters, two service accounts named ...-prod-A and ...-prod-B shared a series.
+    a = "svc-platform-observability-ingestion-pipeline-europe-west-1-prod-A"
+    b = a[:-1] + "B"
+    assert metrics.bounded_label(a) != metrics.bounded_label(b)
+    assert len(metrics.bounded_label(a)) == metrics.LABEL_MAX_CHARS
+    assert metrics.bounded_label(a) == metrics.bounded_label(a)  # stable
+    assert metrics.bounded_label("short") == "short"
+    vocabulary = metrics.LabelVocabulary("consumer", 10)
+    assert vocabulary(a) != vocabulary(b)
+
+
 def test_series_budget_folds_client_labels_and_keeps_totals() -> None:
     from prometheus_client import CollectorRegistry, Counter, Gauge
 

@@ -23,8 +23,11 @@ from kongsim.pytest_plugin import GatewayHandle, make_prefix, start_gateway
 REPO = Path(__file__).resolve().parent.parent
 KEYS = {"ann": "ann-obs-key", "ben": "ben-obs-key"}
 CUSTOM_ID_KEY = "cust-obs-key"  # a consumer with a custom_id and no username
-# Consumers named like the labels the quota gives others (unidentified callers, the overflow).
-RESERVED_NAME_KEYS = {"anonymous": "anon-named-key", "other": "other-named-key"}
+# Consumers named like the labels the quota gives others (unidentified callers, the overflow, the
+# custom_id-only consumer's custom_id) -> (key, the label each must get).
+RESERVED_NAMES = {"anonymous": ("anon-named-key", "consumer:anonymous"),
+                  "other": ("other-named-key", "consumer:other"),
+                  "cust-42": ("cust42-named-key", "cust-42")}
 
 
 def _config(mock_url: str) -> dict[str, Any]:
@@ -45,7 +48,7 @@ def _config(mock_url: str) -> dict[str, Any]:
     return {
         "_format_version": "3.0",
         "consumers": [{"username": u, "keyauth_credentials": [{"key": k}]}
-                      for u, k in {**KEYS, **RESERVED_NAME_KEYS}.items()]
+                      for u, k in {**KEYS, **{n: key for n, (key, _) in RESERVED_NAMES.items()}}.items()]
         + [{"custom_id": "cust-42", "keyauth_credentials": [{"key": CUSTOM_ID_KEY}]}],
         "services": [{"name": "llm", "url": mock_url, "routes": [{
             "name": "obs", "paths": ["/v1/chat"], "strip_path": False,
@@ -222,26 +225,28 @@ def test_a_consumer_is_labelled_by_username_else_custom_id_never_its_id(observed
     for (name, labels), v in after.items():
         if name == "ai_llm_tokens_total" and dict(labels).get("token_type") == "total_tokens":
             label_deltas[dict(labels)["consumer"]] = v - before.get((name, labels), 0)
-    assert label_deltas.get("cust-42") == spent
+    assert label_deltas.get("custom_id:cust-42") == spent
+    assert not label_deltas.get("cust-42")  # the label of the consumer whose username is cust-42
     consumer_id = next(c.id for c in gw.gateway.decl.consumers.values() if c.custom_id == "cust-42")
     assert not any(consumer_id in label for label in label_deltas)
 
 
 def test_a_consumer_named_like_a_reserved_label_gets_its_own_series(observed: dict[str, Any]) -> None:
     # A consumer named "other" shared the series of the callers past --metrics-max-consumers, one
-    # named "anonymous" those of unidentified callers: each now gets "consumer:<name>".
+    # named "anonymous" those of unidentified callers: each now gets "consumer:<name>". A username
+    # equal to another consumer's custom_id keeps its name (the custom_id one is custom_id:...).
     gw, url = observed["gw"], observed["metrics_url"]
     body = {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "name a moon"}]}
     before = scrape(url)
     spent = {}
-    for name, key in RESERVED_NAME_KEYS.items():
+    for name, (key, label) in RESERVED_NAMES.items():
         reply = gw.request("POST", "/v1/chat/completions", headers={"apikey": key}, json=body, timeout=90)
         assert reply.status == 200
-        spent[name] = int(reply.header("X-AI-Tokens-Prompt")) + int(reply.header("X-AI-Tokens-Completion"))
+        spent[label] = int(reply.header("X-AI-Tokens-Prompt")) + int(reply.header("X-AI-Tokens-Completion"))
     assert gw.wait_logs(15)
     after = scrape(url)
     deltas = {dict(labels)["consumer"]: v - before.get((name, labels), 0) for (name, labels), v in after.items()
               if name == "ai_llm_tokens_total" and dict(labels).get("token_type") == "total_tokens"}
-    assert deltas.get("consumer:anonymous") == spent["anonymous"]
-    assert deltas.get("consumer:other") == spent["other"]
-    assert not deltas.get("anonymous") and not deltas.get("other")
+    for label, n in spent.items():
+        assert deltas.get(label) == n, (label, deltas)
+    assert not deltas.get("anonymous") and not deltas.get("other") and not deltas.get("custom_id:cust-42")

@@ -30,7 +30,12 @@ def test_config_errors_are_reported_together_and_clearly() -> None:
 def test_identity_tags_cannot_break_the_cluster_hash_tag() -> None:
     assert identity_tag("consumer", "4f1c-aa") == "consumer:4f1c-aa"
     weird = identity_tag("header", "evil}{tag value")
-    assert "{" not in weird and "}" not in weird and weird.startswith("header:h")
+    assert "{" not in weird and "}" not in weird and weird.startswith("header:#")
+    # A client cannot type a hashed tag: '#' is not kept in a raw value (it is hashed itself).
+    assert identity_tag("header", weird.split(":", 1)[1]) != weird
+    # A credential header's value is hashed even when it looks harmless.
+    assert identity_tag("header", "sk-abc123", secret=True).startswith("header:#")
+    assert "sk-abc123" not in identity_tag("header", "sk-abc123", secret=True)
     assert identity_tag("header", "evil}{tag value") == weird  # stable
     assert identity_tag("header", "x" * 500) != identity_tag("header", "x" * 501)
 
@@ -38,8 +43,9 @@ def test_identity_tags_cannot_break_the_cluster_hash_tag() -> None:
 def test_consumer_names_never_take_a_label_the_quota_gives_other_callers() -> None:
     others = {"anonymous", "global", OTHER, identity_tag("header", "alice"), identity_tag("ip", "10.0.0.1"),
               identity_tag("credential", "c1"), identity_tag("consumer", "4f1c-aa")}
+    others |= {"custom_id:cust-42"}  # a consumer with only a custom_id
     names = ["alice", "anonymous", "global", "other", "header:alice", "ip:10.0.0.1", "credential:c1",
-             "consumer:4f1c-aa", "consumer:other", "Other", "team:ops", "a:b"]
+             "consumer:4f1c-aa", "consumer:other", "Other", "team:ops", "a:b", "custom_id:cust-42", "cust-42"]
     labels = [consumer_metric_name(n) for n in names]
     assert not set(labels) & others
     assert len(set(labels)) == len(names)  # and no two names share one

@@ -126,6 +126,7 @@ def shared_gateway(redis_server, mock_llm) -> Iterator[GatewayHandle]:
         "listed": [quota_plugin(port, unknown_model="default_price", default_price={"input": 1, "output": 2},
                                 limits=[{"window": "day", "tokens": 100, "per_model": True, "name": "listed",
                                          "models": ["ft:custom-x:acme::abc123", "acme/custom-y", "plain-custom"]}])],
+        "bykey": [quota_plugin(port, identifier_header="x-api-key", limits=[{"window": "day", "tokens": 1000}])],
     }
     consumers = [{"username": "alice", "keyauth_credentials": [{"key": "key-alice"}]},
                  {"username": "bob", "keyauth_credentials": [{"key": "key-bob"}]}]
@@ -767,6 +768,21 @@ def test_other_billable_apis_are_refused_not_passed_unmetered(shared_gateway, rc
     thread = shared_gateway.request("POST", "/day/v1/threads", json={"metadata": {"k": "v"}},
                                     headers={"X-User": "other-api"})
     assert thread.status == 404  # the mock's own answer: the quota passed it on
+
+
+def test_a_credential_header_identity_never_appears_in_clear(shared_gateway, rclient) -> None:
+    # identifier_header: x-api-key kept a short key as it was: in every Redis key name and in the
+    # metrics' consumer label. A credential header's value is hashed; the caller is still one caller.
+    key = "sk-live-4f9a1c"
+    body = chat("hi", max_tokens=5)
+    replies = [shared_gateway.request("POST", "/bykey/v1/chat/completions", json=body,
+                                      headers={"x-api-key": key, "X-Mock-Usage": "total=30"}) for _ in range(2)]
+    assert [r.status for r in replies] == [200, 200]
+    assert int(replies[1].header("X-AI-RateLimit-Remaining-Day")) == 1000 - 60
+    wait_logs(shared_gateway)
+    names = [k.decode() for k in rclient.keys("aigov:quota:*")]
+    assert names and not [n for n in names if key in n]
+    assert all("{header:#" in n for n in names)
 
 
 def test_a_request_without_model_says_so(shared_gateway, rclient) -> None:

@@ -148,20 +148,23 @@ NON_CONSUMER_LABELS = frozenset({"anonymous", "global", "other"})
 def consumer_metric_name(name: str) -> str:
     """A Kong consumer's `consumer` label: its name, as Kong's prometheus plugin labels it, unless
     the name is one the quota gives other callers ("anonymous", "global", the overflow "other",
-    a "header:..." tag): then "consumer:" + name, so two callers never share a series."""
-    if name in NON_CONSUMER_LABELS or name.partition(":")[0] in IDENTIFIER_SOURCES and ":" in name:
+    a "header:..." tag, a consumer's "custom_id:..."): then "consumer:" + name, so two callers
+    never share a series."""
+    prefix, colon, _ = name.partition(":")
+    if name in NON_CONSUMER_LABELS or colon and (prefix in IDENTIFIER_SOURCES or prefix == "custom_id"):
         return f"consumer:{name}"
     return name
 
 
-def identity_tag(source: str, value: str) -> str:
+def identity_tag(source: str, value: str, secret: bool = False) -> str:
     """The hash-tag part of the keys for one caller. Client-supplied values (headers) may hold
-    anything, including '{' '}' that would break the Cluster hash tag, so unsafe or long values
-    are replaced by a digest."""
+    anything, including '{' '}' that would break the Cluster hash tag, so unsafe or long values,
+    and every `secret` one, are replaced by a digest. The digest's '#' is a character a value
+    kept as it is cannot hold, so no client can type another caller's hashed tag."""
     raw = f"{source}:{value}"
-    if _SAFE_ID.match(raw):
+    if not secret and _SAFE_ID.match(raw):
         return raw
-    return f"{source}:h{hashlib.sha256(value.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
+    return f"{source}:#{hashlib.sha256(value.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
 
 
 @dataclass

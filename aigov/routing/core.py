@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from aigov import cooperative
-from aigov.request import canonical_json, sha256_hex
+from aigov.request import CREDENTIAL_HEADERS, canonical_json, sha256_hex
 from aigov.routing import model as rmodel
 from aigov.schema import control_char_error, has_control_char
 
@@ -107,7 +107,7 @@ class RouterSettings:
         """Every header any target puts its key in: cleared before the chosen target's is set."""
         # The client's own credentials too: key-auth's `apikey` reaches the upstream unless
         # hide_credentials is set, and providers read x-api-key / api-key.
-        names = {"authorization", "proxy-authorization", "apikey", "x-api-key", "api-key"}
+        names = set(CREDENTIAL_HEADERS)
         for r in self.routes:
             names.add(r.target.auth_header.lower())
         return names

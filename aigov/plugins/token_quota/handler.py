@@ -56,8 +56,8 @@ from aigov.prices import Price, nano_to_usd, normalize_model
 from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, ReserveResult,
                               charge_from_usage, consumer_metric_name, identity_tag, openai_error, plan_counters,
                               rate_limit_headers, rejection_body)
-from aigov.request import (UNREADABLE_CHAT, ChatRequest, EmbeddingsRequest, RequestError, billable_fields,
-                           could_be_chat, names_an_embedding_model, parse_chat_request,
+from aigov.request import (CREDENTIAL_HEADERS, UNREADABLE_CHAT, ChatRequest, EmbeddingsRequest, RequestError,
+                           billable_fields, could_be_chat, names_an_embedding_model, parse_chat_request,
                            parse_embeddings_request)
 
 NAME = "llm-token-quota"
@@ -615,9 +615,14 @@ class TokenQuotaHandler:
                 if isinstance(ident, str) and ident.strip():
                     tag = identity_tag(source, ident.strip())
                     # Kong's prometheus labels by username; a consumer with only a custom_id
-                    # gets that rather than its id.
-                    name = next((n for n in (c.get("username"), c.get("custom_id")) if isinstance(n, str) and n), None)
-                    return tag, tag if name is None else consumer_metric_name(name)
+                    # gets "custom_id:<it>" rather than its id (a username may equal another's
+                    # custom_id: Kong keeps the two unique separately).
+                    username, custom_id = c.get("username"), c.get("custom_id")
+                    if isinstance(username, str) and username:
+                        return tag, consumer_metric_name(username)
+                    if isinstance(custom_id, str) and custom_id:
+                        return tag, f"custom_id:{custom_id}"
+                    return tag, tag
             elif source == "credential":
                 ident = _as_dict(value(kong.client.get_credential())).get("id")
             elif source == "header":
@@ -632,7 +637,9 @@ class TokenQuotaHandler:
             else:
                 ident = text(kong.client.get_forwarded_ip()) or text(kong.client.get_ip())
             if isinstance(ident, str) and ident.strip():
-                tag = identity_tag(source, ident.strip())
+                # A credential header's value is hashed: no key in Redis key names or labels.
+                secret = source == "header" and (q.identifier_header or "").lower() in CREDENTIAL_HEADERS
+                tag = identity_tag(source, ident.strip(), secret)
                 return tag, tag
         # Nobody identifiable (no source matched): one shared "anonymous" caller.
         return "anonymous", "anonymous"

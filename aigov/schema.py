@@ -56,6 +56,24 @@ def header_secret(name: str, description: str, **attrs: Any) -> Field:
     return secret(name, description, not_match=CONTROL_CHAR_PATTERN, err=CONTROL_CHAR_ERR, **attrs)
 
 
+def embeddings_record(description: str, model_description: str, timeout_max_ms: int) -> Field:
+    """The `embeddings` block of the cache and the router: the local model or an OpenAI-compatible
+    endpoint, whose url and model Kong requires at load (a nested record's entity checks)."""
+    return record("embeddings", description, [
+        field("provider", "string", "Embedding provider: local (in-process MiniLM) or openai (HTTP endpoint).",
+              default="local", one_of=["local", "openai"]),
+        field("model", "string", model_description),
+        field("url", "string", "Full URL of the OpenAI-compatible /embeddings endpoint (required with provider openai)."),
+        header_secret("api_key", "API key for the embeddings endpoint; may be a Kong Vault reference."),
+        field("timeout_ms", "integer", "Timeout of one embeddings call in milliseconds.", default=10000,
+              between=[1, timeout_max_ms]),
+    ], required=True, entity_checks=[
+        {"conditional": {"if_field": "provider", "if_match": {"one_of": ["openai"]},
+                         "then_field": name, "then_match": {"required": True},
+                         "then_err": f"embeddings.provider openai needs embeddings.{name}"}}
+        for name in ("url", "model")])
+
+
 def redis_record(description: str = "Redis connection used when the policy is redis.") -> Field:
     """The Redis connection block, shaped like Kong's own `redis` records (host/port/...)."""
     return record("redis", description, [

@@ -313,10 +313,16 @@ def _run_entity_checks(spec: dict[str, Any], record: dict[str, Any], path: str,
         (name, arg), = check.items()
         if name == "conditional":
             message = _conditional(arg, fields, record, path, errors)
+        elif name == "conditional_at_least_one_of":
+            message = _conditional_at_least_one_of(arg, fields, record)
+        elif name == "mutually_exclusive_sets":
+            sets = [[f for f in arg[key] if _is_nonempty(record.get(f))] for key in ("set1", "set2")]
+            message = (f"these sets are mutually exclusive: ({_quoted(sets[0])}), ({_quoted(sets[1])})"
+                       if sets[0] and sets[1] else None)
         elif name in _LIST_CHECKS:
             present = [f for f in arg if _is_nonempty(record.get(f))]
             ok, template = _LIST_CHECKS[name](present, arg, record)
-            message = None if ok else template.format(", ".join(f"'{f}'" for f in arg))
+            message = None if ok else template.format(_quoted(arg))
         else:
             message = f"the Kong stand-in does not run entity check {name!r}"
         if message and message not in entity:
@@ -329,18 +335,57 @@ def _is_nonempty(value: Any) -> bool:
     return value is not None and value != "" and value != [] and value != {}
 
 
-# name -> (present fields, argument, record) -> (ok, Kong's message template)
+def _quoted(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def _lua_format(template: str, arg: str) -> str:
+    """string.format(template, arg) for a message template: %s is arg, %% a percent sign."""
+    return re.sub(r"%(.)", lambda m: arg if m.group(1) == "s" else m.group(1) if m.group(1) == "%" else m.group(0),
+                  template)
+
+
+def _distinct(present: list[str], record: dict[str, Any]) -> bool:
+    # Lua table keys: equal strings and numbers (1 and 1.0) collide; two tables never do.
+    seen: set[Any] = set()
+    for f in present:
+        v = record[f]
+        if isinstance(v, (dict, list)):
+            continue
+        key = (isinstance(v, bool), v)  # true and 1 are different Lua keys
+        if key in seen:
+            return False
+        seen.add(key)
+    return True
+
+
+# name -> (present fields, all fields, record) -> (ok, Kong's message template)
 _LIST_CHECKS: dict[str, Any] = {
-    "at_least_one_of": lambda present, arg, rec: (
+    "at_least_one_of": lambda present, names, rec: (
         bool(present), "at least one of these fields must be non-empty: {}"),
-    "only_one_of": lambda present, arg, rec: (
+    "only_one_of": lambda present, names, rec: (
         len(present) == 1, "only one of these fields must be non-empty: {}"),
-    "mutually_required": lambda present, arg, rec: (
-        len(present) in (0, len(arg)), "all or none of these fields must be set: {}"),
-    "distinct": lambda present, arg, rec: (
-        len({json.dumps(rec[f], sort_keys=True) for f in present}) == len(present),
-        "values of these fields must be distinct: {}"),
+    "mutually_required": lambda present, names, rec: (
+        len(present) in (0, len(names)), "all or none of these fields must be set: {}"),
+    "distinct": lambda present, names, rec: (
+        _distinct(present, rec), "values of these fields must be distinct: {}"),
 }
+
+
+def _conditional_at_least_one_of(arg: dict[str, Any], fields: dict[str, Any], record: dict[str, Any]) -> str | None:
+    """Kong's `conditional_at_least_one_of`: then_at_least_one_of when if_field passes if_match,
+    else_then_at_least_one_of when it fails if_match and passes else_match."""
+    if_value = record.get(arg["if_field"])
+    base = fields.get(arg["if_field"], {})
+    if _field_error({**base, **arg["if_match"]}, if_value) is None:
+        names, err = arg.get("then_at_least_one_of") or [], arg.get("then_err")
+    elif arg.get("else_match") is not None and _field_error({**base, **arg["else_match"]}, if_value) is None:
+        names, err = arg.get("else_then_at_least_one_of") or [], arg.get("else_then_err")
+    else:
+        return None
+    if any(_is_nonempty(record.get(f)) for f in names):
+        return None
+    return _lua_format(err, _quoted(names)) if err else f"at least one of these fields must be non-empty: {_quoted(names)}"
 
 
 def _conditional(arg: dict[str, Any], fields: dict[str, Any], record: dict[str, Any], path: str,
@@ -360,12 +405,14 @@ def _conditional(arg: dict[str, Any], fields: dict[str, Any], record: dict[str, 
         return None
     errors[f"{path}.{then_field}"] = err
     then_err = arg.get("then_err")
-    return then_err.replace("%s", if_field) if then_err else generic
+    return _lua_format(then_err, if_field) if then_err else generic
 
 
 def _field_error(spec: dict[str, Any], value: Any) -> str | None:
     """Schema:validate_field on one value: None when it passes, else Kong's message."""
-    if value is None:
+    if value is None:  # Kong's null branch: eq (unless null) and required fail, the rest pass
+        if spec.get("eq") is not None:
+            return f"value must be {spec['eq']}"
         return "required field missing" if spec.get("required") else None
     errs: dict[str, str] = {}
     _validate_value(spec, copy.deepcopy(value), "v", errs)

@@ -144,9 +144,33 @@ def test_a_nested_records_field_list_checks(check: str, good: dict, bad: dict, m
     assert err.value.errors == {"config.r.@entity": message}
 
 
+def test_the_other_entity_checks_follow_kongs_rules() -> None:
+    sets = _nested([{"mutually_exclusive_sets": {"set1": ["host"], "set2": ["port"]}}], _POLICY)
+    metaschema.process_config(sets, {"r": {"host": "h"}})
+    with pytest.raises(metaschema.ConfigError) as err:
+        metaschema.process_config(sets, {"r": {"host": "h", "port": 1}})
+    assert err.value.errors == {"config.r.@entity": "these sets are mutually exclusive: ('host'), ('port')"}
+    cond = _nested([{"conditional_at_least_one_of": {
+        "if_field": "policy", "if_match": {"one_of": ["redis"]}, "then_at_least_one_of": ["host", "port"],
+        "then_err": "redis needs one of %s (100%%)"}}], _POLICY)
+    metaschema.process_config(cond, {"r": {"policy": "local"}})
+    metaschema.process_config(cond, {"r": {"policy": "redis", "port": 1}})
+    with pytest.raises(metaschema.ConfigError) as err:
+        metaschema.process_config(cond, {"r": {"policy": "redis"}})
+    assert err.value.errors == {"config.r.@entity": "redis needs one of 'host', 'port' (100%)"}
+    # `eq` fails on a null if_field, so Kong skips the check; `distinct` compares as Lua keys.
+    on_null = _nested([{"conditional": {"if_field": "host", "if_match": {"eq": "h"}, "then_field": "port",
+                                        "then_match": {"required": True}}}], _POLICY)
+    metaschema.process_config(on_null, {"r": {}})
+    distinct = _nested([{"distinct": ["host", "port"]}], [{"host": {"type": "number"}}, {"port": {"type": "number"}}])
+    with pytest.raises(metaschema.ConfigError):
+        metaschema.process_config(distinct, {"r": {"host": 1, "port": 1.0}})
+    metaschema.process_config(distinct, {"r": {"host": 1, "port": 2}})
+
+
 def test_an_entity_check_the_stand_in_cannot_run_is_refused_not_skipped() -> None:
-    fields = _nested([{"mutually_exclusive_sets": {"set1": ["host"], "set2": ["port"]}}], _POLICY)
-    with pytest.raises(metaschema.ConfigError, match="does not run entity check 'mutually_exclusive_sets'"):
+    fields = _nested([{"custom_entity_check": {"field_sources": ["host"]}}], _POLICY)
+    with pytest.raises(metaschema.ConfigError, match="does not run entity check 'custom_entity_check'"):
         metaschema.process_config(fields, {"r": {"host": "h"}})
 
 

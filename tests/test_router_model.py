@@ -395,3 +395,18 @@ def test_an_embeddings_key_with_a_control_character_fails_without_showing_it() -
     assert "sk-secret-1" not in str(err.value)
     with pytest.raises(core.RouterConfigError, match="embeddings.api_key contains a control character"):
         core.settings_from_config(conf(embeddings={"provider": "openai", "api_key": "sk-secret-1\r\n"}))
+
+
+def test_the_routers_openai_embedder_needs_url_and_model_at_load() -> None:
+    # The cache refused this at load; the router's embeddings record had no such checks.
+    from aigov.plugins.semantic_router.schema import SCHEMA
+    from kongsim import metaschema
+
+    routes = [{"name": "a", "utterances": ["hello there"], "target": {"model": "gpt-4o-mini"}}]
+    for missing in ("url", "model"):
+        emb = {"provider": "openai", "url": "http://127.0.0.1:9/v1/embeddings", "model": "text-embedding-3-small"}
+        del emb[missing]
+        with pytest.raises(metaschema.ConfigError, match=f"config.embeddings.{missing}: required field missing"):
+            metaschema.process_config(SCHEMA, {"default_route": "a", "routes": routes, "embeddings": emb},
+                                      "llm-semantic-router")
+    metaschema.process_config(SCHEMA, {"default_route": "a", "routes": routes}, "llm-semantic-router")

@@ -15,29 +15,15 @@ with a JSON 500 naming the field and logs it through kong.log.err, as the quota 
 from __future__ import annotations
 
 from aigov.cache.core import DEFAULT_THRESHOLD
-from aigov.schema import Field, array, field, header_secret, record, redis_record
+from aigov.schema import Field, array, embeddings_record, field, header_secret, record, redis_record
 
 # Lua pattern (Kong's `match`): the characters aigov.cache.core accepts in a namespace (A-Z a-z
 # 0-9 _ -), since the namespace becomes part of Redis keys and the RediSearch index name.
 NAMESPACE_PATTERN = "^[%w_%-]+$"
 
 SCHEMA: list[Field] = [
-    record("embeddings", "How prompts are embedded: the local all-MiniLM-L6-v2 or an OpenAI-compatible endpoint.", [
-        field("provider", "string", "Embedding provider: local (in-process MiniLM) or openai (HTTP endpoint).",
-              default="local", one_of=["local", "openai"]),
-        field("model", "string", "Embedding model name (required with provider openai; ignored by local)."),
-        field("url", "string", "Full URL of the OpenAI-compatible /embeddings endpoint (required with provider openai)."),
-        header_secret("api_key", "API key for the embeddings endpoint; may be a Kong Vault reference."),
-        field("timeout_ms", "integer", "Timeout of one embeddings call in milliseconds.", default=10000,
-              between=[1, 120000]),
-    ], required=True, entity_checks=[
-        {"conditional": {"if_field": "provider", "if_match": {"one_of": ["openai"]},
-                         "then_field": "url", "then_match": {"required": True},
-                         "then_err": "embeddings.provider openai needs embeddings.url"}},
-        {"conditional": {"if_field": "provider", "if_match": {"one_of": ["openai"]},
-                         "then_field": "model", "then_match": {"required": True},
-                         "then_err": "embeddings.provider openai needs embeddings.model"}},
-    ]),
+    embeddings_record("How prompts are embedded: the local all-MiniLM-L6-v2 or an OpenAI-compatible endpoint.",
+                      "Embedding model name (required with provider openai; ignored by local).", 120000),
     record("vectordb", "Where entries live and how similar a cached prompt must be to answer.", [
         field("strategy", "string", "Store: memory (in-process, single node) or redis (RediSearch vectors).",
               default="memory", one_of=["memory", "redis"]),

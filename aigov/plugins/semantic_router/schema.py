@@ -7,24 +7,19 @@ answers every request with a clear 500 JSON error naming the field, and logs it.
 """
 from __future__ import annotations
 
-from aigov.schema import CONTROL_CHAR_ERR, CONTROL_CHAR_PATTERN, Field, array, field, header_secret, record
+from aigov.schema import (CONTROL_CHAR_ERR, CONTROL_CHAR_PATTERN, Field, array, embeddings_record, field,
+                          header_secret, record)
 
 _STRINGS = {"type": "string"}
 # A Lua pattern (Kong's `match`): the header names the router may set. A dotted name cannot be
 # masked in Kong's log entry (the serializer nests dotted keys). Values: CONTROL_CHAR_PATTERN.
 HEADER_NAME_PATTERN = "^[%w_%-]+$"
 
-EMBEDDINGS = record("embeddings", "Which embedder turns prompts and utterances into vectors: the local "
-                    "all-MiniLM-L6-v2 model (default) or an OpenAI-compatible /embeddings endpoint.", [
-    field("provider", "string", "Embedding provider: local (in-process MiniLM) or openai (HTTP endpoint).",
-          default="local", one_of=["local", "openai"]),
-    field("model", "string", "Embedding model name sent to the openai endpoint; its id is what "
-          "calibrated_for_model is compared with."),
-    field("url", "string", "Full URL of the OpenAI-compatible embeddings endpoint (provider openai)."),
-    header_secret("api_key", "API key for the embeddings endpoint; may be a Kong Vault reference."),
-    field("timeout_ms", "integer", "Timeout of one embeddings call in milliseconds.", default=10000,
-          between=[1, 600000]),
-], required=True)
+EMBEDDINGS = embeddings_record(
+    "Which embedder turns prompts and utterances into vectors: the local all-MiniLM-L6-v2 model "
+    "(default) or an OpenAI-compatible /embeddings endpoint.",
+    "Embedding model name sent to the openai endpoint (required with provider openai); its id is what "
+    "calibrated_for_model is compared with.", 600000)
 
 TARGET = record("target", "Where a routed request goes and with which model and credential.", [
     field("upstream", "string", "Kong upstream entity name to proxy to (kong.service.set_upstream)."),

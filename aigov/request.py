@@ -25,6 +25,7 @@ READ_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_t
 MESSAGE_READ_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "function_call",
                                  "refusal"})
 PART_READ_FIELDS = frozenset({"type", "text", "image_url", "input_audio", "file", "refusal"})
+IMAGE_READ_FIELDS = frozenset({"url", "detail"})
 
 # Top-level fields that cannot change the answer text, so they stay out of the cache's params
 # scope (issue 3's hard scope). It is a deny-list: any other field, including ones we do not
@@ -337,6 +338,8 @@ def parse_chat_request(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_BOD
             for j, part in enumerate(m["content"]):
                 if isinstance(part, dict):
                     _spelled_exactly(part, PART_READ_FIELDS, f"messages[{i}].content[{j}].")
+                    if isinstance(part.get("image_url"), dict):  # its detail sets the image's estimate
+                        _spelled_exactly(part["image_url"], IMAGE_READ_FIELDS, f"messages[{i}].content[{j}].image_url.")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("bad_field", "'model' must be a string")

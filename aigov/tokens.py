@@ -14,11 +14,14 @@ CLI (used by scripts/install.sh): `python -m aigov.tokens --install-cache DIR`.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import functools
 import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -167,19 +170,25 @@ def ensure_offline_encodings(cache_dir: str | os.PathLike[str] | None = None) ->
         return chosen
 
 
-def encoding_name_for(model: Any) -> str:
-    """The tiktoken encoding name used for `model` (DEFAULT_ENCODING when unknown)."""
+def _family_value(model: Any, table: tuple[tuple[str, Any], ...], default: Any) -> Any:
+    """The value of the first family prefix `model` belongs to (fine-tune and provider/ spellings
+    included), else `default`."""
     if not isinstance(model, str) or not model.strip():
-        return DEFAULT_ENCODING
+        return default
     name = model.strip().lower()
     if name.startswith("ft:"):  # fine-tunes: "ft:gpt-4o-mini-2024-07-18:org::id"
         name = name[3:].split(":", 1)[0]
     name = name.rsplit("/", 1)[-1]  # "openai/gpt-4o", "azure/gpt-35-turbo"
-    for prefix, encoding in _FAMILY_ENCODINGS:
+    for prefix, value in table:
         if name == prefix or name.startswith(prefix + "-") or (
                 prefix == "gpt-5" and name.startswith("gpt-5.")):  # gpt-5.1, gpt-5.2
-            return encoding
-    return DEFAULT_ENCODING
+            return value
+    return default
+
+
+def encoding_name_for(model: Any) -> str:
+    """The tiktoken encoding name used for `model` (DEFAULT_ENCODING when unknown)."""
+    return _family_value(model, _FAMILY_ENCODINGS, DEFAULT_ENCODING)
 
 
 _LOADED: set[str] = set()  # encoding names whose BPE ranks this process has read
@@ -230,22 +239,100 @@ def content_text(content: Any) -> str:
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING_TOKENS = 3
-# An image part's tokens depend on its pixel size and the model, which the request does not say
-# (a URL) or says only in the image bytes. OpenAI's gpt-4o rule (85 + 170 per 512-px tile of the
-# image scaled to fit 768 px on its short side) gives 765 for a 1024 x 1024 image, and 85 at
-# detail "low" whatever the size. An estimate, so that an image is never free where the provider
-# reports no usage; with the provider's usage the charge is exact.
-IMAGE_PART_TOKENS = 765
-IMAGE_PART_TOKENS_LOW_DETAIL = 85
+# An image part's tokens depend on the model and the image's pixel size (OpenAI's vision pricing,
+# checked against the date of aigov/data/prices.json). Tile models scale the image to fit
+# 2048 x 2048, then its short side to 768, and count a base plus a price per 512-px tile (only
+# the base at detail "low"); patch models count 32-px patches (at most 1536) times a multiplier.
+# The size is read from a data: URL's image header (PNG, JPEG, GIF, WebP); for a remote URL it
+# is unknown and taken as 1024 x 1024. An estimate, so that an image is never free where the
+# provider reports no usage; with the provider's usage the charge is exact.
+ASSUMED_IMAGE_SIZE = (1024, 1024)
+_TILE_RULE_DEFAULT = ("tiles", 85, 170)  # gpt-4o, gpt-4.1, gpt-4.5, and models we do not know
+_IMAGE_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (  # longest prefix first
+    ("gpt-4o-mini", ("tiles", 2833, 5667)),
+    ("gpt-4.1-mini", ("patches", 1.62)),
+    ("gpt-4.1-nano", ("patches", 2.46)),
+    ("gpt-5-mini", ("patches", 1.62)),
+    ("gpt-5-nano", ("patches", 2.46)),
+    ("o4-mini", ("patches", 1.72)),
+    ("gpt-5", ("tiles", 70, 140)),
+    ("o1", ("tiles", 75, 150)),
+    ("o3", ("tiles", 75, 150)),
+    ("computer-use-preview", ("tiles", 65, 129)),
+)
 
 
-def image_part_tokens(part: Mapping[str, Any]) -> int:
-    """The estimate for one content part: IMAGE_PART_TOKENS for an image, 0 for anything else."""
+def image_tokens(model: Any, width: int, height: int, detail: Any = None) -> int:
+    """The prompt tokens of one image of `width` x `height` pixels for `model`."""
+    rule = _family_value(model, _IMAGE_RULES, _TILE_RULE_DEFAULT)
+    w, h = max(1, int(width)), max(1, int(height))
+    if rule[0] == "patches":
+        patches = math.ceil(w / 32) * math.ceil(h / 32)
+        if patches > 1536:  # scaled down until its patches fit
+            shrink = math.sqrt(32 * 32 * 1536 / (w * h))
+            w, h = w * shrink, h * shrink
+            fit = min(math.floor(w / 32) / (w / 32), math.floor(h / 32) / (h / 32))  # whole patches
+            patches = min(1536, math.ceil(w * fit / 32) * math.ceil(h * fit / 32))
+        return math.ceil(patches * rule[1])
+    _, base, tile = rule
+    if detail == "low":
+        return base
+    fit = min(1.0, 2048 / max(w, h))
+    w, h = w * fit, h * fit
+    short = min(1.0, 768 / min(w, h))
+    w, h = w * short, h * short
+    return base + tile * math.ceil(w / 512) * math.ceil(h / 512)
+
+
+def image_size(url: Any) -> tuple[int, int] | None:
+    """Width and height from the header of a base64 data: URL's image (PNG, GIF, WebP, JPEG),
+    reading at most its first 96 KiB; None for a remote URL or an unreadable image."""
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url[:100]:
+        return None
+    head = url.split(",", 1)[1][:131072]
+    try:
+        data = base64.b64decode(head[:len(head) // 4 * 4], validate=False)
+    except (ValueError, binascii.Error):
+        return None
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:4] == b"GIF8" and len(data) >= 10:
+        return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        kind = data[12:16]
+        if kind == b"VP8 ":
+            return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+        if kind == b"VP8L":
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if kind == b"VP8X":
+            return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+        return None
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+                i += 2
+                continue
+            length = int.from_bytes(data[i + 2:i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+                return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+            i += 2 + length
+    return None
+
+
+def image_part_tokens(part: Mapping[str, Any], model: Any = None) -> int:
+    """The estimate for one content part: an image's tokens (image_tokens), 0 for anything else."""
     if part.get("type") not in ("image_url", "input_image") or not isinstance(part.get("image_url"), (Mapping, str)):
         return 0
     image = part["image_url"]
+    url = image.get("url") if isinstance(image, Mapping) else image
     detail = image.get("detail") if isinstance(image, Mapping) else part.get("detail")
-    return IMAGE_PART_TOKENS_LOW_DETAIL if detail == "low" else IMAGE_PART_TOKENS
+    width, height = image_size(url) or ASSUMED_IMAGE_SIZE
+    return image_tokens(model, width, height, detail)
 
 
 def count_chat_messages(messages: Any, model: Any = None,
@@ -254,7 +341,7 @@ def count_chat_messages(messages: Any, model: Any = None,
 
     Each message costs 3 tokens plus its role, content, name (+1) and tool-call texts (the
     legacy function_call too); +3 primes the reply. Refusal parts count as their text, an image
-    part as IMAGE_PART_TOKENS (an estimate; audio and files are not counted).
+    part as image_part_tokens estimates it (audio and files are not counted).
     `extra_texts` are other request fields the provider reads as prompt (a response_format
     schema, see request.ChatRequest.prompt_extras). Malformed entries are skipped, never raised on.
     """
@@ -280,7 +367,7 @@ def count_chat_messages(messages: Any, model: Any = None,
         for part in content if isinstance(content, list) else []:
             if isinstance(part, Mapping):
                 total += n(part.get("refusal"))  # an assistant refusal part carries text too
-                total += image_part_tokens(part)
+                total += image_part_tokens(part, model)
         total += n(message.get("refusal"))  # and so does an assistant message's refusal field
         if isinstance(message.get("name"), str):
             total += n(message["name"]) + TOKENS_PER_NAME

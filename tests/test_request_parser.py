@@ -104,6 +104,9 @@ def test_choices_is_n_or_one() -> None:
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q", "Text": "x"}]}]},
      "messages[0].content[0].Text"),
     ({"stream": True, "stream_options": {"Include_Usage": True}}, "stream_options.Include_Usage"),
+    # the quota estimates an image by its detail: a Go upstream reads "Detail" as detail
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "https://x/y.png", "detail": "low", "Detail": "high"}}]}]}, "messages[0].content[0].image_url.Detail"),
 ])
 def test_bounds_and_other_spellings_of_read_fields_are_bad_field(body: dict, name: str) -> None:
     full = {"model": "m", "messages": [{"role": "user", "content": "x"}], **body}

@@ -1,9 +1,12 @@
 """aigov.tokens against real tiktoken with the offline encoding files."""
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
+import math
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +149,35 @@ def test_chat_overhead_formula() -> None:
     assert tokens.count_chat_messages([], "gpt-4o") == 3
 
 
+def _png(width: int, height: int) -> str:
+    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", width, height) + b"\x08\x02\0\0\0"
+    return "data:image/png;base64," + base64.b64encode(header + b"\0" * 64).decode()
+
+
+def test_image_tokens_follow_openais_published_examples() -> None:
+    assert tokens.image_tokens("gpt-4o", 1024, 1024) == 765             # 4 tiles of 768 x 768
+    assert tokens.image_tokens("gpt-4o", 2048, 4096) == 1105            # 768 x 1536: 6 tiles
+    assert tokens.image_tokens("gpt-4o", 4096, 4096, "low") == 85
+    assert tokens.image_tokens("gpt-4o-2024-08-06", 32, 32) == 85 + 170  # one tile, never scaled up
+    assert tokens.image_tokens("gpt-4o-mini", 1024, 1024) == 2833 + 4 * 5667
+    assert tokens.image_tokens("gpt-4.1-mini", 1024, 1024) == math.ceil(1024 * 1.62)   # 32 x 32 patches
+    assert tokens.image_tokens("gpt-4.1-mini", 1800, 2400) == math.ceil(1452 * 1.62)   # scaled to 1452
+    assert tokens.image_tokens("some-local-model", 1024, 1024) == 765   # unknown models: gpt-4o's rule
+
+
+def test_image_sizes_are_read_from_data_url_headers() -> None:
+    assert tokens.image_size(_png(640, 480)) == (640, 480)
+    gif = b"GIF89a" + struct.pack("<HH", 300, 200) + b"\0" * 10
+    assert tokens.image_size("data:image/gif;base64," + base64.b64encode(gif).decode()) == (300, 200)
+    jpeg = (b"\xff\xd8\xff\xe0" + struct.pack(">H", 16) + b"JFIF\0" + b"\0" * 9
+            + b"\xff\xc0" + struct.pack(">HBHH", 17, 8, 1200, 1600) + b"\x03" + b"\0" * 9)
+    assert tokens.image_size("data:image/jpeg;base64," + base64.b64encode(jpeg).decode()) == (1600, 1200)
+    webp = b"RIFF" + b"\0" * 4 + b"WEBPVP8X" + b"\0" * 8 + (799).to_bytes(3, "little") + (599).to_bytes(3, "little")
+    assert tokens.image_size("data:image/webp;base64," + base64.b64encode(webp).decode()) == (800, 600)
+    for unknown in ("https://example.com/cat.png", "data:image/png;base64,!!!!", "data:text/plain,hi", 5, None):
+        assert tokens.image_size(unknown) is None
+
+
 def test_content_parts_count_their_text_and_an_estimate_per_image() -> None:
     # Before, an image counted 0: a stream without usage got any number of images for free.
     as_string = [{"role": "user", "content": "describe this picture please"}]
@@ -156,12 +188,16 @@ def test_content_parts_count_their_text_and_an_estimate_per_image() -> None:
             {"type": "text", "text": "picture please"}]}]
 
     text_only = tokens.count_chat_messages(as_string, "gpt-4o")
-    png = "data:image/png;base64,AAAA"
-    assert tokens.count_chat_messages(with_image({"url": png}), "gpt-4o") == text_only + tokens.IMAGE_PART_TOKENS
-    assert tokens.count_chat_messages(with_image({"url": png, "detail": "high"}), "gpt-4o") == text_only + 765
-    assert tokens.count_chat_messages(with_image({"url": png, "detail": "low"}), "gpt-4o") == text_only + 85
-    many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}] * 40}]
-    assert tokens.count_chat_messages(many, "gpt-4o") >= 40 * 765
+    url = "https://example.com/cat.png"  # size unknown: taken as 1024 x 1024
+    assert tokens.count_chat_messages(with_image({"url": url}), "gpt-4o") == text_only + 765
+    assert tokens.count_chat_messages(with_image({"url": url, "detail": "low"}), "gpt-4o") == text_only + 85
+    assert tokens.count_chat_messages(with_image({"url": _png(512, 512)}), "gpt-4o") == text_only + 85 + 170
+    assert tokens.count_chat_messages(with_image({"url": url}), "gpt-4o-mini") == \
+        tokens.count_chat_messages(as_string, "gpt-4o-mini") + 25501
+    # A reviewer's case: 14 small images were reserved as 14 x 765 and refused on a 10k limit.
+    small = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png(32, 32)}}] * 14}]
+    assert tokens.count_chat_messages(small, "gpt-4o") == tokens.count_chat_messages(
+        [{"role": "user", "content": []}], "gpt-4o") + 14 * 255
     # A part that is not an image (audio, a file, a malformed image) adds no estimate.
     for part in ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
                  {"type": "file", "file": {"file_id": "f"}}, {"type": "image_url", "image_url": 5}):

@@ -127,6 +127,7 @@ def shared_gateway(redis_server, mock_llm) -> Iterator[GatewayHandle]:
                                 limits=[{"window": "day", "tokens": 100, "per_model": True, "name": "listed",
                                          "models": ["ft:custom-x:acme::abc123", "acme/custom-y", "plain-custom"]}])],
         "bykey": [quota_plugin(port, identifier_header="x-api-key", limits=[{"window": "day", "tokens": 1000}])],
+        "askusage": [quota_plugin(port, stream_usage="request", limits=[{"window": "day", "tokens": 1_000_000}])],
     }
     consumers = [{"username": "alice", "keyauth_credentials": [{"key": "key-alice"}]},
                  {"username": "bob", "keyauth_credentials": [{"key": "key-bob"}]}]
@@ -784,6 +785,29 @@ def test_a_credential_header_identity_never_appears_in_clear(shared_gateway, rcl
     names = [k.decode() for k in rclient.keys("aigov:quota:*")]
     assert names and not [n for n in names if key in n]
     assert all("{header:#" in n for n in names)
+
+
+def test_stream_usage_request_has_the_provider_report_a_streams_usage(shared_gateway, rclient) -> None:
+    # With stream_usage: request the provider's own count settles a stream: here 777 tokens, which
+    # the quota's count of this prompt and reply (a few dozen) could never give. The mock sends a
+    # usage chunk only when the request asks for it (see the default route below).
+    body = chat("stream me a reply", max_tokens=None, stream=True)
+    r = post(shared_gateway, "askusage", body, "askusage", **{"X-Mock-Usage": "total=777"})
+    assert r.status == 200
+    completion, complete = sse.completion_from_chat_chunks(r.body)
+    assert complete and completion["usage"]["total_tokens"] == 777  # the client gets the chunk too
+    assert int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion")) == 777
+    wait_settled(shared_gateway, rclient, "askusage")
+    assert counter_values(rclient, "askusage") == [777]
+    # A client's own stream_options are kept beside include_usage, and one that asked is unchanged.
+    for options in ({"include_usage": True}, {"include_usage": False}, None):
+        r = post(shared_gateway, "askusage", {**body, "stream_options": options}, "askusage2",
+                 **{"X-Mock-Usage": "total=55"})
+        assert r.status == 200 and int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion")) == 55
+    # Without it (the default) the same stream is charged the quota's own count.
+    r = post(shared_gateway, "day", body, "asksent", **{"X-Mock-Usage": "total=777"})
+    assert r.status == 200 and sse.completion_from_chat_chunks(r.body)[0].get("usage") is None
+    assert int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion")) < 777
 
 
 def test_a_request_without_model_says_so(shared_gateway, rclient) -> None:

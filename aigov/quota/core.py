@@ -64,6 +64,7 @@ class QuotaConfig:
     reservation_ttl_s: int = 600
     hide_client_headers: bool = False
     log_statistics: bool = False          # the aigov.quota log-serializer entry (handler._serialize)
+    stream_usage: str = "as_sent"         # "request": ask the provider for a stream's usage chunk
 
     @classmethod
     def from_plugin_config(cls, conf: Mapping[str, Any]) -> "QuotaConfig":
@@ -122,6 +123,9 @@ class QuotaConfig:
             problems.append(f"policy must be memory or redis, got {policy!r}")
         ttl = conf.get("reservation_ttl_seconds") or 600
         estimate = conf.get("completion_estimate_tokens")
+        stream_usage = conf.get("stream_usage") or "as_sent"
+        if stream_usage not in ("as_sent", "request"):
+            problems.append(f"stream_usage must be as_sent or request, got {stream_usage!r}")
         if problems:
             raise QuotaConfigError("llm-token-quota config: " + "; ".join(problems))
         return cls(limits=tuple(limits), prices=prices, identifier_sources=sources,
@@ -133,7 +137,7 @@ class QuotaConfig:
                    unknown_model=unknown, default_price=default_price,
                    completion_estimate_tokens=int(512 if estimate is None else estimate),
                    reservation_ttl_s=int(ttl), hide_client_headers=bool(conf.get("hide_client_headers")),
-                   log_statistics=bool(conf.get("log_statistics")))
+                   log_statistics=bool(conf.get("log_statistics")), stream_usage=stream_usage)
 
 
 # ---------------------------------------------------------------- identity and counters

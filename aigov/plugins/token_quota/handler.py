@@ -57,8 +57,8 @@ from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, Qu
                               charge_from_usage, consumer_metric_name, identity_tag, openai_error, plan_counters,
                               rate_limit_headers, rejection_body)
 from aigov.request import (CREDENTIAL_HEADERS, UNREADABLE_CHAT, ChatRequest, EmbeddingsRequest, RequestError,
-                           billable_fields, could_be_chat, names_an_embedding_model, parse_chat_request,
-                           parse_embeddings_request)
+                           billable_fields, could_be_chat, json_text, names_an_embedding_model,
+                           parse_chat_request, parse_embeddings_request)
 
 NAME = "llm-token-quota"
 VERSION = __version__
@@ -293,6 +293,7 @@ class TokenQuotaHandler:
             "estimate": [prompt_est, completion_est, estimate.cost_nano],
             "stream": bool(getattr(request, "stream", False)),
         }
+        self._ask_for_stream_usage(kong, request)
         if not counters:  # no limit applies to this model: metered (logged, priced), never blocked
             kong.ctx.shared.set(STATE_KEY, state)
             if q.log_statistics and CAPTURE_PHASE == "log":
@@ -327,6 +328,21 @@ class TokenQuotaHandler:
         if q.log_statistics and CAPTURE_PHASE == "log":
             # The last phase before the log timer: what loggers get is the reservation.
             self._serialize(kong, state, None)
+
+    def _ask_for_stream_usage(self, kong: Any, request: ChatRequest | EmbeddingsRequest) -> None:
+        """stream_usage: request: a streamed chat request without include_usage gets it, so the
+        provider reports the usage (one more PDK call, only for such requests). Before the reserve:
+        a refused request is never proxied, so the rewrite does no harm there."""
+        q = self.quota
+        assert q is not None
+        if q.stream_usage != "request" or not isinstance(request, ChatRequest) or not request.stream \
+                or request.include_usage or request.lossy:  # a lossy body is forwarded as its bytes were
+            return
+        options = request.body.get("stream_options")
+        body = {**request.body, "stream_options": {**(options if isinstance(options, dict) else {}),
+                                                   "include_usage": True}}
+        kong.service.request.set_raw_body(json_text(body).encode("utf-8"))
+        request.include_usage = True
 
     def _not_a_chat_request(self, kong: Any, body: bytes, exc: RequestError) -> EmbeddingsRequest | None:
         """A body parse_chat_request refused: an embeddings call to meter, or None once it is

@@ -87,4 +87,10 @@ SCHEMA: list[Field] = [
           "file-log (like ai-proxy's logging.log_statistics): the settled usage from the response "
           "phase, or the reservation with AIGOV_CAPTURE_PHASE=log. One more PDK call per request.",
           default=False),
+    field("stream_usage", "string",
+          "request: add stream_options.include_usage to a streamed chat request that lacks it, so the "
+          "provider's usage settles it exactly (images, audio and files included); the client then "
+          "receives the final usage chunk (choices empty) too, which OpenAI's SDKs handle but a client "
+          "reading choices[0] of every chunk does not. as_sent: forward the request unchanged and "
+          "count a stream without usage itself.", default="as_sent", one_of=["as_sent", "request"]),
 ]

@@ -822,14 +822,15 @@ def run(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     mock = MockLLM(host, port, latency_ms=args.latency_ms, models=models,
                    chunk_delay_ms=args.chunk_delay_ms)
+    # The handlers come first: a SIGTERM sent as soon as the mock answers must stop it cleanly.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         mock.start()
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", host, port, exc)
         return 1
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     while not stop.wait(0.5):
         pass
     mock.stop()

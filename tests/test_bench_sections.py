@@ -198,7 +198,7 @@ def test_the_pdk_floor_plugin_makes_exactly_the_quotas_calls(capture: str, redis
                                extra_env={**env, "AIGOV_PLUGINS_DIR": str(common.NOOP_PLUGINS_DIR)}))
     port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
     quota = {"name": "llm-token-quota", "config": {
-        "policy": "redis", "redis": {"host": "127.0.0.1", "port": port},
+        "policy": "redis", "redis": {"host": "127.0.0.1", "port": port, "timeout_ms": 2000},
         "limits": [{"window": "day", "tokens": 1_000_000}]}}
     floor = {"name": FLOOR_PLUGIN, "config": {}}
     extra = [ai_proxy_plugin(mock_llm.url)] if capture == "log" else []

@@ -28,7 +28,7 @@ CONSUMERS = [{"username": "alice", "keyauth_credentials": [{"key": "key-alice"}]
 
 def cache_plugin(redis_port: int, namespace: str, **conf: Any) -> dict[str, Any]:
     vectordb = {"strategy": "redis", "namespace": namespace,
-                "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 300}}
+                "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 2000}}
     vectordb.update(conf.pop("vectordb", {}))
     return {"name": "llm-semantic-cache", "config": {"vectordb": vectordb, **conf}}
 

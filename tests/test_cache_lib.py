@@ -239,7 +239,7 @@ def test_identical_prompt_hits_at_every_allowed_threshold(strategy: str, redis_s
     port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
     ns = f"thr-{uuid.uuid4().hex[:6]}"
     settings = CacheSettings.from_config({"exact_caching": False, "vectordb": {
-        "strategy": strategy, "namespace": ns, "redis": {"host": "127.0.0.1", "port": port}}})
+        "strategy": strategy, "namespace": ns, "redis": {"host": "127.0.0.1", "port": port, "timeout_ms": 2000}}})
     cache = SemanticCache(settings)
     req = _req("What is the time complexity of quicksort?")
     scope = scope_for(req, namespace=ns, consumer_id="c1", route_id="r")
@@ -305,7 +305,7 @@ def test_prompts_longer_than_the_model_reads_never_match_semantically(strategy: 
     port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
     ns = f"long-{uuid.uuid4().hex[:6]}"
     settings = CacheSettings.from_config({"vectordb": {
-        "strategy": strategy, "namespace": ns, "redis": {"host": "127.0.0.1", "port": port}}})
+        "strategy": strategy, "namespace": ns, "redis": {"host": "127.0.0.1", "port": port, "timeout_ms": 2000}}})
     cache = SemanticCache(settings)
     log = " ".join(f"2026-12-03T10:{i % 60:02d}:00 worker-{i % 7} job {i} finished ok" for i in range(60))
     pairs = [(log + "\n\nSummarise this log in one sentence.", log + "\n\nTranslate this log into German."),

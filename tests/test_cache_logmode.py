@@ -37,7 +37,7 @@ def _redis_port(redis_server: Any) -> int:
 def _cache(redis_port: int, namespace: str) -> dict[str, Any]:
     return {"name": "llm-semantic-cache", "config": {"vectordb": {
         "strategy": "redis", "namespace": namespace,
-        "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 500}}}}
+        "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 2000}}}}
 
 
 def _ai_proxy(mock_url: str, log_payloads: bool = True) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def _cache(redis_port: int, namespace: str, embeddings: dict[str, Any] | None = 
     return {"name": "llm-semantic-cache", "config": {
         "embeddings": embeddings or {"provider": "local"},
         "vectordb": {"strategy": "redis", "namespace": namespace,
-                     "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 500}},
+                     "redis": {"host": "127.0.0.1", "port": redis_port, "timeout_ms": 2000}},
         **conf}}
 
 

@@ -133,7 +133,7 @@ def gw(request: pytest.FixtureRequest, redis_server: Any, mock_llm: Any,
     def cache(ns: str) -> dict[str, Any]:
         return {"name": "llm-semantic-cache", "config": {"vectordb": {
             "strategy": "redis", "namespace": f"{ns}-{server}-{uuid.uuid4().hex[:6]}",
-            "redis": {"host": "127.0.0.1", "port": port, "timeout_ms": 500}}}}
+            "redis": {"host": "127.0.0.1", "port": port, "timeout_ms": 2000}}}}
 
     def route(name: str, *plugins: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "paths": [f"/{name}"], "strip_path": True, "plugins": list(plugins)}
@@ -252,7 +252,7 @@ def logmode_gw(redis_server: Any, mock_llm: Any) -> Iterator[GatewayHandle]:
         "logging": {"log_statistics": True, "log_payloads": True}}}
     cache = {"name": "llm-semantic-cache", "config": {"vectordb": {
         "strategy": "redis", "namespace": f"scope-log-{uuid.uuid4().hex[:6]}",
-        "redis": {"host": "127.0.0.1", "port": port, "timeout_ms": 500}}}}
+        "redis": {"host": "127.0.0.1", "port": port, "timeout_ms": 2000}}}}
     config = {"_format_version": "3.0",
               "consumers": [{"username": "dora", "keyauth_credentials": [{"key": KEY}]}],
               "services": [{"name": "llm", "url": mock_llm.url, "routes": [

@@ -429,7 +429,8 @@ def test_http_front_streams_without_response_phase_and_buffers_with_it(upstream,
             assert reply.status == 200 and b'"n": 2' in first + rest
             assert reply.header("Via") == "1.1 kong/3.9.1" and reply.header("X-Kong-Proxy-Latency")
             if streamed:
-                assert t_first < 0.45 and total >= 0.55, (t_first, total)
+                # The upstream's pacing reaches the client after the first chunk (buffering: ~0).
+                assert total - t_first >= 0.4 and total >= 0.55, (t_first, total)
             else:
                 assert t_first >= 0.55 and b'"n": 0' in first and b'"n": 2' in first
         finally:

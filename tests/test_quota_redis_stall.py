@@ -141,7 +141,7 @@ def test_retry_replays_at_most_eight_per_call_and_drops_entries_too_old_to_repla
 
 
 def test_settles_lost_in_a_stall_are_replayed_once_landed_ones_as_duplicates(stall_redis, rclient) -> None:
-    layer = RedisLayer(url=stall_redis.url, timeout_ms=200, cooldown_s=0.3)
+    layer = RedisLayer(url=stall_redis.url, timeout_ms=1000, cooldown_s=0.3)  # healthy calls must not time out
     store = RedisQuotaStore(layer, "aigov:quota")
     now = time.time()
     cs = counters_for("consumer:s", now)

@@ -43,7 +43,7 @@ def hangup_server():
 
 def test_one_connection_attempt_per_failure_then_breaker(hangup_server):
     # redis-py 8 retries 10 times with backoff by default; the layer must not (its breaker is the retry).
-    layer = RedisLayer(port=hangup_server.port, timeout_ms=200, cooldown_s=30)
+    layer = RedisLayer(port=hangup_server.port, timeout_ms=2000, cooldown_s=30)  # the hang-up is an EOF at once
     with pytest.raises(RedisUnavailable):
         layer.run(lambda c: c.ping())
     assert hangup_server.accepted == 1
@@ -54,20 +54,20 @@ def test_one_connection_attempt_per_failure_then_breaker(hangup_server):
 
 
 def test_url_config_has_no_retries_either(hangup_server):
-    layer = RedisLayer(url=f"redis://127.0.0.1:{hangup_server.port}/0", timeout_ms=200)
+    layer = RedisLayer(url=f"redis://127.0.0.1:{hangup_server.port}/0", timeout_ms=2000)
     with pytest.raises(RedisUnavailable):
         layer.run(lambda c: c.get("k"))
     assert hangup_server.accepted == 1
 
 
 def test_working_redis_still_answers(redis_server):
-    layer = RedisLayer(port=redis_server.port)
+    layer = RedisLayer(port=redis_server.port, timeout_ms=2000)
     assert layer.run(lambda c: c.ping()) is True
     assert layer.healthy
 
 
 def test_a_full_pool_fails_the_call_without_opening_the_breaker(redis_server):
-    layer = RedisLayer(port=redis_server.port)
+    layer = RedisLayer(port=redis_server.port, timeout_ms=2000)
     pool = layer.client.connection_pool
     held = [pool.get_connection() for _ in range(pool.max_connections)]  # every slot in use
     try:
@@ -83,7 +83,7 @@ def test_a_full_pool_fails_the_call_without_opening_the_breaker(redis_server):
 # ---- send(): the layer's own RESP codec (the quota's scripts), checked against redis-py's ----
 
 def test_send_gives_the_replies_redis_py_gives(redis_client, redis_server):
-    layer = RedisLayer(port=redis_server.port)
+    layer = RedisLayer(port=redis_server.port, timeout_ms=2000)
     assert layer.lean  # a plain TCP connection: send() packs and parses itself
     big = b"x\r\n" * 40_000  # 120 KB with CRLFs inside: a bulk string over several recv() reads
     commands = [
@@ -130,7 +130,7 @@ def test_a_reply_split_anywhere_parses_only_once_complete():
 
 
 def test_a_kept_connection_that_redis_closed_is_replaced_not_an_outage(redis_client, redis_server):
-    layer = RedisLayer(port=redis_server.port)
+    layer = RedisLayer(port=redis_server.port, timeout_ms=2000)
     conn_id = layer.send(("CLIENT", "ID")).replies()[0]   # asked on the connection the layer keeps
     assert len(layer._lean_idle) == 1
     assert redis_client.execute_command("CLIENT", "KILL", "ID", conn_id) == 1
@@ -158,7 +158,7 @@ def test_a_timed_out_reply_never_reaches_the_next_call(redis_client, redis_serve
 def test_an_argument_redis_cannot_take_fails_before_anything_is_sent(redis_server):
     import redis
 
-    layer = RedisLayer(port=redis_server.port)
+    layer = RedisLayer(port=redis_server.port, timeout_ms=2000)
     with pytest.raises(redis.DataError, match="NoneType"):
         layer.send(("SET", "aigov-test:lean:none", None))
     assert layer.healthy and layer.send(("PING",)).replies() == [b"PONG"]

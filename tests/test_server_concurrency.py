@@ -70,15 +70,18 @@ def test_pool_overload_is_a_clear_error_and_recovers(short_prefix):
     try:
         busy = [server.client(timeout=10) for _ in range(2)]
         for c in busy:
-            c.send("plugin.HandleEvent", {"InstanceId": c.start_instance({"mode": "nap_only", "sleep": 1.0}),
+            c.send("plugin.HandleEvent", {"InstanceId": c.start_instance({"mode": "nap_only", "sleep": 3.0}),
                                           "EventName": "access"})
-        time.sleep(0.2)
         with server.client() as extra:
+            # The naps are cooperative: the loop still answers status calls while both workers nap.
+            deadline = time.monotonic() + 5
+            while extra.call("plugin.GetStatus")["Workers"]["busy"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
             iid = extra.start_instance({"mode": "two_calls"})
             started = time.monotonic()
             _, _, err, result = extra.call_raw("plugin.HandleEvent", {"InstanceId": iid, "EventName": "access"})
             assert err == "plugin server overloaded: all 2 handler workers are busy" and result is None
-            assert time.monotonic() - started < 0.5  # refused at once, not queued
+            assert time.monotonic() - started < 1.5  # refused at once, not queued behind a 3 s nap
             for c in busy:
                 assert c.read_frame(timeout=5)[3]["Data"] == "ret"
                 c.close()

@@ -22,6 +22,9 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 OTHER = "other"            # the label value of every value past a vocabulary's cap
 LABEL_MAX_CHARS = 64       # longest label value kept (a client may send a 1 MB "model")
+MAX_UNPRICED_MODELS = 100  # distinct model names outside every price table, per process
+DEFAULT_MAX_CONSUMERS = 10_000
+DEFAULT_MAX_SERIES = 20_000  # per metric family whose labels come from clients (~0.75 KB each)
 
 
 def bounded_label(value: str) -> str:
@@ -31,9 +34,8 @@ def bounded_label(value: str) -> str:
         return value
     digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return f"{value[:LABEL_MAX_CHARS - 9]}~{digest}"
-MAX_UNPRICED_MODELS = 100  # distinct model names outside every price table, per process
-DEFAULT_MAX_CONSUMERS = 10_000
-DEFAULT_MAX_SERIES = 20_000  # per metric family whose labels come from clients (~0.75 KB each)
+
+
 # The client-derived labels a full family folds; a quota's "limit" names the model of a
 # per-model limit ("400 tokens per day for model X"), which may be the client's made-up one.
 FOLDABLE_LABELS = ("consumer", "ai_model", "limit")

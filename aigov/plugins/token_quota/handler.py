@@ -293,8 +293,8 @@ class TokenQuotaHandler:
             "estimate": [prompt_est, completion_est, estimate.cost_nano],
             "stream": bool(getattr(request, "stream", False)),
         }
-        self._ask_for_stream_usage(kong, request)
         if not counters:  # no limit applies to this model: metered (logged, priced), never blocked
+            self._ask_for_stream_usage(kong, request)
             kong.ctx.shared.set(STATE_KEY, state)
             if q.log_statistics and CAPTURE_PHASE == "log":
                 self._serialize(kong, state, None)
@@ -313,6 +313,7 @@ class TokenQuotaHandler:
             kong.ctx.shared.set(STATE_KEY, None)  # nothing reserved: log has nothing to settle
             self._reject(kong, counters, result.values, result.blocked or 0, amounts, consumer, now)
             return
+        self._ask_for_stream_usage(kong, request)
         values = list(result.values)
         if CAPTURE_PHASE == "response":  # the response phase builds its headers from them
             _NOTES.put(request_id, ("reserved", values))
@@ -330,9 +331,8 @@ class TokenQuotaHandler:
             self._serialize(kong, state, None)
 
     def _ask_for_stream_usage(self, kong: Any, request: ChatRequest | EmbeddingsRequest) -> None:
-        """stream_usage: request: a streamed chat request without include_usage gets it, so the
-        provider reports the usage (one more PDK call, only for such requests). Before the reserve:
-        a refused request is never proxied, so the rewrite does no harm there."""
+        """stream_usage: request: an admitted streamed chat request without include_usage gets it,
+        so the provider reports the usage (one more PDK call, only for such requests)."""
         q = self.quota
         assert q is not None
         if q.stream_usage != "request" or not isinstance(request, ChatRequest) or not request.stream \

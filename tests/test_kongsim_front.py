@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "kongsim"))
-from helpers import Upstream, probe_entry, read_records  # noqa: E402
+from helpers import Upstream, probe_entry, read_records, running_upstream  # noqa: E402
 
 from kongsim.gateway import FrontServer, Request  # noqa: E402
 from kongsim.pytest_plugin import make_prefix, start_gateway  # noqa: E402
@@ -22,11 +22,7 @@ from kongsim.pytest_plugin import make_prefix, start_gateway  # noqa: E402
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture()
-def upstream():
-    up = Upstream()
-    yield up
-    up.close()
+upstream = pytest.fixture()(running_upstream)
 
 
 def kong_yml(up: Upstream, rec: Path) -> dict:

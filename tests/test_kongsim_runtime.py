@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "kongsim"))
-from helpers import Upstream, probe_entry, read_records  # noqa: E402
+from helpers import Upstream, probe_entry, read_records, running_upstream  # noqa: E402
 
 from kongsim import process  # noqa: E402
 from kongsim.gateway import Gateway  # noqa: E402
@@ -26,11 +26,7 @@ from kongsim.runloop import LoadError  # noqa: E402
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture()
-def upstream():
-    up = Upstream()
-    yield up
-    up.close()
+upstream = pytest.fixture()(running_upstream)
 
 
 @pytest.fixture()

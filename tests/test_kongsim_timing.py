@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "kongsim"))
-from helpers import Upstream, probe_entry  # noqa: E402
+from helpers import probe_entry, running_upstream  # noqa: E402
 
 from kongsim.gateway import Request  # noqa: E402
 from kongsim.pytest_plugin import make_prefix, start_gateway  # noqa: E402
@@ -22,11 +22,7 @@ KEY = "alice-timing-key-9c1"
 DEBUG = {"X-Kong-Request-Debug": "*"}
 
 
-@pytest.fixture(scope="module")
-def upstream():
-    up = Upstream()
-    yield up
-    up.close()
+upstream = pytest.fixture(scope="module")(running_upstream)
 
 
 @pytest.fixture(scope="module")

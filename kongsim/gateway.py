@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from kongsim import declarative, process, redact, timing
+from kongsim import declarative, process, redact, timing, uri
 from kongsim.pdk import (DEFAULT_REAL_IP_HEADER, KONG_VERSION, Headers, RealIp, RequestContext,
                          UpstreamRequest, real_ip_settings)
 from kongsim.process import ManagedServer, PluginInfo, PluginServerEntry
@@ -194,7 +194,8 @@ class Gateway:
         host_header = headers.get("host") or f"127.0.0.1:{req.port}"
         ctx = RequestContext(method=req.method.upper(), scheme=req.scheme,
                              host=req.host or host_header.split(":")[0], port=req.port,
-                             path=path or "/", query=query, headers=headers, body=req.body,
+                             path=uri.normalize(path or "/"), raw_path=path or "/", query=query,
+                             headers=headers, body=req.body,
                              client_ip=req.client_ip, client_port=req.client_port,
                              http_version=req.http_version, started_at=t0)
         assert ctx.timing is not None
@@ -310,10 +311,11 @@ class Gateway:
         hdrs.set("X-Forwarded-Proto", fwd("x-forwarded-proto") or ctx.scheme)
         hdrs.set("X-Forwarded-Host", fwd("x-forwarded-host") or ctx.host)
         hdrs.set("X-Forwarded-Port", fwd("x-forwarded-port") or str(ctx.port))
-        hdrs.set("X-Forwarded-Path", fwd("x-forwarded-path") or ctx.path)
+        hdrs.set("X-Forwarded-Path", fwd("x-forwarded-path") or ctx.raw_path)  # $request_uri's path
         hdrs.set("X-Real-IP", ctx.remote_addr)
         hdrs.set("X-Kong-Request-Id", ctx.request_id)
-        return UpstreamRequest(service.protocol, service.host, service.port, upath, ctx.query,
+        # The router's path (normalised, after strip_path), escaped again for the request line.
+        return UpstreamRequest(service.protocol, service.host, service.port, uri.escape(upath), ctx.query,
                                ctx.method, hdrs, ctx.body)
 
     def _finish_headers(self, ctx: RequestContext, base: Headers, t0: float) -> Headers:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import parse_qsl, quote, urlencode
 
-from kongsim import redact
+from kongsim import redact, uri
 from kongsim.timing import RequestTiming
 
 log = redact.get_logger("kongsim.pdk")
@@ -174,6 +174,8 @@ class RequestContext:
     # (address, port) after nginx's realip module, set by PDK.post_read; port None is an
     # empty $remote_port (an address taken from a header without a port)
     realip: tuple[str, int | None] | None = None
+    # The path as the client sent it; `path` is it normalised (kongsim.uri), as Kong routes on it.
+    raw_path: str = ""
     request_uri: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
@@ -181,7 +183,9 @@ class RequestContext:
             self.timing = RequestTiming(self.request_id)
         # nginx's $request_uri: the request line as the client sent it, which no plugin changes
         # (a cleared query argument changes $args, i.e. `query`, only)
-        self.request_uri = self.path + ("?" + self.query if self.query else "")
+        if not self.raw_path:
+            self.raw_path = self.path
+        self.request_uri = self.raw_path + ("?" + self.query if self.query else "")
 
     @property
     def remote_addr(self) -> str:
@@ -541,12 +545,14 @@ class PDK:
                                                           if self._trusted(c) else None) or self._req(c, "host")
         m["kong.request.get_forwarded_port"] = lambda c: int(c.headers.get("x-forwarded-port")) \
             if self._trusted(c) and (c.headers.get("x-forwarded-port") or "").isdigit() else self._req(c, "port")
-        m["kong.request.get_forwarded_path"] = lambda c: self._req(c, "path")
+        m["kong.request.get_forwarded_path"] = lambda c: (
+            c.headers.get("x-forwarded-path") if self._trusted(c) and c.headers.get("x-forwarded-path")
+            else self._path(c, "path"))
         m["kong.request.get_forwarded_prefix"] = lambda c: None
         m["kong.request.get_http_version"] = lambda c: float(c.http_version)
         m["kong.request.get_method"] = lambda c: self._req(c, "method")
-        m["kong.request.get_path"] = lambda c: self._req(c, "path")
-        m["kong.request.get_raw_path"] = lambda c: self._req(c, "path")
+        m["kong.request.get_path"] = lambda c: self._path(c, "path")
+        m["kong.request.get_raw_path"] = lambda c: self._path(c, "raw_path")
         m["kong.request.get_path_with_query"] = lambda c: self._req(c, "path_with_query")
         m["kong.request.get_raw_query"] = lambda c: self._req(c, "query")
         m["kong.request.get_query_arg"] = self._get_query_arg
@@ -634,6 +640,12 @@ class PDK:
             # Inside the log timer there is no live request (reference §2.8): nil.
             return None
         return getattr(ctx, attr)
+
+    @classmethod
+    def _path(cls, ctx: RequestContext, attr: str) -> Any:
+        """A path as Kong's Lua string reaches the plugin server (its bytes, kongsim.uri.wire_text)."""
+        path = cls._req(ctx, attr)
+        return None if path is None else uri.wire_text(path)
 
     def _trusted(self, ctx: RequestContext) -> bool:
         # kong/pdk/request.lua is_trusted_ip(): kong.ip.is_trusted(kong.client.get_ip())

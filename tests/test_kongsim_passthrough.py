@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "kongsim"))
-from helpers import PROBE, Upstream, aigov_probe_entry, probe_entry, read_records  # noqa: E402
+from helpers import PROBE, Upstream, aigov_probe_entry, probe_entry, read_records, running_upstream  # noqa: E402
 
 from aigov.mockllm import MockLLM  # noqa: E402
 from kongsim.pytest_plugin import make_prefix, start_gateway  # noqa: E402
@@ -25,11 +25,7 @@ INVALID = b"caf\xc3(\xff"  # bytes no UTF-8 decoder accepts
 INVALID_STR = INVALID.decode("utf-8", "surrogateescape")  # how Python sees them unharmed
 
 
-@pytest.fixture()
-def upstream() -> Iterator[Upstream]:
-    up = Upstream()
-    yield up
-    up.close()
+upstream = pytest.fixture()(running_upstream)
 
 
 def entry_for(server: str, prefix: str, phases: str = "access,log") -> Any:
@@ -150,6 +146,37 @@ def test_set_target_and_upstream_entity_targets() -> None:
         gw.close()
         for up in (a, b, c):
             up.close()
+
+
+@pytest.mark.parametrize("server", ["aigov", "stock"])
+def test_paths_are_normalised_as_kong_normalises_them(upstream: Upstream, server: str) -> None:
+    """kong.request.get_path is the raw path normalised (RFC 3986 section 6), get_raw_path the
+    raw one; the router matches the normalised path and sends it upstream escaped again, while
+    X-Forwarded-Path keeps the client's (kong/pdk/request.lua, kong/runloop/handler.lua)."""
+    prefix = make_prefix()
+    rec = Path(prefix) / "rec.jsonl"
+    entry = entry_for(server, prefix, "rewrite,access")
+    gw = start_gateway(cfg(upstream, {"name": "kt-probe", "config": {"record_file": str(rec)}}),
+                       server=[entry], prefix=prefix, http=True)
+    try:
+        # Kong's own example (kong/pdk/request.lua), behind the route prefix /p
+        raw = "/p/t/Abc%20123%C3%B8%2f/parent/..//test/./"
+        conn = http.client.HTTPConnection("127.0.0.1", int(gw.url.rsplit(":", 1)[1]), timeout=30)
+        conn.request("GET", raw + "?q=1")
+        r = conn.getresponse()
+        echoed = json.loads(r.read())
+        conn.close()
+        assert r.status == 200
+        (rw,) = events(rec, "rewrite")
+        assert rw["path"] == "/p/t/Abc 123\u00f8%2F/test/"
+        assert rw["raw_path"] == raw
+        assert echoed["path"] == "/t/Abc%20123%C3%B8%2F/test/?q=1"  # strip_path, escaped again
+        assert echoed["headers"]["x-forwarded-path"] == raw
+        # an escaped prefix still matches the route: /%70 is /p
+        assert gw.request("GET", "/%70/x").status == 200
+        assert gw.request("GET", "/q/../p/x").status == 200
+    finally:
+        gw.close()
 
 
 def test_rewrite_runs_for_global_plugins_only(upstream: Upstream) -> None:

@@ -318,8 +318,15 @@ class SemanticCacheHandler:
         # nothing after exit: a PDK call would block forever (reference §2.4)
 
     def _admin(self, kong: Any, headers: dict[str, Any]) -> bool:
-        path = text(kong.request.get_path())
-        if path != self.settings.admin_path:
+        """Answer a request on admin_path; any other request loses the admin key header."""
+        # Kong's get_path is normalised (%-escapes of unreserved bytes decoded, dot segments and
+        # repeated slashes removed); a trailing slash is the same purge.
+        path = text(kong.request.get_path()) or ""
+        if (path.rstrip("/") or "/") != (self.settings.admin_path or "").rstrip("/"):
+            if _header(headers, "x-cache-admin-key") is not None:
+                # A near miss (/purge;x, /Purge, another path) is proxied: never with the secret.
+                kong.service.request.clear_header("X-Cache-Admin-Key")
+                kong.log.set_serialize_value("request.headers.x-cache-admin-key", "REDACTED")
             return False
         try:
             self._admin_request(kong, headers)

@@ -58,8 +58,10 @@ SCHEMA: list[Field] = [
     field("stop_on_failure", "boolean", "When the store or embedder fails: answer 503 instead of proxying.",
           default=False),
     field("admin_path", "string", "Optional request path on the route that purges this namespace "
-          "(DELETE or POST with the X-Cache-Admin-Key header); the client's path, before strip_path "
-          "(e.g. /llm/purge on a route at /llm); needs admin_key.", starts_with="/"),
+          "(DELETE or POST with the X-Cache-Admin-Key header); the client's path as Kong normalises it, "
+          "before strip_path (e.g. /llm/purge on a route at /llm; /llm/purge/ is the same); needs "
+          "admin_key. On any other path the X-Cache-Admin-Key header is removed before proxying.",
+          starts_with="/"),
     header_secret("admin_key", "Key the X-Cache-Admin-Key header must carry on admin_path (required with admin_path); a Vault "
            "reference is fine."),
 ]

@@ -76,6 +76,21 @@ def content_text(content: Any, sep: str = "\n") -> str:
 # setting a target's key, the quota never shows their values (hashed identities).
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "apikey", "api-key", "x-api-key",
                                 "x-goog-api-key"})
+# Words that mark any other header name as secret-bearing (x-auth-token, x-session-id, cookie, ...).
+SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "passw", "session", "cookie", "credential",
+                       "signature", "bearer")
+
+
+def canonical_header_name(name: str) -> str:
+    """A header name as Kong looks it up: lowercase, "_" read as "-" (x_api_key is X-Api-Key)."""
+    return name.strip().lower().replace("_", "-")
+
+
+def is_secret_header(name: str) -> bool:
+    """Whether a header's value may be a credential: a known credential header, or a name with a
+    word such as key, token, auth or session in it (its value is then never shown or stored)."""
+    canonical = canonical_header_name(name)
+    return canonical in CREDENTIAL_HEADERS or any(word in canonical for word in SECRET_HEADER_WORDS)
 
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
 

@@ -127,6 +127,9 @@ def shared_gateway(redis_server, mock_llm) -> Iterator[GatewayHandle]:
                                 limits=[{"window": "day", "tokens": 100, "per_model": True, "name": "listed",
                                          "models": ["ft:custom-x:acme::abc123", "acme/custom-y", "plain-custom"]}])],
         "bykey": [quota_plugin(port, identifier_header="x-api-key", limits=[{"window": "day", "tokens": 1000}])],
+        # Kong reads x_api_key as the X-Api-Key header; X-Auth-Token is on no list but says "token"
+        "byunderscore": [quota_plugin(port, identifier_header="x_api_key", limits=[{"window": "day", "tokens": 1000}])],
+        "bytoken": [quota_plugin(port, identifier_header="X-Auth-Token", limits=[{"window": "day", "tokens": 1000}])],
         "askusage": [quota_plugin(port, stream_usage="request", limits=[{"window": "day", "tokens": 1_000_000}])],
     }
     consumers = [{"username": "alice", "keyauth_credentials": [{"key": "key-alice"}]},
@@ -781,13 +784,17 @@ def test_other_billable_apis_are_refused_not_passed_unmetered(shared_gateway, rc
     assert thread.status == 404  # the mock's own answer: the quota passed it on
 
 
-def test_a_credential_header_identity_never_appears_in_clear(shared_gateway, rclient) -> None:
+@pytest.mark.parametrize("route,header", [("bykey", "x-api-key"), ("byunderscore", "X-Api-Key"),
+                                          ("bytoken", "x-auth-token")])
+def test_a_credential_header_identity_never_appears_in_clear(shared_gateway, rclient, route: str,
+                                                             header: str) -> None:
     # identifier_header: x-api-key kept a short key as it was: in every Redis key name and in the
     # metrics' consumer label. A credential header's value is hashed; the caller is still one caller.
-    key = "sk-live-4f9a1c"
+    # A breaker found the x_api_key spelling (and X-Auth-Token, on no list) stored the key in clear.
+    key = f"sk-live-4f9a1c-{route}"
     body = chat("hi", max_tokens=5)
-    replies = [shared_gateway.request("POST", "/bykey/v1/chat/completions", json=body,
-                                      headers={"x-api-key": key, "X-Mock-Usage": "total=30"}) for _ in range(2)]
+    replies = [shared_gateway.request("POST", f"/{route}/v1/chat/completions", json=body,
+                                      headers={header: key, "X-Mock-Usage": "total=30"}) for _ in range(2)]
     assert [r.status for r in replies] == [200, 200]
     assert int(replies[1].header("X-AI-RateLimit-Remaining-Day")) == 1000 - 60
     wait_logs(shared_gateway)
@@ -809,10 +816,20 @@ def test_stream_usage_request_has_the_provider_report_a_streams_usage(shared_gat
     wait_settled(shared_gateway, rclient, "askusage")
     assert counter_values(rclient, "askusage") == [777]
     # A client's own stream_options are kept beside include_usage, and one that asked is unchanged.
-    for options in ({"include_usage": True}, {"include_usage": False}, None):
+    for options in ({"include_usage": True}, {}, None):
         r = post(shared_gateway, "askusage", {**body, "stream_options": options}, "askusage2",
                  **{"X-Mock-Usage": "total=55"})
         assert r.status == 200 and int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion")) == 55
+    # A client that said include_usage: false gets no usage chunk (the README: added only to a
+    # stream that lacks it); the stream is settled from the text counted, as any stream without usage.
+    r = post(shared_gateway, "askusage", {**body, "stream_options": {"include_usage": False}}, "askusage3",
+             **{"X-Mock-Usage": "total=55"})
+    completion, complete = sse.completion_from_chat_chunks(r.body)
+    assert r.status == 200 and complete and not completion.get("usage")
+    assert int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion")) != 55
+    # stream_options the provider refuses are not repaired into a request it serves (and bills)
+    r = post(shared_gateway, "askusage", {**body, "stream_options": "x"}, "askusage3")
+    assert r.status == 400
     # Without it (the default) the same stream is charged the quota's own count.
     r = post(shared_gateway, "day", body, "asksent", **{"X-Mock-Usage": "total=777"})
     assert r.status == 200 and sse.completion_from_chat_chunks(r.body)[0].get("usage") is None

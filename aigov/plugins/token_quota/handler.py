@@ -56,9 +56,9 @@ from aigov.prices import Price, nano_to_usd, normalize_model
 from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, ReserveResult,
                               charge_from_usage, consumer_metric_name, identity_tag, openai_error, plan_counters,
                               rate_limit_headers, rejection_body)
-from aigov.request import (CREDENTIAL_HEADERS, UNREADABLE_CHAT, ChatRequest, EmbeddingsRequest, RequestError,
-                           billable_fields, could_be_chat, json_text, names_an_embedding_model,
-                           parse_chat_request, parse_embeddings_request)
+from aigov.request import (UNREADABLE_CHAT, ChatRequest, EmbeddingsRequest, RequestError,
+                           billable_fields, canonical_header_name, could_be_chat, is_secret_header, json_text,
+                           names_an_embedding_model, parse_chat_request, parse_embeddings_request)
 
 NAME = "llm-token-quota"
 VERSION = __version__
@@ -339,8 +339,11 @@ class TokenQuotaHandler:
                 or request.include_usage or request.lossy:  # a lossy body is forwarded as its bytes were
             return
         options = request.body.get("stream_options")
-        body = {**request.body, "stream_options": {**(options if isinstance(options, dict) else {}),
-                                                   "include_usage": True}}
+        if options is not None and (not isinstance(options, dict) or "include_usage" in options):
+            # The client said include_usage (false: it may not cope with the usage chunk), or sent
+            # stream_options the provider will refuse: the body goes on as the client wrote it.
+            return
+        body = {**request.body, "stream_options": {**(options or {}), "include_usage": True}}
         kong.service.request.set_raw_body(json_text(body).encode("utf-8"))
         request.include_usage = True
 
@@ -644,7 +647,7 @@ class TokenQuotaHandler:
             elif source == "header":
                 # The router (907, before this plugin) may have cleared or replaced the header
                 # (a client key swapped for the provider's): it keeps what the client sent.
-                name = (q.identifier_header or "").lower()
+                name = canonical_header_name(q.identifier_header or "")
                 sent = _as_dict(_as_dict(value(kong.ctx.shared.get(SHARED_KEY))).get("client_headers"))
                 original = sent.get(name)
                 if isinstance(original, list):
@@ -654,7 +657,7 @@ class TokenQuotaHandler:
                 ident = text(kong.client.get_forwarded_ip()) or text(kong.client.get_ip())
             if isinstance(ident, str) and ident.strip():
                 # A credential header's value is hashed: no key in Redis key names or labels.
-                secret = source == "header" and (q.identifier_header or "").lower() in CREDENTIAL_HEADERS
+                secret = source == "header" and is_secret_header(q.identifier_header or "")
                 tag = identity_tag(source, ident.strip(), secret)
                 return tag, tag
         # Nobody identifiable (no source matched): one shared "anonymous" caller.

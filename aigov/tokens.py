@@ -271,7 +271,8 @@ def image_tokens(model: Any, width: int, height: int, detail: Any = None) -> int
         if patches > 1536:  # scaled down until its patches fit
             shrink = math.sqrt(32 * 32 * 1536 / (w * h))
             w, h = w * shrink, h * shrink
-            fit = min(math.floor(w / 32) / (w / 32), math.floor(h / 32) / (h / 32))  # whole patches
+            # whole patches; a side thinner than one patch still takes one (an image is never free)
+            fit = min(max(1, math.floor(w / 32)) / (w / 32), max(1, math.floor(h / 32)) / (h / 32))
             patches = min(1536, math.ceil(w * fit / 32) * math.ceil(h * fit / 32))
         return math.ceil(patches * rule[1])
     _, base, tile = rule

@@ -165,6 +165,13 @@ def test_image_tokens_follow_openais_published_examples() -> None:
     assert tokens.image_tokens("some-local-model", 1024, 1024) == 765   # unknown models: gpt-4o's rule
 
 
+@pytest.mark.parametrize("model", ["gpt-4.1-mini", "o4-mini", "gpt-5-nano", "gpt-4o"])
+@pytest.mark.parametrize("size", [(60000, 10), (100000, 1), (1, 100000), (1, 1)])
+def test_a_thin_image_is_never_free(model: str, size: tuple[int, int]) -> None:
+    # Scaled to fit 1536 patches, a side under 32 px rounded down to 0 whole patches: 0 tokens.
+    assert tokens.image_tokens(model, *size) > 0
+
+
 def test_image_sizes_are_read_from_data_url_headers() -> None:
     assert tokens.image_size(_png(640, 480)) == (640, 480)
     gif = b"GIF89a" + struct.pack("<HH", 300, 200) + b"\0" * 10

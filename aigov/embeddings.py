@@ -7,6 +7,7 @@ of batch-1 on CPU (reference offline-dependencies.md).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import queue
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -293,14 +295,27 @@ class OpenAIEmbedder:
         if has_control_char(api_key):
             # http.client would refuse it on every call, with the header's value in its message.
             raise EmbeddingError(control_char_error("the embeddings api_key"))
-        self.url = url
+        parts = urllib.parse.urlsplit(url)
+        # Basic credentials in the URL (user:pass@host) become a header: urllib would take them
+        # for part of the host name. What logs and errors show has neither them nor the query
+        # (an API key in ?key= is common).
+        self._basic = None
+        if parts.username is not None or parts.password is not None:
+            userinfo = f"{urllib.parse.unquote(parts.username or '')}:{urllib.parse.unquote(parts.password or '')}"
+            self._basic = base64.b64encode(userinfo.encode("utf-8")).decode("ascii")
+            host = parts.hostname or ""
+            netloc = f"[{host}]" if ":" in host else host
+            netloc += f":{parts.port}" if parts.port else ""
+            parts = parts._replace(netloc=netloc)
+        self.url = urllib.parse.urlunsplit(parts)
+        self.shown_url = urllib.parse.urlunsplit(parts._replace(query="", fragment="")) + ("?…" if parts.query else "")
         self.model_id = model
         self._api_key = api_key
         self.timeout_s = timeout_s
         self.dim = dim or 0
 
     def __repr__(self) -> str:  # never show the key
-        return f"OpenAIEmbedder(url={self.url!r}, model={self.model_id!r})"
+        return f"OpenAIEmbedder(url={self.shown_url!r}, model={self.model_id!r})"
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
@@ -311,15 +326,17 @@ class OpenAIEmbedder:
                                      headers={"Content-Type": "application/json"})
         if self._api_key:
             req.add_header("Authorization", f"Bearer {self._api_key}")
+        elif self._basic:
+            req.add_header("Authorization", f"Basic {self._basic}")
         try:
             # No cooperative urllib: on the plugin server's loop the call runs on a thread.
             payload = cooperative.run_blocking(self._post, req)
             rows = sorted(payload["data"], key=lambda d: d.get("index", 0))
             vecs = np.array([r["embedding"] for r in rows], dtype=np.float32)
         except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
-            raise EmbeddingError(f"embeddings endpoint {self.url} failed: {type(exc).__name__}: {exc}") from None
+            raise EmbeddingError(f"embeddings endpoint {self.shown_url} failed: {type(exc).__name__}: {exc}") from None
         if vecs.ndim != 2 or vecs.shape[0] != len(texts):
-            raise EmbeddingError(f"embeddings endpoint {self.url} returned {vecs.shape} for {len(texts)} inputs")
+            raise EmbeddingError(f"embeddings endpoint {self.shown_url} returned {vecs.shape} for {len(texts)} inputs")
         self.dim = int(vecs.shape[1])
         return _normalise(vecs)
 

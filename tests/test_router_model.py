@@ -401,6 +401,29 @@ def test_an_embeddings_key_with_a_control_character_fails_without_showing_it() -
         core.settings_from_config(conf(embeddings={"provider": "openai", "api_key": "sk-secret-1\r\n"}))
 
 
+def test_an_embeddings_url_with_credentials_works_and_never_shows_them(mock_llm) -> None:
+    # A key in ?key= or user:pass@ was printed in every failure message (a breaker found it), and
+    # urllib took user:pass@ for part of the host name, so the endpoint never answered.
+    from aigov.devredis import free_port
+    from aigov.embeddings import EmbeddingError, OpenAIEmbedder
+
+    host = mock_llm.url.split("//", 1)[1]
+    live = OpenAIEmbedder(f"http://us%40er:p%3Ass-SECRET1@{host}/v1/embeddings?key=QSECRET2", "text-embedding-3-small")
+    assert live.embed(["hello"]).shape[0] == 1
+    import base64
+
+    from aigov.mockllm import auth_fingerprint
+    seen = mock_llm.stats.snapshot()["recent"][-1]
+    basic = base64.b64encode(b"us@er:p:ss-SECRET1").decode()
+    assert (seen["auth_header"], seen["auth_sha256"]) == ("authorization", auth_fingerprint(f"Basic {basic}"))
+    dead = OpenAIEmbedder(f"http://user:SECRET1@127.0.0.1:{free_port()}/v1/embeddings?key=QSECRET2",
+                          "text-embedding-3-small", timeout_s=2)
+    with pytest.raises(EmbeddingError) as err:
+        dead.embed(["hello"])
+    assert "SECRET1" not in str(err.value) and "QSECRET2" not in str(err.value) and "/v1/embeddings" in str(err.value)
+    assert "SECRET" not in repr(dead) and "SECRET" not in repr(live)
+
+
 def test_the_routers_openai_embedder_needs_url_and_model_at_load() -> None:
     # The cache refused this at load; the router's embeddings record had no such checks.
     from aigov.plugins.semantic_router.schema import SCHEMA

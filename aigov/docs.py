@@ -186,6 +186,13 @@ def render(infos: list[dict[str, Any]], log_mode_infos: list[dict[str, Any]] | N
         "Fields marked *referenceable* accept a Kong Vault reference such as",
         "`{vault://env/MY_SECRET}`; Kong resolves it and the plugin receives the value.",
         "",
+        "A few rules tie top-level fields together, which an external plugin's schema cannot express",
+        "(Kong runs entity checks only on nested records): `admin_path` needs `admin_key`,",
+        "`unknown_model: default_price` needs `default_price`, the `header` identifier source needs",
+        "`identifier_header`, the router's `default_route` must name one of its routes and route names",
+        "must differ. Kong accepts such a config; the plugin then answers every request on the route",
+        "with a JSON 500 that names the rule (and logs it), so the mistake shows on the first request.",
+        "",
         "| Plugin | Priority | Version | Phases (default) | Phases (`AIGOV_CAPTURE_PHASE=log`) |",
         "|---|---|---|---|---|",
     ]

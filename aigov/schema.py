@@ -17,7 +17,8 @@ Field = dict[str, dict[str, Any]]
 CONTROL_CHAR_PATTERN = "%c"
 # Kong's not_match error is "invalid value: <the value>", which would put a credential into the
 # Admin API's answer and the error log; a field's `err` replaces it.
-CONTROL_CHAR_ERR = "must not contain control characters (a line break at the end of the value?)"
+# Kong's `err` replaces every validator's message for the field, its default len_min 1 too.
+CONTROL_CHAR_ERR = "must be non-empty, without control characters (a line break at the end of the value?)"
 _CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -79,7 +80,7 @@ def redis_record(description: str = "Redis connection used when the policy is re
     return record("redis", description, [
         field("host", "string", "Redis host name or address.", default="127.0.0.1"),
         field("port", "integer", "Redis TCP port.", default=6379, between=[1, 65535]),
-        field("database", "integer", "Redis logical database number.", default=0),
+        field("database", "integer", "Redis logical database number.", default=0, between=[0, 2147483647]),
         field("username", "string", "Redis ACL user name (optional).", referenceable=True),
         secret("password", "Redis password (optional); may be a Kong Vault reference."),
         field("ssl", "boolean", "Connect to Redis over TLS.", default=False),

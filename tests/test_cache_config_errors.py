@@ -239,7 +239,7 @@ def test_embeddings_entity_checks_reach_kong_in_the_dump() -> None:
 ])
 def test_a_literal_header_secret_with_a_control_character_is_refused_at_load(field: str, conf: dict) -> None:
     # Kong's not_match message is "invalid value: <value>"; the field's `err` keeps the secret out.
-    with pytest.raises(metaschema.ConfigError, match=f"config.{field}: must not contain control characters") as err:
+    with pytest.raises(metaschema.ConfigError, match=f"config.{field}: must be non-empty, without control characters") as err:
         metaschema.process_config(SCHEMA, conf, "llm-semantic-cache")
     assert "invalid value" not in str(err.value) and "sk\x00" not in str(err.value) and "k\n" not in str(err.value)
 

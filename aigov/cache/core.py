@@ -25,6 +25,8 @@ from aigov.schema import control_char_error, has_control_char
 log = logging.getLogger("aigov.cache")
 
 DEFAULT_THRESHOLD = 0.82   # chosen on STS-B train / GPTCache pairs with the verifier on (README)
+# The finish reasons an OpenAI-compatible answer can carry (store_finish_reasons picks among them).
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
 # The redis store keeps FLOAT16 vectors: the cosine of identical texts comes back up to ~1e-4
 # below 1 (float32 in memory: 1e-7), and threshold 1.0 must still hit.
 SIMILARITY_EPSILON = 2e-4
@@ -124,6 +126,10 @@ class CacheSettings:
             reasons = ["stop"]
         if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
             raise CacheConfigError("store_finish_reasons must be a list of strings")
+        unknown = [r for r in reasons if r not in FINISH_REASONS]
+        if unknown or not reasons:  # a typo ("lenght") or [] would store nothing, silently
+            raise CacheConfigError(f"store_finish_reasons must name some of {', '.join(FINISH_REASONS)}"
+                                   + (f"; unknown: {', '.join(map(repr, unknown))}" if unknown else ""))
         admin_path = conf.get("admin_path") or None
         if admin_path and not conf.get("admin_key"):
             raise CacheConfigError("admin_path needs admin_key (the X-Cache-Admin-Key a purge request must carry)")

@@ -14,7 +14,7 @@ with a JSON 500 naming the field and logs it through kong.log.err, as the quota 
 """
 from __future__ import annotations
 
-from aigov.cache.core import DEFAULT_THRESHOLD
+from aigov.cache.core import DEFAULT_THRESHOLD, FINISH_REASONS
 from aigov.schema import Field, array, embeddings_record, field, header_secret, record, redis_record
 
 # Lua pattern (Kong's `match`): the characters aigov.cache.core accepts in a namespace (A-Z a-z
@@ -49,8 +49,9 @@ SCHEMA: list[Field] = [
           default=True),
     field("verifier", "boolean", "Refuse semantic candidates that differ in negation, numbers, units, "
           "direction, antonyms or names.", default=True),
-    array("store_finish_reasons", "Answers are stored only when every choice ended with one of these.",
-          {"type": "string"}, default=["stop"]),
+    array("store_finish_reasons", "Answers are stored only when every choice ended with one of these "
+          "(OpenAI's finish reasons).",
+          {"type": "string", "one_of": list(FINISH_REASONS)}, default=["stop"], len_min=1),
     field("max_body_bytes", "integer", "Requests and responses bigger than this are neither looked up nor stored.",
           default=1048576, between=[1, 67108864]),
     field("max_temperature", "number", "Requests with a higher temperature bypass the cache (sampled answers).",

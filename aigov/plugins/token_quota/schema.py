@@ -43,6 +43,8 @@ SCHEMA: list[Field] = [
             array("models", "Apply this limit only to these models (empty: every model).",
                   {"type": "string"}, default=[]),
         ],
+        # Kong runs a nested record's entity checks at load: a limit with no budget is refused there.
+        "entity_checks": [{"at_least_one_of": ["tokens", "cost_usd"]}],
     }, default=[]),
     field("limit_by", "string",
           "consumer: each caller has its own counters; global: every caller shares them.",

@@ -27,6 +27,18 @@ def test_config_errors_are_reported_together_and_clearly() -> None:
         assert fragment in msg, fragment
 
 
+def test_a_limit_listing_an_unpriced_model_under_block_is_refused() -> None:
+    # A new user's typo ("gpt-4o-mnii") left the limit applying to nothing: with unknown_model
+    # block that model is refused before any limit is looked at, so the limit is dead config.
+    with pytest.raises(QuotaConfigError, match=r"limits\[2\].models: 'gpt-4o-mnii' is not in the price table"):
+        QuotaConfig.from_plugin_config({"limits": [{"window": "day", "tokens": 5},
+                                                   {"window": "day", "tokens": 5, "models": ["gpt-4o-mnii"]}]})
+    for name in ("gpt-4o-mini-2024-07-18", "openai/gpt-4o", "GPT-4o"):  # family names resolve
+        QuotaConfig.from_plugin_config({"limits": [{"window": "day", "tokens": 5, "models": [name]}]})
+    QuotaConfig.from_plugin_config({"limits": [{"window": "day", "tokens": 5, "models": ["my-own-model"]}],
+                                    "unknown_model": "default_price", "default_price": {"input": 1, "output": 2}})
+
+
 def test_identity_tags_cannot_break_the_cluster_hash_tag() -> None:
     assert identity_tag("consumer", "4f1c-aa") == "consumer:4f1c-aa"
     weird = identity_tag("header", "evil}{tag value")

@@ -118,6 +118,15 @@ class QuotaConfig:
                 problems.append(str(exc))
         if unknown == "default_price" and default_price is None and not any("default_price" in p for p in problems):
             problems.append("unknown_model is default_price but default_price {input, output} is not set")
+        if unknown == "block":
+            # A listed model without a price is refused before any limit is looked at, so the
+            # limit could never apply (a typo such as "gpt-4o-mnii" would disable it silently).
+            for i, lim in enumerate(limits, start=1):
+                for name in lim.models:
+                    if prices.lookup(name) is None:
+                        problems.append(f"limits[{i}].models: {name!r} is not in the price table, so with "
+                                        "unknown_model=block this limit never applies; fix the name, add its "
+                                        "price to prices, or set unknown_model=default_price")
         policy = conf.get("policy") or "memory"
         if policy not in ("memory", "redis"):
             problems.append(f"policy must be memory or redis, got {policy!r}")

@@ -3,6 +3,9 @@
 Endpoints: POST /v1/chat/completions (JSON, or SSE with `stream: true`), POST /v1/embeddings,
 GET /v1/models, GET /health, GET /mock/stats (requests by path, model, status and failure, and
 `tokens_billed`: the usage total of every completion generated, cut ones too), POST /mock/reset.
+Any other method on these paths gets 405 (with Allow), any other path 404, and a body over
+MAX_BODY_BYTES 413, each with an OpenAI-shaped JSON error body (an unread body is drained, so
+the client reads the answer instead of a reset connection).
 
 Answers are derived from the prompt ("Answer to: <last user text> [<hash of model+messages>]"),
 `usage` is counted with aigov.tokens, and `max_tokens` / `max_completion_tokens` truncate the
@@ -386,6 +389,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     timeout = 30  # a silent client must not hold a handler thread forever
 
     server: _BoundedThreadingHTTPServer
+    # what send_response/_record_stats read before _dispatch set them (e.g. the stdlib's own
+    # send_error for a request line it cannot parse)
+    _path = ""
+    _recorded = False
+    _status = 0
+    _linger = False
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("mock-llm %s - %s", self.address_string(), format % args)
@@ -419,19 +428,54 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for key, value in {**self._common_headers(model), **(extra or {})}.items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(payload)
+        if self.command != "HEAD":  # a HEAD answer has the headers of the GET, no body
+            self.wfile.write(payload)
         self._status = status
+
+    def _discard_body(self) -> None:
+        """Read and drop a request body no handler reads, so a kept-alive connection stays in
+        step; one too large to read (or chunked) is drained after the answer instead."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection, self._linger = True, True
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            return
+        if 0 < length <= MAX_BODY_BYTES:
+            self.rfile.read(length)
+        elif length > MAX_BODY_BYTES:
+            self.close_connection, self._linger = True, True
+
+    def _lingering_close(self) -> None:
+        """Like nginx's lingering_close: after an answer sent before the request body was
+        read, stop sending and read (and drop) what the client still sends for a while, so
+        it is not reset before it reads the answer (closing a socket with unread data sends
+        a RST). Bounded like nginx's lingering_time 30s / lingering_timeout 5s."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(5.0)
+            deadline = time.monotonic() + 30.0
+            while time.monotonic() < deadline and not self.mock._stopping.is_set():
+                if not self.rfile.read1(65536):
+                    break
+        except OSError:
+            pass
 
     def _read_json(self) -> Any:
         length_header = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection, self._linger = True, True
             raise MockError(411, "chunked request bodies are not supported; send Content-Length")
         try:
             length = int(length_header or 0)
         except ValueError:
             raise MockError(400, "invalid Content-Length") from None
         if length < 0 or length > MAX_BODY_BYTES:
-            self.close_connection = True  # the unread body would poison a kept-alive connection
+            # the unread body would poison a kept-alive connection: answer, then drain it
+            self.close_connection, self._linger = True, True
             raise MockError(413, f"request body over {MAX_BODY_BYTES} bytes")
         raw = self.rfile.read(length) if length else b""
         try:
@@ -456,6 +500,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    # Without these the stdlib answers 501 itself (and dropped the connection: send_response
+    # read attributes _dispatch sets). Any other method on a known path is a 405, elsewhere
+    # a 404, with the same JSON error body.
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
     def _dispatch(self, method: str) -> None:
         self._request_id = uuid.uuid4().hex[:12]
         self._status = 0
@@ -463,6 +525,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._fail: str | None = None
         self._billed = 0
         self._recorded = False
+        self._linger = False
         path = self._path = self.path.split("?", 1)[0].rstrip("/") or "/"
         routes = {
             ("POST", "/v1/chat/completions"): self._chat,
@@ -473,14 +536,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             ("POST", "/mock/reset"): self._reset,
         }
         handler = routes.get((method, path))
+        extra: dict[str, str] = {}
         try:
             if handler is None:
-                known = {p for (_, p) in routes}
-                raise MockError(405 if path in known else 404,
+                self._discard_body()
+                allowed = sorted(m for (m, p) in routes if p == path)
+                if allowed:
+                    extra["Allow"] = ", ".join(allowed)  # RFC 9110: a 405 lists them
+                raise MockError(405 if allowed else 404,
                                 f"{method} {path} is not served by the mock LLM")
             handler()
         except MockError as exc:
-            self._send_json(exc.status, exc.body(), self._model)
+            self._send_json(exc.status, exc.body(), self._model, extra)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:  # a bug in the mock: answer 500 rather than drop the client
@@ -491,6 +558,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
         finally:
             self._record_stats()  # a call that sent no answer (timeout, dropped client) too
+            if self._linger:
+                self._lingering_close()
 
     def send_response(self, code: int, message: str | None = None) -> None:
         # Recorded as the answer starts, so a client that has read it finds it in the stats.

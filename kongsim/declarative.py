@@ -2,7 +2,8 @@
 
 Covered entities (reference kong-plugin-server.md §5, Kong's `kong/db/declarative` and the
 template `kong/templates/kong_yml.lua`): services (`url`, or protocol/host/port/path), routes
-(paths, methods, hosts, strip_path default true, preserve_host), consumers (username,
+(paths, methods, hosts, headers, regex_priority, strip_path default true, preserve_host; matched
+by Kong 3.x's traditional_compatible priorities, see match_route), consumers (username,
 custom_id) with nested `keyauth_credentials`, upstreams with targets, and plugins at global,
 service, route and consumer scope, nested (inheriting the parent's foreign key) or top level
 with `route:` / `service:` / `consumer:` references by name or id. Anything malformed raises
@@ -68,6 +69,7 @@ class Route:
     strip_path: bool = True
     preserve_host: bool = False
     regex_priority: int = 0
+    headers: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -123,6 +125,9 @@ class DeclarativeConfig:
     credentials: list[KeyAuthCredential]
     upstreams: dict[str, Upstream]
     plugins: list[PluginEntity]
+    # the router's matchers in the order Kong's ATC router tries them (built on first use)
+    _matchers: tuple[Any, list["_Matcher"]] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False)
 
     # --- lookups -------------------------------------------------------------------------
     def consumer_by_key(self, key: str) -> tuple[Consumer, KeyAuthCredential] | None:
@@ -174,49 +179,193 @@ class DeclarativeConfig:
                 return combos[key]
         return None
 
-    def match_route(self, method: str, path: str, host: str | None) -> tuple[Route, str] | None:
+    def match_route(self, method: str, path: str, host: str | None,
+                    headers: Any = None, port: int | None = None) -> tuple[Route, str] | None:
         """(route, upstream-relative path after strip_path) or None (Kong: 404).
 
-        Prefix paths match the longest first; `~` paths are regexes tried before prefixes, by
-        regex_priority (Kong's traditional_compatible router). Methods and hosts, when set, must
-        match too.
+        Kong 3.x's default router_flavor, traditional_compatible (kong/router/compat.lua over
+        kong/router/atc.lua): every route becomes one matcher per group of its paths
+        (kong/router/transform.lua split_routes_and_services_by_path: the regex paths, then
+        one group per prefix length), each with the priority transform.lua get_priority
+        computes (see _kong_priority), and the ATC router (Kong/atc-router src/router.rs)
+        tries them by (priority, route uuid) descending: the first whose methods, hosts,
+        headers and paths all match wins, whatever the order in kong.yml.
+
+        `host` is the Host header (a port in it is what host:port route entries compare;
+        without one, `port`, the listening port, as $server_port); `headers` anything with
+        get_all(name) (kongsim.pdk.Headers), for routes with `headers`.
         """
-        host_only = (host or "").split(":")[0].lower()
-        best: tuple[int, int, Route, str] | None = None
-        for route in self.routes:
+        hostname, hport = _split_host_port(host or "")
+        req_port = int(hport) if hport.isdigit() else port
+        for m in self._router():
+            route = m.route
             if route.methods and method.upper() not in route.methods:
                 continue
-            if route.hosts and not any(_host_matches(h, host_only) for h in route.hosts):
+            if route.hosts and not any(_host_matches(h, hostname, req_port) for h in route.hosts):
                 continue
-            for rpath in route.paths or ["/"]:
-                if rpath.startswith("~"):
-                    m = re.match(rpath[1:], path)
-                    if not m:
-                        continue
-                    rank = (2, route.regex_priority)
-                    matched = m.group(0)
-                else:
-                    if not path.startswith(rpath):
-                        continue
-                    rank = (1, len(rpath))
-                    matched = rpath
-                if best is None or rank > (best[0], best[1]):
-                    rest = path[len(matched):] if route.strip_path else path
-                    if route.strip_path and rest and not rest.startswith("/") and matched.endswith("/"):
-                        rest = "/" + rest
-                    best = (rank[0], rank[1], route, rest)
-        if best is None:
-            return None
-        return best[2], best[3]
+            if route.headers and not _headers_match(route.headers, headers):
+                continue
+            matched = _path_match(m.paths, path)
+            if matched is None:
+                continue
+            rest = path[len(matched):] if route.strip_path else path
+            if route.strip_path and rest and not rest.startswith("/") and matched.endswith("/"):
+                rest = "/" + rest
+            return route, rest
+        return None
+
+    def _router(self) -> list["_Matcher"]:
+        key = (id(self.routes), len(self.routes))
+        if self._matchers is None or self._matchers[0] != key:
+            self._matchers = (key, _build_router(self.routes))
+        return self._matchers[1]
 
 
-def _host_matches(pattern: str, host: str) -> bool:
-    pattern = pattern.lower()
-    if pattern.startswith("*."):
+@dataclasses.dataclass
+class _Matcher:
+    """One ATC matcher: a route, or one path group of a route Kong split."""
+    priority: int
+    uuid: int
+    route: Route
+    paths: list[str]
+
+
+# kong/router/transform.lua: split routes get uuid v5 ids from this namespace and
+# "<route id>#<group index>"; the id breaks priority ties in the ATC router.
+_SPLIT_NS = uuid.UUID("7f145bf9-0dce-4f91-98eb-debbce4b9f6b")
+
+
+def _build_router(routes: Iterable[Route]) -> list[_Matcher]:
+    matchers = []
+    for route in routes:
+        groups: dict[int, list[str]] = {}  # transform.lua group_by_regex_or_length: key 0 = regex
+        for p in route.paths:
+            groups.setdefault(0 if p.startswith("~") else len(p.encode()), []).append(p)
+        if len(groups) <= 1:
+            matchers.append(_Matcher(_kong_priority(route, route.paths), uuid.UUID(route.id).int,
+                                     route, list(route.paths)))
+            continue
+        for i, paths in enumerate(groups.values(), start=1):
+            split_id = uuid.uuid5(_SPLIT_NS, f"{route.id}#{i}")
+            matchers.append(_Matcher(_kong_priority(route, paths), split_id.int, route, paths))
+    # atc-router: matchers are a BTreeMap keyed by (priority, uuid), iterated in reverse
+    matchers.sort(key=lambda m: (m.priority, m.uuid), reverse=True)
+    return matchers
+
+
+def _kong_priority(route: Route, paths: list[str]) -> int:
+    """kong/router/transform.lua get_priority for an http route (one path group), as LuaJIT
+    computes it.
+
+    The layout in its comment is match weight << 61 | plain-host-only bit 60 | header count
+    << 52 | regex bit 51 | regex_priority << 19 | path length. But its lshift_uint64 helper
+    assigns the Lua number to its upvalue (`ffi_uint = v`) rather than into the uint64 cdata,
+    so bit.lshift gets a plain number: LuaJIT's 32-bit BitOp shift, count taken mod 32. Only
+    the two constants built from 0x01ULL keep their 64-bit places. So a route with only plain
+    hosts, and then one with a regex path, outranks any route that has more of methods/hosts/
+    headers/paths without it. Checked with luajit 2.1: lshift_uint64(2, 61) is 1073741824
+    (2 << 29), not 2^62.
+    """
+    weight = 0
+    if route.methods:
+        weight += 1
+    if route.hosts:
+        weight += 1
+    headers_count = min(len(route.headers), 255)  # MAX_HEADER_COUNT
+    if headers_count:
+        weight += 1
+    if paths:
+        weight += 1
+    plain_host_only = bool(route.hosts) and not any("*" in h for h in route.hosts)
+    regex_url = bool(paths) and paths[0].startswith("~")
+    uri_length = 0 if regex_url or not paths else len(paths[0].encode())
+    numbers = [_lj_lshift(weight, 61), _lj_lshift(headers_count, 52),
+               _lj_lshift(route.regex_priority if regex_url else 0, 19),
+               uri_length & 0x7FFFF]
+    cdata = ([1 << 60] if plain_host_only else []) + ([1 << 51] if regex_url else [])
+    if not cdata:
+        # bit.bor of numbers only: a 32-bit result, made a uint64 by the FFI call that adds it
+        result = 0
+        for n in numbers:
+            result |= n
+        return _lj_to_u64(result)
+    result = 0
+    for n in cdata:
+        result |= n
+    for n in numbers:  # bit.bor with a uint64 operand converts every number to uint64
+        result |= _lj_to_u64(n)
+    return result
+
+
+def _lj_lshift(value: int, count: int) -> int:
+    """LuaJIT's bit.lshift on a Lua number: the value as int32, shifted by count mod 32, int32."""
+    r = ((value & 0xFFFFFFFF) << (count & 31)) & 0xFFFFFFFF
+    return r - (1 << 32) if r & 0x80000000 else r
+
+
+def _lj_to_u64(value: int) -> int:
+    """A Lua number made uint64_t. Only a negative int32 is affected (4+ match categories, or a
+    regex_priority below 0 or whose << 19 leaves int32): LuaJIT 2.1 on x86-64 gives 2^63 for it
+    (seen with luajit 2.1.0-beta3: bit.bor(-1, 0ULL) == 2^63; other builds may differ)."""
+    return value if value >= 0 else 1 << 63
+
+
+def _path_match(paths: list[str], path: str) -> str | None:
+    """The matched part of the path (what strip_path removes) or None. transform.lua: a regex
+    path is `http.path ~ "^<regex>"`, a plain one `http.path ^= "<prefix>"`; the first of the
+    group that matches gives the matched value. A route without paths matches any path."""
+    if not paths:
+        return "/" if path.startswith("/") else ""
+    for p in paths:
+        if p.startswith("~"):
+            m = re.match(p[1:], path)
+            if m:
+                return m.group(0)
+        elif path.startswith(p):
+            return p
+    return None
+
+
+def _split_host_port(value: str) -> tuple[str, str]:
+    """transform.lua split_host_port: "host:port" or "[v6]:port" -> (lower-cased host, port)."""
+    if value.startswith("["):
+        host, sep, rest = value.partition("]")
+        return (host + sep).lower(), rest[1:] if rest.startswith(":") else ""
+    host, _, port = value.partition(":")
+    return host.lower(), port
+
+
+def _host_matches(pattern: str, host: str, port: int | None = None) -> bool:
+    """transform.lua get_expression: `*.x` is a suffix match, `x.*` a prefix match, and a
+    `host:port` entry also needs net.dst.port == port."""
+    pattern, pport = _split_host_port(pattern)
+    if pport:
+        if not pport.isdigit() or port != int(pport):
+            return False
+    if pattern.startswith("*"):
         return host.endswith(pattern[1:])
-    if pattern.endswith(".*"):
+    if pattern.endswith("*"):
         return host.startswith(pattern[:-1])
     return host == pattern
+
+
+def _headers_match(wanted: Mapping[str, list[str]], headers: Any) -> bool:
+    """transform.lua get_expression: every header (AND) must have a value (any(...)) equal to
+    one of the route's values (OR), both lower-cased; `~*re` values are regexes searched in
+    the lower-cased value."""
+    if headers is None:
+        return False
+    for name, values in wanted.items():
+        got = [v.lower() for v in headers.get_all(name)]
+        if not any(_header_value_matches(v, g) for v in values for g in got):
+            return False
+    return True
+
+
+def _header_value_matches(value: str, got: str) -> bool:
+    if value.startswith("~*"):
+        return re.search(value[2:].lower(), got) is not None
+    return value.lower() == got
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -462,20 +611,32 @@ class _Loader:
         for key, value in (("paths", paths), ("methods", methods), ("hosts", hosts)):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise DeclarativeError(f"{where}.{key}: expected an array of strings")
+        headers = r.get("headers") or {}
+        if not isinstance(headers, dict):
+            raise DeclarativeError(f"{where}.headers: expected a map of header names to arrays "
+                                   "of strings")
+        for name, values in headers.items():
+            if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+                raise DeclarativeError(f"{where}.headers.{name}: expected an array of strings")
+            if str(name).lower() == "host":  # kong/db/schema/entities/routes.lua
+                raise DeclarativeError(f"{where}.headers: cannot contain 'host' header, which must "
+                                       "be specified in the 'hosts' attribute")
         for p in paths:
             if not (p.startswith("/") or p.startswith("~")):
                 raise DeclarativeError(f"{where}.paths: '{p}' must start with / or ~")
         for m in methods:
             if m.upper() not in HTTP_METHODS:
                 raise DeclarativeError(f"{where}.methods: unknown method '{m}'")
-        if not (paths or methods or hosts):
-            raise DeclarativeError(f"{where}: must set at least one of paths, methods, hosts")
+        if not (paths or methods or hosts or headers):
+            raise DeclarativeError(f"{where}: must set at least one of paths, methods, hosts, "
+                                   "headers")
         strip = r.get("strip_path", True)
         if not isinstance(strip, bool):
             raise DeclarativeError(f"{where}.strip_path: expected a boolean")
         route = Route(self._id(r, "route", where), r.get("name"), service_id, list(paths),
                       [m.upper() for m in methods], list(hosts), strip,
-                      bool(r.get("preserve_host", False)), int(r.get("regex_priority", 0)))
+                      bool(r.get("preserve_host", False)), int(r.get("regex_priority", 0)),
+                      {str(k): list(v) for k, v in headers.items()})
         self.routes.append(route)
         for i, p in enumerate(self._list(r, "plugins", where)):
             extra = {"route": route.id}

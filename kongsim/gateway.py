@@ -200,16 +200,30 @@ class Gateway:
                              http_version=req.http_version, started_at=t0)
         assert ctx.timing is not None
         ctx.timing.tree["workspace_id"] = WS_ID
+        wk = rl.pick_worker(worker)
+        # The plugins the log phase runs: the global ones after rewrite, then what access
+        # collected (Kong's ctx.plugins). Filled in place, so an error still finds them.
+        collected: list[Any] = []
+        try:
+            return self._handle(wk, ctx, req, host_header, collected, t0)
+        except Exception as exc:  # noqa: BLE001 - a stand-in failure is Kong's Lua error
+            return self._internal_error(wk, ctx, collected, t0, exc)
+
+    def _handle(self, wk: Any, ctx: RequestContext, req: Request, host_header: str,
+                collected: list[Any], t0: float) -> Response:
+        rl = self.runloop
+        assert rl is not None and ctx.timing is not None
         rl.pdk.post_read(ctx)  # nginx's realip module runs before Kong's phases
         self._debug_auth(ctx)
-        wk = rl.pick_worker(worker)
-        collected = rl.rewrite(wk, ctx)
+        rl.rewrite(wk, ctx, collected)
         if ctx.exit_response is not None:
             return self._exit_response(wk, ctx, collected, t0)
+        set_by_nginx: set[tuple[str, str]] = set()
         ctx.timing.enter("access")  # Kong routes inside its access phase
         try:
             with ctx.timing.span("router"):
-                matched = rl.config.match_route(ctx.method, ctx.path, host_header)
+                matched = rl.config.match_route(ctx.method, ctx.path, host_header, ctx.headers,
+                                                req.port)
             if matched is None:
                 ctx.exit_response = (404, NO_ROUTE, Headers([("Content-Type", JSON_CT)]))
                 ctx.response_source = "error"
@@ -226,12 +240,28 @@ class Gateway:
                     ctx.upstream = self._upstream_request(
                         ctx, route, service, rest, host_header,
                         trusted=self.real_ip.is_trusted(ctx.client_ip))
-                    collected = rl.access(wk, ctx)
+                    # what nginx itself forwards; anything else was set by a plugin
+                    set_by_nginx = {(k.lower(), v) for k, v in ctx.upstream.headers.items()}
+                    del collected[:]  # access collects every plugin again, globals too
+                    rl.access(wk, ctx, collected)
         finally:
             ctx.timing.leave()
         if ctx.exit_response is not None:
             return self._exit_response(wk, ctx, collected, t0)
-        return self._proxy(wk, ctx, collected, t0)
+        return self._proxy(wk, ctx, collected, t0, set_by_nginx)
+
+    def _internal_error(self, wk: Any, ctx: RequestContext, collected: list[Any], t0: float,
+                        exc: BaseException) -> Response:
+        """A failure of the stand-in itself is what a Lua error is to Kong: nginx answers 500
+        through Kong's error handler (kong/error_handlers.lua: "An unexpected error occurred"
+        with the request id), and the log phase still runs for the plugins collected so far
+        (nginx runs the log phase of every request; kong/init.lua Kong.log)."""
+        log.error("unexpected stand-in failure: %s", exc, exc_info=exc)
+        ctx.exit_response = (500, json.dumps({"message": "An unexpected error occurred",
+                                              "request_id": ctx.request_id}).encode(),
+                             Headers([("Content-Type", JSON_CT)]))
+        ctx.response_source = "error"
+        return self._exit_response(wk, ctx, collected, t0)
 
     # --- request debugging (kong/timing/init.lua) ----------------------------------------
     def _debug_auth(self, ctx: RequestContext) -> None:
@@ -355,7 +385,8 @@ class Gateway:
                 return t.host, t.port
         return up.host, up.port
 
-    def _proxy(self, wk: Any, ctx: RequestContext, collected: list[Any], t0: float) -> Response:
+    def _proxy(self, wk: Any, ctx: RequestContext, collected: list[Any], t0: float,
+               set_by_nginx: set[tuple[str, str]] | None = None) -> Response:
         rl = self.runloop
         assert rl is not None and ctx.upstream is not None and ctx.service is not None
         tm = ctx.timing
@@ -385,10 +416,18 @@ class Gateway:
             target = up.path + ("?" + up.query if up.query else "")
             conn.putrequest(up.method, target, skip_host=True, skip_accept_encoding=True)
             for k, v in up.headers.items():
-                if k.lower() != "content-length":
-                    # header strings hold the client's bytes (surrogateescape, see the front):
-                    # send those bytes unchanged, like nginx; plugin-set text goes out as UTF-8
-                    conn.putheader(k, v.encode("utf-8", "surrogateescape"))
+                if k.lower() == "content-length":
+                    continue
+                # header strings hold the client's bytes (surrogateescape, see the front):
+                # send those bytes unchanged, like nginx; plugin-set text goes out as UTF-8
+                value = v.encode("utf-8", "surrogateescape")
+                if set_by_nginx is not None and (k.lower(), v) not in set_by_nginx:
+                    # set through kong.service.request.set_header(s)/add_header, i.e.
+                    # ngx.req.set_header: lua-nginx-module escapes the bytes RFC 7230 forbids
+                    name = _ngx_escape(k.encode("utf-8", "surrogateescape"), _NGX_HEADER_NAME)
+                    conn.putheader(name, _ngx_escape(value, _NGX_HEADER_VALUE))
+                else:
+                    conn.putheader(k, value)
             if up.body or up.method in ("POST", "PUT", "PATCH"):
                 conn.putheader("Content-Length", str(len(up.body)))
             conn.endheaders(up.body or None)
@@ -403,6 +442,9 @@ class Gateway:
             log.error("upstream connection to %s:%d failed: %s", host, port, exc)
             return self._upstream_error(wk, ctx, collected, t0, 502,
                                         "An invalid response was received from the upstream server")
+        except BaseException:
+            conn.close()  # a stand-in failure (handle() answers 500): no dangling connection
+            raise
         ctx.upstream_latency_ms = int((time.time() - t_up) * 1000)
         # Kong mocks an `upstream` phase: time to first byte (KONG_WAITING_TIME) + streaming.
         ttfb_ms = (time.time() - t_up) * 1000.0
@@ -516,6 +558,20 @@ class Gateway:
         return self.url
 
 
+# lua-nginx-module src/ngx_http_lua_util.c ngx_http_lua_escape_uri, the header_name and
+# header_value tables that ngx_http_lua_copy_escaped_header applies to every name and value
+# ngx.req.set_header sets (ngx_http_lua_set_input_header): each such byte becomes %XX, so a
+# CR/LF in a value reaches the upstream as %0D/%0A (its t/028-req-header.t: "new%0Avalue").
+_NGX_HEADER_VALUE = frozenset([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])
+_NGX_HEADER_NAME = frozenset([*range(0x00, 0x21), *b'"(),/:;<=>?@[\\]{}', *range(0x7F, 0x100)])
+
+
+def _ngx_escape(data: bytes, table: frozenset[int]) -> bytes:
+    if not any(b in table for b in data):
+        return data
+    return b"".join(b"%%%02X" % b if b in table else bytes((b,)) for b in data)
+
+
 def _smooth_wrr(targets: Sequence[declarative.Target]) -> list[declarative.Target]:
     """One cycle of smooth weighted round robin (as nginx does): A,B,A,B for equal weights,
     A,A,B,A,... for 3:1, instead of all of A's slots first."""
@@ -606,6 +662,20 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
                                 b'{"message":"An unexpected error occurred"}')
             try:
                 self._write(resp)
+            except (ConnectionError, TimeoutError) as exc:
+                # The client went away (or stopped reading) mid-response. nginx logs the
+                # failed send at info level (ngx_connection_error: c->log_error is
+                # NGX_ERROR_INFO on client connections) and finalizes the request; the log
+                # phase runs as for any request (the finally below).
+                self.close_connection = True
+                if isinstance(exc, TimeoutError):
+                    what = "client timed out (110: Connection timed out)"
+                else:
+                    what = (f"writev() failed ({exc.errno}: {os.strerror(exc.errno)})"
+                            if exc.errno else f"writev() failed ({type(exc).__name__})")
+                # the path without its query: an apikey argument must not reach the log
+                log.info('%s while sending to client, client: %s, request: "%s %s"', what,
+                         self.client_address[0], self.command, self.path.split("?")[0])
             finally:
                 if resp.chunks is not None and hasattr(resp.chunks, "close"):
                     resp.chunks.close()  # runs the stream's finalizer if the client left

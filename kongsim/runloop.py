@@ -332,9 +332,13 @@ class Runloop:
         return self.workers[index % len(self.workers)]
 
     # --- phases --------------------------------------------------------------------------
-    def rewrite(self, worker: Worker, ctx: RequestContext) -> list[tuple[PluginDef, dict[str, Any]]]:
-        """Global plugins only, before routing. Returns the global plugins (for log on 404)."""
-        globals_ = []
+    def rewrite(self, worker: Worker, ctx: RequestContext,
+                globals_: list[tuple[PluginDef, dict[str, Any]]] | None = None
+                ) -> list[tuple[PluginDef, dict[str, Any]]]:
+        """Global plugins only, before routing. Returns the global plugins (for log on 404),
+        collected into `globals_` if given, so a caller still has them after an exception."""
+        if globals_ is None:
+            globals_ = []
         assert ctx.timing is not None
         with ctx.timing.span("rewrite", "plugins"):
             self._rewrite_plugins(worker, ctx, globals_)
@@ -354,11 +358,15 @@ class Runloop:
                 except ExitSignal:
                     pass
 
-    def access(self, worker: Worker, ctx: RequestContext) -> list[tuple[PluginDef, dict[str, Any]]]:
-        """The collecting iterator: runs access handlers until an exit, keeps collecting.
+    def access(self, worker: Worker, ctx: RequestContext,
+               collected: list[tuple[PluginDef, dict[str, Any]]] | None = None
+               ) -> list[tuple[PluginDef, dict[str, Any]]]:
+        """The collecting iterator: runs access handlers until an exit, keeps collecting (into
+        `collected` if given: Kong's ctx.plugins, which its log phase reads even after an error).
 
         The caller holds the `access` timing context (routing is part of Kong's access phase)."""
-        collected: list[tuple[PluginDef, dict[str, Any]]] = []
+        if collected is None:
+            collected = []
         assert ctx.timing is not None
         with ctx.timing.span("plugins"):
             self._access_plugins(worker, ctx, collected)

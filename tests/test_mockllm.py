@@ -521,3 +521,58 @@ def test_cli_rejects_bad_listen_address() -> None:
     result = subprocess.run([sys.executable, "-m", "aigov.cli", "mock-llm", "--listen", "nowhere"],
                             env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "HOST:PORT" in result.stderr
+
+
+def test_other_methods_get_a_json_405_or_404_on_a_kept_alive_connection(mock_llm: MockLLM) -> None:
+    """The mock had no do_PUT/do_PATCH/do_DELETE: the stdlib's 501 crashed in send_response and
+    the connection closed without an answer (a 502 "invalid response" behind the gateway)."""
+    conn = http.client.HTTPConnection(mock_llm.host, mock_llm.port, timeout=10)
+    try:
+        for method, path, body, status in [
+                ("DELETE", "/v1/chat/completions", None, 405),
+                ("PUT", "/v1/chat/completions", b'{"model": "x"}', 405),
+                ("PATCH", "/v1/embeddings", b"{}", 405),
+                ("OPTIONS", "/v1/models", None, 405),
+                ("DELETE", "/v1/nothing", b"dropped", 404)]:
+            conn.request(method, path, body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            error = json.loads(response.read())["error"]
+            assert response.status == status, (method, path)
+            assert error["type"] == "invalid_request_error" and method in error["message"]
+            if status == 405:
+                assert response.getheader("Allow") == ("GET" if path == "/v1/models" else "POST")
+            assert response.getheader("Connection") != "close"
+        conn.request("HEAD", "/v1/chat/completions")
+        head = conn.getresponse()
+        assert head.status == 405 and head.read() == b""  # a HEAD answer carries no body
+        # the same connection still serves a completion: every unread body was drained
+        conn.request("POST", "/v1/chat/completions",
+                     json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["choices"]
+    finally:
+        conn.close()
+
+
+def test_an_oversized_body_sent_in_full_gets_its_413() -> None:
+    """Before, the mock answered 413 and closed with the body unread: the client, still
+    sending, got a broken pipe / reset instead of the answer."""
+    from aigov.mockllm import MAX_BODY_BYTES
+    with MockLLM() as mock:
+        reply = call(mock, "/v1/chat/completions", raw=b" " * (MAX_BODY_BYTES + 1024 * 1024),
+                     timeout=30)
+        assert reply.status == 413 and reply.error is None
+        assert "request body over" in reply.json()["error"]["message"]
+        assert chat(mock).status == 200
+
+
+def test_the_gateway_passes_the_mock_405_through() -> None:
+    from kongsim.gateway import Gateway, Request
+    with MockLLM() as mock:
+        cfg = {"_format_version": "3.0", "services": [
+            {"name": "llm", "url": mock.url, "routes": [{"name": "r", "paths": ["/"],
+                                                         "strip_path": False}]}]}
+        with Gateway(cfg) as gw:
+            resp = gw.handle(Request("DELETE", "/v1/chat/completions"))
+            assert resp.status == 405 and json.loads(resp.read())["error"]["message"]

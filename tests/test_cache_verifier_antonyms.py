@@ -6,32 +6,15 @@ scales and sets, not of those sentences, so most cases below use other words of 
 """
 from __future__ import annotations
 
-import json
-import uuid
-from typing import Any
+import sys
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
-from aigov.cache.core import CacheSettings, SemanticCache
-from aigov.cache.key import exact_key, scope_for
-from aigov.cache.verifier import verify
-from aigov.request import parse_chat_request
 
-
-def _refused(a: str, b: str) -> list[str]:
-    """The reasons in both directions; the checks are symmetric, so both must refuse."""
-    out = []
-    for q, c in ((a, b), (b, a)):
-        v = verify(q, c)
-        assert not v.ok, (q, c)
-        out.append(v.reason)
-    return out
-
-
-def _kept(a: str, b: str) -> None:
-    for q, c in ((a, b), (b, a)):
-        v = verify(q, c)
-        assert v.ok, (q, c, v.reason)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cache_pairs import kept as _kept, lookup_pair, memory_cache, refused as _refused  # noqa: E402
 
 
 @pytest.mark.parametrize("a, b", [
@@ -152,27 +135,13 @@ OPPOSITES = [
 
 
 @pytest.fixture(scope="module")
-def cache() -> Any:
-    settings = CacheSettings.from_config({"vectordb": {"strategy": "memory",
-                                                       "namespace": f"ant-{uuid.uuid4().hex[:8]}"}})
-    c = SemanticCache(settings)     # the default threshold (0.82) and the verifier on
-    yield c
-    c.store.purge()
-
-
-def _lookup(cache: Any, stored: str, asked: str) -> Any:
-    def req(text: str) -> Any:
-        return parse_chat_request(json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}))
-    consumer = uuid.uuid4().hex                     # one scope per pair: pairs cannot answer each other
-    sa = scope_for(req(stored), namespace=cache.settings.namespace, consumer_id=consumer, route_id="r")
-    sb = scope_for(req(asked), namespace=cache.settings.namespace, consumer_id=consumer, route_id="r")
-    cache.save(sa, exact_key(sa, stored), stored, cache.embed(stored), {"choices": []}, None, "m")
-    return cache.lookup(sb, asked, exact_key(sb, asked))
+def cache() -> Iterator[Any]:
+    yield from memory_cache("ant")
 
 
 @pytest.mark.parametrize("stored, asked", OPPOSITES)
 def test_the_testers_opposites_miss_through_the_cache(cache: Any, stored: str, asked: str) -> None:
-    found = _lookup(cache, stored, asked)
+    found = lookup_pair(cache, stored, asked)
     # The premise: the model alone would serve it (the nearest entry passed the threshold).
     assert found.status == "Miss" and found.rejected, (stored, asked, found.similarity)
     assert found.rejected[0].startswith(("antonym:", "class:"))
@@ -180,7 +149,7 @@ def test_the_testers_opposites_miss_through_the_cache(cache: Any, stored: str, a
 
 @pytest.mark.parametrize("stored, asked", PARAPHRASES)
 def test_paraphrases_still_hit_through_the_cache(cache: Any, stored: str, asked: str) -> None:
-    found = _lookup(cache, stored, asked)
+    found = lookup_pair(cache, stored, asked)
     assert found.status == "Hit", (stored, asked, found.similarity, found.rejected)
 
 

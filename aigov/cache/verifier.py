@@ -8,16 +8,25 @@ gate". A candidate above the threshold is served only if its user text and the q
   "all hidden files": except, excepting, excluding, other than),
 - numbers and quantities (digits and number words; "a"/"one" count as 1),
 - units (km vs miles, USD vs EUR, hours vs minutes, ...),
-- direction ("A to B" vs "B to A", "from A to B"),
+- direction ("A to B" vs "B to A", "from A to B"), and arguments swapped round a relation word
+  (to, from, into, than, vs, before/after, over/under, instead of, ...), names of several words
+  included: "flights from New York to London" / "... from London to New York", "is a bigger
+  than b" / "is b bigger than a",
 - antonym pairs (enable/disable, increase/decrease, add/remove, on/off, even/odd, grant/revoke,
-  ... and un-/dis-/de- prefixes), counted: "switch on the VPN on my laptop" has one "on" more
-  than "switch off the VPN on my laptop", which has the "off",
+  under/over, into/out of, indoor/outdoor, rise/fall, senior/junior, synonym/antonym, ... and
+  un-/dis-/de- prefixes), counted: "switch on the VPN on my laptop" has one "on" more than
+  "switch off the VPN on my laptop", which has the "off"; a possessive counts as its word
+  ("men's" is "men", so it is a gender too),
 - opposite poles of a scale (size, price, speed, quality, mood, ...: "largest"/"smallest",
   "cheapest"/"most expensive", "faster"/"slower"; comparatives and superlatives by rule, and
   "less"/"least" turn a pole round, so "least expensive" is "cheapest") and of contrast nouns
   (pros/cons, benefits/drawbacks),
 - closed word classes whose members exclude each other (colours, genders, weekdays, diets, food
-  groups, units of text length such as sentence/paragraph, human languages, ...),
+  groups, units of text length such as line/sentence/paragraph, human languages, administrative
+  levels city/county/state/country, audiences child/beginner/expert, past/present/future,
+  delayed/cancelled, ...),
+- the tense of a question that names no date: "who is the president" is not "who was the
+  president", nor "who will be" (but "what does this print" is "what will this print"),
 - relative time (today/tomorrow/yesterday/tonight; "next week", "last year", "this Friday"):
   a day or period shifted from the present must be in both texts, and so must "after"/"before"
   next to a time word ("the day after tomorrow", "the day before my exam"),
@@ -43,12 +52,14 @@ in `aigov eval cache` output and the README.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, wraps
 from typing import Any, Callable
 
 _TOKEN_RE = re.compile(r"[$€£¥%°]|\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z0-9]*(?:['’][A-Za-z]+)?(?:[-_.][A-Za-z0-9]+)*")
 _SENTENCE_OPENERS = frozenset(".!?:;\"'([")
+_SENTENCE_BREAK_RE = re.compile(r"[.!?;]\s+\S|\n")
 
 NEGATIONS = frozenset("""not no never none nothing nobody nowhere neither nor cannot without
 unable n't cant dont doesnt didnt isnt arent wasnt werent wont wouldnt shouldnt couldnt hasnt
@@ -144,6 +155,25 @@ ANTONYM_PAIRS = [
     # un- before a stem too short for the prefix rule (its stems have 4 letters or more, so
     # "unit" is not "it" undone)
     ("zip", "unzip"), ("pin", "unpin"), ("ban", "unban"), ("tie", "untie"),
+    # sides of a bound or a position ("prime numbers under 100" / "over 100")
+    ("under", "over"), ("below", "over"), ("above", "under"), ("beneath", "above"),
+    ("underneath", "above"), ("indoor", "outdoor"), ("indoors", "outdoors"), ("into", "out"),
+    ("onto", "off"), ("upstairs", "downstairs"), ("uphill", "downhill"),
+    ("upstream", "downstream"), ("overestimate", "underestimate"), ("overrated", "underrated"),
+    ("overpaid", "underpaid"),
+    # movement of a quantity or a history ("the rise of the Roman empire" / "the fall of ...")
+    ("rise", "fall"), ("rise", "decline"), ("ascend", "descend"), ("ascent", "descent"),
+    ("boom", "bust"), ("surplus", "deficit"), ("inflation", "deflation"), ("bullish", "bearish"),
+    ("birth", "death"), ("born", "died"), ("alive", "dead"), ("ancient", "modern"),
+    ("entrance", "exit"), ("cause", "effect"),
+    # ranks and the two sides of a role
+    ("senior", "junior"), ("employer", "employee"), ("landlord", "tenant"), ("teacher", "student"),
+    ("lender", "borrower"), ("host", "guest"), ("predator", "prey"), ("primary", "secondary"),
+    ("offense", "defense"), ("offence", "defence"), ("attack", "defend"),
+    ("offensive", "defensive"),
+    # grammar and arithmetic terms that name opposites
+    ("synonym", "antonym"), ("singular", "plural"), ("prefix", "suffix"), ("vowel", "consonant"),
+    ("numerator", "denominator"),
 ]
 
 # Scales of gradable adjectives: scale -> (words at its high pole, words at its low pole). Words
@@ -225,8 +255,26 @@ EXCLUSIVE_CLASSES = {
     "diet": "vegan vegans vegetarian vegetarians pescatarian pescatarians keto paleo".split(),
     "food_group": """fruit fruits vegetable vegetables veggie veggies grain grains legume legumes
         nut nuts meat meats""".split(),
-    # Units of a text's length: "in one sentence" is not "in one paragraph".
-    "text_unit": "word words sentence sentences paragraph paragraphs page pages chapter chapters".split(),
+    # Units of a text's length: "in one sentence" is not "in one paragraph", nor "in one line".
+    "text_unit": """word words line lines sentence sentences paragraph paragraphs page pages chapter
+        chapters""".split(),
+    # Administrative levels: "the population of New York city" is not "... of New York state".
+    # ("state" after "united" is no level: _class_words skips "the United States".)
+    "admin_level": """village villages town towns city cities borough boroughs district districts
+        county counties municipality municipalities province provinces state states country
+        countries nation nations continent continents""".split(),
+    # Who a text is written for: "explain evolution to a child" is not "... to an expert". The
+    # age words are members too (a word may be in several classes), so "kid" still is "child".
+    "audience": """beginner beginners novice novices newbie newbies layman laymen layperson
+        laypeople amateur amateurs intermediate advanced expert experts professional professionals
+        specialist specialists child children kid kids toddler toddlers teen teens teenager
+        teenagers adult adults""".split(),
+    # Grammatical and historical time: "the past tense of run" is not "the future tense".
+    "tense": "past present future".split(),
+    # What happened to a trip or an appointment: a delayed flight is not a cancelled one.
+    "disruption": """delay delays delayed cancel cancels cancelled canceled cancellation
+        cancellations postpone postponed postponement reschedule rescheduled divert diverted
+        overbooked""".split(),
     # Human languages (and the nationality words that name them): "translate hello to spanish"
     # is not "... to french". Lower-case, so the entity check does not see them; programming
     # languages are the class "language". ("polish" is left out: it is also a verb.)
@@ -285,10 +333,22 @@ def _lemma(word: str) -> str:
     return w
 
 
+def _strip_s(word: str) -> str:
+    """A lower-cased token without its "'s" (a possessive or "is"/"has"): "men's" -> "men",
+    "what's" -> "what"; other tokens as they are."""
+    if len(word) > 3 and word.endswith(("'s", "’s")):
+        return word[:-2]
+    return word
+
+
 @_memo_short(_MAX_CACHED_WORD, 16384)
 def _variants(word: str) -> frozenset[str]:
-    """The word and its plausible base forms (so 'enabled'/'enabling' match 'enable')."""
+    """The word and its plausible base forms (so 'enabled'/'enabling' match 'enable'); a
+    possessive's too ("winner's" has the forms of "winner")."""
     w = word.lower()
+    bare = _strip_s(w)
+    if bare != w:
+        return frozenset({w}) | _variants(bare)
     out = {w, _lemma(w)}
     for suffix in ("ing", "ed", "es", "s", "d"):
         if w.endswith(suffix) and len(w) > len(suffix) + 2:
@@ -307,7 +367,11 @@ _ANTONYMS: dict[str, set[str]] = {}
 for _a, _b in ANTONYM_PAIRS:
     _ANTONYMS.setdefault(_a, set()).add(_b)
     _ANTONYMS.setdefault(_b, set()).add(_a)
-_CLASS_OF: dict[str, str] = {w: cls for cls, words in EXCLUSIVE_CLASSES.items() for w in words}
+# word -> the classes it is a member of (a word may be in several: "child" is an age and an audience)
+_CLASS_OF: dict[str, tuple[str, ...]] = {}
+for _cls, _members in EXCLUSIVE_CLASSES.items():
+    for _w in _members:
+        _CLASS_OF[_w] = _CLASS_OF.get(_w, ()) + (_cls,)
 _OPPOSITE_PREFIXES = ("un", "dis", "de", "non", "in", "im", "il", "ir", "anti")
 
 _GRADABLE_POLES: dict[str, frozenset[tuple[str, int]]] = {}
@@ -473,6 +537,19 @@ class _Text:
         return {w: i for i, w in enumerate(lemmas) if lemmas.count(w) == 1}
 
     @cached_property
+    def relation_sequence(self) -> list[tuple[bool, str]] | None:
+        return _relation_sequence(self)
+
+    @cached_property
+    def one_sentence(self) -> bool:
+        """No sentence break inside (an end mark before more text, or a line break)."""
+        return _SENTENCE_BREAK_RE.search(self.raw.strip()) is None
+
+    @cached_property
+    def question_tense(self) -> str | None:
+        return _question_tense(self)
+
+    @cached_property
     def word_counts(self) -> dict[str, int]:
         """How many tokens have each word form (`words` with multiplicity)."""
         out: dict[str, int] = {}
@@ -575,6 +652,9 @@ def _units(t: _Text) -> frozenset:
     return frozenset(found)
 
 
+_DIRECTION_REACH = 8  # words looked at on each side of a "to" for its source and target
+
+
 def _direction_pairs(t: _Text) -> set[tuple[str, str]]:
     """Ordered (source, target) pairs from 'X to Y', 'from X to Y', 'X into Y', 'X -> Y'."""
     pairs: set[tuple[str, str]] = set()
@@ -582,8 +662,12 @@ def _direction_pairs(t: _Text) -> set[tuple[str, str]]:
     arrows = {i for i, tok in enumerate(re.findall(r"->|→|=>|\S+", t.raw)) if tok in ("->", "→", "=>")}
     for i, w in enumerate(low):
         if w in ("to", "into", "2") and 0 < i < len(low) - 1:
-            left = next((low[j] for j in range(i - 1, -1, -1) if low[j] not in _SIMPLE_STOP), None)
-            right = next((low[j] for j in range(i + 1, len(low)) if low[j] not in _SIMPLE_STOP), None)
+            # A few words each way: a long run of stop words is no direction, and scanning it
+            # from every "to" made a crafted prompt quadratic (minutes for 240 KB).
+            left = next((low[j] for j in range(i - 1, max(-1, i - 1 - _DIRECTION_REACH), -1)
+                         if low[j] not in _SIMPLE_STOP), None)
+            right = next((low[j] for j in range(i + 1, min(len(low), i + 1 + _DIRECTION_REACH))
+                          if low[j] not in _SIMPLE_STOP), None)
             if left and right and left != right:
                 pairs.add((_lemma(left), _lemma(right)))
     if arrows:
@@ -1034,14 +1118,32 @@ _CANONICAL = {"kid": "child", "kids": "child", "children": "child", "babies": "b
               "fruits": "fruit", "vegetables": "vegetable", "veggie": "vegetable",
               "veggies": "vegetable", "grains": "grain", "legumes": "legume", "nuts": "nut",
               "meats": "meat", "words": "word", "sentences": "sentence", "paragraphs": "paragraph",
-              "pages": "page", "chapters": "chapter", "mandarin": "chinese", "farsi": "persian"}
+              "pages": "page", "chapters": "chapter", "mandarin": "chinese", "farsi": "persian",
+              "lines": "line",
+              "villages": "village", "towns": "town", "cities": "city", "boroughs": "borough",
+              "districts": "district", "counties": "county", "municipalities": "municipality",
+              "provinces": "province", "states": "state", "countries": "country", "nation": "country",
+              "nations": "country", "continents": "continent",
+              "beginners": "beginner", "novice": "beginner", "novices": "beginner",
+              "newbie": "beginner", "newbies": "beginner", "laymen": "layman", "layperson": "layman",
+              "laypeople": "layman", "amateurs": "amateur", "experts": "expert",
+              "professional": "expert", "professionals": "expert", "specialist": "expert",
+              "specialists": "expert", "advanced": "expert",
+              "delays": "delay", "delayed": "delay", "postpone": "delay", "postponed": "delay",
+              "postponement": "delay", "reschedule": "delay", "rescheduled": "delay",
+              "cancels": "cancel", "cancelled": "cancel", "canceled": "cancel",
+              "cancellation": "cancel", "cancellations": "cancel", "diverted": "divert"}
 
 
 def _class_words(low: list[str]) -> list[str]:
     """The words looked up in the classes: a hyphenated token as one word if it is a member
-    ("grown-ups" = "grownups"), else each of its parts ("dark-blue", "kid-friendly")."""
+    ("grown-ups" = "grownups"), else each of its parts ("dark-blue", "kid-friendly"); a
+    possessive or "'s" without it ("men's" is "men"); "states" of "the United States" left out."""
     out: list[str] = []
-    for w in low:
+    for i, w in enumerate(low):
+        w = _strip_s(w)
+        if w in ("state", "states") and i > 0 and low[i - 1] == "united":
+            continue
         if "-" not in w:
             out.append(w)
             continue
@@ -1057,14 +1159,15 @@ def _by_class(t: _Text) -> dict[str, set[str]]:
     """The members of each closed class the text names, canonicalised."""
     out: dict[str, set[str]] = {}
     for w in _class_words(t.lower):
-        cls = _CLASS_OF.get(w)
+        classes = _CLASS_OF.get(w)
         base = w
-        if cls is None and _lemma(w) in _CLASS_OF:
+        if classes is None and _lemma(w) in _CLASS_OF:
             base = _lemma(w)
-            cls = _CLASS_OF[base]
-        if cls:
+            classes = _CLASS_OF[base]
+        if classes:
             base = _CANONICAL.get(base, base)
-            out.setdefault(cls, set()).add(_lemma(base) if cls == "animal" else base)
+            for cls in classes:
+                out.setdefault(cls, set()).add(_lemma(base) if cls == "animal" else base)
     return out
 
 
@@ -1099,6 +1202,174 @@ def _role_swap(a: _Text, b: _Text) -> str | None:
     return None
 
 
+# Relation words: what stands left of one and what stands right of it are the relation's
+# arguments, in order ("flights from New York to London", "is a bigger than b", "Python vs Go",
+# "wash before cooking", "prefer tea over coffee", "use X instead of Y").
+RELATION_WORDS = frozenset("""to from into onto than vs versus before after over under above below
+    instead against toward towards""".split())
+# Arguments looked at on each side of a relation word: its neighbours, as _role_swap's (a
+# multi-word name has a word this near on both sides: "new york" / "york"; further out, a
+# reworded sentence's clauses move round infinitive "to"s: "you need to load a processor" /
+# "a processor is required to utilize ...").
+_RELATION_WINDOW = 2
+_MAX_RELATION_ARGS = 30
+
+
+def _relation_sequence(t: _Text) -> list[tuple[bool, str]] | None:
+    """The text as (is a relation word, word): relation words and arguments (content words
+    lemmatised and without "'s"; single letters too when the text names things by letters, as
+    "is a bigger than b" does: a letter other than "a" and "i"); None for long texts."""
+    out: list[tuple[bool, str]] = []
+    args = rels = 0
+    letters = any(len(w) == 1 and w.isalpha() and w not in ("a", "i") for w in t.lower)
+    for w in t.lower:
+        w = _strip_s(w)
+        if w in RELATION_WORDS:
+            out.append((True, w))
+            rels += 1
+        elif w.isalpha() and ((letters and len(w) == 1)
+                              or (w not in _SIMPLE_STOP and w not in NEGATIONS)):
+            out.append((False, _lemma(w)))
+            args += 1
+        if args > _MAX_RELATION_ARGS or rels > _MAX_RELATION_ARGS:
+            return None
+    return out
+
+
+def _relation_sides(seq: list[tuple[bool, str]], i: int) -> tuple[set[str], set[str]]:
+    """The arguments within _RELATION_WINDOW before and after the relation word at seq[i]."""
+    left = [w for rel, w in seq[:i] if not rel][-_RELATION_WINDOW:]
+    right = [w for rel, w in seq[i + 1:] if not rel][:_RELATION_WINDOW]
+    return set(left), set(right)
+
+
+def _relation_swap(a: _Text, b: _Text) -> str | None:
+    """Arguments swapped round a relation word: a word left of it in one text is right of it in
+    the other AND another goes the other way ("from New York to London" / "from London to New
+    York", "is a bigger than b" / "is b bigger than a"). A phrase moved whole ("to the coast from
+    the city" / "from the city to the coast") crosses one way only. A relation word both texts
+    have once is compared; one they have equally often is compared occurrence by occurrence, in
+    order ("how to fly from X to Y": the second "to" with the second), if each text is one
+    sentence (a reworded paragraph's sentences do not keep their order). Arguments that occur
+    more than once in a text are not compared (their side is ambiguous)."""
+    sa, sb = a.relation_sequence, b.relation_sequence
+    if not sa or not sb:
+        return None
+    pos_a: dict[str, list[int]] = {}
+    pos_b: dict[str, list[int]] = {}
+    for seq, pos in ((sa, pos_a), (sb, pos_b)):
+        for i, (rel, w) in enumerate(seq):
+            if rel:
+                pos.setdefault(w, []).append(i)
+    in_order = a.one_sentence and b.one_sentence
+    words = sorted(w for w in pos_a.keys() & pos_b.keys() if len(pos_a[w]) == len(pos_b[w])
+                   and (in_order or len(pos_a[w]) == 1))
+    if not words:
+        return None
+    count_a = Counter(w for rel, w in sa if not rel)
+    count_b = Counter(w for rel, w in sb if not rel)
+    once = {w for w, n in count_a.items() if n == 1 and count_b.get(w) == 1}
+    for word in words:
+        for ia, ib in zip(pos_a[word], pos_b[word]):
+            la, ra = _relation_sides(sa, ia)
+            lb, rb = _relation_sides(sb, ib)
+            went_right = sorted(la & rb & once)
+            went_left = sorted(ra & lb & once)
+            if went_right and went_left:
+                return f"{went_right[0]}<{word}<{went_left[0]}"
+    return None
+
+
+# A question's tense is the time of the fact it asks about: "who is the president" and "who was
+# the president" have other answers, as have "what does it cost" / "what did it cost" and "who won"
+# / "who will win". Statements are left alone (a caption's "is"/"was" is narration).
+_QUESTION_WORDS = frozenset("who what which where when how whose whom why".split())
+# An auxiliary's tense; "-be" marks the copula, whose present and future are other states
+# ("who is" / "who will be the president"), while the present and future of another verb are
+# mostly one question ("what does this print" / "what will this print", "what happens if").
+_TENSE_OF = {"is": "present-be", "are": "present-be", "am": "present-be", "isn't": "present-be",
+             "aren't": "present-be", "does": "present", "do": "present", "doesn't": "present",
+             "don't": "present", "was": "past", "were": "past", "did": "past", "wasn't": "past",
+             "weren't": "past", "didn't": "past", "will": "future", "shall": "future",
+             "won't": "future"}
+_CONTRACTED_TENSE = {"s": "present-be", "re": "present-be", "ll": "future"}
+# A main verb in the past straight after the question word ("who won", "who invented"): past,
+# but compared only with the future ("who will win"), since "who invented the telephone" is
+# "who is the inventor of the telephone".
+_IRREGULAR_PAST = frozenset("""won lost wrote made said went came became took gave began found
+    built led ran sang held fought saw knew thought told sold bought taught brought drew flew grew
+    threw fell rose chose broke spoke stole wore beat met paid sent spent left""".split())
+_PAST_VERB = "past-verb"
+
+
+def _question_tense(t: _Text) -> str | None:
+    """The tense of a question's first auxiliary (see _TENSE_OF; "is ... going to" is future,
+    and a future is "future-be" when "be" follows within three words); _PAST_VERB for "who
+    won"; None for a text that is not a question (opened by a question word or an auxiliary)
+    or whose auxiliary is not among its first words."""
+    low = t.lower
+    if not low:
+        return None
+    first = low[0].replace("’", "'")
+    head, _, tail = first.partition("'")
+    if head in _QUESTION_WORDS and tail:
+        tense = _CONTRACTED_TENSE.get(tail)              # "who's", "what're", "who'll"
+        start = 1
+    elif head in _QUESTION_WORDS:
+        tense, start = None, 1
+        for j in range(1, min(len(low), 4)):              # "how many people are", "what time is"
+            if low[j] in _TENSE_OF:
+                tense, start = _TENSE_OF[low[j]], j + 1
+                break
+        else:
+            nxt = low[1] if len(low) > 1 else ""
+            if nxt in _IRREGULAR_PAST or (len(nxt) > 4 and nxt.endswith("ed")):
+                return _PAST_VERB
+    elif first in _TENSE_OF:
+        tense, start = _TENSE_OF[first], 1               # "is it raining", "did it rain"
+    else:
+        return None
+    if tense == "present-be":                             # "is it going to rain" is future
+        for j in range(start, min(len(low) - 1, start + 3)):
+            if low[j] == "going" and low[j + 1] == "to":
+                tense, start = "future", j + 2
+                break
+    if tense == "future" and "be" in low[start:start + 3]:
+        tense = "future-be"                               # "who will be", "will it be"
+    return tense
+
+
+_YEAR_RE = re.compile(r"(?:1[0-9]|20)[0-9]{2}s?")
+_DATE_WORDS = frozenset(EXCLUSIVE_CLASSES["relative_day"] + EXCLUSIVE_CLASSES["weekday"]
+                        + EXCLUSIVE_CLASSES["month"])
+
+
+def _dated(t: _Text) -> bool:
+    """Whether the text names its time itself: a day or period shifted from now, a day's name,
+    a month, a year or a decade ("in 2010", "the 1990s")."""
+    return bool(t.shifted_times) or any(w in _DATE_WORDS or _YEAR_RE.fullmatch(w) for w in t.lower)
+
+
+def _tense_clash(a: _Text, b: _Text) -> str | None:
+    """Questions in other tenses when neither names its time: the tense is then the only time
+    the question has. A dated question is compared by its date ("what will the weather be
+    tomorrow" / "what's the weather tomorrow"; the time, number and class checks see the date)."""
+    ta, tb = a.question_tense, b.question_tense
+    if not ta or not tb:
+        return None
+    base_a, base_b = ta.split("-")[0], tb.split("-")[0]
+    if base_a == base_b:
+        return None
+    pair = {base_a, base_b}
+    if _PAST_VERB in (ta, tb) and "future" not in pair:
+        return None                                      # "who invented" / "who is the inventor"
+    if pair == {"present", "future"} and not (ta.endswith("-be") and tb.endswith("-be")):
+        return None                                      # "what does it print" / "what will it print"
+    if _dated(a) or _dated(b):
+        return None
+    return f"{ta}!={tb}"
+
+
 def _entity_known(entity: str, other: _Text) -> bool:
     """An entity of one text is present in the other, allowing for case, hyphens and truncation."""
     if entity in other.words:
@@ -1115,10 +1386,10 @@ def _entity_known(entity: str, other: _Text) -> bool:
 # The checks that name what clashes, in the order verify runs them, with their reason's prefix
 # (the code-shape checks name themselves whole).
 _CLASH_CHECKS: tuple[tuple[str, Callable[[_Text, _Text], str | None]], ...] = (
-    ("direction:", _role_swap), ("antonym:", _antonym_clash), ("class:", _class_clash),
-    ("time:", _time_clash), ("ids:", _identifier_clash), ("case:", _case_clash),
-    ("case:", _symbol_case_clash), ("literal:", _literal_clash), ("", _indent_clash),
-    ("", _line_order_clash),
+    ("direction:", _role_swap), ("direction:", _relation_swap), ("antonym:", _antonym_clash),
+    ("class:", _class_clash), ("time:", _time_clash), ("tense:", _tense_clash),
+    ("ids:", _identifier_clash), ("case:", _case_clash), ("case:", _symbol_case_clash),
+    ("literal:", _literal_clash), ("", _indent_clash), ("", _line_order_clash),
 )
 
 

@@ -75,3 +75,13 @@ def test_every_spelling_kong_normalises_to_admin_path_is_the_purge(gw: tuple[Gat
     r = handle.request("DELETE", path, headers={"X-Cache-Admin-Key": ADMIN_KEY})
     assert r.status == 200 and r.json()["namespace"].startswith("admin-"), (r.status, r.body[:200])
     assert len(up.requests) == before  # neither reached the upstream
+
+
+@pytest.mark.parametrize("admin_path,path,same", [
+    ("/", "/", True), ("/", "//", True), ("/llm/purge", "/llm/purge/", True),
+    ("/llm//purge", "/llm/purge", True), ("/llm/purge", "/llm/purgex", False), ("/", "/x", False)])
+def test_admin_path_comparison(admin_path: str, path: str, same: bool) -> None:
+    # admin_path "/" could never purge: "/" was compared with "" (a breaker's finding)
+    from aigov.plugins.semantic_cache.handler import _same_path
+
+    assert (_same_path(path) == _same_path(admin_path)) is same

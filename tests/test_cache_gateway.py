@@ -103,6 +103,20 @@ def test_consumer_b_never_gets_consumer_a_answer(gw: GatewayHandle) -> None:
     assert other.status == 200 and status(other) == "Miss"
 
 
+def test_the_path_and_query_are_scope(gw: GatewayHandle) -> None:
+    # A breaker found one deployment's answer served for another on the same route: the path
+    # (Azure-style /openai/deployments/<name>/...) and the query (api-version) were not scope.
+    q = f"Write a haiku about autumn rain {uuid.uuid4().hex[:6]}"
+    def ask(query: str) -> Any:
+        return gw.request("POST", f"/c/v1/chat/completions?{query}", json=chat(q), headers={"apikey": "key-alice"})
+    assert status(ask("api-version=2024-02-01")) == "Miss"
+    gw.wait_logs()
+    assert status(ask("api-version=2024-02-01")) == "Hit"
+    other = ask("api-version=2024-06-01")
+    assert other.status == 200 and status(other) == "Miss"
+    assert status(post(gw, "c", chat(q))) == "Miss"  # no query: another scope again
+
+
 def test_consumer_exact_layer_is_scoped(gw: GatewayHandle) -> None:
     r = post(gw, "c", chat("What is my current account balance?"), key="key-alice")
     assert status(r) == "Miss"

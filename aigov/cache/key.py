@@ -151,14 +151,19 @@ def _line_span(text: str) -> int:
 
 
 def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, route_id: str | None,
-              scope_mode: str = "consumer", message_countback: int = 1) -> CacheScope:
-    """The hard scope of a request. `consumer_id` None means anonymous traffic."""
+              scope_mode: str = "consumer", message_countback: int = 1,
+              path: str | None = None) -> CacheScope:
+    """The hard scope of a request. `consumer_id` None means anonymous traffic; `path` is the
+    request's path and query as the client sent them (an Azure-style deployment in the path, an
+    api-version in the query can change the answer), hashed into the scope, never stored."""
     if scope_mode == "global":
         consumer = GLOBAL_CONSUMER
     else:
         consumer = f"id:{consumer_id}" if consumer_id else ANONYMOUS_CONSUMER
     params = canonical_params(request.answer_params())
     params["stream"] = bool(request.stream)
+    if path is not None:
+        params["path"] = path
     # Images, audio and files in the semantic messages are not embedded (only text is), so they
     # go into the exact scope: the same question about another picture never shares an answer.
     # So does any part that is not only text (an image part with a "text" key, a text part with a

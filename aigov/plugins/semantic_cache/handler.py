@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -125,6 +126,21 @@ def _same_secret(given: str, expected: str) -> bool:
     return secrets.compare_digest(raw(given), raw(expected))
 
 
+GET_HEADERS_MAX = 100  # kong.request.get_headers() without max_headers: the first 100 lines
+
+
+def _header_lines(headers: Any) -> int:
+    """How many header lines a get_headers() table holds (a repeated header is a list)."""
+    if not isinstance(headers, dict):
+        return 0
+    return sum(len(v) if isinstance(v, list) else 1 for v in headers.values())
+
+
+def _same_path(path: str) -> str:
+    """A normalised path compared as the purge is: repeated and trailing slashes do not count."""
+    return re.sub(r"/{2,}", "/", path).rstrip("/") or "/"
+
+
 def _header(headers: Any, name: str) -> str | None:
     if not isinstance(headers, dict):
         return None
@@ -221,9 +237,11 @@ class SemanticCacheHandler:
             if isinstance(consumer, dict):
                 consumer_id = consumer.get("id") or consumer.get("username")
         route_id = self.route_id or _matched_route(kong)
+        # One route may front several deployments (/openai/deployments/<name>/..., ?api-version=).
+        path = text(kong.request.get_path_with_query()) or "/"
         scope = scope_for(request, namespace=self.settings.namespace, consumer_id=consumer_id,
                           route_id=route_id, scope_mode=self.settings.scope,
-                          message_countback=self.settings.message_countback)
+                          message_countback=self.settings.message_countback, path=path)
         # Each semantic message keys separately: the joined prompt cannot tell where a turn ends.
         key = exact_key(scope, request.last_user_texts(self.settings.message_countback))
         refresh = bool(cache_control) and "no-cache" in cache_control.lower()
@@ -322,9 +340,11 @@ class SemanticCacheHandler:
         # Kong's get_path is normalised (%-escapes of unreserved bytes decoded, dot segments and
         # repeated slashes removed); a trailing slash is the same purge.
         path = text(kong.request.get_path()) or ""
-        if (path.rstrip("/") or "/") != (self.settings.admin_path or "").rstrip("/"):
-            if _header(headers, "x-cache-admin-key") is not None:
+        if _same_path(path) != _same_path(self.settings.admin_path or ""):
+            if _header(headers, "x-cache-admin-key") is not None or _header_lines(headers) >= GET_HEADERS_MAX:
                 # A near miss (/purge;x, /Purge, another path) is proxied: never with the secret.
+                # get_headers returns the first 100 header lines only, so with 100 or more the
+                # key may be among the rest: cleared too.
                 kong.service.request.clear_header("X-Cache-Admin-Key")
                 kong.log.set_serialize_value("request.headers.x-cache-admin-key", "REDACTED")
             return False

@@ -76,9 +76,11 @@ def content_text(content: Any, sep: str = "\n") -> str:
 # setting a target's key, the quota never shows their values (hashed identities).
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "apikey", "api-key", "x-api-key",
                                 "x-goog-api-key"})
-# Words that mark any other header name as secret-bearing (x-auth-token, x-session-id, cookie, ...).
-SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "passw", "session", "cookie", "credential",
-                       "signature", "bearer")
+# Words that mark any other header name as secret-bearing (x-auth-token, x-session-id, cookie,
+# x-pat, x-hmac, x-otp, ...). Matching a harmless name only hashes a label, so the list is broad.
+SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "pass", "session", "cookie", "credential",
+                       "sig", "bearer", "pat", "hmac", "otp", "pin", "cert", "jwt", "nonce", "csrf",
+                       "xsrf", "sso", "saml", "api")
 
 
 def canonical_header_name(name: str) -> str:

@@ -130,6 +130,7 @@ def shared_gateway(redis_server, mock_llm) -> Iterator[GatewayHandle]:
         # Kong reads x_api_key as the X-Api-Key header; X-Auth-Token is on no list but says "token"
         "byunderscore": [quota_plugin(port, identifier_header="x_api_key", limits=[{"window": "day", "tokens": 1000}])],
         "bytoken": [quota_plugin(port, identifier_header="X-Auth-Token", limits=[{"window": "day", "tokens": 1000}])],
+        "bypat": [quota_plugin(port, identifier_header="X-Pat", limits=[{"window": "day", "tokens": 1000}])],
         "askusage": [quota_plugin(port, stream_usage="request", limits=[{"window": "day", "tokens": 1_000_000}])],
     }
     consumers = [{"username": "alice", "keyauth_credentials": [{"key": "key-alice"}]},
@@ -785,7 +786,7 @@ def test_other_billable_apis_are_refused_not_passed_unmetered(shared_gateway, rc
 
 
 @pytest.mark.parametrize("route,header", [("bykey", "x-api-key"), ("byunderscore", "X-Api-Key"),
-                                          ("bytoken", "x-auth-token")])
+                                          ("bytoken", "x-auth-token"), ("bypat", "X-Pat")])
 def test_a_credential_header_identity_never_appears_in_clear(shared_gateway, rclient, route: str,
                                                              header: str) -> None:
     # identifier_header: x-api-key kept a short key as it was: in every Redis key name and in the
@@ -816,7 +817,7 @@ def test_stream_usage_request_has_the_provider_report_a_streams_usage(shared_gat
     wait_settled(shared_gateway, rclient, "askusage")
     assert counter_values(rclient, "askusage") == [777]
     # A client's own stream_options are kept beside include_usage, and one that asked is unchanged.
-    for options in ({"include_usage": True}, {}, None):
+    for options in ({"include_usage": True}, {}, None, {"include_usage": None}):  # null: not given
         r = post(shared_gateway, "askusage", {**body, "stream_options": options}, "askusage2",
                  **{"X-Mock-Usage": "total=55"})
         assert r.status == 200 and int(r.header("X-AI-Tokens-Prompt")) + int(r.header("X-AI-Tokens-Completion")) == 55

@@ -339,7 +339,7 @@ class TokenQuotaHandler:
                 or request.include_usage or request.lossy:  # a lossy body is forwarded as its bytes were
             return
         options = request.body.get("stream_options")
-        if options is not None and (not isinstance(options, dict) or "include_usage" in options):
+        if options is not None and (not isinstance(options, dict) or options.get("include_usage") is not None):
             # The client said include_usage (false: it may not cope with the usage chunk), or sent
             # stream_options the provider will refuse: the body goes on as the client wrote it.
             return

@@ -35,7 +35,11 @@ REFUSED = [
      "config.routes[1].target.host: must be a host name or IP address"),
     ("llm-semantic-router", router_conf(host="api.example.com/v1"), "config.routes[1].target.host: must be a host"),
     ("llm-semantic-router", router_conf(host="api.example.com", path="/v1\r\nX-Evil: 1"),
-     "config.routes[1].target.path: must start with / and have no control characters"),
+     "config.routes[1].target.path: must start with / and have no query, fragment or control characters"),
+    ("llm-semantic-router", router_conf(host="api.example.com", path="/v1/chat/completions?api-version=1"),
+     "config.routes[1].target.path: must start with /"),
+    ("llm-semantic-router", router_conf(host="127.0.0.1:8080"), "config.routes[1].target.host: must be a host"),
+    ("llm-semantic-router", router_conf(host="user@api.example.com"), "config.routes[1].target.host: must be a host"),
 ]
 
 
@@ -53,6 +57,7 @@ def test_refused_at_load_with_a_message_naming_the_field(plugin: str, conf: dict
     ("llm-semantic-cache", {"store_finish_reasons": ["stop", "length"]}),
     ("llm-semantic-cache", {"vectordb": {"strategy": "redis", "redis": {"database": 3}}}),
     ("llm-semantic-router", router_conf(host="[::1]", port=8080, path="/v1/chat/completions")),
+    ("llm-semantic-router", router_conf(host="my_llm-host.internal", path="/v1/deployments/a b")),
     ("llm-semantic-router", router_conf(host="api.openai.com", scheme="https")),
 ])
 def test_the_valid_neighbours_still_load(plugin: str, conf: dict[str, Any]) -> None:

@@ -14,9 +14,11 @@ _STRINGS = {"type": "string"}
 # A Lua pattern (Kong's `match`): the header names the router may set. A dotted name cannot be
 # masked in Kong's log entry (the serializer nests dotted keys). Values: CONTROL_CHAR_PATTERN.
 HEADER_NAME_PATTERN = "^[%w_%-]+$"
-# A target host is a name or an address: no control characters (a CR/LF would reach the Host
-# header), spaces or URL parts (scheme, path, userinfo).
-HOST_UNSAFE_PATTERN = "[%c%s/?#@]"
+# A target host is a name or an address: letters, digits, ".", "-", "_", and an IPv6 address in
+# brackets; no control characters (a CR/LF would reach the Host header), spaces, URL parts
+# (scheme, path, userinfo) or a port (that is `port`: "host:8080" failed only at request time).
+HOST_PATTERN = "^[%w%.%-_%[%]:]+$"
+HOST_WITH_PORT_PATTERN = "^[^%[].*:"
 
 EMBEDDINGS = embeddings_record(
     "Which embedder turns prompts and utterances into vectors: the local all-MiniLM-L6-v2 model "
@@ -27,14 +29,16 @@ EMBEDDINGS = embeddings_record(
 TARGET = record("target", "Where a routed request goes and with which model and credential.", [
     field("upstream", "string", "Kong upstream entity name to proxy to (kong.service.set_upstream)."),
     field("host", "string", "Host to proxy to when no upstream is named (kong.service.set_target).",
-          not_match=HOST_UNSAFE_PATTERN, err="must be a host name or IP address, without spaces, control "
-          "characters or URL parts"),
+          match=HOST_PATTERN, not_match=HOST_WITH_PORT_PATTERN,
+          err="must be a host name or IP address (IPv6 in brackets), without a port (set port), spaces, "
+              "control characters or URL parts"),
     field("port", "integer", "Port used with host (80, or 443 with scheme https, when unset).",
           between=[1, 65535]),
     field("scheme", "string", "Upstream scheme (http or https); unset keeps the service's.",
           one_of=["http", "https"]),
     field("path", "string", "Upstream request path, e.g. /v1/chat/completions; unset keeps it.",
-          starts_with="/", not_match=CONTROL_CHAR_PATTERN, err="must start with / and have no control characters"),
+          starts_with="/", not_match="[%c?#]",
+          err="must start with / and have no query, fragment or control characters"),
     field("model", "string", "Model name written into the JSON body's model field; unset keeps the client's."),
     field("headers", "map", "Extra upstream request headers set for this target (names of letters, "
           "digits, - and _; values without control characters).",

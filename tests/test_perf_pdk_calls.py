@@ -145,13 +145,14 @@ def test_quota_counts_a_stream_without_reading_upstream_headers(gateway, rclient
     assert int(reply.header("X-AI-RateLimit-Remaining-Day")) == DAY_TOKENS - day_used(rclient)
 
 
-def test_cache_miss_and_hit_make_seven_calls_with_one_log_field_write(gateway) -> None:
+def test_cache_miss_and_hit_make_eight_calls_with_one_log_field_write(gateway) -> None:
+    # Eight since the path and query became scope (kong.request.get_path_with_query).
     gw, calls = gateway
     text = f"perf cache question {time.time_ns()}"
     miss = ask(gw, "cache", text)
     assert miss.status == 200 and miss.header("X-Cache-Status") == "Miss"
     miss_calls = calls.calls(request_id(miss), "llm-semantic-cache", "access")
-    assert len(miss_calls) == 7, miss_calls
+    assert len(miss_calls) == 8 and "kong.request.get_path_with_query" in miss_calls, miss_calls
     assert miss_calls.count("kong.response.set_headers") == 1 and "kong.response.set_header" not in miss_calls
     assert miss_calls.count("kong.log.set_serialize_value") == 1
     # Storing the answer: read the pending entry, the upstream answer, log the outcome; no
@@ -164,7 +165,7 @@ def test_cache_miss_and_hit_make_seven_calls_with_one_log_field_write(gateway) -
     assert hit.status == 200 and hit.header("X-Cache-Status") == "Hit"
     assert hit.json()["choices"] == miss.json()["choices"]
     hit_calls = calls.calls(request_id(hit), "llm-semantic-cache", "access")
-    assert len(hit_calls) == 7 and hit_calls[-1] == "kong.response.exit", hit_calls
+    assert len(hit_calls) == 8 and hit_calls[-1] == "kong.response.exit", hit_calls
     # One set_serialize_value("aigov.cache", {...}) logs the same nested fields as two dotted ones.
     logged = serialize(calls.contexts[request_id(hit)])["aigov"]["cache"]
     assert logged == {"status": "Hit", "capture": "response"}

@@ -9,22 +9,34 @@ gate". A candidate above the threshold is served only if its user text and the q
 - numbers and quantities (digits and number words; "a"/"one" count as 1),
 - units (km vs miles, USD vs EUR, hours vs minutes, ...),
 - direction ("A to B" vs "B to A", "from A to B"), and arguments swapped round a relation word
-  (to, from, into, than, vs, before/after, over/under, instead of, ...), names of several words
+  (to, from, into, than, before/after, over/under, instead of, ...), names of several words
   included: "flights from New York to London" / "... from London to New York", "is a bigger
-  than b" / "is b bigger than a",
+  than b" / "is b bigger than a". Names are compared as written, not lemmatised ("Paris" is no
+  plural). Symmetric relations may swap: "vs", "versus" and "and" ("Python vs Go" / "Go vs
+  Python"), a distance ("the distance from London to Paris" / "... from Paris to London", unless
+  a route or a journey is asked too), and a comparison said the other way round, the arguments
+  swapped round "than" together with the scale's pole ("Python is faster than Java" / "Java is
+  slower than Python", "more people than" / "fewer people than"),
 - antonym pairs (enable/disable, increase/decrease, add/remove, on/off, even/odd, grant/revoke,
-  under/over, into/out of, indoor/outdoor, rise/fall, senior/junior, synonym/antonym, ... and
-  un-/dis-/de- prefixes), counted: "switch on the VPN on my laptop" has one "on" more than
-  "switch off the VPN on my laptop", which has the "off"; a possessive counts as its word
-  ("men's" is "men", so it is a gender too),
+  under/over, into/out of, indoor/outdoor, rise/fall, senior/junior, synonym/antonym,
+  difference/similarity, boil/freeze, find/delete, cause/consequence, static/dynamic,
+  format/parse, walk/run, ... and un-/dis-/de- prefixes), counted: "switch on the VPN on my
+  laptop" has one "on" more than "switch off the VPN on my laptop", which has the "off"; in any
+  inflection (a doubled consonant: "stopping"/"stopped" are "stop"; irregular verbs: "won" is
+  "win", "rose" "rise"); a compound of a pair written as two words ("sun rise" / "sun set"); a
+  possessive counts as its word ("men's" is "men", so it is a gender too),
 - opposite poles of a scale (size, price, speed, quality, mood, ...: "largest"/"smallest",
   "cheapest"/"most expensive", "faster"/"slower"; comparatives and superlatives by rule, and
   "less"/"least" turn a pole round, so "least expensive" is "cheapest") and of contrast nouns
-  (pros/cons, benefits/drawbacks),
+  (pros/cons, benefits/drawbacks); comparatives and superlatives of other scales ("the cheapest
+  way" / "the fastest way"),
 - closed word classes whose members exclude each other (colours, genders, weekdays, diets, food
   groups, units of text length such as line/sentence/paragraph, human languages, administrative
   levels city/county/state/country, audiences child/beginner/expert, past/present/future,
-  delayed/cancelled, ...),
+  delayed/cancelled, the resource a cost is measured in: "time complexity"/"space complexity",
+  and git's commands in a text about git: "git commit"/"git push", ...),
+- what a list is ordered by ("in order from the sun" / "in order of size", "sort by name" /
+  "sort by date"),
 - the tense of a question that names no date: "who is the president" is not "who was the
   president", nor "who will be" (but "what does this print" is "what will this print"),
 - relative time (today/tomorrow/yesterday/tonight; "next week", "last year", "this Friday"):
@@ -55,7 +67,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, wraps
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 _TOKEN_RE = re.compile(r"[$€£¥%°]|\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z0-9]*(?:['’][A-Za-z]+)?(?:[-_.][A-Za-z0-9]+)*")
 _SENTENCE_OPENERS = frozenset(".!?:;\"'([")
@@ -174,6 +186,24 @@ ANTONYM_PAIRS = [
     # grammar and arithmetic terms that name opposites
     ("synonym", "antonym"), ("singular", "plural"), ("prefix", "suffix"), ("vowel", "consonant"),
     ("numerator", "denominator"),
+    # likeness ("the differences between TCP and UDP" / "the similarities ...")
+    ("difference", "similarity"), ("different", "similar"), ("different", "same"),
+    ("differ", "resemble"), ("distinguish", "resemble"),
+    # changes of state ("the boiling point of water" / "the freezing point ...")
+    ("boil", "freeze"), ("boil", "melt"), ("evaporate", "condense"), ("sink", "float"),
+    # a cause and what follows from it
+    ("cause", "consequence"), ("cause", "aftermath"), ("cause", "impact"), ("reason", "consequence"),
+    # finding data is not deleting it ("find duplicate rows" / "delete duplicate rows")
+    ("find", "delete"), ("find", "remove"), ("select", "delete"),
+    # opposite transformations of data and of a program's binding
+    ("static", "dynamic"), ("statically", "dynamically"), ("format", "parse"), ("parse", "stringify"),
+    ("undo", "redo"), ("do", "undo"),
+    # ways of going somewhere ("how long to walk a mile" / "... to run a mile")
+    ("walk", "run"), ("walk", "drive"), ("walk", "cycle"), ("drive", "fly"), ("drive", "cycle"),
+    ("walk", "fly"),
+    # other verbs that undo each other
+    ("grow", "shrink"), ("spend", "earn"),
+    ("sleep", "wake"), ("open", "shut"),
 ]
 
 # Scales of gradable adjectives: scale -> (words at its high pole, words at its low pole). Words
@@ -322,15 +352,65 @@ def _memo_short(limit: int, maxsize: int) -> Any:
     return wrap
 
 
+# Past tenses and participles of common irregular verbs -> the verb: "won" is "win", "lost"
+# "lose", "rose" "rise", so an antonym pair of the verbs sees them (_variants). Forms that are
+# mostly other words are left out ("saw", "lay", "set", "found"; "given": "if not given" is
+# "if not specified", no giving).
+IRREGULAR_VERBS = {
+    "won": "win", "lost": "lose", "began": "begin", "begun": "begin", "rose": "rise",
+    "risen": "rise", "fell": "fall", "fallen": "fall", "bought": "buy", "sold": "sell",
+    "gave": "give", "took": "take", "taken": "take", "came": "come",
+    "went": "go", "gone": "go", "sat": "sit", "stood": "stand", "caught": "catch",
+    "threw": "throw", "thrown": "throw", "sent": "send", "wrote": "write", "written": "write",
+    "hid": "hide", "hidden": "hide", "shown": "show", "froze": "freeze", "frozen": "freeze",
+    "lent": "lend", "left": "leave", "ran": "run", "drove": "drive", "driven": "drive",
+    "flew": "fly", "flown": "fly", "rode": "ride", "ridden": "ride", "swam": "swim",
+    "swum": "swim", "forgot": "forget", "forgotten": "forget", "grew": "grow", "grown": "grow",
+    "shrank": "shrink", "shrunk": "shrink", "spent": "spend", "sank": "sink", "sunk": "sink",
+    "slept": "sleep", "woke": "wake", "woken": "wake", "lit": "light",
+    "withdrew": "withdraw", "withdrawn": "withdraw", "undid": "undo", "undone": "undo",
+    "redid": "redo", "redone": "redo", "held": "hold", "led": "lead", "kept": "keep",
+    "knew": "know", "known": "know", "got": "get", "gotten": "get", "made": "make",
+    "broke": "break", "broken": "break", "chose": "choose", "chosen": "choose",
+    "fought": "fight", "taught": "teach", "brought": "bring", "built": "build",
+    "thought": "think", "told": "tell", "said": "say", "paid": "pay", "meant": "mean",
+    "felt": "feel", "heard": "hear", "spoke": "speak", "spoken": "speak", "stole": "steal",
+    "stolen": "steal", "wore": "wear", "worn": "wear", "tore": "tear", "torn": "tear",
+    "drew": "draw", "drawn": "draw", "blew": "blow", "blown": "blow", "ate": "eat",
+    "eaten": "eat", "drank": "drink", "drunk": "drink", "sang": "sing", "sung": "sing",
+    "shook": "shake", "shaken": "shake", "understood": "understand", "forgave": "forgive",
+    "forgiven": "forgive", "overtook": "overtake", "overtaken": "overtake",
+}
+# Doubled final consonants that stay when a suffix goes ("falling" is "fall", "missed" "miss",
+# "buzzing" "buzz", "stuffed" "stuff"); any other is undoubled ("stopping" -> "stop").
+_KEPT_DOUBLES = frozenset("lsfz")
+
+
+def _undouble(stem: str) -> str:
+    """A verb stem without the consonant doubled before "-ing"/"-ed": "stopp" -> "stop",
+    "winn" -> "win", "committ" -> "commit"; "add", "fall", "miss" stay."""
+    if len(stem) >= 4 and stem[-1] == stem[-2] and stem[-1] not in "aeiou" \
+            and stem[-1] not in _KEPT_DOUBLES and stem[-1].isalpha():
+        return stem[:-1]
+    return stem
+
+
 @_memo_short(_MAX_CACHED_WORD, 16384)
 def _lemma(word: str) -> str:
-    """A crude lemma for matching word lists: plural and common verb suffixes stripped."""
+    """A crude lemma for matching word lists: plural and common verb suffixes stripped, the
+    consonant doubled before "-ing"/"-ed" undoubled ("stopping", "stopped" -> "stop")."""
     w = word.lower().replace("’", "'")
     for suffix, repl in (("ies", "y"), ("ing", ""), ("ied", "y"), ("ed", ""), ("es", ""), ("s", "")):
         if len(w) > len(suffix) + 2 and w.endswith(suffix):
             stem = w[: -len(suffix)] + repl
-            return stem
+            return _undouble(stem) if suffix in ("ing", "ed") else stem
     return w
+
+
+def _form(word: str, keep: frozenset[str]) -> str:
+    """The form compared across two texts: a word either text writes as a name as it is ("Paris"
+    is no plural of "pari"), any other word lemmatised."""
+    return word if word in keep else _lemma(word)
 
 
 def _strip_s(word: str) -> str:
@@ -354,6 +434,15 @@ def _variants(word: str) -> frozenset[str]:
         if w.endswith(suffix) and len(w) > len(suffix) + 2:
             base = w[: -len(suffix)]
             out.update({base, base + "e"})
+            if suffix in ("ing", "ed"):
+                out.add(_undouble(base))                 # "stopping", "winning" -> "stop", "win"
+    irregular = IRREGULAR_VERBS.get(w)
+    if irregular:
+        out.add(irregular)                               # "won" -> "win", "rose" -> "rise"
+    if "-" in w:
+        joined = w.replace("-", "")
+        if joined.isalpha():                             # "log-in" is "login", "sun-set" "sunset"
+            out.update(v for v in _variants(joined) if v in _ANTONYMS)
     return frozenset(out)
 
 
@@ -367,6 +456,12 @@ _ANTONYMS: dict[str, set[str]] = {}
 for _a, _b in ANTONYM_PAIRS:
     _ANTONYMS.setdefault(_a, set()).add(_b)
     _ANTONYMS.setdefault(_b, set()).add(_a)
+# Words of the pairs that are compounds of two words ("sunrise", "upload", "outdoor"): looked for
+# across two tokens too. A first part is a short word ("sun", "up", "out", "over", "down").
+_MAX_COMPOUND_PART = 5
+_COMPOUNDS = frozenset(w for w in _ANTONYMS if len(w) >= 5)
+_COMPOUND_HEADS = frozenset(w[:k] for w in _COMPOUNDS for k in range(2, _MAX_COMPOUND_PART + 1)
+                            if len(w) - k >= 2)
 # word -> the classes it is a member of (a word may be in several: "child" is an age and an audience)
 _CLASS_OF: dict[str, tuple[str, ...]] = {}
 for _cls, _members in EXCLUSIVE_CLASSES.items():
@@ -427,26 +522,55 @@ def _poles(word: str) -> tuple[frozenset[tuple[str, int]], bool]:
 class _Poles:
     found: dict[tuple[str, int], str]     # (scale, sign) -> the first word that names it
     modifiers: frozenset[str]             # "more"/"less"/... used only as a scale word's degree
+    degrees: dict[str, str]               # scale group -> the first comparative/superlative on it
+    graded: dict[str, int]                # another word after "more"/"less"/"fewer": its sign
+
+
+# Scales one comparison may be said on: "the latest" is the "newest" version, "the earliest"
+# the "oldest" record. "high"/"low" grade anything ("the highest price" is "the most expensive",
+# "the lowest amount" "the smallest", "the highest mountain" "the tallest"): no degree of theirs
+# is compared (None).
+_SCALE_GROUP: dict[str, str | None] = {"timing": "time", "age": "time", "novelty": "time",
+                                       "level": None}
+# Degree modifiers of a word that is on no scale ("more popular", "fewer people"), by sign.
+_GENERIC_DEGREES = {"more": 1, "most": 1, "less": -1, "least": -1, "fewer": -1, "fewest": -1}
+
+
+@_memo_short(_MAX_CACHED_WORD, 16384)
+def _is_degree(word: str) -> bool:
+    """A comparative or superlative of a scale word: "cheaper", "biggest", "best" (not
+    "cooling" or "dried", verb forms of one)."""
+    return word in IRREGULAR_DEGREES or (word not in _GRADABLE_POLES and any(
+        c in _GRADABLE_POLES for c in _stems(word, ("est", "er"))))
 
 
 def _scale_poles(t: _Text) -> _Poles:
     found: dict[tuple[str, int], str] = {}
+    degrees: dict[str, str] = {}
+    graded: dict[str, int] = {}
     low = t.lower
     used: set[int] = set()
     for i, w in enumerate(low):
         poles, gradable = _poles(w)
         if not poles:
+            if i > 0 and low[i - 1] in _GENERIC_DEGREES and w.isalpha() and w not in _SIMPLE_STOP:
+                graded.setdefault(_lemma(w), _GENERIC_DEGREES[low[i - 1]])
             continue
         sign, word = 1, w
+        degree = gradable and _is_degree(w)
         if gradable and i > 0 and low[i - 1] in _DEGREE_MODIFIERS:
             sign = _DEGREE_MODIFIERS[low[i - 1]]
             used.add(i - 1)
             word = f"{low[i - 1]} {w}"
+            degree = True
         for scale, pole in poles:
             found.setdefault((scale, pole * sign), word)
+            group = _SCALE_GROUP.get(scale, scale)
+            if degree and group is not None:
+                degrees.setdefault(group, word)
     # A modifier is left out of the antonym pairs only if every occurrence qualifies a scale word.
     free = {w for i, w in enumerate(low) if w in _DEGREE_MODIFIERS and i not in used}
-    return _Poles(found, frozenset(low[i] for i in used) - free)
+    return _Poles(found, frozenset(low[i] for i in used) - free, degrees, graded)
 
 
 @dataclass
@@ -529,16 +653,54 @@ class _Text:
         return _line_indents(self.raw)
 
     @cached_property
-    def unique_content_positions(self) -> dict[str, int] | None:
-        """Position of each content lemma that occurs once; None for long texts (see _role_swap)."""
-        lemmas = [_lemma(w) for w in self.content]
-        if len(lemmas) > 30:
-            return None
-        return {w: i for i, w in enumerate(lemmas) if lemmas.count(w) == 1}
+    def proper(self) -> frozenset[str]:
+        """The words the text writes as names (capitalised inside a sentence, acronyms, mixed
+        case), lower-cased and without "'s": "Paris", "Athens", "AWS" are not plurals."""
+        return frozenset(_strip_s(e) for e in self.entities)
+
+    @cached_property
+    def content_words(self) -> list[str] | None:
+        """The content words (see `content`) without "'s"; None for long texts (see _role_swap)."""
+        words = [_strip_s(w) for w in self.content]
+        return None if len(words) > 30 else words
+
+    def _forms_kept(self, keep: frozenset[str]) -> bool:
+        """Whether `keep` changes any of this text's forms: a kept name of it that _lemma would
+        change (most pairs: none, and the lemmatised forms computed once per text serve)."""
+        return any(w in self.words and _lemma(w) != w for w in keep)
+
+    @staticmethod
+    def _unique_positions(forms: list[str]) -> dict[str, int]:
+        counts = Counter(forms)
+        return {w: i for i, w in enumerate(forms) if counts[w] == 1}
+
+    @cached_property
+    def _lemma_positions(self) -> dict[str, int] | None:
+        words = self.content_words
+        return None if words is None else self._unique_positions([_lemma(w) for w in words])
+
+    def unique_content_positions(self, keep: frozenset[str]) -> dict[str, int] | None:
+        """Position of each content word's form (_form) that occurs once; None for long texts."""
+        words = self.content_words
+        if words is None or not self._forms_kept(keep):
+            return self._lemma_positions
+        return self._unique_positions([_form(w, keep) for w in words])
 
     @cached_property
     def relation_sequence(self) -> list[tuple[bool, str]] | None:
         return _relation_sequence(self)
+
+    @cached_property
+    def _relation_lemmas(self) -> list[tuple[bool, str]] | None:
+        seq = self.relation_sequence
+        return None if seq is None else [(rel, w if rel else _lemma(w)) for rel, w in seq]
+
+    def relation_forms(self, keep: frozenset[str]) -> list[tuple[bool, str]] | None:
+        """relation_sequence with each argument's _form."""
+        seq = self.relation_sequence
+        if seq is None or not self._forms_kept(keep):
+            return self._relation_lemmas
+        return [(rel, w if rel else _form(w, keep)) for rel, w in seq]
 
     @cached_property
     def one_sentence(self) -> bool:
@@ -551,10 +713,19 @@ class _Text:
 
     @cached_property
     def word_counts(self) -> dict[str, int]:
-        """How many tokens have each word form (`words` with multiplicity)."""
+        """How many tokens have each word form (`words` with multiplicity), and the compounds of
+        the antonym pairs written as two words: "sun rise" / "sun set" count as "sunrise" /
+        "sunset", "up load" as "upload" (the second word in any of its forms: "sun rose")."""
         out: dict[str, int] = {}
-        for t in self.lower:
+        low = self.lower
+        for t in low:
             for v in _variants(t):
+                out[v] = out.get(v, 0) + 1
+        for w1, w2 in zip(low, low[1:]):
+            if w1 not in _COMPOUND_HEADS or not w2.isalpha():
+                continue
+            joined = {w1 + v for v in _variants(w2)}
+            for v in joined & _COMPOUNDS:
                 out[v] = out.get(v, 0) + 1
         return out
 
@@ -656,7 +827,8 @@ _DIRECTION_REACH = 8  # words looked at on each side of a "to" for its source an
 
 
 def _direction_pairs(t: _Text) -> set[tuple[str, str]]:
-    """Ordered (source, target) pairs from 'X to Y', 'from X to Y', 'X into Y', 'X -> Y'."""
+    """Ordered (source, target) pairs from 'X to Y', 'from X to Y', 'X into Y', 'X -> Y', as
+    written (lower-cased, without "'s"); verify compares their _form."""
     pairs: set[tuple[str, str]] = set()
     low = t.lower
     arrows = {i for i, tok in enumerate(re.findall(r"->|→|=>|\S+", t.raw)) if tok in ("->", "→", "=>")}
@@ -669,14 +841,14 @@ def _direction_pairs(t: _Text) -> set[tuple[str, str]]:
             right = next((low[j] for j in range(i + 1, min(len(low), i + 1 + _DIRECTION_REACH))
                           if low[j] not in _SIMPLE_STOP), None)
             if left and right and left != right:
-                pairs.add((_lemma(left), _lemma(right)))
+                pairs.add((_strip_s(left), _strip_s(right)))
     if arrows:
         parts = re.split(r"->|→|=>", t.raw)
         for a, b in zip(parts, parts[1:]):
             la = _TOKEN_RE.findall(a.lower())
             lb = _TOKEN_RE.findall(b.lower())
             if la and lb:
-                pairs.add((_lemma(la[-1]), _lemma(lb[0])))
+                pairs.add((_strip_s(la[-1]), _strip_s(lb[0])))
     return pairs
 
 
@@ -1079,19 +1251,26 @@ def _more_often(x: _Text, mx: frozenset[str], y: _Text, my: frozenset[str]) -> s
             if w not in mx and n > (0 if w in my else cy.get(w, 0))}
 
 
-def _antonym_clash(a: _Text, b: _Text) -> str | None:
+def _opposite_scales(a: _Text, b: _Text) -> list[tuple[str, str, str]]:
+    """(scale, a's word, b's word) for each scale whose poles the texts name one each."""
+    pa, pb = a.poles.found, b.poles.found
+    return [(scale, word, pb[(scale, -sign)]) for (scale, sign), word in pa.items()
+            if (scale, sign) not in pb and (scale, -sign) in pb and (scale, -sign) not in pa]
+
+
+def _antonym_clash(a: _Text, b: _Text, ctx: _Pair) -> str | None:
     pa, pb = a.poles, b.poles
-    only_a = _more_often(a, pa.modifiers, b, pb.modifiers)
-    only_b = _more_often(b, pb.modifiers, a, pa.modifiers)
+    only_a = _more_often(a, pa.modifiers, b, pb.modifiers) - ctx.converse_words
+    only_b = _more_often(b, pb.modifiers, a, pa.modifiers) - ctx.converse_words
     for w in only_a:
         for opp in _ANTONYMS.get(w, ()):
             if opp in only_b:
                 return f"{w}/{opp}"
-    # Opposite poles of one scale, each named by one text only ("largest"/"smallest").
-    for (scale, sign), word in pa.found.items():
-        if (scale, sign) not in pb.found and (scale, -sign) in pb.found \
-                and (scale, -sign) not in pa.found:
-            return f"{word}/{pb.found[(scale, -sign)]}"
+    # Opposite poles of one scale, each named by one text only ("largest"/"smallest"), unless
+    # the comparison's arguments swapped with them (_converse).
+    for scale, word, other in _opposite_scales(a, b):
+        if scale not in ctx.converse_scales:
+            return f"{word}/{other}"
     # un-/dis-/de- prefixes: "install" vs "uninstall", "able" vs "disable" style flips. Scale
     # words are left to the scales ("inexpensive" is "least expensive", not its opposite).
     for t, x, y in ((a, only_a, only_b), (b, only_b, only_a)):
@@ -1155,10 +1334,55 @@ def _class_words(low: list[str]) -> list[str]:
     return out
 
 
+# Resources a cost is measured in, named before the measure: "time complexity" is not "space
+# complexity", nor "memory usage" "CPU usage" ("time and space complexity" names both).
+_RESOURCES = {"time": "time", "runtime": "time", "space": "space", "memory": "memory",
+              "ram": "memory", "cpu": "cpu", "gpu": "gpu", "disk": "disk", "storage": "disk",
+              "bandwidth": "bandwidth", "network": "bandwidth", "energy": "energy",
+              "power": "energy", "battery": "energy"}
+_MEASURES = frozenset("""complexity complexities usage cost costs efficiency overhead requirement
+    requirements consumption limit limits bound bounds footprint budget constraint constraints
+    utilization utilisation""".split())
+# Git's commands: with "git" in both texts, "what does git commit do" is not "... git push do".
+_GIT_COMMANDS = frozenset("""commit push pull fetch merge rebase clone checkout stash reset revert
+    cherrypick init diff log status blame bisect squash amend tag""".split())
+
+
+def _resources(words: list[str]) -> set[str]:
+    out: set[str] = set()
+    for i, w in enumerate(words):
+        if w not in _MEASURES:
+            continue
+        j = i - 1
+        while j >= 0 and (words[j] in _RESOURCES or words[j] in ("and", "or")):
+            if words[j] in _RESOURCES:
+                out.add(_RESOURCES[words[j]])
+            j -= 1
+    return out
+
+
+def _git_commands(t: _Text) -> set[str]:
+    out: set[str] = set()
+    for w in t.lower:
+        forms = _variants(w.replace("-", "")) & _GIT_COMMANDS
+        if forms:
+            out.add(min(forms))
+    return out
+
+
 def _by_class(t: _Text) -> dict[str, set[str]]:
-    """The members of each closed class the text names, canonicalised."""
+    """The members of each closed class the text names, canonicalised; the resources a cost is
+    measured in, and git's commands in a text about git, as classes too."""
     out: dict[str, set[str]] = {}
-    for w in _class_words(t.lower):
+    words = _class_words(t.lower)
+    resources = _resources(words)
+    if resources:
+        out["resource"] = resources
+    if "git" in t.lower:
+        commands = _git_commands(t)
+        if commands:
+            out["git_command"] = commands
+    for w in words:
         classes = _CLASS_OF.get(w)
         base = w
         if classes is None and _lemma(w) in _CLASS_OF:
@@ -1181,19 +1405,23 @@ def _class_clash(a: _Text, b: _Text) -> str | None:
     return None
 
 
-def _role_swap(a: _Text, b: _Text) -> str | None:
+def _role_swap(a: _Text, b: _Text, ctx: _Pair) -> str | None:
     """'A man carries a dog' vs 'A dog carries a man': two shared words swap sides of a shared pivot.
 
     Only words within two content positions of the pivot in both texts count, so each pivot
-    looks at a handful of neighbours instead of every shared word.
+    looks at a handful of neighbours instead of every shared word. A symmetric word ("vs") is
+    no pivot, and the arguments of a symmetric or converse relation (ctx.ignore) may move.
     """
-    pa, pb = a.unique_content_positions, b.unique_content_positions
+    pa, pb = a.unique_content_positions(ctx.keep), b.unique_content_positions(ctx.keep)
     if pa is None or pb is None:
         return None  # long texts reorder clauses freely; the check is meant for questions
     shared = [w for w in pa if w in pb]
+    movable = [w for w in shared if w not in ctx.ignore]
     for v in shared:
+        if v in _SYMMETRIC_WORDS:
+            continue
         ia, ib = pa[v], pb[v]
-        near = [w for w in shared if w != v and abs(pa[w] - ia) <= 2 and abs(pb[w] - ib) <= 2]
+        near = [w for w in movable if w != v and abs(pa[w] - ia) <= 2 and abs(pb[w] - ib) <= 2]
         for x in near:
             if pa[x] < ia and pb[x] > ib:       # x left of the pivot in a, right of it in b
                 for y in near:
@@ -1203,10 +1431,13 @@ def _role_swap(a: _Text, b: _Text) -> str | None:
 
 
 # Relation words: what stands left of one and what stands right of it are the relation's
-# arguments, in order ("flights from New York to London", "is a bigger than b", "Python vs Go",
-# "wash before cooking", "prefer tea over coffee", "use X instead of Y").
-RELATION_WORDS = frozenset("""to from into onto than vs versus before after over under above below
+# arguments, in order ("flights from New York to London", "is a bigger than b", "wash before
+# cooking", "prefer tea over coffee", "use X instead of Y"). A comparison with "vs", "versus" or
+# "and" is symmetric ("Python vs Go" is "Go vs Python"): those are no relation words, and no
+# pivot of _role_swap.
+RELATION_WORDS = frozenset("""to from into onto than before after over under above below
     instead against toward towards""".split())
+_SYMMETRIC_WORDS = frozenset("vs versus versu v and or".split())   # "versu": the lemma
 # Arguments looked at on each side of a relation word: its neighbours, as _role_swap's (a
 # multi-word name has a word this near on both sides: "new york" / "york"; further out, a
 # reworded sentence's clauses move round infinitive "to"s: "you need to load a processor" /
@@ -1217,8 +1448,9 @@ _MAX_RELATION_ARGS = 30
 
 def _relation_sequence(t: _Text) -> list[tuple[bool, str]] | None:
     """The text as (is a relation word, word): relation words and arguments (content words
-    lemmatised and without "'s"; single letters too when the text names things by letters, as
-    "is a bigger than b" does: a letter other than "a" and "i"); None for long texts."""
+    without "'s", as written: compared by their _form; single letters too when the text names
+    things by letters, as "is a bigger than b" does: a letter other than "a" and "i"); None for
+    long texts."""
     out: list[tuple[bool, str]] = []
     args = rels = 0
     letters = any(len(w) == 1 and w.isalpha() and w not in ("a", "i") for w in t.lower)
@@ -1229,7 +1461,7 @@ def _relation_sequence(t: _Text) -> list[tuple[bool, str]] | None:
             rels += 1
         elif w.isalpha() and ((letters and len(w) == 1)
                               or (w not in _SIMPLE_STOP and w not in NEGATIONS)):
-            out.append((False, _lemma(w)))
+            out.append((False, w))
             args += 1
         if args > _MAX_RELATION_ARGS or rels > _MAX_RELATION_ARGS:
             return None
@@ -1243,18 +1475,20 @@ def _relation_sides(seq: list[tuple[bool, str]], i: int) -> tuple[set[str], set[
     return set(left), set(right)
 
 
-def _relation_swap(a: _Text, b: _Text) -> str | None:
-    """Arguments swapped round a relation word: a word left of it in one text is right of it in
-    the other AND another goes the other way ("from New York to London" / "from London to New
-    York", "is a bigger than b" / "is b bigger than a"). A phrase moved whole ("to the coast from
-    the city" / "from the city to the coast") crosses one way only. A relation word both texts
-    have once is compared; one they have equally often is compared occurrence by occurrence, in
-    order ("how to fly from X to Y": the second "to" with the second), if each text is one
-    sentence (a reworded paragraph's sentences do not keep their order). Arguments that occur
-    more than once in a text are not compared (their side is ambiguous)."""
+def _relation_crossings(a: _Text, b: _Text, keep: frozenset[str],
+                        skip: Callable[[str], bool] | None = None,
+                        ) -> Iterator[tuple[str, list[str], list[str]]]:
+    """(relation word, arguments that went right of it, arguments that went left) for each
+    relation word the texts compare (see _relation_swap) round which arguments crossed both ways;
+    arguments as written for which `skip` is true are left out first."""
     sa, sb = a.relation_sequence, b.relation_sequence
     if not sa or not sb:
-        return None
+        return
+    if skip is None:
+        sa, sb = a.relation_forms(keep) or [], b.relation_forms(keep) or []
+    else:
+        sa = [(rel, w if rel else _form(w, keep)) for rel, w in sa if rel or not skip(w)]
+        sb = [(rel, w if rel else _form(w, keep)) for rel, w in sb if rel or not skip(w)]
     pos_a: dict[str, list[int]] = {}
     pos_b: dict[str, list[int]] = {}
     for seq, pos in ((sa, pos_a), (sb, pos_b)):
@@ -1265,7 +1499,7 @@ def _relation_swap(a: _Text, b: _Text) -> str | None:
     words = sorted(w for w in pos_a.keys() & pos_b.keys() if len(pos_a[w]) == len(pos_b[w])
                    and (in_order or len(pos_a[w]) == 1))
     if not words:
-        return None
+        return
     count_a = Counter(w for rel, w in sa if not rel)
     count_b = Counter(w for rel, w in sb if not rel)
     once = {w for w, n in count_a.items() if n == 1 and count_b.get(w) == 1}
@@ -1276,7 +1510,25 @@ def _relation_swap(a: _Text, b: _Text) -> str | None:
             went_right = sorted(la & rb & once)
             went_left = sorted(ra & lb & once)
             if went_right and went_left:
-                return f"{went_right[0]}<{word}<{went_left[0]}"
+                yield word, went_right, went_left
+
+
+def _relation_swap(a: _Text, b: _Text, ctx: _Pair) -> str | None:
+    """Arguments swapped round a relation word: a word left of it in one text is right of it in
+    the other AND another goes the other way ("from New York to London" / "from London to New
+    York", "is a bigger than b" / "is b bigger than a"). A phrase moved whole ("to the coast from
+    the city" / "from the city to the coast") crosses one way only. A relation word both texts
+    have once is compared; one they have equally often is compared occurrence by occurrence, in
+    order ("how to fly from X to Y": the second "to" with the second), if each text is one
+    sentence (a reworded paragraph's sentences do not keep their order). Arguments that occur
+    more than once in a text are not compared (their side is ambiguous), nor those of a
+    symmetric or converse relation (ctx.ignore: "the distance from A to B", "A is faster than
+    B" / "B is slower than A")."""
+    for word, went_right, went_left in _relation_crossings(a, b, ctx.keep):
+        went_right = [w for w in went_right if w not in ctx.ignore]
+        went_left = [w for w in went_left if w not in ctx.ignore]
+        if went_right and went_left:
+            return f"{went_right[0]}<{word}<{went_left[0]}"
     return None
 
 
@@ -1383,13 +1635,138 @@ def _entity_known(entity: str, other: _Text) -> bool:
                for w in other.words)
 
 
+def _degree_clash(a: _Text, b: _Text) -> str | None:
+    """Comparatives or superlatives on other scales: "the cheapest way" is not "the fastest way",
+    nor "is it better" "is it faster". A scale only one text grades is no clash ("cheapest and
+    fastest" / "fastest"); related scales count as one (_SCALE_GROUP: "tallest" / "highest")."""
+    da, db = a.poles.degrees, b.poles.degrees
+    if not da or not db:
+        return None
+    only_a = sorted(g for g in da if g not in db)
+    only_b = sorted(g for g in db if g not in da)
+    if only_a and only_b:
+        return f"{da[only_a[0]]}/{db[only_b[0]]}"
+    return None
+
+
+# What a list is ordered by: "the planets in order from the sun" is not "... in order of size",
+# nor "sort users by age" "sort users by name". The preposition follows the order word or its
+# object ("sort the list by name"); the keys are the content words of the next few ("in order
+# of increasing size": a direction word is no key; "ordered by distance from the sun" has the
+# key "sun" too, so it is "in order from the sun").
+_ORDER_WORDS = {"order": ("of", "from", "by"), "ordered": ("by", "from"), "ordering": ("by",),
+                "sort": ("by",), "sorted": ("by",), "sorting": ("by",), "sorts": ("by",),
+                "rank": ("by",), "ranked": ("by",), "ranking": ("by",), "arrange": ("by",),
+                "arranged": ("by",), "group": ("by",), "grouped": ("by",)}
+_ORDER_REACH = 3    # words between an order word and its preposition, at most
+_KEY_REACH = 4      # words after the preposition whose content words are keys
+_NO_KEY = _SIMPLE_STOP | frozenset("""increasing decreasing ascending descending asc desc
+    their its his her them then""".split())
+
+
+def _order_keys(t: _Text, keep: frozenset[str]) -> set[str]:
+    low = t.lower
+    keys: set[str] = set()
+    for i, w in enumerate(low[:-1]):
+        preps = _ORDER_WORDS.get(w)
+        if preps is None:
+            continue
+        j = next((j for j in range(i + 1, min(len(low), i + 2 + _ORDER_REACH)) if low[j] in preps), None)
+        if j is None:
+            continue
+        keys.update(_form(_strip_s(x), keep) for x in low[j + 1:j + 1 + _KEY_REACH]
+                    if x not in _NO_KEY and x.isalpha() and x not in RELATION_WORDS)
+    return keys
+
+
+def _order_clash(a: _Text, b: _Text, ctx: _Pair) -> str | None:
+    if not any(w in _ORDER_WORDS for w in a.lower) or not any(w in _ORDER_WORDS for w in b.lower):
+        return None
+    ka, kb = _order_keys(a, ctx.keep), _order_keys(b, ctx.keep)
+    if ka and kb and not ka & kb:
+        return f"{','.join(sorted(ka))}!={','.join(sorted(kb))}"
+    return None
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """What verify knows of the two texts together before the checks that compare them."""
+    keep: frozenset[str] = frozenset()             # names in either text: compared unlemmatised
+    ignore: frozenset[str] = frozenset()           # arguments of a symmetric or converse relation
+    converse_scales: frozenset[str] = frozenset()  # scales turned round with the arguments
+    converse_words: frozenset[str] = frozenset()   # "more"/"less" turned round with them
+
+
+# A distance is the same both ways: "the distance from London to Paris" is "... from Paris to
+# London", "how far is Rome from Milan" is "how far is Milan from Rome". A route, a journey, a
+# conversion is not, and a text that asks for one besides ("the distance and the best route
+# from A to B", "how far is it to drive from A to B") has a direction.
+_SYMMETRIC_RELATIONS = frozenset(("to", "from"))
+_DIRECTED_WORDS = frozenset("""route routes direction directions way get go going travel
+    travelling traveling trip journey commute fly flight flights drive driving ride train bus
+    ferry ship shipping send move transfer convert translate navigate walk walking cost fare
+    fares ticket tickets time long""".split())
+
+
+def _symmetric_measure(t: _Text) -> bool:
+    low = t.lower
+    if not (any(w in ("distance", "distances") for w in low)
+            or any(w == "how" and nxt == "far" for w, nxt in zip(low, low[1:]))):
+        return False
+    return not any(w in _DIRECTED_WORDS for w in low)
+
+
+_Converse = tuple[frozenset[str], frozenset[str], frozenset[str]]
+_NO_CONVERSE: _Converse = (frozenset(), frozenset(), frozenset())
+
+
+def _converse(a: _Text, b: _Text, keep: frozenset[str]) -> _Converse:
+    """A comparison said the other way round: the arguments swap round "than" AND the scale's
+    pole turns ("Python is faster than Java" / "Java is slower than Python", "more people than"
+    / "fewer people than"). (arguments, scales, degree modifiers) that may then differ."""
+    if "than" not in a.lower or "than" not in b.lower:
+        return _NO_CONVERSE
+    crossed: set[str] = set()
+    # The degree words are not arguments: "a train is more expensive than a bus" compares "train"
+    # and "bus" (the window of two would end at "more expensive").
+    for word, went_right, went_left in _relation_crossings(a, b, keep, _is_degree_word):
+        if word == "than":
+            crossed.update(went_right + went_left)
+    if not crossed:
+        return _NO_CONVERSE
+    scales = frozenset(scale for scale, _, _ in _opposite_scales(a, b))
+    ga, gb = a.poles.graded, b.poles.graded
+    turned = [w for w in ga.keys() & gb.keys() if ga[w] != gb[w]]
+    words = frozenset(_GENERIC_DEGREES) if turned else frozenset()
+    if not scales and not words:
+        return _NO_CONVERSE
+    return frozenset(crossed), scales, words
+
+
+def _is_degree_word(w: str) -> bool:
+    return w in _GENERIC_DEGREES or bool(_poles(w)[0])
+
+
+def _pair_context(a: _Text, b: _Text) -> _Pair:
+    keep = a.proper | b.proper
+    ignore: set[str] = set()
+    if _symmetric_measure(a) and _symmetric_measure(b):
+        for word, went_right, went_left in _relation_crossings(a, b, keep):
+            if word in _SYMMETRIC_RELATIONS:
+                ignore.update(went_right + went_left)
+    crossed, scales, words = _converse(a, b, keep)
+    return _Pair(keep, frozenset(ignore | crossed), scales, words)
+
+
 # The checks that name what clashes, in the order verify runs them, with their reason's prefix
-# (the code-shape checks name themselves whole).
-_CLASH_CHECKS: tuple[tuple[str, Callable[[_Text, _Text], str | None]], ...] = (
-    ("direction:", _role_swap), ("direction:", _relation_swap), ("antonym:", _antonym_clash),
-    ("class:", _class_clash), ("time:", _time_clash), ("tense:", _tense_clash),
-    ("ids:", _identifier_clash), ("case:", _case_clash), ("case:", _symbol_case_clash),
-    ("literal:", _literal_clash), ("", _indent_clash), ("", _line_order_clash),
+# (the code-shape checks name themselves whole); those that take the pair's context (_Pair) too.
+_CLASH_CHECKS: tuple[tuple[str, bool, Callable[..., str | None]], ...] = (
+    ("direction:", True, _role_swap), ("direction:", True, _relation_swap),
+    ("antonym:", True, _antonym_clash), ("class:", False, _class_clash),
+    ("degree:", False, _degree_clash), ("order:", True, _order_clash), ("time:", False, _time_clash),
+    ("tense:", False, _tense_clash), ("ids:", False, _identifier_clash),
+    ("case:", False, _case_clash), ("case:", False, _symbol_case_clash),
+    ("literal:", False, _literal_clash), ("", False, _indent_clash), ("", False, _line_order_clash),
 )
 
 
@@ -1410,12 +1787,14 @@ def verify(query: str, candidate: str) -> Verdict:
     ua, ub = a.units, b.units
     if ua != ub:
         return Verdict(False, f"units:{sorted(ua)}!={sorted(ub)}")
-    da, db = a.directions, b.directions
-    for x, y in da:
-        if (y, x) in db and (x, y) not in db:
+    ctx = _pair_context(a, b)
+    da = {(_form(x, ctx.keep), _form(y, ctx.keep)) for x, y in a.directions}
+    db = {(_form(x, ctx.keep), _form(y, ctx.keep)) for x, y in b.directions}
+    for x, y in sorted(da):
+        if (y, x) in db and (x, y) not in db and not (x in ctx.ignore and y in ctx.ignore):
             return Verdict(False, f"direction:{x}->{y}")
-    for prefix, check in _CLASH_CHECKS:
-        clash = check(a, b)
+    for prefix, takes_ctx, check in _CLASH_CHECKS:
+        clash = check(a, b, ctx) if takes_ctx else check(a, b)
         if clash:
             return Verdict(False, prefix + clash)
     missing_in_b = {e for e in a.entities if not _entity_known(e, b)}

@@ -7,7 +7,10 @@ by Kong 3.x's traditional_compatible priorities, see match_route), consumers (us
 custom_id) with nested `keyauth_credentials`, upstreams with targets, and plugins at global,
 service, route and consumer scope, nested (inheriting the parent's foreign key) or top level
 with `route:` / `service:` / `consumer:` references by name or id. Anything malformed raises
-DeclarativeError naming the entity path, e.g. `services[0].routes[1].paths`.
+DeclarativeError naming the entity path, e.g. `services[0].routes[1].paths`. Route paths are
+checked as Kong's router_path type checks them, and regex paths and `~*` header values are
+compiled at load as Kong's Rust regex reads them (kongsim.rust_regex); match_route joins the
+service path and the request path as Kong's router does (upstream_uri).
 
 Plugin config resolution follows Kong's `lookup_cfg` in `kong/runloop/plugins_iterator.lua`:
 route+service+consumer, route+consumer, service+consumer, route+service, consumer, route,
@@ -24,6 +27,8 @@ from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import yaml
+
+from kongsim import rust_regex, uri
 
 _NS = uuid.UUID("5e0c6b1c-7d2a-4f0e-9a31-6b6e67cfa1a0")  # stable ids for entities without one
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -181,7 +186,9 @@ class DeclarativeConfig:
 
     def match_route(self, method: str, path: str, host: str | None,
                     headers: Any = None, port: int | None = None) -> tuple[Route, str] | None:
-        """(route, upstream-relative path after strip_path) or None (Kong: 404).
+        """(route, upstream URI) or None (Kong: 404). `path` is the normalised request path
+        (Kong's router input: kong/router/utils.lua strip_uri_args); the upstream URI is the
+        router's match_t.upstream_uri, not yet escaped (see `upstream_uri`).
 
         Kong 3.x's default router_flavor, traditional_compatible (kong/router/compat.lua over
         kong/router/atc.lua): every route becomes one matcher per group of its paths
@@ -208,10 +215,10 @@ class DeclarativeConfig:
             matched = _path_match(m.paths, path)
             if matched is None:
                 continue
-            rest = path[len(matched):] if route.strip_path else path
-            if route.strip_path and rest and not rest.startswith("/") and matched.endswith("/"):
-                rest = "/" + rest
-            return route, rest
+            service = self.services.get(route.service_id) if route.service_id else None
+            # kong/router/utils.lua get_service_info: service.path or "/" (an http service)
+            base = (service.path if service is not None else None) or "/"
+            return route, upstream_uri(route.strip_path, matched, path, base)
         return None
 
     def _router(self) -> list["_Matcher"]:
@@ -311,19 +318,104 @@ def _lj_to_u64(value: int) -> int:
 
 
 def _path_match(paths: list[str], path: str) -> str | None:
-    """The matched part of the path (what strip_path removes) or None. transform.lua: a regex
-    path is `http.path ~ "^<regex>"`, a plain one `http.path ^= "<prefix>"`; the first of the
-    group that matches gives the matched value. A route without paths matches any path."""
+    """The matched value ATC's get_result("http.path") gives, or None; "/" for a route without
+    paths (no http.path in its expression: atc.lua set_upstream_uri then takes "/").
+    transform.lua: a regex path is `http.path ~ "^<regex>"`, a plain one `http.path ^= "<prefix>"`;
+    the first of the group that matches gives the matched value.
+
+    `path` holds one character per byte (kongsim.uri); the ATC router sees the UTF-8 text, so a
+    regex runs on that text and its match is given back as bytes. Route paths are YAML text:
+    a prefix is compared as its UTF-8 bytes."""
     if not paths:
-        return "/" if path.startswith("/") else ""
+        return "/"
     for p in paths:
         if p.startswith("~"):
-            m = re.match(p[1:], path)
+            text, as_bytes = _path_text(path)
+            m = _compiled_path(p).search(text)
             if m:
-                return m.group(0)
-        elif path.startswith(p):
-            return p
+                found = m.group(0)
+                return found.encode("utf-8", "surrogateescape").decode("latin-1") if as_bytes \
+                    else found
+        else:
+            prefix = _byte_form(p)
+            if path.startswith(prefix):
+                return prefix
     return None
+
+
+def _path_text(path: str) -> tuple[str, bool]:
+    try:
+        return path.encode("latin-1").decode("utf-8", "surrogateescape"), True
+    except UnicodeEncodeError:
+        return path, False  # an in-process path of text already
+
+
+def _byte_form(text: str) -> str:
+    """Text (a kong.yml path) as the one-character-per-byte form request paths have."""
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _compiled_path(p: str) -> re.Pattern[str]:
+    pattern = _PATTERNS.get(p)
+    if pattern is None:
+        pattern = _PATTERNS.setdefault(p, rust_regex.compile_path(p))
+    return pattern
+
+
+def _compiled_header(value: str) -> re.Pattern[str]:
+    key = "\0h" + value
+    pattern = _PATTERNS.get(key)
+    if pattern is None:
+        pattern = _PATTERNS.setdefault(key, rust_regex.compile_header(value))
+    return pattern
+
+
+def sanitize_uri_postfix(postfix: str) -> str:
+    """kong/router/utils.lua sanitize_uri_postfix: a leading "./" or "../" of what follows the
+    matched prefix is dropped, and a postfix "." or ".." is empty."""
+    if postfix in (".", ".."):
+        return ""
+    if postfix.startswith("./"):
+        return postfix[2:]
+    if postfix.startswith("../"):
+        return postfix[3:]
+    return postfix
+
+
+def upstream_uri(strip_path: bool, matched: str, req_uri: str, upstream_base: str) -> str:
+    """kong/router/atc.lua set_upstream_uri with kong/router/utils.lua get_upstream_uri_v0
+    (traditional_compatible runs path_handling v0 for every route): how the service path
+    (`upstream_base`), the route's match and the normalised request path `req_uri` join.
+    `matched` is the router's matched value ("/" for a route without paths); without
+    strip_path the prefix is "/"."""
+    prefix = matched if strip_path else "/"
+    postfix = sanitize_uri_postfix(req_uri[len(prefix):])
+    if upstream_base.endswith("/"):
+        if strip_path:
+            if postfix == "":
+                if upstream_base == "/":
+                    return "/"
+                if req_uri.endswith("/"):
+                    return upstream_base
+                return upstream_base[:-1]
+            if postfix.startswith("/"):
+                return upstream_base[:-1] + postfix  # double "/", so drop the first
+            return upstream_base + postfix
+        return upstream_base + req_uri[1:]
+    if strip_path:
+        if postfix == "":
+            if len(req_uri) > 1 and req_uri.endswith("/"):
+                return upstream_base + "/"
+            return upstream_base
+        if postfix.startswith("/"):
+            return upstream_base + postfix
+        return upstream_base + "/" + postfix
+    if req_uri == "/":
+        return upstream_base
+    return upstream_base + req_uri
 
 
 def _split_host_port(value: str) -> tuple[str, str]:
@@ -364,7 +456,7 @@ def _headers_match(wanted: Mapping[str, list[str]], headers: Any) -> bool:
 
 def _header_value_matches(value: str, got: str) -> bool:
     if value.startswith("~*"):
-        return re.search(value[2:].lower(), got) is not None
+        return _compiled_header(value).search(got) is not None
     return value.lower() == got
 
 
@@ -622,8 +714,15 @@ class _Loader:
                 raise DeclarativeError(f"{where}.headers: cannot contain 'host' header, which must "
                                        "be specified in the 'hosts' attribute")
         for p in paths:
-            if not (p.startswith("/") or p.startswith("~")):
-                raise DeclarativeError(f"{where}.paths: '{p}' must start with / or ~")
+            _check_router_path(p, f"{where}.paths")
+        for name, values in headers.items():
+            for v in values:
+                if v.startswith("~*"):
+                    try:
+                        _compiled_header(v)
+                    except rust_regex.Unsupported as exc:
+                        raise DeclarativeError(f"{where}.headers.{name}: regex '{v[2:]}': "
+                                               f"{exc}") from None
         for m in methods:
             if m.upper() not in HTTP_METHODS:
                 raise DeclarativeError(f"{where}.methods: unknown method '{m}'")
@@ -717,3 +816,33 @@ class _Loader:
         pid = self._id({"id": ident} if ident else {}, "plugin", f"{name}:{scope}")
         self.plugins.append(PluginEntity(pid, str(name), dict(config), enabled, route_id,
                                          service_id, consumer_id, p.get("instance_name"), where))
+
+
+_PERCENT_OK = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _check_router_path(p: str, where: str) -> None:
+    """kong/db/schema/typedefs.lua router_path: starts with "/" or "~/", no empty segment,
+    valid percent-encoding (validate_path's "percent" error), a prefix path in normalised form
+    (validate_path_with_regexes), and a regex both PCRE and Kong's Rust regex accept, which the
+    stand-in evaluates with Python's re (kongsim.rust_regex): compiled here, never per request."""
+    if not (p.startswith("/") or p.startswith("~/")):
+        raise DeclarativeError(f"{where}: '{p}' should start with: / (fixed path) or ~/ (regex "
+                               "path)")
+    if "//" in p:
+        raise DeclarativeError(f"{where}: '{p}' must not have empty segments")
+    raw = _PERCENT_OK.sub("___", p)
+    if "%" in raw:
+        bad = raw[raw.index("%"):raw.index("%") + 3]
+        raise DeclarativeError(f"{where}: '{p}': invalid url-encoded value: '{bad}'")
+    if not p.startswith("~"):
+        normalized = uri.normalize(_byte_form(p))
+        if normalized != _byte_form(p):
+            shown = normalized.encode("latin-1").decode("utf-8", "replace")
+            raise DeclarativeError(f"{where}: '{p}': non-normalized path, consider use "
+                                   f"'{shown}' instead")
+        return
+    try:
+        _compiled_path(p)
+    except rust_regex.Unsupported as exc:
+        raise DeclarativeError(f"{where}: regex '{p}': {exc}") from None

@@ -11,7 +11,8 @@ Kong behaviours imitated (reference kong-plugin-server.md §2.8, §4): 404
 are streamed (chunked pass-through, SSE included) unless a plugin with a `response` phase runs
 on the request or a plugin enabled buffering, in which case the whole upstream body is read
 first; `Via`, `X-Kong-Upstream-Latency`, `X-Kong-Proxy-Latency`, `X-Kong-Response-Latency`,
-`X-Kong-Request-Id` headers.
+`X-Kong-Request-Id` headers. The front reads request heads as nginx does (kongsim.front):
+nginx's 400/414/494/505 answers, its header-name rules and header buffers.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from kongsim import declarative, process, redact, timing, uri
+from kongsim import declarative, front, process, redact, timing, uri
 from kongsim.pdk import (DEFAULT_REAL_IP_HEADER, KONG_VERSION, Headers, RealIp, RequestContext,
                          UpstreamRequest, real_ip_settings)
 from kongsim.process import ManagedServer, PluginInfo, PluginServerEntry
@@ -228,7 +229,7 @@ class Gateway:
                 ctx.exit_response = (404, NO_ROUTE, Headers([("Content-Type", JSON_CT)]))
                 ctx.response_source = "error"
             else:
-                route, rest = matched
+                route, upstream_uri = matched
                 ctx.route = route
                 service = rl.config.services.get(route.service_id) if route.service_id else None
                 if service is None:
@@ -238,7 +239,7 @@ class Gateway:
                 else:
                     ctx.service = service
                     ctx.upstream = self._upstream_request(
-                        ctx, route, service, rest, host_header,
+                        ctx, route, service, upstream_uri, host_header,
                         trusted=self.real_ip.is_trusted(ctx.client_ip))
                     # what nginx itself forwards; anything else was set by a plugin
                     set_by_nginx = {(k.lower(), v) for k, v in ctx.upstream.headers.items()}
@@ -319,15 +320,10 @@ class Gateway:
 
     @staticmethod
     def _upstream_request(ctx: RequestContext, route: declarative.Route,
-                          service: declarative.Service, rest: str, host_header: str,
+                          service: declarative.Service, upstream_uri: str, host_header: str,
                           trusted: bool = False) -> UpstreamRequest:
-        spath = service.path or "/"
-        if not rest:
-            upath = spath
-        elif spath.endswith("/") and rest.startswith("/"):
-            upath = spath + rest[1:]
-        else:
-            upath = spath + (rest if rest.startswith("/") else "/" + rest)
+        """`upstream_uri` is the router's join of the service path and the request path
+        (kongsim.declarative.upstream_uri: kong/router/utils.lua get_upstream_uri_v0)."""
         hdrs = Headers([(k, v) for k, v in ctx.headers.items() if k.lower() not in HOP_BY_HOP])
         default_port = 443 if service.protocol == "https" else 80
         hdrs.set("Host", host_header if route.preserve_host else (
@@ -344,8 +340,8 @@ class Gateway:
         hdrs.set("X-Forwarded-Path", fwd("x-forwarded-path") or ctx.raw_path)  # $request_uri's path
         hdrs.set("X-Real-IP", ctx.remote_addr)
         hdrs.set("X-Kong-Request-Id", ctx.request_id)
-        # The router's path (normalised, after strip_path), escaped again for the request line.
-        return UpstreamRequest(service.protocol, service.host, service.port, uri.escape(upath), ctx.query,
+        # kong/runloop/handler.lua: var.upstream_uri = escape(match_t.upstream_uri)
+        return UpstreamRequest(service.protocol, service.host, service.port, uri.escape(upstream_uri), ctx.query,
                                ctx.method, hdrs, ctx.body)
 
     def _finish_headers(self, ctx: RequestContext, base: Headers, t0: float) -> Headers:
@@ -616,8 +612,72 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
         timeout = gw.client_timeout_s  # socket timeout of each client connection (see Gateway)
 
         def log_message(self, fmt: str, *args: Any) -> None:
-            # The request line may carry an apikey query argument: log no query strings.
-            log.debug("%s %s", self.command, self.path.split("?")[0])
+            # The request line may carry an apikey query argument: log no query strings. Called
+            # for requests whose line never parsed too: command and path may be unset.
+            path = getattr(self, "path", None) or ""
+            log.debug("%s %s", getattr(self, "command", None), path.split("?")[0])
+
+        def handle_one_request(self) -> None:
+            """One request, its head read the way nginx reads it (kongsim.front) rather than
+            http.server's way (which answers 431 past 100 headers and drops the connection
+            with a traceback on a malformed request line)."""
+            self.close_connection = True
+            self.command, self.path, self.request_version = None, "", "HTTP/1.1"
+            try:
+                head = front.read_request_head(self.rfile)
+            except OSError:
+                # client_header_timeout (a socket timeout), or the client reset: nginx closes
+                # the connection and answers nothing
+                return
+            except front.FrontError as exc:
+                log.info("%s while reading client request headers, client: %s", exc.reason,
+                         self.client_address[0])
+                self._front_error(exc.status, exc.headers)
+                return
+            if head is None:
+                return  # the client closed before a whole request head
+            self.command, self.path, self.request_version = head.method, head.target, head.version
+            self.requestline = f"{head.method} {head.target.split('?')[0]} {head.version}"
+            msg = http.client.HTTPMessage()
+            for k, v in head.headers:
+                msg[k] = v
+            self.headers = msg
+            self.close_connection = not head.keepalive
+            # nginx answers "100 Continue" before reading such a body (ngx_http_test_expect)
+            if (head.version >= "HTTP/1.1"
+                    and (msg.get("Expect") or "").lower() == "100-continue"):
+                self.handle_expect_100()
+            self._handle()
+            self.wfile.flush()
+
+        def _front_error(self, status: int, headers: Sequence[tuple[str, str]] = ()) -> None:
+            """nginx refused the request before Kong's phases: its answer (Kong's error
+            handler or nginx's page, kongsim.front.error_response), then a lingering close."""
+            self.close_connection = True
+            status, hdrs, body = front.error_response(status, headers)
+            self.request_version = self.request_version or "HTTP/1.1"
+            try:
+                self._write(Response(status, Headers([*hdrs, ("Server", f"kong/{KONG_VERSION}")]),
+                                     body))
+                self.wfile.flush()
+                self._linger()
+            except OSError:
+                pass
+
+        def _linger(self) -> None:
+            """nginx's lingering close (lingering_timeout 5s, lingering_time 30s): read and
+            discard what the client still sends after the answer, so that closing with unread
+            data (a TCP reset) does not destroy the answer before the client reads it."""
+            sock = self.connection
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 30.0
+            sock.settimeout(5.0)
+            while time.monotonic() < deadline:
+                try:
+                    if not sock.recv(65536):
+                        return
+                except OSError:
+                    return
 
         def _read_body(self) -> bytes:
             if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -638,13 +698,12 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
             try:
                 body = self._read_body()
             except (socket.timeout, TimeoutError):
-                # nginx's client_body_timeout: 408, and the connection is closed.
-                self.close_connection = True
-                self._write(Response(408, Headers([("Content-Type", JSON_CT)]),
-                                     b'{"message":"Request timeout"}'))
+                # nginx's client_body_timeout: 408 (Kong's error handler), and the connection
+                # is closed.
+                self._front_error(408, list(self.headers.items()))
                 return
             except (ValueError, OSError):
-                self.send_error(400, "bad request body")
+                self._front_error(400, list(self.headers.items()))
                 return
             # http.server decodes header bytes as latin-1; give plugins the original bytes
             # (kongsim.rpc packs them back as raw msgpack str, like Kong does).
@@ -688,11 +747,24 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
                 if k.lower() in HOP_BY_HOP:
                     continue
                 self.send_header(k, v.encode("utf-8", "surrogateescape").decode("latin-1"))
+            if resp.chunks is not None and self.request_version < "HTTP/1.1":
+                # no chunked encoding for an HTTP/1.0 (or 0.9) client: nginx sends the body as
+                # it comes and closes the connection (ngx_http_chunked_filter_module)
+                self.close_connection = True
+            if self.close_connection:
+                self.send_header("Connection", "close")  # ngx_http_header_filter_module
             if resp.chunks is None:
                 self.send_header("Content-Length", str(len(resp.body)))
                 self.end_headers()
                 if not no_body:
                     self.wfile.write(resp.body)
+                return
+            if self.request_version < "HTTP/1.1":
+                self.end_headers()
+                for chunk in resp.chunks:
+                    if not no_body:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
                 return
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()

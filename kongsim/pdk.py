@@ -48,6 +48,9 @@ logging.addLevelName(NOTICE, "NOTICE")
 
 NODE_ID = str(uuid.uuid4())
 KONG_VERSION = "3.9.1"  # the Kong version whose behaviour is imitated (reference §0)
+# kong.conf lua_max_req_headers and lua_max_resp_headers (kong/templates/kong_defaults.lua: 100):
+# what ngx.req/resp.get_headers() return at most without an argument (kong/globalpatches.lua)
+MAX_REQ_HEADERS = 100
 
 
 class PdkLuaError(Exception):
@@ -109,6 +112,14 @@ class Headers:
 
     def __contains__(self, name: str) -> bool:
         return self.get(name) is not None
+
+    def count(self) -> int:
+        """The number of header lines (repeats counted)."""
+        return len(self._items)
+
+    def first(self, count: int) -> "Headers":
+        """The first `count` header lines (what ngx.req.get_headers(count) returns)."""
+        return Headers(self._items[:count])
 
 
 # ------------------------------------------------------------------------------- context
@@ -235,8 +246,10 @@ def serialize(ctx: RequestContext) -> dict[str, Any]:
     """Kong's basic log serializer (kong/pdk/log.lua) plus set_serialize_value entries."""
     # kong/pdk/log.lua masks these two only; a key-auth key is logged unless hide_credentials
     # cleared it from the request (Kong/kong#2532).
+    # kong/pdk/log.lua serialize: request_headers = kong.request.get_headers(), i.e. at most
+    # lua_max_req_headers (100) of them
     req_headers = {k: ("REDACTED" if k.lower() in ("authorization", "proxy-authorization") else v)
-                   for k, v in ctx.headers.flat().items()}
+                   for k, v in ctx.headers.first(MAX_REQ_HEADERS).flat().items()}
     resp_headers = ctx.response_headers.flat()
     url = f"{ctx.scheme}://{ctx.host}:{ctx.port}{ctx.path_with_query}"
     now_ms = int(time.time() * 1000)
@@ -672,8 +685,14 @@ class PDK:
     def _get_header(self, ctx: RequestContext, name: str) -> str | None:
         return self._headers_source(ctx, "request_headers", ctx.headers).get(_header_name(name))
 
-    def _get_headers(self, ctx: RequestContext, max_headers: int | None = None) -> Any:
-        return _fix(self._headers_source(ctx, "request_headers", ctx.headers).multimap())
+    def _get_headers(self, ctx: RequestContext, max_headers: Any = None) -> Any:
+        """kong/pdk/request.lua get_headers: ngx.req.get_headers(max_headers), which Kong's
+        globalpatches.lua limits to lua_max_req_headers (default 100) when max_headers is nil:
+        the first that many header lines (lua-nginx-module ngx_http_lua_ffi_req_get_headers_count),
+        with a notice "request headers truncated"."""
+        _check(ctx, "kong.request.get_headers", REQUEST_PHASES)
+        headers = self._headers_source(ctx, "request_headers", ctx.headers)
+        return _fix(_at_most(ctx, headers, max_headers, "request").multimap())
 
     def _get_query(self, ctx: RequestContext, max_args: int | None = None) -> Any:
         _check(ctx, "kong.request.get_query", REQUEST_PHASES)
@@ -783,9 +802,12 @@ class PDK:
         _check(ctx, "kong.response.get_header", RESPONSE_READ)
         return self._headers_source(ctx, "response_headers", ctx.response_headers).get(_header_name(name))
 
-    def _resp_headers(self, ctx: RequestContext, max_headers: int | None = None) -> Any:
+    def _resp_headers(self, ctx: RequestContext, max_headers: Any = None) -> Any:
+        """kong/pdk/response.lua get_headers: ngx.resp.get_headers(max_headers), at most
+        lua_max_resp_headers (100) without the argument (kong/globalpatches.lua)."""
         _check(ctx, "kong.response.get_headers", RESPONSE_READ)
-        return _fix(self._headers_source(ctx, "response_headers", ctx.response_headers).multimap())
+        headers = self._headers_source(ctx, "response_headers", ctx.response_headers)
+        return _fix(_at_most(ctx, headers, max_headers, "response").multimap())
 
     def _resp_source(self, ctx: RequestContext) -> str:
         if ctx.phase == "log" and ctx.saved is not None:
@@ -886,8 +908,13 @@ class PDK:
         up = self._upstream(ctx, f"kong.service.request.set_{attr}", REWRITE_ACCESS)
         if not isinstance(value, str):
             raise PdkLuaError(f"{attr} must be a string")
-        if attr == "path" and not value.startswith("/"):
-            raise PdkLuaError("path must start with /")
+        if attr == "path":
+            if not value.startswith("/"):
+                raise PdkLuaError("path must start with /")
+            # kong/pdk/service/request.lua set_path: ngx_var.upstream_uri = escape(path), with
+            # kong/tools/uri.lua escape: each byte of the Lua string (the plugin's UTF-8) that
+            # is neither reserved nor unreserved becomes %XX; "%" and reserved bytes stay
+            value = uri.escape(value.encode("utf-8", "surrogateescape").decode("latin-1"))
         setattr(up, attr, value.upper() if attr == "method" else value)
 
     def _svc_set_query(self, ctx: RequestContext, args: Any) -> None:
@@ -913,9 +940,11 @@ class PDK:
         name = _header_name(name)
         return ctx.service_headers.get(name) if ctx.service_headers else None
 
-    def _svc_headers(self, ctx: RequestContext, max_headers: int | None = None) -> Any:
+    def _svc_headers(self, ctx: RequestContext, max_headers: Any = None) -> Any:
+        """kong/pdk/service/response.lua get_headers: the same limits (MAX_HEADERS_DEFAULT 100)."""
         _check(ctx, "kong.service.response.get_headers", RESPONSE_READ)
-        return _fix(ctx.service_headers.multimap() if ctx.service_headers else {})
+        headers = ctx.service_headers or Headers()
+        return _fix(_at_most(ctx, headers, max_headers, "response").multimap())
 
     def _svc_raw_body(self, ctx: RequestContext) -> Any:
         # Only with buffered proxying (the response phase) is the body available.
@@ -1006,6 +1035,26 @@ class _CredentialRef:
         consumer = d.get("consumer")
         cid = consumer.get("id") if isinstance(consumer, dict) else d.get("consumer_id")
         return cls(str(d.get("id") or ""), cid)
+
+
+def _at_most(ctx: RequestContext, headers: Headers, max_headers: Any, kind: str) -> Headers:
+    """The header lines ngx.req/resp.get_headers(max_headers) returns: max_headers checked as
+    kong/pdk/request.lua and response.lua check it (a number within 1..1000), nil meaning
+    kong.conf lua_max_req/resp_headers (100, kong/globalpatches.lua, which logs the notice)."""
+    if max_headers is None:
+        limit = MAX_REQ_HEADERS
+    elif isinstance(max_headers, bool) or not isinstance(max_headers, (int, float)):
+        raise PdkLuaError("max_headers must be a number")
+    elif max_headers < 1:
+        raise PdkLuaError("max_headers must be >= 1")
+    elif max_headers > 1000:
+        raise PdkLuaError("max_headers must be <= 1000")
+    else:
+        limit = int(max_headers)
+    if headers.count() <= limit:
+        return headers
+    log.log(NOTICE, "[%s] %s headers truncated", ctx.plugin_name or "kong", kind)
+    return headers.first(limit)
 
 
 def _header_name(name: Any) -> str:

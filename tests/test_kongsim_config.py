@@ -231,11 +231,11 @@ plugins:
 
 def test_declarative_routes_match_by_longest_prefix_method_and_host() -> None:
     cfg = declarative.load(KONG_YML)
-    route, rest = cfg.match_route("POST", "/chat/x", None)
-    assert route.name == "chat" and rest == "/x"
+    route, upstream_uri = cfg.match_route("POST", "/chat/x", None)
+    assert route.name == "chat" and upstream_uri == "/base/x"  # the service path joined
     assert cfg.match_route("GET", "/chat/x", None) is None  # methods: [POST]
-    route, rest = cfg.match_route("GET", "/chat/long/y", None)
-    assert route.name == "chat-long" and rest == "/chat/long/y"  # strip_path: false
+    route, upstream_uri = cfg.match_route("GET", "/chat/long/y", None)
+    assert route.name == "chat-long" and upstream_uri == "/base/chat/long/y"  # strip_path: false
     assert cfg.match_route("GET", "/h", "api.example.com:8000")[0].name == "hosted"
     assert cfg.match_route("GET", "/h", "other.org") is None
     assert cfg.match_route("GET", "/nothing", None) is None
@@ -272,7 +272,7 @@ def test_plugin_resolution_most_specific_scope_wins() -> None:
     ({"_format_version": "3.0", "services": [{"name": "s", "url": "ftp://x"}]}, "services[0].url"),
     ({"_format_version": "3.0", "services": [{"name": "s", "url": "http://x",
                                                "routes": [{"paths": ["chat"]}]}]},
-     "services[0].routes[0].paths: 'chat' must start with / or ~"),
+     "services[0].routes[0].paths: 'chat' should start with: / (fixed path) or ~/"),
     ({"_format_version": "3.0", "plugins": [{"name": "p", "route": "nope"}]},
      "plugins[0].route: no entity named or with id 'nope'"),
     ({"_format_version": "3.0", "plugins": [{"name": "p"}, {"name": "p"}]}, "configured twice"),

@@ -54,6 +54,23 @@ def test_a_near_miss_is_proxied_without_the_admin_key(gw: tuple[GatewayHandle, A
     assert logged.get("x-cache-admin-key") == "REDACTED"
 
 
+def test_the_key_past_the_first_100_headers_is_removed_too(gw: tuple[GatewayHandle, Any],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # kong.request.get_headers() returns the first 100 header lines: the plugin cannot see a key
+    # sent after them, and nginx still forwards it (a breaker's finding on real Kong).
+    import http.client
+
+    monkeypatch.setattr(http.client, "_MAXHEADERS", 1000)  # the echo upstream's own limit (http.server)
+    handle, up = gw
+    before = len(up.requests)
+    headers = {f"X-Fill-{i}": "x" for i in range(120)}
+    headers.update({"Content-Type": "application/json", "X-Cache-Admin-Key": ADMIN_KEY})
+    r = handle.request("POST", "/llm/v1/chat/completions", body=b"{}", headers=headers)
+    assert r.status == 200, (r.status, r.body[:200])
+    (seen,) = up.requests[before:]
+    assert "x-fill-119" in seen["headers"] and "x-cache-admin-key" not in seen["headers"]
+
+
 def test_a_request_without_the_key_is_untouched(gw: tuple[GatewayHandle, Any]) -> None:
     handle, up = gw
     before = len(up.requests)

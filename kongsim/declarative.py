@@ -330,29 +330,16 @@ def _path_match(paths: list[str], path: str) -> str | None:
         return "/"
     for p in paths:
         if p.startswith("~"):
-            text, as_bytes = _path_text(path)
+            text = uri.wire_text(path)
             m = _compiled_path(p).search(text)
             if m:
-                found = m.group(0)
-                return found.encode("utf-8", "surrogateescape").decode("latin-1") if as_bytes \
-                    else found
+                # back to bytes, unless the path was already text (in-process, wire_text kept it)
+                return uri.byte_form(m.group(0)) if text is not path else m.group(0)
         else:
-            prefix = _byte_form(p)
+            prefix = uri.byte_form(p)
             if path.startswith(prefix):
                 return prefix
     return None
-
-
-def _path_text(path: str) -> tuple[str, bool]:
-    try:
-        return path.encode("latin-1").decode("utf-8", "surrogateescape"), True
-    except UnicodeEncodeError:
-        return path, False  # an in-process path of text already
-
-
-def _byte_form(text: str) -> str:
-    """Text (a kong.yml path) as the one-character-per-byte form request paths have."""
-    return text.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
 _PATTERNS: dict[str, re.Pattern[str]] = {}
@@ -836,8 +823,8 @@ def _check_router_path(p: str, where: str) -> None:
         bad = raw[raw.index("%"):raw.index("%") + 3]
         raise DeclarativeError(f"{where}: '{p}': invalid url-encoded value: '{bad}'")
     if not p.startswith("~"):
-        normalized = uri.normalize(_byte_form(p))
-        if normalized != _byte_form(p):
+        normalized = uri.normalize(uri.byte_form(p))
+        if normalized != uri.byte_form(p):
             shown = normalized.encode("latin-1").decode("utf-8", "replace")
             raise DeclarativeError(f"{where}: '{p}': non-normalized path, consider use "
                                    f"'{shown}' instead")

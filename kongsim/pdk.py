@@ -914,7 +914,7 @@ class PDK:
             # kong/pdk/service/request.lua set_path: ngx_var.upstream_uri = escape(path), with
             # kong/tools/uri.lua escape: each byte of the Lua string (the plugin's UTF-8) that
             # is neither reserved nor unreserved becomes %XX; "%" and reserved bytes stay
-            value = uri.escape(value.encode("utf-8", "surrogateescape").decode("latin-1"))
+            value = uri.escape(uri.byte_form(value))
         setattr(up, attr, value.upper() if attr == "method" else value)
 
     def _svc_set_query(self, ctx: RequestContext, args: Any) -> None:

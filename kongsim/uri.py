@@ -90,3 +90,9 @@ def wire_text(path: str) -> str:
         return path.encode("latin-1").decode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         return path  # already text (an in-process request built with non-Latin-1 characters)
+
+
+def byte_form(text: str) -> str:
+    """wire_text's inverse: text (a plugin's string, a kong.yml path) as the one-character-per-
+    byte form request paths have here (its UTF-8 bytes, surrogate-escaped bytes as they were)."""
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")

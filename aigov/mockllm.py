@@ -494,29 +494,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.mock._stopping.wait(min(milliseconds, MAX_LATENCY_MS) / 1000.0)
 
     # ---- dispatch ---------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+    def _any_method(self) -> None:
+        self._dispatch(self.command)
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    # Without these the stdlib answers 501 itself (and dropped the connection: send_response
-    # read attributes _dispatch sets). Any other method on a known path is a 405, elsewhere
-    # a 404, with the same JSON error body.
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
-
-    def do_OPTIONS(self) -> None:
-        self._dispatch("OPTIONS")
+    # Every method goes through _dispatch: without a do_X the stdlib answers 501 itself (and
+    # dropped the connection: send_response read attributes _dispatch sets). Any other method
+    # than a route's on a known path is a 405, elsewhere a 404, with the same JSON error body.
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _any_method
 
     def _dispatch(self, method: str) -> None:
         self._request_id = uuid.uuid4().hex[:12]

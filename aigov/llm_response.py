@@ -14,6 +14,19 @@ from typing import Any
 from aigov import sse
 
 
+_MAX_COUNT_DIGITS = 15  # a token count past this is not a count (and int() of a huge string is slow)
+
+
+def token_count(v: Any) -> int:
+    """A usage figure as a count: a positive finite number, or one written as a decimal string
+    (some OpenAI-compatible servers send "50"); 0 for anything else."""
+    if isinstance(v, str):
+        digits = v.strip()
+        return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= _MAX_COUNT_DIGITS else 0
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return int(v) if ok else 0
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0
@@ -27,15 +40,13 @@ class Usage:
         if not isinstance(d, dict):
             return None
 
-        def num(v: Any) -> int:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-            return int(v) if ok else 0
-
         ptd = d.get("prompt_tokens_details") if isinstance(d.get("prompt_tokens_details"), dict) else {}
         ctd = d.get("completion_tokens_details") if isinstance(d.get("completion_tokens_details"), dict) else {}
-        u = cls(prompt_tokens=num(d.get("prompt_tokens")), completion_tokens=num(d.get("completion_tokens")),
-                total_tokens=num(d.get("total_tokens")), cached_tokens=num(ptd.get("cached_tokens")),
-                reasoning_tokens=num(ctd.get("reasoning_tokens")))
+        u = cls(prompt_tokens=token_count(d.get("prompt_tokens")),
+                completion_tokens=token_count(d.get("completion_tokens")),
+                total_tokens=token_count(d.get("total_tokens")),
+                cached_tokens=token_count(ptd.get("cached_tokens")),
+                reasoning_tokens=token_count(ctd.get("reasoning_tokens")))
         if not (u.prompt_tokens or u.completion_tokens or u.total_tokens):
             return None
         return u

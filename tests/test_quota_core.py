@@ -173,3 +173,19 @@ def test_unpriced_model_names_share_one_per_model_counter() -> None:
     own = {plan_counters(named, "consumer:a", name, None, NOW, priced=False)[0].key
            for name in ("llama-local", "mistral-local")}
     assert len(own) == 2
+
+
+def test_usage_figures_written_as_decimal_strings_are_counted_and_junk_is_not() -> None:
+    """Some OpenAI-compatible servers send "completion_tokens": "50": charging only the prompt
+    would lose the answer's tokens. Anything that is not a plain count still reads as 0."""
+    from aigov.llm_response import parse_upstream_response, token_count
+
+    body = json.dumps({"object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": "10", "completion_tokens": " 50 ", "total_tokens": 60}}).encode()
+    usage = parse_upstream_response(200, {}, body).usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.metered_total) == (10, 50, 60)
+    for junk in ("-5", "5.5", "1e3", "²", "", "9" * 40, True, float("nan"), -3, None, [7]):
+        assert token_count(junk) == 0, junk
+    assert token_count(7.9) == 7 and token_count("0012") == 12

@@ -526,6 +526,13 @@ def test_log_mode_settles_from_ai_proxy_usage_without_buffering(log_mode_gateway
     assert failed.status == 500
     wait_settled(log_mode_gateway, rclient, "logmode")
     assert counter_values(rclient, "logmode") == [120]  # the failed call was released
+    # A 200 answer cut mid-body (Kong's 502 to the client): the provider billed part of it, so
+    # the reservation is kept, as in the default mode, never released.
+    body = chat("an answer cut mid-body", max_tokens=60)
+    cut = post(log_mode_gateway, "ai", body, "logmode", **{"X-Mock-Fail": "cut"})
+    assert cut.status == 502
+    wait_settled(log_mode_gateway, rclient, "logmode")
+    assert counter_values(rclient, "logmode") == [120 + prompt_tokens(body) + 60]
 
 
 def test_capture_phase_missing_from_nginx_main_env_still_settles_ai_proxy_usage(redis_server, mock_llm,

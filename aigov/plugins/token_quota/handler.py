@@ -40,7 +40,6 @@ reservation (the estimate) and the three X-AI-Tokens-*/Cost headers are absent.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
@@ -50,7 +49,7 @@ from typing import Any
 
 from aigov import __version__
 from aigov import metrics
-from aigov.llm_response import LLMResponse, parse_upstream_response
+from aigov.llm_response import LLMResponse, parse_upstream_response, token_count
 from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
 from aigov.prices import Price, nano_to_usd, normalize_model
 from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, ReserveResult,
@@ -171,9 +170,7 @@ def _consumer(state: dict[str, Any]) -> str:
     return str(state.get("consumer") or state.get("tag") or "")
 
 
-def _num(v: Any) -> int:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-    return int(v) if ok else 0
+_num = token_count  # one reading of a usage figure (aigov.llm_response)
 
 
 class TokenQuotaHandler:
@@ -691,9 +688,15 @@ class TokenQuotaHandler:
             prompt, completion = _num(m.get("llm_prompt_tokens_count")), _num(m.get("llm_completion_tokens_count"))
         if prompt or completion or total:
             return charge_from_usage(price, prompt, completion, total)
-        if _upstream_status(logged) == 504:
+        upstream = _upstream_status(logged)
+        if upstream == 504:
             return self._reservation_kept(state, "timeout")  # as in _log: the provider may bill it
         status = int(value(kong.response.get_status()) or 0)
+        if upstream is not None and 200 <= upstream < 300 and (status >= 400 or status == 0):
+            # The provider answered 2xx but the answer broke on its way (a body cut mid-way is
+            # Kong's 502): it generated, and bills, an unknown part, so the reservation is kept,
+            # as in the default mode.
+            return self._reservation_kept(state, "cut")
         if status >= 400 or status == 0:
             return Charge.zero("released")
         # Served, but ai-proxy logged no usage (log_statistics off): keep the estimate, which is

@@ -281,3 +281,42 @@ def test_log_mode_estimates_the_whole_prompt_too(logmode_gw: GatewayHandle) -> N
     replayed = _usage_chunk(hit)
     assert real is not None and replayed is not None
     assert replayed["prompt_tokens"] == real["prompt_tokens"] and "estimated" not in replayed
+
+
+# -- behind llm-semantic-router: the routed target is scope --------------------------------------
+def test_the_routed_target_is_in_the_scope() -> None:
+    body = _chat("what is my balance")
+    assert _scope(body, routed_to="billing").params != _scope(body, routed_to="support").params
+    assert _scope(body, routed_to="billing") == _scope(body, routed_to="billing")
+
+
+def test_two_semantic_routes_with_one_model_never_share_an_answer(mock_llm: Any, other_mock: MockLLM) -> None:
+    """Two router routes may send the same model to different upstreams (another deployment,
+    another system prompt behind it): an answer from one must not be served for the other."""
+    def target(mock: MockLLM) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": mock.port, "path": "/v1/chat/completions", "model": MODEL}
+
+    router = {"name": "llm-semantic-router", "config": {
+        "default_route": "alpha", "force_route_header": "X-Force-Route", "routes": [
+            {"name": "alpha", "utterances": ["what is my account balance", "show my last payment"],
+             "target": target(mock_llm)},
+            {"name": "beta", "utterances": ["how do I reset my password", "my login does not work"],
+             "target": target(other_mock)}]}}
+    cache = {"name": "llm-semantic-cache", "config": {"vectordb": {"strategy": "memory"}}}
+    config = {"_format_version": "3.0",
+              "consumers": [{"username": "dora", "keyauth_credentials": [{"key": KEY}]}],
+              "services": [{"name": "svc", "url": "http://127.0.0.1:9/unrouted", "routes": [
+                  {"name": "r", "paths": ["/r"], "strip_path": True, "plugins": [router, cache]}]}],
+              "plugins": [{"name": "key-auth", "config": {"key_names": ["apikey"]}}]}
+    handle, _ = start_recorded_gateway(config, server="aigov", pythonpath=str(REPO))
+    try:
+        q = _chat(f"what is my account balance {uuid.uuid4().hex[:6]}")
+        first = post(handle, "r", q, **{"X-Force-Route": "alpha"})
+        assert first.header("X-Semantic-Route") == "alpha" and status(first) == "Miss"
+        assert status(post(handle, "r", q, **{"X-Force-Route": "alpha"})) == "Hit"
+        served_by_beta = other_mock.stats.snapshot()["requests"]
+        beta = post(handle, "r", q, **{"X-Force-Route": "beta"})
+        assert beta.header("X-Semantic-Route") == "beta" and status(beta) == "Miss"
+        assert other_mock.stats.snapshot()["requests"] == served_by_beta + 1  # beta's upstream answered
+    finally:
+        handle.close()

@@ -189,6 +189,22 @@ def test_metrics_and_serializer_match_the_traffic(observed: dict[str, Any]) -> N
             assert aigov["quota"]["model"] == routed_model
 
 
+def test_requests_the_router_refuses_are_counted_as_decisions(observed: dict[str, Any]) -> None:
+    """A dashboard on ai_router_decisions_total must see the abnormal traffic too: a chat request
+    the router refuses (400) is counted under route "none" with its reason."""
+    gw, url = observed["gw"], observed["metrics_url"]
+    before = scrape(url)
+    body = json.dumps({"model": "gpt-4o-mini", "Messages": [{"role": "user", "content": "hi"}]})
+    reply = gw.request("POST", "/v1/chat/completions", headers={"apikey": KEYS["ann"], "Content-Type":
+                       "application/json"}, body=body, timeout=90)
+    assert reply.status == 400 and reply.json()["error"]["code"] == "invalid_request"
+    assert gw.wait_logs(15)
+    after = scrape(url)
+    counted = (metric_sum(after, "ai_router_decisions_total", route="none", reason="invalid_request")
+               - metric_sum(before, "ai_router_decisions_total", route="none", reason="invalid_request"))
+    assert counted == 1
+
+
 def test_metrics_listen_binds_loopback_only(observed: dict[str, Any]) -> None:
     port = observed["metrics_port"]
     listening = set()

@@ -128,6 +128,9 @@ def _routes(mocks: tuple[MockLLM, MockLLM], cache_dir: Path) -> dict[str, dict[s
         "vault-newline": router_config(a, b, routes=[{**router_config(a, b)["routes"][0], "target": {
             **router_config(a, b)["routes"][0]["target"], "api_key": "{vault://env/router-test-key}"}}],
             default_route="coding"),
+        # A target naming a Kong upstream that does not exist (a typo): every request is routed there.
+        "missing-upstream": router_config(a, b, routes=[{**router_config(a, b)["routes"][0], "target": {
+            "upstream": "no-such-upstream", "model": "gpt-4o", "api_key": CODING_KEY}}], default_route="coding"),
         # An embeddings endpoint nobody listens on: the embedder is down.
         "embedder-down": router_config(a, b, embeddings={
             "provider": "openai", "model": "text-embedding-3-small",
@@ -311,6 +314,18 @@ def test_embedder_failure_takes_default_route(gateway: GatewayHandle) -> None:
     assert r.header("X-Semantic-Route") == "general"
     assert r.header("X-Semantic-Route-Reason") == "error"
     assert r.header("X-Mock-Model") == "gpt-4.1-mini"
+
+
+def test_a_target_upstream_kong_does_not_know_is_a_clear_500_never_the_services_host(
+        gateway: GatewayHandle, mocks: tuple[MockLLM, MockLLM]) -> None:
+    """kong.service.set_upstream answers nil for an unknown name: sent on, the request would go
+    to the service's own host with this target's key and a route header it did not take."""
+    r = post(gateway, "missing-upstream", chat(HELD_OUT["coding"][0]))
+    assert r.status == 500, r.body
+    error = r.json()["error"]
+    assert error["code"] == "upstream_not_found" and "'no-such-upstream'" in error["message"]
+    assert r.header("X-Semantic-Route") is None
+    assert all(_reached(m, r.header("X-Kong-Request-Id"), wait_s=0.2) is None for m in mocks)
 
 
 def test_forced_route_and_malformed_body(gateway: GatewayHandle) -> None:

@@ -62,7 +62,8 @@ def test_training_is_deterministic_and_fast(embedder: Any) -> None:
         head = rmodel.train_head(vecs, labels, 150)
         elapsed = time.process_time() - t
     assert elapsed < 8, f"head training took {elapsed:.1f}s of CPU"
-    head2 = rmodel.train_head(vecs, labels, 150)
+    with threadpool_limits(1):  # the same BLAS threads: another split sums in another order
+        head2 = rmodel.train_head(vecs, labels, 150)
     assert np.array_equal(head.weights, head2.weights)
     assert (head.proba(vecs[:500]).argmax(1) == labels[:500]).mean() > 0.95
 
@@ -123,6 +124,28 @@ def test_build_failure_is_reported_not_raised() -> None:
     d = router.decide_text(HELD_OUT["coding"][0], wait_s=5)
     assert (d.route_name, d.reason) == ("general", "error")
     assert "build failed" in d.detail
+
+
+def test_a_vector_of_another_dimension_takes_the_default_route_with_reason_error(embedder: Any) -> None:
+    """A remote embedding model redeployed under the same name with another dimension: scoring
+    fails after the model was built, and the request still gets the default route (reason error),
+    never skips routing (which would send it on with the client's model and credential)."""
+    class Redeployed:
+        model_id = embedder.model_id
+        dims = 384
+
+        def embed(self, texts: list[str]) -> Any:
+            vectors = np.asarray(embedder.embed(texts))
+            return vectors if self.dims == 384 else vectors[:, :self.dims]
+
+    core.clear_model_cache()
+    redeployed = Redeployed()
+    router = core.Router(core.settings_from_config(conf()), redeployed)
+    assert router.decide_text(HELD_OUT["coding"][0], wait_s=60).route_name == "coding"
+    redeployed.dims = 256
+    d = router.decide_text(HELD_OUT["coding"][0], wait_s=60)
+    assert (d.route_name, d.reason) == ("general", "error")
+    assert "scoring failed" in d.detail
 
 
 def test_a_dead_embeddings_endpoint_does_not_fail_another_routes_build(mock_llm) -> None:

@@ -40,6 +40,10 @@ REFUSED = [
      "config.routes[1].target.path: must start with /"),
     ("llm-semantic-router", router_conf(host="127.0.0.1:8080"), "config.routes[1].target.host: must be a host"),
     ("llm-semantic-router", router_conf(host="user@api.example.com"), "config.routes[1].target.host: must be a host"),
+    # The name is sent as the X-Semantic-Route header: a line break would split it into another header.
+    ("llm-semantic-router", {"default_route": "a\r\nX-Injected: yes", "routes": [
+        {"name": "a\r\nX-Injected: yes", "utterances": ["hello there"], "target": {"model": "gpt-4o-mini"}}]},
+     "config.routes[1].name: must be non-empty, without control characters"),
 ]
 
 
@@ -59,6 +63,8 @@ def test_refused_at_load_with_a_message_naming_the_field(plugin: str, conf: dict
     ("llm-semantic-router", router_conf(host="[::1]", port=8080, path="/v1/chat/completions")),
     ("llm-semantic-router", router_conf(host="my_llm-host.internal", path="/v1/deployments/a b")),
     ("llm-semantic-router", router_conf(host="api.openai.com", scheme="https")),
+    ("llm-semantic-router", {"default_route": "général", "routes": [
+        {"name": "général", "utterances": ["bonjour"], "target": {"model": "gpt-4o-mini"}}]}),
 ])
 def test_the_valid_neighbours_still_load(plugin: str, conf: dict[str, Any]) -> None:
     metaschema.process_config(SCHEMAS[plugin], conf, plugin)

@@ -152,10 +152,12 @@ def _line_span(text: str) -> int:
 
 def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, route_id: str | None,
               scope_mode: str = "consumer", message_countback: int = 1,
-              path: str | None = None) -> CacheScope:
+              path: str | None = None, routed_to: str | None = None) -> CacheScope:
     """The hard scope of a request. `consumer_id` None means anonymous traffic; `path` is the
     request's path and query as the client sent them (an Azure-style deployment in the path, an
-    api-version in the query can change the answer), hashed into the scope, never stored."""
+    api-version in the query can change the answer), hashed into the scope, never stored.
+    `routed_to` is llm-semantic-router's route for the request: two routes may send the same
+    model to different upstreams (another deployment, another system prompt behind it)."""
     if scope_mode == "global":
         consumer = GLOBAL_CONSUMER
     else:
@@ -164,6 +166,8 @@ def scope_for(request: ChatRequest, *, namespace: str, consumer_id: str | None, 
     params["stream"] = bool(request.stream)
     if path is not None:
         params["path"] = path
+    if routed_to is not None:
+        params["routed_to"] = routed_to
     # Images, audio and files in the semantic messages are not embedded (only text is), so they
     # go into the exact scope: the same question about another picture never shares an answer.
     # So does any part that is not only text (an image part with a "text" key, a text part with a

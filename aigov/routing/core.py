@@ -485,7 +485,10 @@ class Router:
             vec = self.embedder.embed([text])
         except Exception as exc:  # noqa: BLE001 - EmbeddingError or a broken endpoint reply
             return self.default("error", detail=f"embedder failed: {type(exc).__name__}")
-        return self.decide_vectors(m, np.asarray(vec, dtype=np.float32))[0]
+        try:
+            return self.decide_vectors(m, np.asarray(vec, dtype=np.float32))[0]
+        except Exception as exc:  # noqa: BLE001 - e.g. a remote model redeployed with another dimension
+            return self.default("error", detail=f"scoring failed: {type(exc).__name__}: {exc}"[:200])
 
     def forced(self, name: str) -> Decision | None:
         r = self.settings.route(name.strip())

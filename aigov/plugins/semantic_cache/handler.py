@@ -239,13 +239,15 @@ class SemanticCacheHandler:
         route_id = self.route_id or _matched_route(kong)
         # One route may front several deployments (/openai/deployments/<name>/..., ?api-version=).
         path = text(kong.request.get_path_with_query()) or "/"
+        shared = self._shared(kong)
+        routed_to = shared.get("route")
         scope = scope_for(request, namespace=self.settings.namespace, consumer_id=consumer_id,
                           route_id=route_id, scope_mode=self.settings.scope,
-                          message_countback=self.settings.message_countback, path=path)
+                          message_countback=self.settings.message_countback, path=path,
+                          routed_to=routed_to if isinstance(routed_to, str) else None)
         # Each semantic message keys separately: the joined prompt cannot tell where a turn ends.
         key = exact_key(scope, request.last_user_texts(self.settings.message_countback))
         refresh = bool(cache_control) and "no-cache" in cache_control.lower()
-        shared = self._shared(kong)
         try:
             if refresh:
                 vector = self.cache.embed(prompt)

@@ -57,6 +57,19 @@ def _error_body(message: str, type_: str, code: str) -> str:
     return json.dumps({"error": {"message": message, "type": type_, "code": code}})
 
 
+# ai_router_decisions_total's route label for a request answered here without a route.
+NO_ROUTE = "none"
+
+
+class TargetMissing(Exception):
+    """The route's target names a Kong upstream that does not exist (a config error)."""
+
+
+def _count_refusal(reason: str) -> None:
+    """Refusals are decisions too: a dashboard on ai_router_decisions_total must see them."""
+    metrics.ROUTER_DECISIONS.labels(route=NO_ROUTE, reason=reason).inc()
+
+
 class SemanticRouterHandler:
     def __init__(self, config: dict[str, Any]) -> None:
         # Cheap only: no model load, no embedding here (the stock server holds a global lock).
@@ -81,6 +94,7 @@ class SemanticRouterHandler:
         started = time.perf_counter()
         body = raw(kong.request.get_raw_body())  # first PDK call: heavy work only after it
         if self.config_error is not None:
+            _count_refusal("config_error")
             kong.log.err(self.config_error)
             kong.response.exit(500, _error_body(self.config_error, "router_config_error", "config_error"),
                                {"Content-Type": "application/json"})
@@ -90,6 +104,7 @@ class SemanticRouterHandler:
         router = self._get_router()
         if router.mismatch:
             if router.config_error:
+                _count_refusal("config_error")
                 kong.log.err(router.config_error)
                 kong.response.exit(500, _error_body(f"llm-semantic-router config error: {router.config_error}",
                                                     "router_config_error", "model_mismatch"),
@@ -112,6 +127,7 @@ class SemanticRouterHandler:
             if exc.reason == "bad_field":
                 # A chat request read wrongly here but maybe rightly by a lenient provider: sent
                 # on, it would reach the client's own model, unrouted. Refused, as OpenAI would.
+                _count_refusal("invalid_request")
                 kong.log.set_serialize_value("aigov.router", {"route": None, "reason": "invalid_request"})
                 kong.response.exit(400, _error_body(f"llm-semantic-router: {exc}", "invalid_request_error",
                                                     "invalid_request"), {"Content-Type": "application/json"})
@@ -120,6 +136,7 @@ class SemanticRouterHandler:
             if exc.reason == "too_large" and (decision.route is None or decision.route.target.model):
                 # Unread, the body keeps the client's model, which the default target's key would
                 # then pay for: refused, as the quota refuses a body it cannot meter.
+                _count_refusal("too_large")
                 kong.log.set_serialize_value("aigov.router", {"route": None, "reason": "too_large"})
                 kong.response.exit(413, _error_body(f"llm-semantic-router: {exc}", "invalid_request_error",
                                                     "request_too_large"), {"Content-Type": "application/json"})
@@ -145,7 +162,18 @@ class SemanticRouterHandler:
                                            "no_route"),
                                {"Content-Type": "application/json", **self._headers(decision)})
             return
-        model, replaced = self._apply(kong, settings, decision.route, chat)
+        try:
+            model, replaced = self._apply(kong, settings, decision.route, chat)
+        except TargetMissing as exc:
+            # Nothing was changed yet: the request must not go to the service's own host with
+            # this target's key, nor claim a route it did not take.
+            _count_refusal("config_error")
+            message = f"llm-semantic-router config error: {exc}"
+            kong.log.err(message)
+            kong.log.set_serialize_value("aigov.router", {"route": None, "reason": "config_error"})
+            kong.response.exit(500, _error_body(message, "router_config_error", "upstream_not_found"),
+                               {"Content-Type": "application/json"})
+            return
         self._report(kong, decision, model, started, replaced)
 
     def _apply(self, kong: Any, settings: RouterSettings, route: Route,
@@ -162,7 +190,10 @@ class SemanticRouterHandler:
                 new_body = json_text({**chat.body, "model": t.model})
             model = t.model
         if t.upstream:
-            kong.service.set_upstream(t.upstream)
+            # Kong answers nil (and an error it does not raise) for an unknown upstream name.
+            if not value(kong.service.set_upstream(t.upstream)):
+                raise TargetMissing(f"route {route.name!r}: target.upstream {t.upstream!r} is not a Kong "
+                                    "upstream (kong.service.set_upstream found none by that name)")
         elif t.host:
             kong.service.set_target(t.host, int(t.port or 80))
         if t.scheme:

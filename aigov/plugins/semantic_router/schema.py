@@ -53,8 +53,10 @@ TARGET = record("target", "Where a routed request goes and with which model and 
 ], required=True)
 
 ROUTE = {"type": "record", "fields": [
+    # A response header value: a line break in it would split the header (CONTROL_CHAR_PATTERN).
     field("name", "string", "Route name: shown in X-Semantic-Route and used by default_route.",
-          required=True, len_min=1, not_one_of=["reject"]),
+          required=True, len_min=1, not_one_of=["reject"], not_match=CONTROL_CHAR_PATTERN,
+          err=CONTROL_CHAR_ERR),
     array("utterances", "Example prompts of this route (the more, the better the decisions).",
           _STRINGS, required=True, len_min=1),
     array("negative_utterances", "Prompts that look close to this route but must not be sent to it.",

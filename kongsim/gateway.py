@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import ssl
@@ -37,8 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from kongsim import declarative, front, process, redact, timing, uri
-from kongsim.pdk import (DEFAULT_REAL_IP_HEADER, KONG_VERSION, Headers, RealIp, RequestContext,
-                         UpstreamRequest, real_ip_settings)
+from kongsim.pdk import (DEFAULT_CLIENT_BODY_BUFFER_SIZE, DEFAULT_REAL_IP_HEADER, KONG_VERSION, Headers, RealIp,
+                         RequestContext, UpstreamRequest, real_ip_settings)
 from kongsim.process import ManagedServer, PluginInfo, PluginServerEntry
 from kongsim.runloop import WS_ID, Response, Runloop
 from kongsim.timing import RequestTiming
@@ -77,6 +78,23 @@ class Request:
     http_version: str = "1.1"
 
 
+# The body settings kong.conf.example and docker/Dockerfile give Kong (tests/test_docker_config.py
+# checks they agree): the harnesses that stand for Kong configured as the README says (the tests'
+# start_gateway, the demo, `aigov gateway` without --conf) use them. A body up to 8 MiB stays in
+# memory, where get_raw_body() can return it; nginx refuses a bigger one with 413.
+RECOMMENDED_BODY_SIZES: dict[str, int | str] = {"client_body_buffer_size": "8m", "client_max_body_size": "8m"}
+
+
+def nginx_size(value: int | str) -> int:
+    """An nginx size ("8k", "1m", "1048576"; kong.conf's nginx_http_* values) in bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)\s*", str(value))
+    if not m:
+        raise ValueError(f"not an nginx size: {value!r} (a number, optionally with k, m or g)")
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+
+
 class Gateway:
     """A Kong node stand-in over a declarative config and pluginserver entries."""
 
@@ -88,7 +106,9 @@ class Gateway:
                  request_debug_token: str | None = None,
                  on_timing: Callable[[RequestTiming], None] | None = None,
                  trusted_ips: Sequence[str] = (), real_ip_header: str = DEFAULT_REAL_IP_HEADER,
-                 real_ip_recursive: bool = False, client_timeout_s: float = 60.0) -> None:
+                 real_ip_recursive: bool = False, client_timeout_s: float = 60.0,
+                 client_body_buffer_size: int | str = DEFAULT_CLIENT_BODY_BUFFER_SIZE,
+                 client_max_body_size: int | str = 0) -> None:
         self.decl = config if isinstance(config, declarative.DeclarativeConfig) \
             else declarative.load(config)
         self.entries = list(servers)
@@ -121,6 +141,12 @@ class Gateway:
         # kong.conf trusted_ips / real_ip_header / real_ip_recursive (Kong's defaults: no
         # trusted address, X-Real-IP, off); validated here, before anything is spawned
         self.real_ip = RealIp(trusted_ips, real_ip_header, real_ip_recursive)
+        # kong.conf nginx_http_client_body_buffer_size (8k) and nginx_http_client_max_body_size
+        # (0: no limit), Kong's defaults: a body past the buffer is spooled to a file, which
+        # kong.request.get_raw_body() cannot return (kongsim.pdk); one past the maximum is
+        # refused by nginx with 413 before Kong's phases.
+        self.client_body_buffer_size = nginx_size(client_body_buffer_size)
+        self.client_max_body_size = nginx_size(client_max_body_size)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> "Gateway":
@@ -148,6 +174,7 @@ class Gateway:
                                    self.environ)
             self.runloop.on_request_done = self._request_done
             self.runloop.pdk.real_ip = self.real_ip
+            self.runloop.pdk.client_body_buffer_size = self.client_body_buffer_size
         except BaseException:
             self.close()
             raise
@@ -187,6 +214,13 @@ class Gateway:
         assert self.runloop is not None, "Gateway.start() first"
         rl = self.runloop
         t0 = time.time()
+        if self.client_max_body_size and len(req.body) > self.client_max_body_size:
+            # "client intended to send too large body" (ngx_http_core_module): Kong's error
+            # handler answers 413 before any plugin runs.
+            log.error("client intended to send too large body: %d bytes, client: %s", len(req.body),
+                      req.client_ip)
+            status, hdrs, body = front.error_response(413, req.headers)
+            return Response(status, Headers([*hdrs, ("Server", f"kong/{KONG_VERSION}")]), body)
         headers = Headers(req.headers)
         for name in redact.CREDENTIAL_HEADERS:
             for value in headers.get_all(name):
@@ -919,8 +953,12 @@ def run(args: argparse.Namespace) -> int:
             conf_kwargs["request_debug_token"] = str(conf["request_debug_token"]).strip()
         # trusted_ips, real_ip_header, real_ip_recursive (and the nginx_proxy_* forms)
         conf_kwargs.update(real_ip_settings(conf))
+        for key in ("client_body_buffer_size", "client_max_body_size"):
+            if conf.get(f"nginx_http_{key}"):
+                conf_kwargs[key] = str(conf[f"nginx_http_{key}"]).strip()
     elif args.plugin_server:
         entries = _local_entries(args.plugin_server, args.prefix, args.metrics_listen)
+        conf_kwargs.update(RECOMMENDED_BODY_SIZES)  # as LOCAL_MAIN_ENV: kong.conf.example's settings
     config: Any = args.config
     if args.override_host:
         try:

@@ -503,6 +503,9 @@ def _check(ctx: RequestContext, method: str, allowed: set[str]) -> None:
 Handler = Callable[..., Any]
 
 
+DEFAULT_CLIENT_BODY_BUFFER_SIZE = 8 * 1024  # kong_defaults.lua nginx_http_client_body_buffer_size = 8k
+
+
 class PDK:
     """Answers plugin callbacks. `call()` returns the value sent back in the Step.
 
@@ -514,6 +517,9 @@ class PDK:
                  real_ip_header: str = DEFAULT_REAL_IP_HEADER,
                  real_ip_recursive: bool = False) -> None:
         self.config = config
+        # nginx_http_client_body_buffer_size (Kong's default 8k, kong_defaults.lua): a request
+        # body larger than this is spooled to a temporary file (see _get_raw_body).
+        self.client_body_buffer_size = DEFAULT_CLIENT_BODY_BUFFER_SIZE
         # Kong's default trusted_ips is empty (kong_defaults.lua `trusted_ips = NONE`): no
         # client is trusted, so forwarded headers are ignored unless kong.conf says otherwise.
         self.real_ip = RealIp(trusted_ips, real_ip_header, real_ip_recursive)
@@ -704,8 +710,15 @@ class PDK:
             return None
         return values[0] if values else True
 
-    def _get_raw_body(self, ctx: RequestContext, *args: Any) -> bytes:
+    def _get_raw_body(self, ctx: RequestContext, max_allowed_file_size: Any = None, *args: Any) -> bytes:
         _check(ctx, "kong.request.get_raw_body", BEFORE_CONTENT)
+        if len(ctx.body) > self.client_body_buffer_size and not (
+                isinstance(max_allowed_file_size, int) and len(ctx.body) <= max_allowed_file_size):
+            # nginx spooled the body to a file: kong/pdk/request.lua get_raw_body() without a big
+            # enough max_allowed_file_size returns nil, and mp_rpc.lua packs that result as
+            # msgpack bin, which fails on nil (reference §2.4): a Lua error, the request's 500.
+            raise PdkLuaError("kong.request.get_raw_body: the request body did not fit into the client "
+                              "body buffer (nginx_http_client_body_buffer_size) and packing nil as bin failed")
         return bytes(ctx.body)  # must_fix: sent as msgpack bin
 
     def _get_body(self, ctx: RequestContext, mimetype: str | None = None, *args: Any) -> Any:

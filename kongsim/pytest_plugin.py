@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from kongsim.gateway import Gateway, Request, aigov_entries, stock_entries
+from kongsim.gateway import RECOMMENDED_BODY_SIZES, Gateway, Request, aigov_entries, stock_entries
 from kongsim.pdk import RequestContext
 from kongsim.process import PluginServerEntry
 
@@ -154,6 +154,7 @@ def start_gateway(config: str | Path | Mapping[str, Any], server: str | Sequence
             raise ValueError(f"unknown server preset {server!r} (use 'stock', 'aigov' or entries)")
     else:
         entries = list(server)
+    gateway_kwargs = {**RECOMMENDED_BODY_SIZES, **gateway_kwargs}  # Kong as kong.conf.example sets it
     gw = Gateway(config, entries, workers=workers, **gateway_kwargs)
     try:
         gw.start()

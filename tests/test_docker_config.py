@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kongsim.gateway import RECOMMENDED_BODY_SIZES, nginx_size
+
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 KONG_CONF = REPO / "kong.conf.example"
@@ -191,6 +193,38 @@ def test_shared_kong_settings_agree(stages, kong_conf):
         assert env["KONG_PLUGINS"] == common["plugins"] == "bundled," + ",".join(PLUGIN_NAMES)
         assert env["KONG_LOG_LEVEL"] == common["log_level"] == "info"  # plugin output is INFO (§1.4)
         assert env["KONG_NGINX_MAIN_ENV"] == common["nginx_main_env"]
+        assert env["KONG_NGINX_HTTP_CLIENT_BODY_BUFFER_SIZE"] == \
+            common["nginx_http_client_body_buffer_size"]
+        assert env["KONG_NGINX_HTTP_CLIENT_MAX_BODY_SIZE"] == common["nginx_http_client_max_body_size"]
+
+
+
+def test_client_body_buffer_holds_the_bodies_the_plugins_read(stages, kong_conf):
+    """Kong's default nginx_http_client_body_buffer_size is 8k (kong/templates/kong_defaults.lua).
+    A body over it is spooled to a file; kong.request.get_raw_body() without a size argument (as
+    the plugins call it) then returns nil, which Kong's mp_rpc.lua `fix_raw` packs as msgpack bin:
+    `#nil` raises, and the request ends in a 500. The buffer must hold max_body_bytes' default."""
+    from aigov.docs import dump_plugin_infos
+
+    defaults = []
+    for info in dump_plugin_infos(None):  # what the query_cmds print, from a fresh interpreter
+        for item in info["Schema"]["fields"][0]["config"]["fields"]:
+            (name, spec), = item.items()
+            if name == "max_body_bytes":
+                defaults.append(spec["default"])
+    assert defaults, "no plugin declares max_body_bytes any more: revisit this check"
+    common = kong_conf["common"]
+    buffer = nginx_size(common["nginx_http_client_body_buffer_size"])
+    maximum = nginx_size(common["nginx_http_client_max_body_size"])
+    # No body nginx accepts is spooled (0 would mean no maximum), and the plugins' own limits come first.
+    assert 0 < maximum <= buffer and min(buffer, maximum) >= max(defaults) > 8 * 1024
+    for variant in ("aigov", "stock"):
+        env = stage_env(stages, variant)
+        assert nginx_size(env["KONG_NGINX_HTTP_CLIENT_BODY_BUFFER_SIZE"]) == buffer
+        assert nginx_size(env["KONG_NGINX_HTTP_CLIENT_MAX_BODY_SIZE"]) == maximum
+    # The stand-in's harnesses (tests, demo) run Kong configured this way.
+    assert {k: nginx_size(v) for k, v in RECOMMENDED_BODY_SIZES.items()} == \
+        {"client_body_buffer_size": buffer, "client_max_body_size": maximum}
 
 
 def test_aigov_variant_one_server_for_three_sockets(stages):

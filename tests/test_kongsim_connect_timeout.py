@@ -59,7 +59,8 @@ def test_write_timeout_bounds_sending_the_body() -> None:
     decl = {"_format_version": "3.0", "services": [{
         "name": "deaf", "url": f"http://127.0.0.1:{listener.getsockname()[1]}", "write_timeout": 300,
         "read_timeout": 60000, "routes": [{"name": "r", "paths": ["/"]}]}]}
-    gw = start_gateway(decl, server=[])
+    # Kong's default client_max_body_size (0: no limit); kong.conf.example's 8m would answer 413.
+    gw = start_gateway(decl, server=[], client_max_body_size=0)
     try:
         r = gw.request("POST", "/upload", body=b"x" * (16 * 1024 * 1024), timeout=20)
         assert r.status == 504

@@ -193,7 +193,7 @@ class StackRunner:
         from aigov import tokens
         from aigov.devredis import free_port
         from aigov.mockllm import MockLLM
-        from kongsim.gateway import Gateway
+        from kongsim.gateway import RECOMMENDED_BODY_SIZES, Gateway
 
         tokens.ensure_offline_encodings()
         mock = MockLLM("127.0.0.1", 0, models=["gpt-4o", "gpt-4o-mini"],
@@ -231,7 +231,7 @@ class StackRunner:
         self.prefix = tempfile.mkdtemp(prefix="aigov-demo-", dir="/tmp")  # short: socket paths are limited
         metrics_addr = f"127.0.0.1:{free_port()}"
         gw = Gateway(cfg, plugin_server_entries(self.prefix, metrics_addr, extra_env), workers=2,
-                     environ=environ)
+                     environ=environ, **RECOMMENDED_BODY_SIZES)  # Kong as kong.conf.example sets it
         self._closers.append(("gateway", gw.close))
         gw.start()
         url = gw.serve("127.0.0.1", 0)

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _rpc_client import (  # noqa: E402
-    FIXTURE_PLUGINS, PYTHON, REPO, TEST_PLUGIN, server_env, start_aigov, wait_for_socket,
+    FIXTURE_PLUGINS, PYTHON, REPO, TEST_PLUGIN, server_env, start_aigov, wait_for_socket, wait_until,
     short_prefix,  # noqa: F401 - pytest fixture
 )
 
@@ -165,6 +165,26 @@ def test_serve_never_writes_stdout_and_sigterm_unlinks_sockets(short_prefix):
     assert "import-time noise" in server.stderr()
     assert not (short_prefix / "noisy.socket").exists()
     assert not (short_prefix / f"{TEST_PLUGIN}.socket").exists()
+
+
+def test_an_old_server_stopping_after_a_reload_leaves_the_new_servers_socket(short_prefix):
+    """`kong reload`: the new worker starts a new server, which binds a new socket file at the
+    same path; then the old worker stops the old server, which must not remove that new file."""
+    path = short_prefix / f"{TEST_PLUGIN}.socket"
+    old = start_aigov(short_prefix)
+    first = path.stat().st_ino
+    new = start_aigov(short_prefix)
+    try:
+        assert wait_until(lambda: path.exists() and path.stat().st_ino != first, 10), "not re-bound"
+        old.proc.send_signal(signal.SIGTERM)
+        assert old.proc.wait(10) == 0
+        assert path.exists(), "the old server removed the new server's socket"
+        with new.client() as kong:
+            assert kong.call("plugin.GetPluginInfo", TEST_PLUGIN)["Name"] == TEST_PLUGIN
+    finally:
+        old.stop()
+        new.stop()
+    assert not path.exists()  # its own file: removed when the new server stops
 
 
 def test_serve_selected_plugins_and_load_errors(short_prefix):

@@ -1378,6 +1378,7 @@ class SocketListener:
         self._conns_lock = threading.Lock()
         self._conn_ids = itertools.count(1)
         self._closing = threading.Event()
+        self._bound: tuple[int, int] | None = None
 
     def start(self) -> None:
         if self.path.exists() or self.path.is_symlink():
@@ -1387,6 +1388,9 @@ class SocketListener:
         sock.listen(self.backlog)
         sock.setblocking(False)
         self._sock = sock
+        # The file this process bound: stop() removes only that one (see there).
+        st = os.stat(self.path)
+        self._bound = (st.st_dev, st.st_ino)
         self.server.adopt(self)
         log.info("serving %s on %s", self.plugin_name, self.path)
 
@@ -1444,8 +1448,13 @@ class SocketListener:
                 conn.sock.shutdown(socket.SHUT_RDWR)  # its hub sees EOF and closes it
             except OSError:
                 pass
+        # Only the socket file this process bound: on `kong reload` the new worker's server binds
+        # a new file at the same path before the old worker stops this server, and removing that
+        # one would cut Kong off from the new server until the next restart.
         try:
-            self.path.unlink()
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._bound:
+                self.path.unlink()
         except FileNotFoundError:
             pass
 

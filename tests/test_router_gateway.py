@@ -328,6 +328,18 @@ def test_a_target_upstream_kong_does_not_know_is_a_clear_500_never_the_services_
     assert all(_reached(m, r.header("X-Kong-Request-Id"), wait_s=0.2) is None for m in mocks)
 
 
+def test_a_body_without_messages_asking_for_another_model_than_the_default_targets_is_refused(
+        gateway: GatewayHandle, mocks: tuple[MockLLM, MockLLM]) -> None:
+    """Not a chat request, so not rewritten: sent on, an embeddings call would reach the client's
+    model with the default target's key. The default target's own model, or none, passes."""
+    r = post(gateway, "main", {"model": "text-embedding-3-large", "input": ["hello"]})
+    assert r.status == 400 and r.json()["error"]["code"] == "model_not_routed", r.body
+    assert all(_reached(m, r.header("X-Kong-Request-Id"), wait_s=0.2) is None for m in mocks)
+    r = post(gateway, "main", {"model": "gpt-4.1-mini", "input": ["hello"]})
+    assert r.header("X-Semantic-Route") == "general" and r.header("X-Semantic-Route-Reason") == "default"
+    assert r.status != 400 or r.json().get("error", {}).get("code") != "model_not_routed"
+
+
 def test_forced_route_and_malformed_body(gateway: GatewayHandle) -> None:
     r = post(gateway, "main", chat(LASAGNA), **{"X-Force-Route": "billing"})
     assert (r.header("X-Semantic-Route"), r.header("X-Semantic-Route-Reason")) == ("billing", "forced")

@@ -34,7 +34,7 @@ from aigov.schema import control_char_error, has_control_char
 log = logging.getLogger("aigov.routing")
 
 REJECT = "reject"
-REASONS = ("matched", "default", "forced", "error")
+REASONS = ("matched", "default", "forced", "error")  # a decision; refusals are counted apart (handler)
 MAX_CACHED_MODELS = 16
 # Headers that frame or address the request: set by a target, they break every request (a
 # Transfer-Encoding the body does not have, a Content-Length that lies, another Host).

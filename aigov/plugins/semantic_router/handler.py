@@ -133,6 +133,19 @@ class SemanticRouterHandler:
                                                     "invalid_request"), {"Content-Type": "application/json"})
                 return
             decision = router.default("default", detail=exc.reason)
+            fixed = decision.route.target.model if decision.route is not None else None
+            asked = exc.parsed.get("model") if exc.reason == "not_chat" and isinstance(exc.parsed, dict) else None
+            if fixed and isinstance(asked, str) and asked != fixed:
+                # Not a chat request (an embeddings call, say), so not rewritten: sent on, it would
+                # reach the client's model with the default target's key. Refused, as too_large is.
+                _count_refusal("model_not_routed")
+                kong.log.set_serialize_value("aigov.router", {"route": None, "reason": "model_not_routed"})
+                kong.response.exit(400, _error_body(
+                    f"llm-semantic-router: this body has no chat messages, so it goes to the default route, "
+                    f"whose target fixes the model {fixed!r}; it asks for {asked[:64]!r}. Send chat "
+                    "completions here, or ask for that model", "invalid_request_error", "model_not_routed"),
+                    {"Content-Type": "application/json"})
+                return
             if exc.reason == "too_large" and (decision.route is None or decision.route.target.model):
                 # Unread, the body keeps the client's model, which the default target's key would
                 # then pay for: refused, as the quota refuses a body it cannot meter.

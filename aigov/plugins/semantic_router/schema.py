@@ -59,7 +59,8 @@ ROUTE = {"type": "record", "fields": [
           err=CONTROL_CHAR_ERR),
     array("utterances", "Example prompts of this route (the more, the better the decisions).",
           _STRINGS, required=True, len_min=1),
-    array("negative_utterances", "Prompts that look close to this route but must not be sent to it.",
+    array("negative_utterances", "Prompts that look close to this route but must not be sent to it: "
+          "out-of-scope examples, like the top-level negative_utterances (they take the default route).",
           _STRINGS, default=[]),
     TARGET,
 ]}

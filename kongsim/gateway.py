@@ -862,7 +862,8 @@ def aigov_entries(names: Sequence[str], prefix: str | Path, python: str = sys.ex
 # worker still sees (nginx clears the rest). --plugin-server stands for that file's entries, so
 # these pass from the caller's environment as they would under Kong with that kong.conf.
 LOCAL_MAIN_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TIKTOKEN_CACHE_DIR", "AIGOV_CAPTURE_PHASE",
-                  "AIGOV_ROUTER_CACHE_DIR", "AIGOV_EMBEDDINGS_RUNTIME", "AIGOV_MODEL_CACHE")
+                  "AIGOV_ROUTER_CACHE_DIR", "AIGOV_EMBEDDINGS_RUNTIME", "AIGOV_MODEL_CACHE",
+                  "AIGOV_PLUGINS_DIR")
 
 
 def _local_entries(kind: str, prefix: str | None, metrics_listen: str | None = None) -> list[PluginServerEntry]:

@@ -371,7 +371,7 @@ def test_kong_nginx_main_env_variable_overrides_kong_conf() -> None:
 def test_kong_conf_example_passes_every_listed_variable() -> None:
     conf, entries = process.load_kong_conf(REPO / "kong.conf.example", {})
     names = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TIKTOKEN_CACHE_DIR", "AIGOV_CAPTURE_PHASE",
-             "AIGOV_ROUTER_CACHE_DIR", "AIGOV_EMBEDDINGS_RUNTIME", "AIGOV_MODEL_CACHE"]
+             "AIGOV_ROUTER_CACHE_DIR", "AIGOV_EMBEDDINGS_RUNTIME", "AIGOV_MODEL_CACHE", "AIGOV_PLUGINS_DIR"]
     parent = {n: f"v-{n}" for n in names} | {"PATH": "/bin", "TZ": "UTC"}
     for entry in entries:
         assert entry.env_passthrough == tuple(names)

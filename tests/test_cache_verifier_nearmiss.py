@@ -448,3 +448,48 @@ def test_the_testers_near_misses_miss_through_the_cache(cache: Any, stored: str,
 def test_the_testers_paraphrases_hit_through_the_cache(cache: Any, stored: str, asked: str) -> None:
     found = lookup_pair(cache, stored, asked)
     assert found.status == "Hit", (stored, asked, found.similarity, found.rejected)
+
+
+# --- a third user's near misses: clock halves, one end of a move, family words, the part of day --
+# All six were served as hits through the stand-in at the default threshold (0.825 to 0.995).
+THIRD_USER_NEAR_MISSES = [
+    ("set an alarm for 7 am", "set an alarm for 7 pm", "units:"),
+    ("transfer 100 dollars to my savings account", "transfer 100 dollars from my savings account", "direction:"),
+    ("remind me to call mom at 5", "remind me to call dad at 5", "class:"),
+    ("book a table for 2 people tonight", "book a table for 2 people at noon", "class:"),
+    ("send an email to my boss", "read the email from my boss", "direction:"),
+    # the same rules on other words
+    ("wake me at 6:30 a.m.", "wake me at 6:30 p.m.", "units:"),
+    ("copy the backups to the nas", "copy the backups from the nas", "direction:"),
+    ("gift ideas for my grandma", "gift ideas for my grandpa", "class:"),
+    ("what to cook this morning", "what to cook this evening", "antonym:"),
+]
+THIRD_USER_PARAPHRASES = [
+    ("set an alarm for 7 pm", "set an alarm for 7 p.m."),
+    ("I am 7 years old, suggest a game", "I'm 7 years old, suggest a game"),
+    ("call my mom", "call my mother"),
+    ("what should I cook tonight", "what should I cook this evening"),
+    ("how do I get from London to Paris", "how to get from London to Paris"),
+    ("translate from english to french", "translate english to french"),
+    ("in addition to metrics, what tools evaluate models", "apart from metrics, what tools evaluate models"),
+]
+
+
+@pytest.mark.parametrize("a, b, reason", THIRD_USER_NEAR_MISSES)
+def test_the_third_users_near_misses_are_refused(a: str, b: str, reason: str) -> None:
+    reasons = _refused(a, b)
+    assert all(r.startswith(reason) for r in reasons), reasons
+
+
+@pytest.mark.parametrize("a, b", THIRD_USER_PARAPHRASES)
+def test_the_third_users_paraphrases_pass(a: str, b: str) -> None:
+    _kept(a, b)
+
+
+@pytest.mark.parametrize("stored, asked, prefix", THIRD_USER_NEAR_MISSES[:5])
+def test_the_third_users_near_misses_miss_through_the_cache(cache: Any, stored: str, asked: str,
+                                                            prefix: str) -> None:
+    found = lookup_pair(cache, stored, asked)
+    assert found.status == "Miss", (stored, asked, found.similarity)
+    if found.rejected:  # a candidate above the threshold, refused by the verifier
+        assert found.rejected[0].startswith(prefix), found.rejected

@@ -7,8 +7,10 @@ gate". A candidate above the threshold is served only if its user text and the q
 - negation (parity of negation markers) and exclusion ("all files except hidden ones" is not
   "all hidden files": except, excepting, excluding, other than),
 - numbers and quantities (digits and number words; "a"/"one" count as 1),
-- units (km vs miles, USD vs EUR, hours vs minutes, ...),
-- direction ("A to B" vs "B to A", "from A to B"), and arguments swapped round a relation word
+- units (km vs miles, USD vs EUR, hours vs minutes, ...; the half of the day of a clock time:
+  "7 am" is not "7 pm"),
+- direction ("A to B" vs "B to A", "from A to B"; one end turned round: "from my savings" vs
+  "to my savings", "the email from my boss" vs "... to my boss"), and arguments swapped round a relation word
   (to, from, into, than, before/after, over/under, instead of, ...), names of several words
   included: "flights from New York to London" / "... from London to New York", "is a bigger
   than b" / "is b bigger than a". Names are compared as written, not lemmatised ("Paris" is no
@@ -30,7 +32,8 @@ gate". A candidate above the threshold is served only if its user text and the q
   "less"/"least" turn a pole round, so "least expensive" is "cheapest") and of contrast nouns
   (pros/cons, benefits/drawbacks); comparatives and superlatives of other scales ("the cheapest
   way" / "the fastest way"),
-- closed word classes whose members exclude each other (colours, genders, weekdays, diets, food
+- closed word classes whose members exclude each other (colours, genders and family words
+  (mom/dad, aunt/uncle; "mom" is "mother"), the part of the day (noon/tonight), weekdays, diets, food
   groups, units of text length such as line/sentence/paragraph, human languages, administrative
   levels city/county/state/country, audiences child/beginner/expert, past/present/future,
   delayed/cancelled, the resource a cost is measured in: "time complexity"/"space complexity",
@@ -116,6 +119,8 @@ UNITS = {
     "watt": "watt", "w": "watt", "kw": "kw", "kwh": "kwh", "volt": "volt", "v": "volt",
     "amp": "amp", "hz": "hz", "ghz": "ghz", "mhz": "mhz", "calorie": "calorie", "kcal": "calorie",
     "acre": "acre", "hectare": "hectare",
+    # the half of the day of a clock time: "7 am" is not "7 pm" (only right after a number, _units)
+    "am": "am", "a.m": "am", "pm": "pm", "p.m": "pm",
 }
 
 # Pairs of opposite words (both directions are checked). Verb/adjective pairs users actually
@@ -170,6 +175,7 @@ ANTONYM_PAIRS = [
     # sides of a bound or a position ("prime numbers under 100" / "over 100")
     ("under", "over"), ("below", "over"), ("above", "under"), ("beneath", "above"),
     ("underneath", "above"), ("indoor", "outdoor"), ("indoors", "outdoors"), ("into", "out"),
+
     ("onto", "off"), ("upstairs", "downstairs"), ("uphill", "downhill"),
     ("upstream", "downstream"), ("overestimate", "underestimate"), ("overrated", "underrated"),
     ("overpaid", "underpaid"),
@@ -261,7 +267,11 @@ EXCLUSIVE_CLASSES = {
     "colour": """red orange yellow green blue purple violet pink brown black white grey gray
         silver gold golden beige tan maroon navy teal turquoise cyan magenta""".split(),
     "gender": """man men woman women boy boys girl girls male female husband wife father mother
-        son daughter brother sister king queen gentleman lady ladies he she his her him""".split(),
+        son daughter brother sister king queen gentleman lady ladies he she his her him mom mum
+        mommy mummy mama dad daddy papa grandmother grandma granny grandfather grandpa aunt uncle
+        niece nephew girlfriend boyfriend""".split(),
+    # The part of the day: "a table at noon" is not "a table tonight"; "this evening" is "tonight".
+    "time_of_day": "morning afternoon noon midday evening night tonight midnight".split(),
     "weekday": "monday tuesday wednesday thursday friday saturday sunday weekday weekend".split(),
     "month": """january february march april may june july august september october november
         december""".split(),
@@ -808,10 +818,17 @@ _AMBIGUOUS_UNITS = frozenset("""m g l w v mi min sec second day week month year 
     yd foot feet ft inch pound cup degree bit byte ml mb gb kb tb hr ms""".split())
 
 
+_MERIDIEMS = frozenset(("am", "a.m", "pm", "p.m"))
+
+
 def _units(t: _Text) -> frozenset:
     found = set()
     low = t.lower
     for i, w in enumerate(low):
+        if w in _MERIDIEMS:  # "I am 7" is no clock time: only a number right before counts
+            if i > 0 and low[i - 1][0].isdigit():
+                found.add(UNITS[w])
+            continue
         for cand in _unit_candidates(w):
             if cand in UNITS:
                 if cand in _AMBIGUOUS_UNITS or w in _AMBIGUOUS_UNITS:
@@ -1311,7 +1328,11 @@ _CANONICAL = {"kid": "child", "kids": "child", "children": "child", "babies": "b
               "delays": "delay", "delayed": "delay", "postpone": "delay", "postponed": "delay",
               "postponement": "delay", "reschedule": "delay", "rescheduled": "delay",
               "cancels": "cancel", "cancelled": "cancel", "canceled": "cancel",
-              "cancellation": "cancel", "cancellations": "cancel", "diverted": "divert"}
+              "cancellation": "cancel", "cancellations": "cancel", "diverted": "divert",
+              "mom": "mother", "mum": "mother", "mommy": "mother", "mummy": "mother", "mama": "mother",
+              "dad": "father", "daddy": "father", "papa": "father", "grandma": "grandmother",
+              "granny": "grandmother", "grandpa": "grandfather", "midday": "noon", "evening": "night",
+              "tonight": "night"}
 
 
 def _class_words(low: list[str]) -> list[str]:
@@ -1760,8 +1781,49 @@ def _pair_context(a: _Text, b: _Text) -> _Pair:
 
 # The checks that name what clashes, in the order verify runs them, with their reason's prefix
 # (the code-shape checks name themselves whole); those that take the pair's context (_Pair) too.
+# One end of a move named the other way round: "transfer 100 dollars from my savings" is not
+# "... to my savings", "the email from my boss" not "... to my boss". Only the same word after
+# "from" in one text and after "to" in the other counts: "to" is mostly no direction ("how to",
+# "in addition to"), and "from A to B" / "from B to A" is the direction check's.
+_ENDPOINT_SKIP = frozenset("the a an my your our their his her its this that these those".split())
+# Fixed phrases whose "to"/"from" names no end of a move: "in addition to", "apart from", "access to".
+_NOT_AN_END = frozenset("""addition according due thanks prior compared similar related next close
+    owing regard respect access apart aside""".split())
+
+
+def _endpoints(t: _Text) -> dict[tuple[str, str], str]:
+    """{("from"|"to", lemma of the word after it): that word} for each "from", "to" and "into"
+    (determiners skipped)."""
+    low, out = t.lower, {}
+    for i, w in enumerate(low):
+        if w in ("from", "to", "into") and not (i > 0 and low[i - 1] in _NOT_AN_END):
+            j = i + 1
+            while j < len(low) and low[j] in _ENDPOINT_SKIP:
+                j += 1
+            if j < len(low):
+                out.setdefault(("from" if w == "from" else "to", _lemma(low[j])), low[j])
+    return out
+
+
+def _endpoint_clash(a: _Text, b: _Text) -> str | None:
+    if a.directions and b.directions:
+        return None  # both name a move from one place to another: the direction check's
+    ea, eb = _endpoints(a), _endpoints(b)
+    for side, lemma in sorted(ea.keys() - eb.keys()):
+        flip = "to" if side == "from" else "from"
+        other = (flip, lemma)
+        if other not in eb or other in ea:
+            continue
+        # Both ends swapped ("from London to Paris" / "from Paris to London"): the direction
+        # check's, which lets a distance swap.
+        if any((flip, y) in ea and (side, y) in eb for s, y in eb if s == side and y != lemma):
+            continue
+        return f"{side} {ea[(side, lemma)]}/{flip} {eb[other]}"
+    return None
+
+
 _CLASH_CHECKS: tuple[tuple[str, bool, Callable[..., str | None]], ...] = (
-    ("direction:", True, _role_swap), ("direction:", True, _relation_swap),
+    ("direction:", True, _role_swap), ("direction:", True, _relation_swap), ("direction:", False, _endpoint_clash),
     ("antonym:", True, _antonym_clash), ("class:", False, _class_clash),
     ("degree:", False, _degree_clash), ("order:", True, _order_clash), ("time:", False, _time_clash),
     ("tense:", False, _tense_clash), ("ids:", False, _identifier_clash),

@@ -99,9 +99,19 @@ class Price:
 
 def normalize_model(model: str) -> str:
     name = model.strip().lower()
-    if name.startswith("ft:"):  # "ft:gpt-4o-mini-2024-07-18:org::id" is billed... as its base here
-        name = name[3:].split(":", 1)[0]
+    if name.startswith("ft:"):
+        # A fine-tune keeps its "ft:" name: OpenAI bills fine-tuned inference above its base
+        # model's price, so it is priced only by an entry of its own (see _ft_candidates).
+        return name
     return name.rsplit("/", 1)[-1]  # "openai/gpt-4o" as ai-proxy's X-Kong-LLM-Model writes it
+
+
+def _ft_candidates(name: str) -> tuple[str, ...]:
+    """Price-table names for a fine-tune "ft:gpt-4o-mini-2024-07-18:org::id": itself, then its
+    family "ft:gpt-4o-mini-2024-07-18" and "ft:gpt-4o-mini" (an override for every fine-tune of
+    that base)."""
+    base = name[3:].split(":", 1)[0]
+    return (name, f"ft:{base}", f"ft:{_DATE_SUFFIX.sub('', base)}")
 
 
 class PriceTable:
@@ -120,7 +130,8 @@ class PriceTable:
         if not isinstance(model, str) or not model.strip():
             return None
         name = normalize_model(model)
-        for candidate in (name, _DATE_SUFFIX.sub("", name)):
+        candidates = _ft_candidates(name) if name.startswith("ft:") else (name, _DATE_SUFFIX.sub("", name))
+        for candidate in candidates:
             if candidate in self.models:
                 return candidate
             if candidate in self.aliases:

@@ -42,6 +42,20 @@ def test_unknown_models_resolve_to_none(asked: object) -> None:
     assert default_prices().lookup(asked) is None  # type: ignore[arg-type]
 
 
+def test_a_fine_tune_is_not_billed_at_its_base_price_but_by_an_entry_of_its_own() -> None:
+    """OpenAI bills fine-tuned inference above the base model's price: charging a fine-tune as its
+    base overruns USD budgets. It is unpriced (unknown_model decides) until the config prices it,
+    by its own name or for the whole family of a base."""
+    asked = "ft:gpt-4o-mini-2024-07-18:acme::abc123"
+    assert default_prices().lookup(asked) is None
+    family = default_prices().with_overrides([{"model": "ft:gpt-4o-mini", "input": 0.3, "output": 1.2}])
+    assert family.lookup(asked) == Price(input=0.3, output=1.2)
+    assert family.lookup("gpt-4o-mini") == default_prices().lookup("gpt-4o-mini")  # the base keeps its own
+    own = family.with_overrides([{"model": asked, "input": 0.5, "output": 2.0}])
+    assert own.lookup(asked) == Price(input=0.5, output=2.0)  # the exact name beats the family
+    assert own.lookup("ft:gpt-4o-mini-2024-07-18:acme::other") == Price(input=0.3, output=1.2)
+
+
 def test_cost_uses_cached_and_output_rates() -> None:
     gpt4o = default_prices().lookup("gpt-4o")
     # 800 uncached * 2.5 + 200 cached * 1.25 + 500 * 10 = 7250 USD per 1M -> 0.00725 USD

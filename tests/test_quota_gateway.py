@@ -441,6 +441,10 @@ def test_unknown_model_blocks_or_uses_the_default_price(shared_gateway, rclient)
     p, c = int(priced.header("X-AI-Tokens-Prompt")), int(priced.header("X-AI-Tokens-Completion"))
     assert cost > 0  # never $0 silently
     assert cost == pytest.approx((p * 1 + c * 2) / 1e6, abs=1e-6)
+    # A fine-tune of a priced base is not billed at the base's (lower) price: unpriced, so blocked.
+    tuned = {**body, "model": "ft:gpt-4o-mini-2024-07-18:acme::abc123"}
+    blocked = post(shared_gateway, "day", tuned, "unknown")
+    assert blocked.status == 400 and blocked.json()["error"]["code"] == "model_not_priced"
 
 
 def test_redis_down_fail_open_serves_and_fail_closed_answers_503(shared_gateway, redis_server, rclient,

@@ -158,6 +158,15 @@ class ChatRequest:
         return None
 
     @property
+    def completion_bound(self) -> int | None:
+        """The largest completion cap the body names: OpenAI reads max_completion_tokens, another
+        provider may read max_tokens, so a bound that must hold takes the larger (the quota's
+        reservation)."""
+        caps = [v for v in (self.body.get("max_completion_tokens"), self.body.get("max_tokens"))
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+        return max(caps) if caps else None
+
+    @property
     def choices(self) -> int:
         """How many answers the provider generates (`n`), each up to max_tokens long."""
         n = self.body.get("n")

@@ -654,6 +654,11 @@ def test_n_choices_are_reserved_and_charged_n_times(shared_gateway, rclient) -> 
     too_many = post(shared_gateway, "day", chat("count to three", max_tokens=200, n=8), "nchoices-2")
     assert too_many.status == 429 and "larger than the limit" in too_many.json()["error"]["message"]
     assert too_many.header("Retry-After") is None  # waiting cannot make it fit
+    # Both caps named: a provider may honour either, so the larger one is reserved (the 50 of
+    # max_completion_tokens would let a max_tokens of 5000 run past the limit).
+    both = post(shared_gateway, "day", chat("count to three", max_tokens=5000, max_completion_tokens=50),
+                "nchoices-3")
+    assert both.status == 429 and "larger than the limit" in both.json()["error"]["message"]
 
 
 def test_an_upstream_timeout_keeps_the_reservation(redis_server, mock_llm, rclient) -> None:
@@ -794,6 +799,20 @@ def test_other_billable_apis_are_refused_not_passed_unmetered(shared_gateway, rc
     thread = shared_gateway.request("POST", "/day/v1/threads", json={"metadata": {"k": "v"}},
                                     headers={"X-User": "other-api"})
     assert thread.status == 404  # the mock's own answer: the quota passed it on
+
+
+def test_a_caller_without_the_identifier_header_is_counted_by_address_not_in_a_shared_bucket(
+        shared_gateway, rclient) -> None:
+    """Kong's rate-limiting falls back to the client's address when its identifier is missing;
+    so does the quota: a caller who leaves the header out neither shares one budget with every
+    other such caller nor spends theirs."""
+    body = chat("no identity header", max_tokens=5)
+    reply = shared_gateway.request("POST", "/day/v1/chat/completions", json=body, headers={"X-Mock-Usage": "total=30"})
+    assert reply.status == 200
+    wait_logs(shared_gateway)
+    names = [k.decode() for k in rclient.keys("aigov:quota:*:tokens:*")]
+    assert any("{ip:127.0.0.1}" in n for n in names), names
+    assert not [n for n in names if "anonymous" in n]
 
 
 @pytest.mark.parametrize("route,header", [("bykey", "x-api-key"), ("byunderscore", "X-Api-Key"),

@@ -274,7 +274,7 @@ class TokenQuotaHandler:
                                                              request.prompt_extras())
             # n choices are each up to max_tokens long: the bound is the product (the prompt is
             # billed once).
-            completion_est = (request.max_tokens or q.completion_estimate_tokens) * request.choices
+            completion_est = (request.completion_bound or q.completion_estimate_tokens) * request.choices
         estimate = Charge(prompt_est, completion_est, prompt_est + completion_est,
                           price.estimate_nano(prompt_est, completion_est))
         now = time.time()
@@ -657,7 +657,14 @@ class TokenQuotaHandler:
                 secret = source == "header" and is_secret_header(q.identifier_header or "")
                 tag = identity_tag(source, ident.strip(), secret)
                 return tag, tag
-        # Nobody identifiable (no source matched): one shared "anonymous" caller.
+        if "ip" not in q.identifier_sources:
+            # As Kong's rate-limiting does when its identifier is missing (a header not sent, no
+            # consumer): the client's address, not one budget shared by every such caller.
+            ip = text(kong.client.get_forwarded_ip()) or text(kong.client.get_ip())
+            if ip and ip.strip():
+                tag = identity_tag("ip", ip.strip())
+                return tag, tag
+        # Nobody identifiable: one shared "anonymous" caller.
         return "anonymous", "anonymous"
 
     def _price(self, state: dict[str, Any]) -> Price:

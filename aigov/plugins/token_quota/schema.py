@@ -49,7 +49,8 @@ SCHEMA: list[Field] = [
     field("limit_by", "string",
           "consumer: each caller has its own counters; global: every caller shares them.",
           one_of=["consumer", "global"], default="consumer"),
-    array("identifier_sources", "How a caller is identified, first match wins: consumer, credential, header, ip.",
+    array("identifier_sources", "How a caller is identified, first match wins: consumer, credential, header, "
+          "ip (none matching: the client address, as Kong's rate-limiting).",
           {"type": "string", "one_of": list(IDENTIFIER_SOURCES)},
           default=["consumer", "credential", "ip"]),
     field("identifier_header", "string", "Request header naming the caller when 'header' is a source."),

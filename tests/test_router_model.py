@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aigov.embeddings import get_embedder
+from aigov.embeddings import LOCAL_MODEL_ID, get_embedder
 from aigov.routing import core, model as rmodel
 from test_router_gateway import BILLING, CODING, GENERAL, HELD_OUT, LASAGNA, NEGATIVES
 
@@ -303,7 +303,6 @@ def test_calibrate_refuses_without_negatives(files: dict[str, Path], capsys: pyt
 
 def test_calibrate_prints_tradeoff_and_config(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     from aigov.cli import main
-    from aigov.embeddings import LOCAL_MODEL_ID
 
     assert main(["calibrate", "router", "--train", str(files["train"]), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -480,3 +479,15 @@ def test_the_routers_openai_embedder_needs_url_and_model_at_load() -> None:
             metaschema.process_config(SCHEMA, {"default_route": "a", "routes": routes, "embeddings": emb},
                                       "llm-semantic-router")
     metaschema.process_config(SCHEMA, {"default_route": "a", "routes": routes}, "llm-semantic-router")
+
+
+def test_calibrated_for_model_accepts_the_model_name_without_its_hub_organisation(embedder: Any) -> None:
+    """Written by hand as "all-MiniLM-L6-v2" (the short name), it is the same model: no 500 on every
+    request. Another model is still a mismatch."""
+    short = LOCAL_MODEL_ID.rsplit("/", 1)[-1]
+    for named in (LOCAL_MODEL_ID, short, short.upper()):
+        router = core.Router(core.settings_from_config(conf(calibrated_for_model=named,
+                                                            thresholds={"min_confidence": 0.5})), embedder)
+        assert router.mismatch is None and router.configured_threshold == 0.5, named
+    other = core.Router(core.settings_from_config(conf(calibrated_for_model="text-embedding-3-small")), embedder)
+    assert other.mismatch and other.config_error

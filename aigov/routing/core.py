@@ -426,6 +426,13 @@ class Decision:
         return self.route.name if self.route else REJECT
 
 
+def _same_model(named: str, model_id: str) -> bool:
+    """calibrated_for_model names the embedder's model: as its id, or without the hub
+    organisation and in any case ("all-MiniLM-L6-v2" for "sentence-transformers/all-MiniLM-L6-v2")."""
+    a, b = named.strip().lower(), model_id.strip().lower()
+    return a == b or a == b.rsplit("/", 1)[-1]
+
+
 class Router:
     """Decisions for one config: thresholds resolved against the embedding model in use."""
 
@@ -435,7 +442,7 @@ class Router:
         self.model_id: str = embedder.model_id
         self.mismatch: str | None = None
         cal = settings.calibrated_for_model
-        if cal and cal != self.model_id:
+        if cal and not _same_model(cal, self.model_id):
             self.mismatch = (f"thresholds were calibrated for embedding model {cal!r} but the "
                              f"embedder is {self.model_id!r}: recalibrate (aigov calibrate router) "
                              f"and update calibrated_for_model")

@@ -14,6 +14,7 @@ import pytest
 
 from aigov.bench import common, peer, plugin_server, run as bench_run, scale
 from aigov.bench.common import BenchContext, SectionSkipped, Target
+from conftest import shared_data
 
 QUICK_LINES: list[str] = []
 
@@ -88,6 +89,28 @@ def test_cache_scoring_counts_only_own_entry_hits() -> None:
     at_093 = peer.at_threshold(scored["sweep"], 0.93)
     assert (at_093["precision"], at_093["recall"]) == (1.0, pytest.approx(1 / 3, abs=1e-4))
     assert scored["best"]["f1"] == max(r["f1"] for r in scored["sweep"])
+
+
+def test_cache_queries_that_repeat_a_stored_prompt_are_left_out() -> None:
+    pairs = [{"sentence1": "a cat sits", "sentence2": "a cat is sitting", "label": 1},
+             {"sentence1": "a dog runs", "sentence2": "a cat sits", "label": 0},   # repeats pair 0's prompt
+             {"sentence1": "a dog runs", "sentence2": "a dog is running", "label": 1}]
+    entries, queries, left_out = peer.cache_entries_and_queries(pairs)
+    assert entries == ["a cat sits", "a dog runs"]           # each prompt stored once
+    assert [q["sentence2"] for q in queries] == ["a cat is sitting", "a dog is running"]
+    assert left_out == 1
+
+
+def test_stsb_validation_has_exact_repeat_queries_to_leave_out() -> None:
+    # The split the benchmark reads: some sentence2 texts are another pair's sentence1. Looked
+    # up, each returns that stored prompt at similarity 1.0, which scoring by the pair's own
+    # sentence1 would call a wrong answer for both systems.
+    ctx = BenchContext(data_dir=shared_data("stsb", "validation.jsonl").parent.parent)
+    pairs = peer.stsb_pairs(ctx)
+    entries, queries, left_out = peer.cache_entries_and_queries(pairs)
+    stored = set(entries)
+    assert left_out > 0 and len(queries) == len(pairs) - left_out
+    assert not any(q["sentence2"] in stored for q in queries)
 
 
 def test_paired_f1_bootstrap_interval() -> None:

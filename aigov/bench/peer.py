@@ -3,7 +3,8 @@
 Cache: the same STS-B validation entries (sentence1 of every labelled pair) are stored in our
 redis cache store and in RedisVL's SemanticCache, on the same Redis, with the same model (RedisVL
 gets a custom vectorizer wrapping our embedder: its default one downloads from a model hub).
-Each pair's sentence2 is then looked up. A lookup is a correct hit when the pair is labelled
+Each pair's sentence2 is then looked up (but for the few that are themselves a stored prompt:
+exact repeats, see cache_entries_and_queries). A lookup is a correct hit when the pair is labelled
 same-meaning and the entry returned is the pair's own sentence1; any other hit serves a wrong
 answer. Precision/recall are swept over the similarity threshold and each system is reported at
 its own best-F1 threshold (an oracle on this split, the same advantage for both) and at its
@@ -264,19 +265,31 @@ def _verifier_effect(pairs: list[dict[str, Any]], entry_of: dict[str, int], tabl
     return out
 
 
-def compare_cache(ctx: BenchContext, table: VectorTable) -> dict[str, Any]:
-    pairs = stsb_pairs(ctx)
+def cache_entries_and_queries(pairs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]], int]:
+    """(the prompts stored: each distinct sentence1 once, the pairs looked up, how many were left
+    out). A pair whose sentence2 is itself a stored prompt (another pair's sentence1) is left
+    out: that lookup is an exact repeat, which any cache rightly answers with that prompt's own
+    answer, and the pair's label does not describe it (scored, it was a wrong answer at every
+    threshold for both systems)."""
     entries = list(dict.fromkeys(p["sentence1"] for p in pairs))
+    stored = set(entries)
+    queries = [p for p in pairs if p["sentence2"] not in stored]
+    return entries, queries, len(pairs) - len(queries)
+
+
+def compare_cache(ctx: BenchContext, table: VectorTable) -> dict[str, Any]:
+    entries, pairs, repeats = cache_entries_and_queries(stsb_pairs(ctx))
     table.add(entries + [p["sentence2"] for p in pairs])
     embedder = table.embedder
     entry_of = {t: i for i, t in enumerate(entries)}
     # Both systems embed each lookup with the same shared embedder call the plugin uses.
     embed_request = lambda text: embedder.embed([text])[0]  # noqa: E731
-    out: dict[str, Any] = {"pairs": len(pairs), "entries": len(entries),
+    out: dict[str, Any] = {"pairs": len(pairs), "entries": len(entries), "exact_repeats_left_out": repeats,
                            "positives": sum(1 for p in pairs if p["label"] == 1),
                            "method": ("same pairs, same threshold grid "
                                       f"{THRESHOLDS[0]:.2f}..{THRESHOLDS[-1]:.2f} step 0.01, a hit is correct "
-                                      "only for a same-meaning pair answered by its own sentence1; "
+                                      "only for a same-meaning pair answered by its own sentence1 (queries that are "
+                                      "themselves a stored prompt left out); "
                                       "given-vector latency paired and interleaved")}
     rvl: _RedisVLCache | None = None
     ours: Any = None

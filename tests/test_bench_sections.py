@@ -29,6 +29,13 @@ def test_target_verdicts_follow_measured_values() -> None:
     assert Target("b", 0.5, "ms", "<=", 1.0).holds is True
     assert Target("b", None, "ms", "<=", 1.0).holds is None
     assert Target("b", float("nan"), "ms", "<=", 1.0).as_dict()["holds"] is None
+    # A comparison whose 95% interval holds the threshold is a tie, whichever side the point is on.
+    tie = Target("c", 0.98, "x", ">=", 1.0, interval=(0.93, 1.04))
+    assert (tie.holds, tie.verdict, tie.as_dict()["verdict"]) == (None, "tie", "tie")
+    assert "TIE" in tie.line() and "0.93..1.04" in tie.line()
+    assert Target("c", 1.10, "x", ">=", 1.0, interval=(1.02, 1.2)).verdict == "yes"
+    assert Target("c", 0.90, "x", ">=", 1.0, interval=(0.85, 0.97)).verdict == "no"
+    assert Target("c", 0.90, "x", ">=", 1.0).verdict == "no"  # no interval: the point decides
     assert common.ratio(10, 0) is None and common.ratio(10, 4) == 2.5
 
 
@@ -133,6 +140,17 @@ def test_paired_f1_bootstrap_interval() -> None:
     # The other way round the interval lies below zero.
     rev = peer.paired_f1_bootstrap(b, a, labels, seed=7, resamples=500)
     assert rev["ci95_high"] <= 0 and rev["share_at_least_equal"] < 0.05
+
+
+def test_paired_p50_ratio_interval() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.4, 0.6, 400)
+    slower, faster = base * 1.5, base            # every query 1.5x slower on one side
+    low, high = peer.paired_p50_ratio_interval(list(slower), list(faster), seed=1)
+    assert low <= 1.5 <= high and low > 1.3
+    first, second = rng.uniform(0.4, 0.6, 400), rng.uniform(0.4, 0.6, 400)  # one system timed twice
+    low, high = peer.paired_p50_ratio_interval(list(first), list(second), seed=1)
+    assert low < 1.0 < high and high - low < 0.15
 
 
 def test_router_scores() -> None:
@@ -282,7 +300,9 @@ def test_peer_targets_are_the_ratios_of_the_compared_figures(monkeypatch: pytest
     lat = lambda p50: {"p50_ms": p50}  # noqa: E731
     cache = {"ours": {"status": "ok", "best": {"f1": 0.70}, "lookup_latency_given_vector": lat(0.5)},
              "redisvl": {"status": "ok", "best": {"f1": 0.80}, "check_latency_given_vector": lat(0.6)},
-             "f1_bootstrap": {"f1_difference": -0.1, "ci95_low": -0.2, "ci95_high": 0.01}}
+             "f1_bootstrap": {"f1_difference": -0.1, "ci95_low": -0.2, "ci95_high": 0.01,
+                              "ratio_ci95": [0.75, 1.01]},
+             "given_vector_p50_ratio_ci95": [1.1, 1.3]}
     router = {"ours": {"status": "ok", "accuracy": 0.9}, "redisvl": {"status": "ok", "accuracy": 0.75},
               "nearest_neighbour": {"status": "ok", "accuracy": 0.8}}
     monkeypatch.setattr(peer, "VectorTable", lambda embedder: None)
@@ -292,9 +312,12 @@ def test_peer_targets_are_the_ratios_of_the_compared_figures(monkeypatch: pytest
     monkeypatch.setattr(ctx, "embedder", lambda: None)
     by_name = {t.name: t for t in peer.run(ctx)["targets"]}
     f1 = by_name["cache best F1, ours / RedisVL"]
-    assert f1.measured == pytest.approx(0.70 / 0.80) and f1.holds is False
-    assert "[-0.200, +0.010]" in f1.note
-    assert by_name["cache lookup p50 (given vector), RedisVL / ours"].measured == pytest.approx(0.6 / 0.5)
+    assert f1.measured == pytest.approx(0.70 / 0.80) and f1.verdict == "tie"  # its interval holds 1
+    assert "[-0.200, +0.010]" in f1.note and f1.interval == (0.75, 1.01)
+    lookup = by_name["cache lookup p50 (given vector), RedisVL / ours"]
+    assert lookup.measured == pytest.approx(0.6 / 0.5) and lookup.verdict == "yes"
+    table = bench_run.summary_table({"sections": {"4": {"status": "ok", "targets": [f1.as_dict(), lookup.as_dict()]}}})
+    assert "tie (within noise)" in table and "(95% interval 0.75–1.01)" in table and "| yes |" in table
     assert by_name["router accuracy, ours / nearest neighbour"].measured == pytest.approx(0.9 / 0.8)
     assert by_name["router accuracy, ours / RedisVL"].measured == pytest.approx(0.9 / 0.75)
 

@@ -42,21 +42,42 @@ class Target:
     threshold: float
     baseline: float | None = None   # the same-run figure `measured` is compared with, if any
     note: str = ""
+    # A 95% interval of `measured` from a paired bootstrap, for a comparison of two systems whose
+    # difference may be noise: when it holds the threshold, the run cannot tell them apart.
+    interval: tuple[float, float] | None = None
+
+    @property
+    def tie(self) -> bool:
+        """The interval holds the threshold: neither side of it is shown by this run."""
+        if self.interval is None or self.measured is None or not np.isfinite(self.measured):
+            return False
+        low, high = self.interval
+        return bool(low <= self.threshold <= high)
 
     @property
     def holds(self) -> bool | None:
-        if self.measured is None or not np.isfinite(self.measured):
+        """True or False; None when there is no figure, or for a tie (see `verdict`)."""
+        if self.measured is None or not np.isfinite(self.measured) or self.tie:
             return None
         return self.measured >= self.threshold if self.op == ">=" else self.measured <= self.threshold
+
+    @property
+    def verdict(self) -> str:
+        """yes, no, tie (within this run's noise) or n/a."""
+        return "tie" if self.tie else {True: "yes", False: "no", None: "n/a"}[self.holds]
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "measured": _round(self.measured), "unit": self.unit,
                 "op": self.op, "threshold": self.threshold, "baseline": _round(self.baseline),
-                "holds": self.holds, "note": self.note}
+                "holds": self.holds, "verdict": self.verdict,
+                "interval": None if self.interval is None else [_round(v) for v in self.interval],
+                "note": self.note}
 
     def line(self) -> str:
-        verdict = {True: "HOLDS", False: "MISSED", None: "n/a"}[self.holds]
+        verdict = {"yes": "HOLDS", "no": "MISSED", "tie": "TIE (within noise)", "n/a": "n/a"}[self.verdict]
         measured = "n/a" if self.measured is None else f"{self.measured:.3g}"
+        if self.interval is not None:
+            measured += f" [95% {self.interval[0]:.3g}..{self.interval[1]:.3g}]"
         base = "" if self.baseline is None else f" (baseline {self.baseline:.3g})"
         return f"target {self.name}: {measured} {self.unit} {self.op} {self.threshold:g}{base} -> {verdict}"
 

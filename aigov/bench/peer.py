@@ -129,12 +129,26 @@ def paired_f1_bootstrap(a: dict[str, Any], b: dict[str, Any], labels: np.ndarray
         return np.divide(2 * tp, denom, out=np.zeros(len(idx)), where=denom > 0)
 
     idx = rng.integers(0, n, size=(resamples, n))
-    diff = f1(hit_a, a["correct"], idx) - f1(hit_b, b["correct"], idx)
+    f1_a, f1_b = f1(hit_a, a["correct"], idx), f1(hit_b, b["correct"], idx)
+    diff = f1_a - f1_b
     lo, hi = np.percentile(diff, [2.5, 97.5])
+    ratio_lo, ratio_hi = np.percentile(np.divide(f1_a, f1_b, out=np.zeros(len(idx)), where=f1_b > 0), [2.5, 97.5])
     point = a["best"]["f1"] - b["best"]["f1"]
     return {"f1_difference": round(float(point), 4), "ci95_low": round(float(lo), 4),
-            "ci95_high": round(float(hi), 4), "share_at_least_equal": round(float(np.mean(diff >= 0)), 3),
-            "resamples": resamples, "pairs": n}
+            "ci95_high": round(float(hi), 4), "ratio_ci95": [round(float(ratio_lo), 4), round(float(ratio_hi), 4)],
+            "share_at_least_equal": round(float(np.mean(diff >= 0)), 3), "resamples": resamples, "pairs": n}
+
+
+def paired_p50_ratio_interval(slower: list[float], faster: list[float], seed: int,
+                              resamples: int = BOOTSTRAP_RESAMPLES) -> list[float]:
+    """95% interval of p50(slower) / p50(faster) over paired timings (element i of both lists
+    timed on the same query, back to back), resampled together."""
+    a, b = np.asarray(slower, dtype=np.float64), np.asarray(faster, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    ratios = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
 
 
 def _forget_recent_embeddings(embedder: Any) -> None:
@@ -336,6 +350,7 @@ def compare_cache(ctx: BenchContext, table: VectorTable) -> dict[str, Any]:
                 rvl_lat, ours_lat = _paired_vector_latency(pairs, table, rvl, ours)
                 out["redisvl"]["check_latency_given_vector"] = latency_stats(rvl_lat)
                 out["ours"]["lookup_latency_given_vector"] = latency_stats(ours_lat)
+                out["given_vector_p50_ratio_ci95"] = paired_p50_ratio_interval(rvl_lat, ours_lat, ctx.seed)
             attempt("ours", vector_pass)
         if "redisvl" in scored:
             out["redisvl"].update(best=scored["redisvl"]["best"],
@@ -372,7 +387,8 @@ def compare_cache(ctx: BenchContext, table: VectorTable) -> dict[str, Any]:
     boot = out.get("f1_bootstrap")
     if boot:
         ctx.echo(f"  cache F1 ours - RedisVL {boot['f1_difference']:+.3f}, paired bootstrap 95% interval "
-                 f"[{boot['ci95_low']:+.3f}, {boot['ci95_high']:+.3f}] over {boot['pairs']} pairs "
+                 f"[{boot['ci95_low']:+.3f}, {boot['ci95_high']:+.3f}] (ratio {boot['ratio_ci95'][0]:.3f}.."
+                 f"{boot['ratio_ci95'][1]:.3f}) over {boot['pairs']} pairs "
                  f"({boot['resamples']} resamples; ours >= RedisVL in {boot['share_at_least_equal']:.0%})")
     effect = out.get("ours", {}).get("verifier_effect")
     if effect:
@@ -518,15 +534,22 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     targets: list[Target] = []
     ours_c, rvl_c = cache["ours"], cache["redisvl"]
     if ours_c["status"] == "ok" and rvl_c["status"] == "ok":
+        # Two systems this close differ by noise in either direction from run to run: each row
+        # carries the 95% interval of its ratio from a paired bootstrap, and a ratio whose
+        # interval holds 1 is a tie, not a win or a loss.
         boot = cache.get("f1_bootstrap")
+        f1_interval = boot.get("ratio_ci95") if boot else None
         targets.append(Target("cache best F1, ours / RedisVL", ratio(ours_c["best"]["f1"], rvl_c["best"]["f1"]),
                               "x", ">=", 1.0, baseline=rvl_c["best"]["f1"],
+                              interval=tuple(f1_interval) if f1_interval else None,
                               note=(f"difference {boot['f1_difference']:+.3f}, paired bootstrap 95% interval "
                                     f"[{boot['ci95_low']:+.3f}, {boot['ci95_high']:+.3f}]") if boot else ""))
+        lat_interval = cache.get("given_vector_p50_ratio_ci95")
         targets.append(Target("cache lookup p50 (given vector), RedisVL / ours",
                               ratio(rvl_c["check_latency_given_vector"]["p50_ms"],
                                     ours_c["lookup_latency_given_vector"]["p50_ms"]),
                               "x", ">=", 1.0, baseline=rvl_c["check_latency_given_vector"]["p50_ms"],
+                              interval=tuple(lat_interval) if lat_interval else None,
                               note="above 1: our lookup is faster"))
     ours_r, rvl_r, nn_r = router["ours"], router["redisvl"], router["nearest_neighbour"]
     if ours_r["status"] == "ok":

@@ -91,7 +91,9 @@ def summary_table(report: dict[str, Any]) -> str:
             continue
         for t in sec["targets"]:
             measured = "n/a" if t["measured"] is None else f"{t['measured']:g} {t['unit']}"
-            verdict = {True: "yes", False: "**no**", None: "n/a"}[t["holds"]]
+            if t.get("interval"):
+                measured += f" (95% interval {t['interval'][0]:g}–{t['interval'][1]:g})"
+            verdict = {"yes": "yes", "no": "**no**", "tie": "tie (within noise)"}.get(t.get("verdict") or "", "n/a")
             lines.append(f"| {number} | {t['name']} | {measured} | {t['op']} {t['threshold']:g} | {verdict} |")
     return "\n".join(lines)
 

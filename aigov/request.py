@@ -53,7 +53,9 @@ class RequestError(ValueError):
     def __init__(self, reason: str, message: str, parsed: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.reason = reason
-        self.parsed = parsed  # not_chat: the body's JSON object, so a caller need not read it again
+        # not_chat: the body's JSON object, so a caller need not read it again; invalid_json: the
+        # first value when it is an object (a lenient provider reads it and ignores what follows).
+        self.parsed = parsed
 
 
 def content_text(content: Any, sep: str = "\n") -> str:
@@ -254,6 +256,16 @@ def _without_content(message: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if k != "content" or not isinstance(v, (str, list))}
 
 
+def _lenient_first_object(text: str) -> dict[str, Any] | None:
+    """The first JSON value of a body json.loads refused, when it is an object: what Go's
+    encoding/json Decoder (Ollama, LocalAI) reads and serves, ignoring the bytes after it."""
+    try:
+        first, _ = json.JSONDecoder().raw_decode(text.lstrip())
+    except (ValueError, RecursionError):
+        return None
+    return first if isinstance(first, dict) else None
+
+
 def _load_object(raw: bytes | str | None, max_bytes: int) -> tuple[dict[str, Any], int, bool]:
     """The body as a JSON object, its size and whether bytes had to be replaced (decode_body)."""
     if raw is None:
@@ -266,7 +278,8 @@ def _load_object(raw: bytes | str | None, max_bytes: int) -> tuple[dict[str, Any
     try:
         body = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise RequestError("invalid_json", f"request body is not valid JSON: {exc}") from None
+        raise RequestError("invalid_json", f"request body is not valid JSON: {exc}",
+                           parsed=_lenient_first_object(text)) from None
     if not isinstance(body, dict):
         raise RequestError("not_object", "request body must be a JSON object")
     return body, len(raw), lossy

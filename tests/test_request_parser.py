@@ -149,3 +149,16 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
     assert parse_chat_request(json.dumps(body).encode()).max_tokens == 10
     body = {**body, "max_tokens": 5}
     assert parse_chat_request(json.dumps(body).encode()).max_tokens == 10
+
+
+def test_invalid_json_carries_the_first_object_a_lenient_reader_serves() -> None:
+    # Go's json.Decoder reads the first value and ignores what follows: the plugins must see the
+    # model and billable fields such a provider would act on.
+    for raw in (b'{"model":"gpt-4o","input":"hi"} x', b'{"model":"gpt-4o","input":"hi"}\n{"model":"other"}'):
+        with pytest.raises(RequestError) as err:
+            parse_chat_request(raw)
+        assert err.value.reason == "invalid_json" and err.value.parsed == {"model": "gpt-4o", "input": "hi"}
+    for raw in (b'{"model": "gpt-4o"', b'[1, 2] x', b"not json"):  # no readable object first
+        with pytest.raises(RequestError) as err:
+            parse_chat_request(raw)
+        assert err.value.reason == "invalid_json" and err.value.parsed is None

@@ -134,7 +134,9 @@ class SemanticRouterHandler:
                 return
             decision = router.default("default", detail=exc.reason)
             fixed = decision.route.target.model if decision.route is not None else None
-            asked = exc.parsed.get("model") if exc.reason == "not_chat" and isinstance(exc.parsed, dict) else None
+            # The model a provider would read: the object's, or for a body with bytes after its
+            # JSON object, that object's (Go's decoder serves it and ignores the rest).
+            asked = exc.parsed.get("model") if isinstance(exc.parsed, dict) else None
             if fixed and isinstance(asked, str) and asked.strip().lower() != fixed.strip().lower():
                 # Not a chat request (an embeddings call, say), so not rewritten: sent on, it would
                 # reach the client's model with the default target's key. Refused, as too_large is.

@@ -106,6 +106,16 @@ def normalize_model(model: str) -> str:
     return name.rsplit("/", 1)[-1]  # "openai/gpt-4o" as ai-proxy's X-Kong-LLM-Model writes it
 
 
+def fine_tune_bases(name: str) -> tuple[str, ...]:
+    """The base model of a normalised fine-tune name, with and without its date:
+    "ft:gpt-4o-mini-2024-07-18:org::id" -> ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"); () for
+    any other name."""
+    if not name.startswith("ft:"):
+        return ()
+    base = name[3:].split(":", 1)[0]
+    return tuple(dict.fromkeys((base, _DATE_SUFFIX.sub("", base)))) if base else ()
+
+
 def _ft_candidates(name: str) -> tuple[str, ...]:
     """Price-table names for a fine-tune "ft:gpt-4o-mini-2024-07-18:org::id": itself, then its
     family "ft:gpt-4o-mini-2024-07-18" and "ft:gpt-4o-mini" (an override for every fine-tune of

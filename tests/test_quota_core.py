@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from aigov.prices import Price
+from aigov.prices import Price, normalize_model
 from aigov.metrics import OTHER
 from aigov.quota.core import (QuotaConfig, QuotaConfigError, charge_from_usage, consumer_metric_name, identity_tag,
                               plan_counters, rate_limit_headers, rejection_body)
@@ -76,6 +76,21 @@ def test_counters_are_scoped_by_model_route_and_filtered_by_model() -> None:
     full = plan_counters(cfg, "consumer:a", "gpt-4o", "chat", NOW)
     assert [c.header for c in full] == ["Day", "Cost-Month", "Minute"]
     assert full[0].key != mini[0].key and full[1].key == mini[1].key
+
+
+def test_a_limit_on_a_base_model_covers_its_fine_tunes() -> None:
+    # A breaker's finding: once fine-tunes were priced apart, "models: [gpt-4o-mini]" no longer
+    # applied to ft:gpt-4o-mini-..., which then ran unlimited.
+    cfg = QuotaConfig.from_plugin_config({
+        "prices": [{"model": "ft:gpt-4o-mini", "input": 0.3, "output": 1.2}],
+        "limits": [{"window": "day", "tokens": 100, "models": ["gpt-4o-mini"]},
+                   {"window": "minute", "tokens": 50, "models": ["gpt-4o"]}]})
+    asked = "ft:gpt-4o-mini-2024-07-18:acme::abc"
+    for model in (cfg.prices.resolve(asked), normalize_model(asked)):  # priced by its family, or not at all
+        assert [c.header for c in plan_counters(cfg, "consumer:a", model, None, NOW)] == ["Day"], model
+    assert plan_counters(cfg, "consumer:a", "ft:gpt-4o-2024-08-06:acme::x", None, NOW)[0].header == "Minute"
+    assert plan_counters(cfg, "consumer:a", "ft:gpt-3.5-turbo:acme::x", None, NOW) == []
+    assert plan_counters(cfg, "consumer:a", "gpt-4o-mini-ft", None, NOW) == []  # only ft: names are fine-tunes
 
 
 def test_charge_meters_the_provider_total() -> None:

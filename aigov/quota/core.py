@@ -16,8 +16,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence
 
-from aigov.prices import (PriceError, Price, PriceTable, default_prices, nano_to_usd, normalize_model,
-                          usd_to_nano)
+from aigov.prices import (PriceError, Price, PriceTable, default_prices, fine_tune_bases, nano_to_usd,
+                          normalize_model, usd_to_nano)
 from aigov.quota.windows import WINDOWS, window_at
 
 METRICS = ("tokens", "cost")
@@ -43,7 +43,10 @@ class LimitSpec:
     models: tuple[str, ...] = ()  # empty: applies to every model
 
     def applies_to(self, model: str | None) -> bool:
-        return not self.models or (model is not None and model in self.models)
+        # A fine-tune is priced apart from its base model, but a limit on the base model covers
+        # it: "models: [gpt-4o-mini]" must not be stepped round by asking for ft:gpt-4o-mini-...
+        return not self.models or (model is not None and (
+            model in self.models or any(base in self.models for base in fine_tune_bases(model))))
 
 
 @dataclass(frozen=True)

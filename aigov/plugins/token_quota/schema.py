@@ -40,7 +40,8 @@ SCHEMA: list[Field] = [
                   "price table share one counter (their names are the client's), unless listed in models.",
                   default=False),
             field("per_route", "boolean", "Keep a separate counter per Kong route for this limit.", default=False),
-            array("models", "Apply this limit only to these models (empty: every model).",
+            array("models", "Apply this limit only to these models (empty: every model); a base model "
+                            "covers its fine-tunes (gpt-4o-mini: ft:gpt-4o-mini-...).",
                   {"type": "string"}, default=[]),
         ],
         # Kong runs a nested record's entity checks at load: a limit with no budget is refused there.

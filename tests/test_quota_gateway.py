@@ -14,6 +14,7 @@ import redis as redislib
 
 from aigov import sse, tokens
 from aigov.prices import default_prices
+from aigov.quota.core import MAX_REQUEST_AMOUNT
 from kongsim.pytest_plugin import GatewayHandle, start_gateway
 
 REPO = Path(__file__).resolve().parent.parent
@@ -744,6 +745,22 @@ def test_bodies_a_lenient_reader_could_serve_are_refused_not_passed(shared_gatew
                                     headers={"X-User": "lenient"})
     assert legacy.status == 400 and legacy.json()["error"]["code"] == "not_metered"
     assert mock_llm.stats.snapshot()["requests"] == served + 1
+
+
+def test_absurd_usage_from_the_upstream_settles_whole_at_the_per_request_bound(shared_gateway, rclient) -> None:
+    # A breaker's finding: an upstream reporting 999,999,999,999,999 completion tokens made the
+    # cost counter's INCRBY overflow mid-script (10^19 nano-USD on gpt-4o), after the tokens
+    # counter had moved: the reservation stayed, and its later expiry charged $0.
+    r = post(shared_gateway, "cost", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+             "absurd", **{"X-Mock-Usage": "prompt=10,completion=999999999999999"})
+    assert r.status == 200, r.body[:300]
+    wait_settled(shared_gateway, rclient, "absurd")   # settled: no reservation left behind
+    assert counter_values(rclient, "absurd", "tokens") == [MAX_REQUEST_AMOUNT]
+    assert counter_values(rclient, "absurd", "cost") == [MAX_REQUEST_AMOUNT]
+    assert int(r.header("X-AI-Tokens-Completion")) == 999999999999999  # the total (10 more) is clamped
+    # and the next request of that caller is refused: its budget is spent, not forgotten
+    again = post(shared_gateway, "cost", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, "absurd")
+    assert again.status == 429
 
 
 def test_embeddings_calls_are_metered_and_refused_when_exhausted(shared_gateway, rclient, mock_llm) -> None:

@@ -25,6 +25,11 @@ def router_conf(**target: Any) -> dict[str, Any]:
 REFUSED = [
     ("llm-token-quota", {"limits": [{"window": "hour"}]},
      "config.limits[1].@entity: at least one of these fields must be non-empty: 'tokens', 'cost_usd'"),
+    # Bounded so that no counter can overflow Redis's 64-bit integers.
+    ("llm-token-quota", {"limits": [{"window": "day", "tokens": 10**19}]},
+     "config.limits[1].tokens: value should be between 1 and 1000000000000000000"),
+    ("llm-token-quota", {"limits": [{"window": "day", "cost_usd": 1e10}]},
+     "config.limits[1].cost_usd: value should be between 0 and 1000000000"),
     ("llm-semantic-cache", {"store_finish_reasons": ["lenght"]},
      "config.store_finish_reasons[1]: expected one of: stop, length"),
     ("llm-semantic-cache", {"store_finish_reasons": []}, "config.store_finish_reasons: length must be at least 1"),
@@ -58,6 +63,7 @@ def test_refused_at_load_with_a_message_naming_the_field(plugin: str, conf: dict
 @pytest.mark.parametrize("plugin,conf", [
     ("llm-token-quota", {"limits": [{"window": "hour", "tokens": 5}, {"window": "day", "cost_usd": 1}]}),
     ("llm-token-quota", {"limits": []}),  # metering only: priced and logged, never blocked
+    ("llm-token-quota", {"limits": [{"window": "month", "tokens": 10**18, "cost_usd": 10**9}]}),
     ("llm-semantic-cache", {"store_finish_reasons": ["stop", "length"]}),
     ("llm-semantic-cache", {"vectordb": {"strategy": "redis", "redis": {"database": 3}}}),
     ("llm-semantic-router", router_conf(host="[::1]", port=8080, path="/v1/chat/completions")),

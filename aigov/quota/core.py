@@ -23,6 +23,9 @@ from aigov.quota.windows import WINDOWS, window_at
 METRICS = ("tokens", "cost")
 IDENTIFIER_SOURCES = ("consumer", "credential", "header", "ip")
 DEFAULT_KEY_PREFIX = "aigov:quota"
+# The most one request is charged, in tokens or nano-USD ($1M): with the limits' bounds (the
+# schema's), no counter nears 2^63 however absurd the usage an upstream reports.
+MAX_REQUEST_AMOUNT = 10**15
 # Counters outlive their window a little so a settle that lands just after the boundary still
 # finds the counter it reserved on.
 COUNTER_GRACE_S = 120
@@ -257,7 +260,7 @@ def plan_counters(config: QuotaConfig, tag: str, model: str | None, route: str |
 
 @dataclass
 class Charge:
-    """What one request costs: token figures and nano-USD."""
+    """What one request costs: token figures and nano-USD, each at most MAX_REQUEST_AMOUNT."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -266,6 +269,16 @@ class Charge:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     source: str = "estimate"   # estimate | usage | counted | released | cache_hit
+
+    def __post_init__(self) -> None:
+        # An upstream may report absurd usage (a quadrillion tokens at $10/1M is 10^19 nano-USD):
+        # a figure past the bound would overflow Redis's INCRBY mid-script and leave the counters
+        # half settled, so every figure is clamped to it.
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens", "cost_nano", "cached_tokens",
+                     "reasoning_tokens"):
+            value = getattr(self, name)
+            if not 0 <= value <= MAX_REQUEST_AMOUNT:
+                setattr(self, name, min(max(int(value), 0), MAX_REQUEST_AMOUNT))
 
     def amount_for(self, counter: Counter) -> int:
         return self.total_tokens if counter.metric == "tokens" else self.cost_nano

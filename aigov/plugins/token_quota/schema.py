@@ -33,8 +33,12 @@ SCHEMA: list[Field] = [
         "fields": [
             field("window", "string", "Fixed UTC window: minute, hour, day, week (Monday) or month (calendar).",
                   one_of=list(WINDOWS), required=True),
-            field("tokens", "integer", "Token budget per window (provider-metered total tokens).", gt=0),
-            field("cost_usd", "number", "Cost budget per window in USD, priced with the price table.", gt=0),
+            # Bounded so no counter can overflow Redis's 64-bit integers (a request adds at most
+            # MAX_REQUEST_AMOUNT tokens or nano-USD, aigov.quota.core).
+            field("tokens", "integer", "Token budget per window (provider-metered total tokens).", gt=0,
+                  between=[1, 10**18]),
+            field("cost_usd", "number", "Cost budget per window in USD, priced with the price table.", gt=0,
+                  between=[0, 10**9]),
             field("name", "string", "Optional name, used in the 429 message and the header suffix."),
             field("per_model", "boolean", "Keep a separate counter per model for this limit. Models not in the "
                   "price table share one counter (their names are the client's), unless listed in models.",

@@ -491,3 +491,9 @@ def test_calibrated_for_model_accepts_the_model_name_without_its_hub_organisatio
         assert router.mismatch is None and router.configured_threshold == 0.5, named
     other = core.Router(core.settings_from_config(conf(calibrated_for_model="text-embedding-3-small")), embedder)
     assert other.mismatch and other.config_error
+    # Both directions (a remote embedder may serve the model under its short name, while
+    # `aigov calibrate router` writes the full id), and two organisations must agree.
+    assert core._same_model("sentence-transformers/all-MiniLM-L6-v2", "all-minilm-l6-v2")
+    assert core._same_model("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+    assert not core._same_model("someone/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+    assert not core._same_model("all-MiniLM-L12-v2", "sentence-transformers/all-MiniLM-L6-v2")

@@ -427,10 +427,15 @@ class Decision:
 
 
 def _same_model(named: str, model_id: str) -> bool:
-    """calibrated_for_model names the embedder's model: as its id, or without the hub
-    organisation and in any case ("all-MiniLM-L6-v2" for "sentence-transformers/all-MiniLM-L6-v2")."""
+    """calibrated_for_model names the embedder's model, in any case, with or without the hub
+    organisation on either side ("all-MiniLM-L6-v2" for "sentence-transformers/all-MiniLM-L6-v2",
+    and the other way round: a remote embedder may serve the model under its short name). Two
+    organisations must agree: "someone/all-MiniLM-L6-v2" is another model (a fine-tune, say)."""
     a, b = named.strip().lower(), model_id.strip().lower()
-    return a == b or a == b.rsplit("/", 1)[-1]
+    if a == b:
+        return True
+    (org_a, _, name_a), (org_b, _, name_b) = a.rpartition("/"), b.rpartition("/")
+    return name_a == name_b and not (org_a and org_b)
 
 
 class Router:

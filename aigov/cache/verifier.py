@@ -8,9 +8,10 @@ gate". A candidate above the threshold is served only if its user text and the q
   "all hidden files": except, excepting, excluding, other than),
 - numbers and quantities (digits and number words; "a"/"one" count as 1),
 - units (km vs miles, USD vs EUR, hours vs minutes, ...; the half of the day of a clock time:
-  "7 am" is not "7 pm"),
+  "7 am" is not "7 pm", nor "seven am" "seven pm"),
 - direction ("A to B" vs "B to A", "from A to B"; one end turned round: "from my savings" vs
-  "to my savings", "the email from my boss" vs "... to my boss"), and arguments swapped round a relation word
+  "to my savings", "the email from my boss" vs "... to my boss"; a "by" after a participle is its
+  agent: "emails sent by John" are sent from him, "received by Alice" goes to her), and arguments swapped round a relation word
   (to, from, into, than, before/after, over/under, instead of, ...), names of several words
   included: "flights from New York to London" / "... from London to New York", "is a bigger
   than b" / "is b bigger than a". Names are compared as written, not lemmatised ("Paris" is no
@@ -33,7 +34,8 @@ gate". A candidate above the threshold is served only if its user text and the q
   (pros/cons, benefits/drawbacks); comparatives and superlatives of other scales ("the cheapest
   way" / "the fastest way"),
 - closed word classes whose members exclude each other (colours, genders and family words
-  (mom/dad, aunt/uncle; "mom" is "mother"), the part of the day (noon/tonight), weekdays, diets, food
+  (mom/dad, aunt/uncle, grandson/granddaughter, stepmom/stepdad; "mom" is "mother"), the part of
+  the day (noon/tonight, dawn/dusk), meals (lunch/dinner), weekdays, diets, food
   groups, units of text length such as line/sentence/paragraph, human languages, administrative
   levels city/county/state/country, audiences child/beginner/expert, past/present/future,
   delayed/cancelled, the resource a cost is measured in: "time complexity"/"space complexity",
@@ -269,9 +271,13 @@ EXCLUSIVE_CLASSES = {
     "gender": """man men woman women boy boys girl girls male female husband wife father mother
         son daughter brother sister king queen gentleman lady ladies he she his her him mom mum
         mommy mummy mama dad daddy papa grandmother grandma granny grandfather grandpa aunt uncle
-        niece nephew girlfriend boyfriend""".split(),
+        niece nephew girlfriend boyfriend grandson grandsons granddaughter granddaughters stepmother
+        stepmom stepmum stepfather stepdad stepson stepsons stepdaughter stepdaughters stepbrother
+        stepsister""".split(),
     # The part of the day: "a table at noon" is not "a table tonight"; "this evening" is "tonight".
-    "time_of_day": "morning afternoon noon midday evening night tonight midnight".split(),
+    "time_of_day": "morning afternoon noon midday evening night tonight midnight dawn dusk".split(),
+    # "a table for four for lunch" is not "... for dinner".
+    "meal": "breakfast breakfasts brunch lunch lunches luncheon dinner dinners supper suppers".split(),
     "weekday": "monday tuesday wednesday thursday friday saturday sunday weekday weekend".split(),
     "month": """january february march april may june july august september october november
         december""".split(),
@@ -819,6 +825,8 @@ _AMBIGUOUS_UNITS = frozenset("""m g l w v mi min sec second day week month year 
 
 
 _MERIDIEMS = frozenset(("am", "a.m", "pm", "p.m"))
+# Hours written as words before am/pm ("seven am"); not "one" ("which one am I").
+_CLOCK_HOUR_WORDS = frozenset("two three four five six seven eight nine ten eleven twelve".split())
 
 
 def _units(t: _Text) -> frozenset:
@@ -826,7 +834,7 @@ def _units(t: _Text) -> frozenset:
     low = t.lower
     for i, w in enumerate(low):
         if w in _MERIDIEMS:  # "I am 7" is no clock time: only a number right before counts
-            if i > 0 and low[i - 1][0].isdigit():
+            if i > 0 and (low[i - 1][0].isdigit() or low[i - 1] in _CLOCK_HOUR_WORDS):
                 found.add(UNITS[w])
             continue
         for cand in _unit_candidates(w):
@@ -1332,7 +1340,10 @@ _CANONICAL = {"kid": "child", "kids": "child", "children": "child", "babies": "b
               "mom": "mother", "mum": "mother", "mommy": "mother", "mummy": "mother", "mama": "mother",
               "dad": "father", "daddy": "father", "papa": "father", "grandma": "grandmother",
               "granny": "grandmother", "grandpa": "grandfather", "midday": "noon", "evening": "night",
-              "tonight": "night"}
+              "tonight": "night", "stepmom": "stepmother", "stepmum": "stepmother", "stepdad": "stepfather",
+              "grandsons": "grandson", "granddaughters": "granddaughter", "stepsons": "stepson",
+              "stepdaughters": "stepdaughter", "breakfasts": "breakfast", "lunches": "lunch",
+              "luncheon": "lunch", "dinners": "dinner", "suppers": "supper"}
 
 
 def _class_words(low: list[str]) -> list[str]:
@@ -1791,17 +1802,39 @@ _NOT_AN_END = frozenset("""addition according due thanks prior compared similar 
     owing regard respect access apart aside""".split())
 
 
+# Past participles whose "by" names the agent: the end a thing comes from ("emails sent by John"
+# are "sent from John", not "sent to John"); "-ed" participles are found by their ending. After a
+# verb of receiving the agent is the end it goes to: "received by Alice" is not "received from
+# Alice".
+_AGENT_PARTICIPLES = frozenset("""sent written made paid given told sold bought built held kept left
+    lent lost meant met read said seen shown taken brought caught taught thought spent won done
+    drawn driven eaten forgiven forgotten gotten hidden known ridden spoken stolen sung sworn
+    thrown worn""".split())
+_RECEIVING_PARTICIPLES = frozenset("""received got gotten accepted obtained collected acquired bought
+    purchased adopted inherited borrowed earned won taken caught downloaded""".split())
+
+
+def _agent_side(low: list[str], i: int) -> str | None:
+    """The end the "by" at i names: "from" (the agent sends or makes), "to" (it receives), or
+    None when the word before it is no participle ("sort by date", "by car", "by Friday")."""
+    prev = low[i - 1] if i > 0 else ""
+    if prev in _RECEIVING_PARTICIPLES:
+        return "to"
+    return "from" if prev in _AGENT_PARTICIPLES or (len(prev) > 3 and prev.endswith("ed")) else None
+
+
 def _endpoints(t: _Text) -> dict[tuple[str, str], str]:
-    """{("from"|"to", lemma of the word after it): that word} for each "from", "to" and "into"
-    (determiners skipped)."""
+    """{("from"|"to", lemma of the word after it): that word} for each "from", "to" and "into",
+    and a "by" after a participle (its agent, _agent_side), determiners skipped."""
     low, out = t.lower, {}
     for i, w in enumerate(low):
-        if w in ("from", "to", "into") and not (i > 0 and low[i - 1] in _NOT_AN_END):
+        side = "from" if w == "from" else "to" if w in ("to", "into") else _agent_side(low, i) if w == "by" else None
+        if side is not None and not (i > 0 and low[i - 1] in _NOT_AN_END):
             j = i + 1
             while j < len(low) and low[j] in _ENDPOINT_SKIP:
                 j += 1
             if j < len(low):
-                out.setdefault(("from" if w == "from" else "to", _lemma(low[j])), low[j])
+                out.setdefault((side, _lemma(low[j])), low[j])
     return out
 
 

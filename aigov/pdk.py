@@ -32,6 +32,21 @@ def text(result: Any) -> str | None:
     return str(v)
 
 
+# What a plugin reads of a request body nginx spooled to a file (one larger than Kong's
+# client_body_buffer_size, 8k by default): kong.request.get_raw_body(max_allowed_file_size), Kong
+# 3.8+, reads it back up to this size; without the argument Kong returns nil, which its mp_rpc.lua
+# cannot pack (a 500). Bounded, so a huge body is not read into Kong's worker and sent here: the
+# size kong.conf.example lets nginx accept (nginx_http_client_max_body_size 8m).
+READ_BODY_MAX_BYTES = 8 * 1024 * 1024
+
+
+def request_body(kong: Any, at_least: int = 0) -> bytes:
+    """The request body (kong.request.get_raw_body), also when nginx spooled it to a file, up to
+    READ_BODY_MAX_BYTES or just past `at_least` (the caller's own limit, so it can refuse a
+    bigger body itself), whichever is larger."""
+    return raw(kong.request.get_raw_body(max(READ_BODY_MAX_BYTES, at_least + 1)))
+
+
 def raw(result: Any) -> bytes:
     """A PDK raw-body result as bytes ("" and None become b"")."""
     v = value(result)

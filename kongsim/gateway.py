@@ -81,7 +81,7 @@ class Request:
 # The body settings kong.conf.example and docker/Dockerfile give Kong (tests/test_docker_config.py
 # checks they agree): the harnesses that stand for Kong configured as the README says (the tests'
 # start_gateway, the demo, `aigov gateway` without --conf) use them. A body up to 8 MiB stays in
-# memory, where get_raw_body() can return it; nginx refuses a bigger one with 413.
+# memory; nginx refuses a bigger one with 413.
 RECOMMENDED_BODY_SIZES: dict[str, int | str] = {"client_body_buffer_size": "8m", "client_max_body_size": "8m"}
 
 
@@ -143,8 +143,8 @@ class Gateway:
         self.real_ip = RealIp(trusted_ips, real_ip_header, real_ip_recursive)
         # kong.conf nginx_http_client_body_buffer_size (8k) and nginx_http_client_max_body_size
         # (0: no limit), Kong's defaults: a body past the buffer is spooled to a file, which
-        # kong.request.get_raw_body() cannot return (kongsim.pdk); one past the maximum is
-        # refused by nginx with 413 before Kong's phases.
+        # kong.request.get_raw_body returns only with a big enough max_allowed_file_size
+        # (kongsim.pdk); one past the maximum is refused by nginx with 413 before Kong's phases.
         self.client_body_buffer_size = nginx_size(client_body_buffer_size)
         self.client_max_body_size = nginx_size(client_max_body_size)
 

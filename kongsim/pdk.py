@@ -712,13 +712,17 @@ class PDK:
 
     def _get_raw_body(self, ctx: RequestContext, max_allowed_file_size: Any = None, *args: Any) -> bytes:
         _check(ctx, "kong.request.get_raw_body", BEFORE_CONTENT)
-        if len(ctx.body) > self.client_body_buffer_size and not (
-                isinstance(max_allowed_file_size, int) and len(ctx.body) <= max_allowed_file_size):
-            # nginx spooled the body to a file: kong/pdk/request.lua get_raw_body() without a big
-            # enough max_allowed_file_size returns nil, and mp_rpc.lua packs that result as
-            # msgpack bin, which fails on nil (reference §2.4): a Lua error, the request's 500.
-            raise PdkLuaError("kong.request.get_raw_body: the request body did not fit into the client "
-                              "body buffer (nginx_http_client_body_buffer_size) and packing nil as bin failed")
+        if len(ctx.body) > self.client_body_buffer_size:
+            # nginx spooled the body to a file. kong/pdk/request.lua (3.8+) get_raw_body reads it
+            # back when max_allowed_file_size is a number >= 0 and the file is not bigger (0: any
+            # size); otherwise it returns nil, which mp_rpc.lua packs as msgpack bin and fails on
+            # (reference §2.4): a Lua error, the request's 500.
+            limit = max_allowed_file_size
+            readable = (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit >= 0
+                        and (limit == 0 or len(ctx.body) <= limit))
+            if not readable:
+                raise PdkLuaError("kong.request.get_raw_body: the request body did not fit into the client "
+                                  "body buffer (nginx_http_client_body_buffer_size) and packing nil as bin failed")
         return bytes(ctx.body)  # must_fix: sent as msgpack bin
 
     def _get_body(self, ctx: RequestContext, mimetype: str | None = None, *args: Any) -> Any:

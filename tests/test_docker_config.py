@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from aigov.pdk import READ_BODY_MAX_BYTES
 from kongsim.gateway import RECOMMENDED_BODY_SIZES, nginx_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,9 +202,10 @@ def test_shared_kong_settings_agree(stages, kong_conf):
 
 def test_client_body_buffer_holds_the_bodies_the_plugins_read(stages, kong_conf):
     """Kong's default nginx_http_client_body_buffer_size is 8k (kong/templates/kong_defaults.lua).
-    A body over it is spooled to a file; kong.request.get_raw_body() without a size argument (as
-    the plugins call it) then returns nil, which Kong's mp_rpc.lua `fix_raw` packs as msgpack bin:
-    `#nil` raises, and the request ends in a 500. The buffer must hold max_body_bytes' default."""
+    A body over it is spooled to a file, which the plugins read back up to 8 MiB (Kong 3.8+'s
+    max_allowed_file_size, aigov.pdk.request_body), from disk; past that get_raw_body returns nil,
+    which Kong's mp_rpc.lua `fix_raw` fails to pack: a 500. So the buffer holds max_body_bytes'
+    default and nginx refuses what the plugins would not read."""
     from aigov.docs import dump_plugin_infos
 
     defaults = []
@@ -218,6 +220,7 @@ def test_client_body_buffer_holds_the_bodies_the_plugins_read(stages, kong_conf)
     maximum = nginx_size(common["nginx_http_client_max_body_size"])
     # No body nginx accepts is spooled (0 would mean no maximum), and the plugins' own limits come first.
     assert 0 < maximum <= buffer and min(buffer, maximum) >= max(defaults) > 8 * 1024
+    assert maximum <= READ_BODY_MAX_BYTES  # whatever nginx accepts, the plugins read
     for variant in ("aigov", "stock"):
         env = stage_env(stages, variant)
         assert nginx_size(env["KONG_NGINX_HTTP_CLIENT_BODY_BUFFER_SIZE"]) == buffer

@@ -37,7 +37,7 @@ class Plugin:
         self.label = str((config or {}).get("label") or "floor")
 
     def access(self, kong):
-        kong.request.get_raw_body()
+        kong.request.get_raw_body(8 * 1024 * 1024)  # aigov.pdk.request_body's bound
         kong.client.get_consumer()
         kong.ctx.shared.set(STATE_KEY, dict(_STATE))
         kong.response.set_headers(_ACCESS_HEADERS)

@@ -36,7 +36,7 @@ from aigov.cache.key import exact_key, scope_for
 from aigov.cache.policies import CacheEntry, StoreUnavailable
 from aigov.embeddings import EmbeddingError
 from aigov.llm_response import parse_upstream_response
-from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
+from aigov.pdk import OUTAGE_LOG, guarded, raw, request_body, text, value
 from aigov.prices import default_prices, nano_to_usd
 from aigov.request import RequestError, json_text, parse_chat_request
 
@@ -210,7 +210,7 @@ class SemanticCacheHandler:
         headers = value(kong.request.get_headers()) or {}   # first PDK call: nothing heavy before it
         if self.settings.admin_path and self._admin(kong, headers):
             return
-        body = raw(kong.request.get_raw_body())
+        body = request_body(kong, self.settings.max_body_bytes)
         try:
             request = parse_chat_request(body, self.settings.max_body_bytes)
         except RequestError as exc:

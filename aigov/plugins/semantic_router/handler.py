@@ -36,7 +36,7 @@ from typing import Any
 from aigov import __version__
 from aigov import metrics
 from aigov.embeddings import embedder_from_config
-from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
+from aigov.pdk import OUTAGE_LOG, guarded, request_body, text, value
 from aigov.request import UNREADABLE_CHAT, RequestError, could_be_chat, json_text, parse_chat_request
 from aigov.routing.core import (Decision, Route, Router, RouterConfigError, RouterSettings, prompt_text,
                                 settings_from_config)
@@ -92,7 +92,7 @@ class SemanticRouterHandler:
     @guarded
     def access(self, kong: Any) -> None:
         started = time.perf_counter()
-        body = raw(kong.request.get_raw_body())  # first PDK call: heavy work only after it
+        body = request_body(kong, self.settings.max_body_bytes if self.settings else 0)  # first PDK call
         if self.config_error is not None:
             _count_refusal("config_error")
             kong.log.err(self.config_error)

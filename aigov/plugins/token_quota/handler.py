@@ -50,7 +50,7 @@ from typing import Any
 from aigov import __version__
 from aigov import metrics
 from aigov.llm_response import LLMResponse, parse_upstream_response, token_count
-from aigov.pdk import OUTAGE_LOG, guarded, raw, text, value
+from aigov.pdk import OUTAGE_LOG, guarded, raw, request_body, text, value
 from aigov.prices import Price, nano_to_usd, normalize_model
 from aigov.quota.core import (Charge, Counter, QuotaConfig, QuotaConfigError, QuotaStore, ReserveResult,
                               charge_from_usage, consumer_metric_name, identity_tag, openai_error, plan_counters,
@@ -221,7 +221,7 @@ class TokenQuotaHandler:
                                                  "quota_config_error"), {"Content-Type": "application/json"})
             return
         q = self.quota
-        body = raw(kong.request.get_raw_body())
+        body = request_body(kong)  # its own limit (DEFAULT_MAX_BODY_BYTES) is below the read bound
         request: ChatRequest | EmbeddingsRequest | None
         try:
             request = parse_chat_request(body)

@@ -42,7 +42,8 @@ USER_NEAR_MISSES = [
     ("how to care for an indoor plant", "how to care for an outdoor plant", "antonym:"),
     ("how to get into harvard", "how to get out of harvard", "antonym:"),
     ("explain the theory of evolution to a child", "explain the theory of evolution to an expert", "class:"),
-    ("what is the past tense of run", "what is the future tense of run", "class:"),
+    # WordNet's opposite adjectives (past/future) refuse it before the tense class does
+    ("what is the past tense of run", "what is the future tense of run", "antonym:"),
 ]
 
 
@@ -189,7 +190,6 @@ def test_the_same_side_said_otherwise_still_matches(a: str, b: str) -> None:
     ("a beginner's guide to chess", "an advanced guide to chess", "audience"),
     ("explain it like i'm a layman", "explain it like i'm a professional", "audience"),
     ("explain black holes to a kid", "explain black holes to a specialist", "audience"),
-    ("what is the past participle of go", "what is the present participle of go", "tense"),
     ("my train was cancelled", "my train was delayed", "disruption"),
     ("the meeting is postponed what now", "the meeting is cancelled what now", "disruption"),
 ])
@@ -532,5 +532,58 @@ def test_the_breakers_rules_keep_paraphrases(a: str, b: str) -> None:
                                            ("book a table for four people for lunch",
                                             "book a table for four people for dinner")])
 def test_the_breakers_gateway_hits_now_miss_through_the_cache(cache: Any, stored: str, asked: str) -> None:
+    found = lookup_pair(cache, stored, asked)
+    assert found.status == "Miss" and found.rejected, (stored, asked, found.similarity)
+
+
+# === a new user's round: general opposites (WordNet), sides taken, audiences, labels ===
+
+# All were served as hits at the default threshold (cosine 0.85 to 0.97), each a wrong answer.
+NEW_USER_NEAR_MISSES = [
+    ("write an essay supporting the death penalty", "write an essay opposing the death penalty", "antonym:"),
+    ("argue for nuclear power", "argue against nuclear power", "antonym:"),
+    ("write a polite email declining a meeting", "write a rude email declining a meeting", "antonym:"),
+    ("explain quantum computing to a beginner", "explain quantum computing to a physicist", "class:audience"),
+    ("tell me a fun fact about space", "tell me a boring fact about space", "antonym:"),
+    ("give me a vegetarian lasagna recipe", "give me a meat lasagna recipe", "antonym:"),
+    ("write a formal letter to my landlord", "write a casual letter to my landlord", "antonym:"),
+    ("write an optimistic forecast for the economy", "write a pessimistic forecast for the economy", "antonym:"),
+    ("describe a beautiful sunset", "describe an ugly sunset", "antonym:"),
+    ("list words that are similar to happy", "list words that are opposite to happy", "antonym:"),
+    ("translate this to british english: color", "translate this to american english: colour", "class:"),
+    ("what is a type a personality", "what is a type b personality", "letters:"),
+    ("how do I get to platform a", "how do I get to platform c", "letters:"),
+    ("lru entry d about zebras", "lru entry a about zebras", "letters:"),
+    ("what is the past participle of go", "what is the present participle of go", "antonym:"),
+    # other WordNet opposites than the user's, in other sentences
+    ("is it safe to swim here at night", "is it dangerous to swim here at night", "antonym:"),
+    ("write a humble bio for my website", "write an arrogant bio for my website", "antonym:"),
+    ("solve for x in this equation", "solve for y in this equation", "letters:"),
+]
+
+
+@pytest.mark.parametrize("a, b, prefix", NEW_USER_NEAR_MISSES)
+def test_the_new_users_near_misses_are_refused(a: str, b: str, prefix: str) -> None:
+    assert all(r.startswith(prefix) for r in _refused(a, b))
+
+
+@pytest.mark.parametrize("a, b", [
+    ("write a polite email declining a meeting", "write a courteous email declining a meeting"),  # one pole
+    ("describe a beautiful sunset", "describe a lovely sunset"),
+    ("tell me an interesting fact about space", "tell me a fun fact about space"),
+    ("explain it to a programmer", "explain it to a developer"),
+    ("explain it to developers", "explain it to a developer"),
+    ("what is a type a personality", "what's a type a personality"),
+    ("how do I write a for loop in python", "how to write a for loop in python"),
+    ("the easiest way to learn python", "the simplest way to learn python"),  # no degree of WordNet's
+])
+def test_the_new_users_rules_keep_paraphrases(a: str, b: str) -> None:
+    _kept(a, b)
+
+
+@pytest.mark.parametrize("stored, asked", [("argue for nuclear power", "argue against nuclear power"),
+                                           ("describe a beautiful sunset", "describe an ugly sunset"),
+                                           ("what is a type a personality", "what is a type b personality")])
+def test_the_new_users_hits_now_miss_through_the_cache(cache: Any, stored: str, asked: str) -> None:
     found = lookup_pair(cache, stored, asked)
     assert found.status == "Miss" and found.rejected, (stored, asked, found.similarity)

@@ -28,6 +28,10 @@ gate". A candidate above the threshold is served only if its user text and the q
   inflection (a doubled consonant: "stopping"/"stopped" are "stop"; irregular verbs: "won" is
   "win", "rose" "rise"); a compound of a pair written as two words ("sun rise" / "sun set"); a
   possessive counts as its word ("men's" is "men", so it is a gender too),
+- opposite adjectives of WordNet 3.0's clusters (polite/rude, formal/informal, beautiful/ugly,
+  optimistic/pessimistic, safe/dangerous, ...: aigov/data/opposites.json, built by
+  scripts/build_opposites.py), sides taken (for/against, support/oppose), single letters used as
+  labels ("type A" / "type B", "solve for x" / "... for y"),
 - opposite poles of a scale (size, price, speed, quality, mood, ...: "largest"/"smallest",
   "cheapest"/"most expensive", "faster"/"slower"; comparatives and superlatives by rule, and
   "less"/"least" turn a pole round, so "least expensive" is "cheapest") and of contrast nouns
@@ -68,10 +72,12 @@ in `aigov eval cache` output and the README.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, wraps
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 _TOKEN_RE = re.compile(r"[$€£¥%°]|\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z0-9]*(?:['’][A-Za-z]+)?(?:[-_.][A-Za-z0-9]+)*")
@@ -212,6 +218,12 @@ ANTONYM_PAIRS = [
     # other verbs that undo each other
     ("grow", "shrink"), ("spend", "earn"),
     ("sleep", "wake"), ("open", "shut"),
+    # sides taken in a text ("argue for nuclear power" / "... against"), and tones WordNet files
+    # under other opposites (fun is no adjective there, "casual" not its "informal")
+    ("for", "against"), ("support", "oppose"), ("pro", "against"), ("fun", "boring"),
+    ("formal", "casual"), ("similar", "opposite"), ("same", "opposite"),
+    # what a dish is made of ("a vegetarian lasagna" / "a meat lasagna")
+    ("vegetarian", "meat"), ("vegan", "meat"), ("vegetarian", "meaty"),
 ]
 
 # Scales of gradable adjectives: scale -> (words at its high pole, words at its low pole). Words
@@ -314,7 +326,12 @@ EXCLUSIVE_CLASSES = {
     "audience": """beginner beginners novice novices newbie newbies layman laymen layperson
         laypeople amateur amateurs intermediate advanced expert experts professional professionals
         specialist specialists child children kid kids toddler toddlers teen teens teenager
-        teenagers adult adults""".split(),
+        teenagers adult adults physicist physicists scientist scientists engineer engineers
+        developer developers programmer programmers doctor doctors lawyer lawyers student students
+        teacher teachers""".split(),
+    # Which variety of a language: "British English" spells "colour", "American English" "color".
+    "language_variety": """british american canadian australian irish scottish brazilian european
+        mexican castilian""".split(),
     # Grammatical and historical time: "the past tense of run" is not "the future tense".
     "tense": "past present future".split(),
     # What happened to a trip or an appointment: a delayed flight is not a cancelled one.
@@ -493,6 +510,30 @@ for _table, _into in ((SCALES, _GRADABLE_POLES), (CONTRAST_NOUNS, _NOUN_POLES)):
             for _w in _words.split():
                 _into[_w] = _into.get(_w, frozenset()) | {(_scale, _sign)}
 
+# Words WordNet lists as adjectives that are function words in a prompt ("no", "any", "in").
+_NOT_WORDNET_POLES = _SIMPLE_STOP | frozenset("""no all both each every either neither none few many
+    much more most less least own other same such only out off up down under first last next
+    whole""".split())
+
+
+def _wordnet_poles() -> dict[str, frozenset[tuple[str, int]]]:
+    """WordNet's opposite adjective clusters (aigov/data/opposites.json, scripts/build_opposites.py):
+    "polite", "courteous" on one pole of a scale, "impolite", "rude" on the other. Unlike SCALES
+    they are matched as written (no degrees: WordNet puts near-synonyms such as "easy" and
+    "simple" in clusters of their own, so their comparatives must not count as other scales)."""
+    path = Path(__file__).resolve().parent.parent / "data" / "opposites.json"
+    poles: dict[str, frozenset[tuple[str, int]]] = {}
+    for high, low in json.loads(path.read_text(encoding="utf-8"))["scales"]:
+        scale = f"wordnet:{high[0]}/{low[0]}"
+        for sign, words in ((1, high), (-1, low)):
+            for word in words:
+                if word not in _NOT_WORDNET_POLES:
+                    poles[word] = poles.get(word, frozenset()) | {(scale, sign)}
+    return poles
+
+
+_WORDNET_POLES = _wordnet_poles()
+
 
 def _stems(word: str, suffixes: tuple[str, ...]) -> list[str]:
     """Plausible bases of `word` without one of `suffixes`: "larger" -> "large", "biggest" ->
@@ -568,22 +609,25 @@ def _scale_poles(t: _Text) -> _Poles:
     used: set[int] = set()
     for i, w in enumerate(low):
         poles, gradable = _poles(w)
-        if not poles:
+        opposites = _WORDNET_POLES.get(w, frozenset())
+        if not poles and not opposites:
             if i > 0 and low[i - 1] in _GENERIC_DEGREES and w.isalpha() and w not in _SIMPLE_STOP:
                 graded.setdefault(_lemma(w), _GENERIC_DEGREES[low[i - 1]])
             continue
         sign, word = 1, w
         degree = gradable and _is_degree(w)
-        if gradable and i > 0 and low[i - 1] in _DEGREE_MODIFIERS:
+        if i > 0 and low[i - 1] in _DEGREE_MODIFIERS:
             sign = _DEGREE_MODIFIERS[low[i - 1]]
             used.add(i - 1)
             word = f"{low[i - 1]} {w}"
-            degree = True
+            degree = gradable
         for scale, pole in poles:
             found.setdefault((scale, pole * sign), word)
             group = _SCALE_GROUP.get(scale, scale)
             if degree and group is not None:
                 degrees.setdefault(group, word)
+        for scale, pole in opposites:  # opposite poles only, never a degree (_wordnet_poles)
+            found.setdefault((scale, pole * sign), word)
     # A modifier is left out of the antonym pairs only if every occurrence qualifies a scale word.
     free = {w for i, w in enumerate(low) if w in _DEGREE_MODIFIERS and i not in used}
     return _Poles(found, frozenset(low[i] for i in used) - free, degrees, graded)
@@ -1145,6 +1189,16 @@ def _literal_known(lit: str, other: _Text, budget: list[int]) -> bool:
     return False
 
 
+def _letter_clash(a: _Text, b: _Text) -> str | None:
+    """Single letters used as labels: "type A personality" is not "type B", nor "platform a"
+    "platform c" nor "solve for x" "solve for y". "a" and "I" are left out (the article and the
+    pronoun), so "type a" against "type b" is told apart by the "b" alone."""
+    la, lb = (Counter(w for w in t.lower if len(w) == 1 and w.isalpha() and w not in "ai") for t in (a, b))
+    if la != lb:
+        return f"{''.join(sorted(la.elements())) or '-'}/{''.join(sorted(lb.elements())) or '-'}"
+    return None
+
+
 def _literal_clash(a: _Text, b: _Text) -> str | None:
     """A quoted literal of either text that the other does not have exactly: a string in code,
     a name in SQL, a phrase to translate is data, and its case and spacing are part of it.
@@ -1343,7 +1397,10 @@ _CANONICAL = {"kid": "child", "kids": "child", "children": "child", "babies": "b
               "tonight": "night", "stepmom": "stepmother", "stepmum": "stepmother", "stepdad": "stepfather",
               "grandsons": "grandson", "granddaughters": "granddaughter", "stepsons": "stepson",
               "stepdaughters": "stepdaughter", "breakfasts": "breakfast", "lunches": "lunch",
-              "luncheon": "lunch", "dinners": "dinner", "suppers": "supper"}
+              "luncheon": "lunch", "dinners": "dinner", "suppers": "supper", "physicists": "physicist",
+              "scientists": "scientist", "engineers": "engineer", "developers": "developer",
+              "programmer": "developer", "programmers": "developer", "doctors": "doctor",
+              "lawyers": "lawyer", "students": "student", "teachers": "teacher"}
 
 
 def _class_words(low: list[str]) -> list[str]:
@@ -1861,7 +1918,7 @@ _CLASH_CHECKS: tuple[tuple[str, bool, Callable[..., str | None]], ...] = (
     ("degree:", False, _degree_clash), ("order:", True, _order_clash), ("time:", False, _time_clash),
     ("tense:", False, _tense_clash), ("ids:", False, _identifier_clash),
     ("case:", False, _case_clash), ("case:", False, _symbol_case_clash),
-    ("literal:", False, _literal_clash), ("", False, _indent_clash), ("", False, _line_order_clash),
+    ("literal:", False, _literal_clash), ("letters:", False, _letter_clash), ("", False, _indent_clash), ("", False, _line_order_clash),
 )
 
 

@@ -114,7 +114,8 @@ class RedisLayer:
             # Our own pool is full (many requests in flight), not a Redis outage: fail this call
             # only, without opening the breaker for everyone.
             raise RedisUnavailable(f"redis {self.address}: connection pool exhausted: {exc}") from None
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.InvalidResponse, OSError) as exc:
+            # InvalidResponse: the peer does not speak RESP (a web server or a proxy on the port).
             with self._lock:
                 self._down_until = time.monotonic() + self.cooldown_s
             raise RedisUnavailable(f"redis {self.address}: {type(exc).__name__}: {exc}") from None

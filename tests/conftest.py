@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -45,6 +47,38 @@ def shared_data(*parts: str) -> Path:
 
 KONG_SKIP_REASON = ("set KONG_PROXY_URL to a real Kong proxy (e.g. the docker/compose.yml stack) "
                     "to run real-Kong tests")
+
+
+class TcpPeer:
+    """A TCP server on 127.0.0.1 that writes `reply` to each connection and closes it, counting
+    them: with no reply, a Redis that dies on connect; with b"HTTP/1.1 400 ...", something that
+    is not Redis at all (a web server or a proxy on the configured port)."""
+
+    def __init__(self, reply: bytes = b"") -> None:
+        self.reply = reply
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            try:
+                if self.reply:
+                    conn.sendall(self.reply)
+            except OSError:
+                pass
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

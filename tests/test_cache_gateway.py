@@ -18,6 +18,7 @@ import pytest
 
 from aigov import sse
 from kongsim.pytest_plugin import GatewayHandle, start_gateway
+from conftest import TcpPeer
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN_FILE = REPO / "plugins" / "llm-semantic-cache.py"
@@ -58,8 +59,16 @@ def answer_text(reply: Any) -> str:
     return reply.json()["choices"][0]["message"]["content"]
 
 
+@pytest.fixture(scope="module")
+def not_redis() -> Iterator[TcpPeer]:
+    """Something that is not Redis on the configured port: it answers like a web server."""
+    peer = TcpPeer(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    yield peer
+    peer.close()
+
+
 @pytest.fixture(scope="module", params=["aigov", "stock"])
-def gw(request: pytest.FixtureRequest, redis_server: Any, mock_llm: Any) -> Iterator[GatewayHandle]:
+def gw(request: pytest.FixtureRequest, redis_server: Any, mock_llm: Any, not_redis: TcpPeer) -> Iterator[GatewayHandle]:
     """One gateway per plugin-server kind for the module (the model loads once per server)."""
     _ensure_redis(redis_server)
     server = request.param
@@ -69,6 +78,7 @@ def gw(request: pytest.FixtureRequest, redis_server: Any, mock_llm: Any) -> Iter
         "strict": [cache_plugin(port, f"e2e-strict-{server}", exact_caching=False, vectordb={"threshold": 1.0})],
         "cadmin": [cache_plugin(port, f"e2e-admin-{server}", admin_path="/cadmin/purge", admin_key="s3cret")],
         "failing": [cache_plugin(port, f"e2e-fail-{server}", stop_on_failure=True)],
+        "notredis": [cache_plugin(not_redis.port, f"e2e-notredis-{server}", stop_on_failure=True)],
     }
     handle = start_gateway(kong_yml(mock_llm.url, routes), server=server, plugin_files=[PLUGIN_FILE],
                            pythonpath=str(REPO))
@@ -241,6 +251,14 @@ def test_redis_outage_fails_open_then_recovers(gw: GatewayHandle, redis_server: 
         time.sleep(0.3)
     assert got == "Miss"
     assert status(post(gw, "c", chat(q))) == "Hit"
+
+
+def test_a_store_that_is_not_redis_is_a_failure_like_an_outage(gw: GatewayHandle) -> None:
+    # A new user's finding: a peer that answers non-RESP bytes (a web server, a proxy) made the
+    # cache fail open with no X-Cache-Status, ignoring stop_on_failure.
+    for q in ("what is the weather like on mars", "how far away is the moon"):
+        reply = post(gw, "notredis", chat(q))
+        assert reply.status == 503 and status(reply) == "Failed", (reply.status, reply.headers)
 
 
 def test_purge_removes_every_key_of_a_namespace(gw: GatewayHandle, redis_server: Any) -> None:

@@ -7,36 +7,12 @@ import threading
 import pytest
 
 from aigov.redis_client import RedisLayer, RedisUnavailable
-
-
-class HangUpServer:
-    """Accepts TCP connections and closes them at once, counting them (a Redis that dies on connect)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
+from conftest import TcpPeer
 
 
 @pytest.fixture
 def hangup_server():
-    server = HangUpServer()
+    server = TcpPeer()  # accepts and closes at once: a Redis that dies on connect
     yield server
     server.close()
 
@@ -51,6 +27,19 @@ def test_one_connection_attempt_per_failure_then_breaker(hangup_server):
     with pytest.raises(RedisUnavailable, match="marked down"):
         layer.run(lambda c: c.ping())
     assert hangup_server.accepted == 1  # the breaker answered without touching the network
+
+
+def test_a_peer_that_is_not_redis_is_an_outage_too() -> None:
+    # A new user's finding: a web server or proxy on the Redis port answers bytes redis-py cannot
+    # parse (InvalidResponse), which went past the breaker as an unknown error.
+    peer = TcpPeer(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    try:
+        layer = RedisLayer(port=peer.port, timeout_ms=2000, cooldown_s=30)
+        with pytest.raises(RedisUnavailable):
+            layer.run(lambda c: c.ping())
+        assert not layer.healthy and peer.accepted == 1
+    finally:
+        peer.close()
 
 
 def test_url_config_has_no_retries_either(hangup_server):

@@ -256,11 +256,20 @@ def _without_content(message: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if k != "content" or not isinstance(v, (str, list))}
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# JSON as the standard and OpenAI read it: NaN and Infinity, which Python's json takes, are refused
+# (a NaN temperature or max_tokens has no meaning for a provider, nor for a cache key).
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def _lenient_first_object(text: str) -> dict[str, Any] | None:
     """The first JSON value of a body json.loads refused, when it is an object: what Go's
     encoding/json Decoder (Ollama, LocalAI) reads and serves, ignoring the bytes after it."""
     try:
-        first, _ = json.JSONDecoder().raw_decode(text.lstrip())
+        first, _ = STRICT_JSON.raw_decode(text.lstrip())
     except (ValueError, RecursionError):
         return None
     return first if isinstance(first, dict) else None
@@ -276,7 +285,7 @@ def _load_object(raw: bytes | str | None, max_bytes: int) -> tuple[dict[str, Any
         raise RequestError("too_large", f"request body is {len(raw)} bytes, over the {max_bytes}-byte limit")
     text, lossy = decode_body(raw)
     try:
-        body = json.loads(text)
+        body = STRICT_JSON.decode(text)
     except (ValueError, RecursionError) as exc:
         raise RequestError("invalid_json", f"request body is not valid JSON: {exc}",
                            parsed=_lenient_first_object(text)) from None
@@ -431,7 +440,7 @@ def could_be_chat(raw: bytes | str | None) -> bool:
     if _MESSAGES_KEY_RE.search(text) is None:
         return False
     try:
-        first, _ = json.JSONDecoder().raw_decode(text.lstrip())  # the first value, as Go's Decoder
+        first, _ = STRICT_JSON.raw_decode(text.lstrip())  # the first value, as Go's Decoder
     except (ValueError, RecursionError):
         return True  # unreadable here (too deep, broken): the key anywhere may be the chat's
     # Readable: only a top-level key is what a chat endpoint reads ({"thread": {"messages": ...}}

@@ -722,6 +722,9 @@ def test_bodies_a_lenient_reader_could_serve_are_refused_not_passed(shared_gatew
     bodies = {
         "Messages": json.dumps({"model": MODEL, "Messages": plain["messages"]}).encode(),
         "trailing": json.dumps(plain).encode() + b' {"more": 1}',
+        # not JSON for OpenAI or Go, but Python's json (FastAPI, vLLM) reads NaN and Infinity
+        "NaN": json.dumps({**plain, "temperature": float("nan")}).encode(),
+        "Infinity": json.dumps({**plain, "top_p": float("inf")}).encode(),
         "deep": json.dumps(plain)[:-1].encode() + b', "x": ' + b'{"a":' * 2000 + b"1" + b"}" * 2000 + b"}",
         "Max_Tokens": json.dumps({**plain, "Max_Tokens": 4000}).encode(),
         "huge": json.dumps({**plain, "max_tokens": 2 ** 62}).encode(),

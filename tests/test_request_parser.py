@@ -162,3 +162,14 @@ def test_invalid_json_carries_the_first_object_a_lenient_reader_serves() -> None
         with pytest.raises(RequestError) as err:
             parse_chat_request(raw)
         assert err.value.reason == "invalid_json" and err.value.parsed is None
+
+
+def test_nan_and_infinity_are_not_json() -> None:
+    # Python's json reads them; OpenAI and Go refuse them, and a NaN temperature has no meaning
+    # for a cache key (a new user's NaN temperature was cached).
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        raw = ('{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": %s}' % constant).encode()
+        with pytest.raises(RequestError) as err:
+            parse_chat_request(raw)
+        assert err.value.reason == "invalid_json" and constant.lstrip("-") in str(err.value)
+        assert could_be_chat(raw)  # so the quota and the router refuse it rather than pass it

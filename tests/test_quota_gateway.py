@@ -925,3 +925,23 @@ def test_an_embeddings_body_it_cannot_read_is_refused(shared_gateway, rclient, m
         assert r.status == 400 and r.json()["error"]["code"] == "invalid_request", (raw[:60], r.status)
         assert "cannot read exactly" in r.json()["error"]["message"]
     assert mock_llm.stats.snapshot()["requests"] == served and counter_values(rclient, "unread") == []
+
+
+def test_fail_open_counts_each_redis_apart(mock_llm) -> None:
+    # A new user's finding: during an outage the local fallback was one store for the process, so
+    # routes on different Redis servers (different budgets) drew on one counter.
+    from aigov.devredis import free_port
+
+    routes = {name: [quota_plugin(free_port(), limits=[{"window": "day", "tokens": 1000}])] for name in ("r1", "r2")}
+    gw = start_gateway(kong_yml(mock_llm.url, routes), server="aigov", pythonpath=str(REPO))
+    try:
+        remaining = {}
+        for name in ("r1", "r2", "r1"):
+            r = post(gw, name, chat("count me", max_tokens=50), "same-user")
+            assert r.status == 200, r.body[:200]
+            remaining.setdefault(name, []).append(int(r.header("X-AI-RateLimit-Remaining-Day")))
+        first_r1, second_r1 = remaining["r1"]
+        assert remaining["r2"] == [first_r1]      # r2's own budget: r1's request is not in it
+        assert second_r1 < first_r1               # while r1 counts its own requests
+    finally:
+        gw.close()

@@ -72,7 +72,7 @@ CAPTURE_PHASE = "log" if os.environ.get("AIGOV_CAPTURE_PHASE", "").strip().lower
 
 _stores: dict[tuple[str, str], QuotaStore] = {}
 _memory_store: QuotaStore | None = None
-_fallback_store: QuotaStore | None = None
+_fallback_stores: dict[str, QuotaStore] = {}
 
 
 def memory_store() -> QuotaStore:
@@ -84,14 +84,17 @@ def memory_store() -> QuotaStore:
     return _memory_store
 
 
-def fallback_store() -> QuotaStore:
-    """The redis policy's fail_open store, apart from the memory policy's: it mirrors what Redis
-    last reported (MemoryQuotaStore.observe), which must not reach a memory-policy route's counters."""
-    global _fallback_store
-    if _fallback_store is None:
+def fallback_store(redis_store: QuotaStore) -> QuotaStore:
+    """The redis policy's fail_open store for one Redis store, apart from the memory policy's: it
+    mirrors what that Redis last reported (MemoryQuotaStore.observe), which must reach neither a
+    memory-policy route's counters nor those of routes on another Redis (the same key there is
+    another budget)."""
+    key = repr(getattr(redis_store, "layer", None)) + "|" + str(getattr(redis_store, "prefix", ""))
+    store = _fallback_stores.get(key)
+    if store is None:
         from aigov.quota.policies.memory import MemoryQuotaStore
-        _fallback_store = MemoryQuotaStore()
-    return _fallback_store
+        store = _fallback_stores[key] = MemoryQuotaStore()
+    return store
 
 
 def store_for(config: QuotaConfig) -> QuotaStore:
@@ -446,7 +449,7 @@ class TokenQuotaHandler:
             if not result.duplicate and q.policy == "redis":
                 # What Redis holds before this request: the fail_open fallback's starting point.
                 own = amounts if result.admitted else [0] * len(amounts)
-                fallback_store().observe(counters, [v - a for v, a in zip(result.values, own)], now)
+                fallback_store(store).observe(counters, [v - a for v, a in zip(result.values, own)], now)
             return result
         if unsure:
             metrics.QUOTA_STORE_FAILURES.labels("reserve_unsure").inc()
@@ -472,7 +475,7 @@ class TokenQuotaHandler:
         if unsure:
             state["redis_unsure"] = True  # a zero settle (release) goes to Redis too (see the module doc)
         kong.ctx.shared.set(STATE_KEY, state)  # later phases settle where this was reserved
-        return fallback_store().reserve(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
+        return fallback_store(store).reserve(tag, request_id, counters, amounts, now, q.reservation_ttl_s)
 
     # ------------------------------------------------------------------ response (buffered capture)
     def _response(self, kong: Any) -> None:
@@ -727,7 +730,7 @@ class TokenQuotaHandler:
         values: list[int] = []
         started = time.perf_counter()
         if counters:
-            local = fallback_store() if q.policy == "redis" else memory_store()
+            local = fallback_store(self._store()) if q.policy == "redis" else memory_store()
             store = local if state.get("store") == "memory" else self._store()
             try:
                 if pending is not None:

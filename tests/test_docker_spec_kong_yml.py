@@ -155,3 +155,23 @@ def test_no_credentials_other_than_demo_keys():
     assert not re.search(r"sk-[A-Za-z0-9]{10,}", text), "no provider API keys in the demo config"
     keys = re.findall(r"^\s*-?\s*key:\s*(\S+)", text, re.M)
     assert keys and all(k.endswith("-demo-key") for k in keys)
+
+
+def test_the_routers_off_topic_prompts_take_the_default_route(spec, infos) -> None:
+    """A new user copied this file and saw gibberish routed to gpt-4o ("matched", 0.38): with
+    three utterances a route and no negatives the out-of-scope threshold was weak."""
+    from aigov.embeddings import embedder_from_config
+    from aigov.routing import core
+
+    chat = next(r for r in spec.routes if r.name == "chat")
+    conf = next(p.config for p in spec.plugins if p.name == "llm-semantic-router" and p.route_id == chat.id)
+    processed = validate_entity("llm-semantic-router", copy.deepcopy(conf), infos)
+    router = core.Router(core.settings_from_config(processed), embedder_from_config(processed.get("embeddings")))
+    for text in ("asdkjh qwe zxc", "sort a list in descending order in python", "how many calories in a banana",
+                 "write a haiku about linux kernels", "can you explain photosynthesis"):
+        decision = router.decide_text(text)
+        assert (decision.route.name, decision.reason) == ("general", "default"), (text, decision)
+    for text, route in (("what's my checking account balance", "banking"), ("my debit card was stolen", "banking"),
+                        ("what is the capital of italy", "general")):
+        decision = router.decide_text(text)
+        assert (decision.route.name, decision.reason) == (route, "matched"), (text, decision)

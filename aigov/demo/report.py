@@ -86,7 +86,9 @@ def summarize(results: Sequence[Mapping[str, Any]], latency: Mapping[str, Any] |
             "saved": {"prompt_tokens": saved_p, "completion_tokens": saved_c, "total_tokens": saved_p + saved_c,
                       "cost_usd": round(sum(float(r.get("saved_cost_usd") or 0) for r in rows), 9)},
             "quota": {"rejections": len(rejected),
-                      "budget_ran_out": None if first is None else {
+                      # The first 429: a cost budget refuses the dearer model's reservations
+                      # first, so cheaper requests may still be served after it.
+                      "first_rejection": None if first is None else {
                           "request_of_consumer": first["seq"] + 1, "after_s": _r(first.get("t_s")),
                           "message": first.get("error")}},
         }
@@ -184,9 +186,9 @@ def render_text(report: Mapping[str, Any]) -> str:
     bk = cache["by_kind"]
     out.append("          by kind (exact/semantic/of): " + "  ".join(
         f"{k} {v['exact_hits']}/{v['semantic_hits']}/{v['requests']}" for k, v in bk.items() if v["requests"]))
-    out.append("consumer   served hits  spent tok      $spent  saved tok      $saved  429s  budget ran out")
+    out.append("consumer   served hits  spent tok      $spent  saved tok      $saved  429s  first 429")
     for name, c in s["consumers"].items():
-        ran = c["quota"]["budget_ran_out"]
+        ran = c["quota"]["first_rejection"]
         ran_s = "-" if ran is None else f"at request {ran['request_of_consumer']} ({ran['after_s']}s)"
         out.append(f"{name:<10} {c['served']:>6} {c['cache_hits']:>4} {c['spent']['total_tokens']:>10} "
                    f"{_usd(c['spent']['cost_usd']):>11} {c['saved']['total_tokens']:>10} {_usd(c['saved']['cost_usd']):>11} "

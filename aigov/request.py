@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,16 +261,27 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-# JSON as the standard and OpenAI read it: NaN and Infinity, which Python's json takes, are refused
-# (a NaN temperature or max_tokens has no meaning for a provider, nor for a cache key).
-STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: a number too big for any reader but Python's
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+# JSON as the standard and OpenAI read it: NaN and Infinity (and 1e999), which Python's json takes,
+# are refused (a NaN temperature or max_tokens has no meaning for a provider, nor for a cache key).
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+# What the most lenient provider reads: Go's decoder ignores bytes after the first value, and
+# Python's json (FastAPI, vLLM) takes NaN and Infinity.
+_LENIENT_JSON = json.JSONDecoder()
 
 
 def _lenient_first_object(text: str) -> dict[str, Any] | None:
-    """The first JSON value of a body json.loads refused, when it is an object: what Go's
-    encoding/json Decoder (Ollama, LocalAI) reads and serves, ignoring the bytes after it."""
+    """The first JSON value of a body STRICT_JSON refused, when it is an object: what a lenient
+    provider reads and serves (Go's encoding/json Decoder, Ollama or LocalAI, ignores the bytes
+    after it; Python's json reads NaN), so the plugins judge its model and billable fields."""
     try:
-        first, _ = STRICT_JSON.raw_decode(text.lstrip())
+        first, _ = _LENIENT_JSON.raw_decode(text.lstrip())
     except (ValueError, RecursionError):
         return None
     return first if isinstance(first, dict) else None

@@ -812,7 +812,10 @@ def test_other_billable_apis_are_refused_not_passed_unmetered(shared_gateway, rc
         assert err["code"] == "not_metered" and path.split("/day", 1)[1] in err["message"]
     # With bytes after the JSON object (Go's decoder serves the object and ignores them) it is
     # refused too, not passed on as an unreadable body (a breaker's finding).
-    for raw in (b'{"model": "gpt-4o-mini", "input": "hello"} x', b'{"model": "gpt-4o-mini", "input": "hello"}\n{}'):
+    for raw in (b'{"model": "gpt-4o-mini", "input": "hello"} x', b'{"model": "gpt-4o-mini", "input": "hello"}\n{}',
+                # a breaker's: NaN made it unreadable here, so it passed unmetered to a provider
+                # whose json reads NaN (FastAPI, vLLM)
+                b'{"model": "gpt-4o-mini", "input": "hello", "temperature": NaN}'):
         r = shared_gateway.request("POST", "/day/v1/responses", body=raw, headers={"X-User": "other-api"})
         assert r.status == 400 and r.json()["error"]["code"] == "not_metered", (raw, r.status, r.body[:200])
     # In another spelling (a case-insensitive reader takes it) it is refused too.

@@ -167,9 +167,15 @@ def test_invalid_json_carries_the_first_object_a_lenient_reader_serves() -> None
 def test_nan_and_infinity_are_not_json() -> None:
     # Python's json reads them; OpenAI and Go refuse them, and a NaN temperature has no meaning
     # for a cache key (a new user's NaN temperature was cached).
-    for constant in ("NaN", "Infinity", "-Infinity"):
+    for constant in ("NaN", "Infinity", "-Infinity", "1e999", "-1e999"):
         raw = ('{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": %s}' % constant).encode()
         with pytest.raises(RequestError) as err:
             parse_chat_request(raw)
         assert err.value.reason == "invalid_json" and constant.lstrip("-") in str(err.value)
         assert could_be_chat(raw)  # so the quota and the router refuse it rather than pass it
+    # Not a chat request: the object a Python provider would read is still what the plugins judge
+    # (its model for the router, its billable fields for the quota), as for trailing bytes.
+    with pytest.raises(RequestError) as err:
+        parse_chat_request(b'{"model": "gpt-4o", "input": "hi", "temperature": NaN}')
+    assert err.value.reason == "invalid_json" and err.value.parsed["model"] == "gpt-4o"
+    assert "input" in err.value.parsed

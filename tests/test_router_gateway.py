@@ -337,7 +337,8 @@ def test_a_body_without_messages_asking_for_another_model_than_the_default_targe
     assert all(_reached(m, r.header("X-Kong-Request-Id"), wait_s=0.2) is None for m in mocks)
     # Bytes after the JSON object: a Go provider still serves the object's model (a breaker's
     # finding: it went to the default target with that target's key).
-    for raw in (b'{"model": "gpt-4o", "input": "hi"} x', b'{"model": "gpt-4o", "input": "hi"}\n{"a": 1}'):
+    for raw in (b'{"model": "gpt-4o", "input": "hi"} x', b'{"model": "gpt-4o", "input": "hi"}\n{"a": 1}',
+                b'{"model": "gpt-4o", "input": "hi", "temperature": NaN}'):
         r = post(gateway, "main", raw)
         assert r.status == 400 and r.json()["error"]["code"] == "model_not_routed", (raw, r.status, r.body[:200])
         assert all(_reached(m, r.header("X-Kong-Request-Id"), wait_s=0.2) is None for m in mocks)

@@ -106,14 +106,13 @@ def normalize_model(model: str) -> str:
     return name.rsplit("/", 1)[-1]  # "openai/gpt-4o" as ai-proxy's X-Kong-LLM-Model writes it
 
 
-def fine_tune_bases(name: str) -> tuple[str, ...]:
-    """The base model of a normalised fine-tune name, with and without its date:
-    "ft:gpt-4o-mini-2024-07-18:org::id" -> ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"); () for
-    any other name."""
-    if not name.startswith("ft:"):
-        return ()
-    base = name[3:].split(":", 1)[0]
-    return tuple(dict.fromkeys((base, _DATE_SUFFIX.sub("", base)))) if base else ()
+def base_models(name: str) -> tuple[str, ...]:
+    """The models a normalised name is a version of, whatever its own price: a fine-tune's base
+    with and without its date ("ft:gpt-4o-mini-2024-07-18:org::id" -> "gpt-4o-mini-2024-07-18",
+    "gpt-4o-mini"), a dated snapshot's family ("gpt-4o-2024-05-13" -> "gpt-4o"); () for a name
+    that is none of these."""
+    base = name[3:].split(":", 1)[0] if name.startswith("ft:") else name
+    return tuple(b for b in dict.fromkeys((base, _DATE_SUFFIX.sub("", base))) if b and b != name)
 
 
 def _ft_candidates(name: str) -> tuple[str, ...]:

@@ -78,7 +78,7 @@ def test_counters_are_scoped_by_model_route_and_filtered_by_model() -> None:
     assert full[0].key != mini[0].key and full[1].key == mini[1].key
 
 
-def test_a_limit_on_a_base_model_covers_its_fine_tunes() -> None:
+def test_a_limit_on_a_base_model_covers_its_fine_tunes_and_snapshots() -> None:
     # A breaker's finding: once fine-tunes were priced apart, "models: [gpt-4o-mini]" no longer
     # applied to ft:gpt-4o-mini-..., which then ran unlimited.
     cfg = QuotaConfig.from_plugin_config({
@@ -91,6 +91,10 @@ def test_a_limit_on_a_base_model_covers_its_fine_tunes() -> None:
     assert plan_counters(cfg, "consumer:a", "ft:gpt-4o-2024-08-06:acme::x", None, NOW)[0].header == "Minute"
     assert plan_counters(cfg, "consumer:a", "ft:gpt-3.5-turbo:acme::x", None, NOW) == []
     assert plan_counters(cfg, "consumer:a", "gpt-4o-mini-ft", None, NOW) == []  # only ft: names are fine-tunes
+    # A dated snapshot with a price of its own (a breaker's: gpt-4o-2024-05-13 ran past a gpt-4o limit).
+    snapshot = cfg.prices.resolve("gpt-4o-2024-05-13")
+    assert snapshot == "gpt-4o-2024-05-13"  # priced apart in the table
+    assert plan_counters(cfg, "consumer:a", snapshot, None, NOW)[0].header == "Minute"
 
 
 def test_charge_meters_the_provider_total() -> None:

@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence
 
-from aigov.prices import (PriceError, Price, PriceTable, default_prices, fine_tune_bases, nano_to_usd,
+from aigov.prices import (PriceError, Price, PriceTable, base_models, default_prices, nano_to_usd,
                           normalize_model, usd_to_nano)
 from aigov.quota.windows import WINDOWS, window_at
 
@@ -46,10 +46,11 @@ class LimitSpec:
     models: tuple[str, ...] = ()  # empty: applies to every model
 
     def applies_to(self, model: str | None) -> bool:
-        # A fine-tune is priced apart from its base model, but a limit on the base model covers
-        # it: "models: [gpt-4o-mini]" must not be stepped round by asking for ft:gpt-4o-mini-...
+        # A fine-tune or a dated snapshot may be priced apart from its base model, but a limit
+        # on the base model covers it: "models: [gpt-4o]" must not be stepped round by asking
+        # for ft:gpt-4o-... or gpt-4o-2024-05-13.
         return not self.models or (model is not None and (
-            model in self.models or any(base in self.models for base in fine_tune_bases(model))))
+            model in self.models or any(base in self.models for base in base_models(model))))
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ SCHEMA: list[Field] = [
                   default=False),
             field("per_route", "boolean", "Keep a separate counter per Kong route for this limit.", default=False),
             array("models", "Apply this limit only to these models (empty: every model); a base model "
-                            "covers its fine-tunes (gpt-4o-mini: ft:gpt-4o-mini-...).",
+                            "covers its fine-tunes and dated snapshots (gpt-4o: ft:gpt-4o-..., gpt-4o-2024-05-13).",
                   {"type": "string"}, default=[]),
         ],
         # Kong runs a nested record's entity checks at load: a limit with no budget is refused there.

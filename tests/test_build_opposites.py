@@ -11,16 +11,29 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_ADJ = """  1 This licence header line starts with spaces and is skipped
 00000001 00 a 01 polite 0 002 ! 00000002 a 0101 & 00000003 a 0000 | showing regard for others
 00000002 00 a 01 impolite 0 002 ! 00000001 a 0101 & 00000004 a 0000 | not polite
-00000003 00 s 02 courteous 0 well_mannered 0 001 & 00000001 a 0000 | polite and kind
-00000004 00 s 02 rude 0 discourteous(a) 0 001 & 00000002 a 0000 | socially incorrect
+00000003 00 s 03 courteous 0 well_mannered 0 following 0 001 & 00000001 a 0000 | polite and kind
+00000004 00 s 03 rude 0 discourteous(a) 0 trying 0 001 & 00000002 a 0000 | socially incorrect
 00000005 00 s 01 rude 0 001 & 00000001 a 0000 | a rare sense filed under polite's cluster
 """
 INDEX_ADJ = """  1 licence header
 courteous a 1 1 & 1 0 00000003
 discourteous a 1 1 & 1 0 00000004
+following a 1 1 & 1 0 00000003
 impolite a 1 2 ! & 1 0 00000002
 polite a 1 2 ! & 1 0 00000001
 rude a 2 1 & 2 0 00000004 00000005
+trying a 1 1 & 1 0 00000004
+"""
+INDEX_VERB = """try v 1 1 @ 1 1 00000009
+"""
+# sense key lemma%ss_type:..., sense number, tagged uses (ss_type 3 adjective, 5 satellite, 2 verb)
+CNTLIST = """rude%5:00:00:impolite:00 1 9
+rude%5:00:00:polite:00 2 1
+courteous%5:00:00:polite:00 1 3
+polite%3:00:00:: 1 12
+impolite%3:00:00:: 1 2
+trying%5:00:00:impolite:00 1 1
+try%2:41:00:: 1 40
 """
 
 
@@ -31,15 +44,17 @@ def _script():
     return module
 
 
-def test_clusters_become_two_poles_and_rare_senses_stay_out(tmp_path: Path) -> None:
-    (tmp_path / "data.adj").write_text(DATA_ADJ, encoding="latin-1")
-    (tmp_path / "index.adj").write_text(INDEX_ADJ, encoding="latin-1")
+def test_clusters_become_two_poles_of_the_words_common_senses(tmp_path: Path) -> None:
+    for name, text in (("data.adj", DATA_ADJ), ("index.adj", INDEX_ADJ), ("index.verb", INDEX_VERB),
+                       ("cntlist.rev", CNTLIST)):
+        (tmp_path / name).write_text(text, encoding="latin-1")
     build = _script().build
-    # "rude"'s first sense is impolite's satellite; its second (polite's cluster) is left out at
-    # one sense; multi-word lemmas ("well_mannered") and markers ("(a)") are handled.
-    assert build(tmp_path, senses=1) == [[["courteous", "polite"], ["discourteous", "impolite", "rude"]]]
-    # At two senses "rude" stands on both poles, so it names neither.
-    assert build(tmp_path, senses=2) == [[["courteous", "polite"], ["discourteous", "impolite"]]]
+    # "rude" is 90% the impolite sense, so it stands there only; "trying" is mostly the verb
+    # "try"; "following" points into the text; "discourteous" (no tagged use) is a satellite;
+    # a multi-word lemma ("well_mannered") is left out.
+    assert build(tmp_path, share=0.3) == [[["courteous", "polite"], ["impolite", "rude"]]]
+    # A share so low that the rare sense counts puts "rude" on both poles, so on neither.
+    assert build(tmp_path, share=0.05) == [[["courteous", "polite"], ["impolite"]]]
 
 
 def test_the_committed_table_puts_common_opposites_on_opposite_poles() -> None:

@@ -42,8 +42,7 @@ USER_NEAR_MISSES = [
     ("how to care for an indoor plant", "how to care for an outdoor plant", "antonym:"),
     ("how to get into harvard", "how to get out of harvard", "antonym:"),
     ("explain the theory of evolution to a child", "explain the theory of evolution to an expert", "class:"),
-    # WordNet's opposite adjectives (past/future) refuse it before the tense class does
-    ("what is the past tense of run", "what is the future tense of run", "antonym:"),
+    ("what is the past tense of run", "what is the future tense of run", "class:"),
 ]
 
 
@@ -190,6 +189,7 @@ def test_the_same_side_said_otherwise_still_matches(a: str, b: str) -> None:
     ("a beginner's guide to chess", "an advanced guide to chess", "audience"),
     ("explain it like i'm a layman", "explain it like i'm a professional", "audience"),
     ("explain black holes to a kid", "explain black holes to a specialist", "audience"),
+    ("what is the past participle of go", "what is the present participle of go", "tense"),
     ("my train was cancelled", "my train was delayed", "disruption"),
     ("the meeting is postponed what now", "the meeting is cancelled what now", "disruption"),
 ])
@@ -554,10 +554,10 @@ NEW_USER_NEAR_MISSES = [
     ("what is a type a personality", "what is a type b personality", "letters:"),
     ("how do I get to platform a", "how do I get to platform c", "letters:"),
     ("lru entry d about zebras", "lru entry a about zebras", "letters:"),
-    ("what is the past participle of go", "what is the present participle of go", "antonym:"),
     # other WordNet opposites than the user's, in other sentences
     ("is it safe to swim here at night", "is it dangerous to swim here at night", "antonym:"),
-    ("write a humble bio for my website", "write an arrogant bio for my website", "antonym:"),
+    ("write a generous review of the hotel", "write a stingy review of the hotel", "antonym:"),
+    ("describe a noisy street at night", "describe a quiet street at night", "antonym:"),
     ("solve for x in this equation", "solve for y in this equation", "letters:"),
 ]
 
@@ -587,3 +587,60 @@ def test_the_new_users_rules_keep_paraphrases(a: str, b: str) -> None:
 def test_the_new_users_hits_now_miss_through_the_cache(cache: Any, stored: str, asked: str) -> None:
     found = lookup_pair(cache, stored, asked)
     assert found.status == "Miss" and found.rejected, (stored, asked, found.similarity)
+
+
+
+# === a breaker's second round: the first rules refused true paraphrases; what they now keep ===
+
+@pytest.mark.parametrize("a, b", [
+    # WordNet words in their common senses only (quick is fast, not hurried; kind is a noun)
+    ("What's an easy way to reverse a string in Python?", "What's a quick way to reverse a string in Python?"),
+    ("What kind of saw should I use for plywood?", "Which saw is best for cutting plywood?"),
+    ("Sorry to bother you, how do I reset my password?", "Good afternoon, how do I reset my password?"),
+    ("I'm trying to center a div in CSS", "Is there a simple way to center a div in CSS?"),
+    # the text pointed at from either side
+    ("Summarize the following text in two sentences:\n\nThe meeting covered Q3 revenue.",
+     "The meeting covered Q3 revenue.\n\nSummarize the text above in two sentences."),
+    # "for" and "against" that take no side
+    ("Is there a vaccine for measles?", "Is there a vaccine against measles?"),
+    ("Do I need home insurance against flooding?", "Do I need home insurance for flooding?"),
+    # letters that are no labels
+    ("can u explain recursion simply", "can you explain recursion simply"),
+    ("How do I label the x axis in matplotlib?", "How do I label the x-axis in matplotlib?"),
+    ("What does a p value of 0.05 mean?", "What does a p-value of 0.05 mean?"),
+    ("How do I install pip for Python 3.x on Ubuntu?", "How do I install pip for Python 3 on Ubuntu?"),
+    ("How do I run an A/B test on my landing page?", "How do I run a split test on my landing page?"),
+    ("How do I read a text file line by line in C++?", "How do I read a text file line by line in cpp?"),
+    # professions and near-synonyms in the classes
+    ("I'm a software engineer, how do I ask for a raise?", "As a software developer, how should I ask for a raise?"),
+    ("What should I cook for dinner tonight?", "What should I make for supper tonight?"),
+    ("I want to start running at dawn, any tips?", "I want to start running early in the morning, any tips?"),
+    # a "by" that names a means, not a sender
+    ("How can I get notified by email when my CI build fails?",
+     "How can I get a notification sent to my email when my CI build fails?"),
+    ("My son is twelve. Am I allowed to leave him home alone?", "My son is twelve, can I legally leave him home alone?"),
+])
+def test_the_breakers_paraphrases_pass_again(a: str, b: str) -> None:
+    _kept(a, b)
+
+
+@pytest.mark.parametrize("a, b, prefix", [
+    ("Write an essay arguing in favor of nuclear power", "Write an essay arguing against nuclear power", "antonym:"),
+    ("Write a speech supporting the new housing policy", "Write a speech criticizing the new housing policy", "antonym:"),
+    ("Write a tweet praising our new feature", "Write a tweet mocking our new feature", "antonym:"),
+    ("What foods should people with blood type A avoid?", "What foods should people with blood type AB avoid?",
+     "letters:"),
+    ("What is a type I error in statistics?", "What is a type II error in statistics?", "letters:"),
+    ("Summarize the causes of World War I", "Summarize the causes of World War II", "letters:"),
+    ("How do I get along with my step dad?", "How do I get along with my dad?", "class:gender"),
+    ("Gift ideas for my great grandson", "Gift ideas for my grandson", "class:gender"),
+    ("Write a poem about my grandmother", "Write a poem about my great-grandmother", "class:gender"),
+    ("What are the symptoms of hypothyroidism?", "What are the symptoms of hyperthyroidism?", "antonym:"),
+    ("Set an alarm for a quarter past seven", "Set an alarm for a quarter to seven", "units:"),
+    ("Write a product description for a men's watch", "Write a product description for a unisex watch",
+     "class:gender"),
+    ("Summarize the majority opinion in Roe v. Wade", "Summarize the dissenting opinion in Roe v. Wade", "antonym:"),
+    ("What's the minimum wage in California?", "What's the average wage in California?", "antonym:"),
+])
+def test_the_breakers_second_near_misses_are_refused(a: str, b: str, prefix: str) -> None:
+    assert all(r.startswith(prefix) for r in _refused(a, b))

@@ -28,10 +28,12 @@ gate". A candidate above the threshold is served only if its user text and the q
   inflection (a doubled consonant: "stopping"/"stopped" are "stop"; irregular verbs: "won" is
   "win", "rose" "rise"); a compound of a pair written as two words ("sun rise" / "sun set"); a
   possessive counts as its word ("men's" is "men", so it is a gender too),
-- opposite adjectives of WordNet 3.0's clusters (polite/rude, formal/informal, beautiful/ugly,
-  optimistic/pessimistic, safe/dangerous, ...: aigov/data/opposites.json, built by
-  scripts/build_opposites.py), sides taken (for/against, support/oppose), single letters used as
-  labels ("type A" / "type B", "solve for x" / "... for y"),
+- opposite adjectives of WordNet 3.0's clusters, each word in the senses it mostly has in use
+  (polite/rude, formal/informal, beautiful/ugly, optimistic/pessimistic, safe/dangerous, ...:
+  aigov/data/opposites.json, built by scripts/build_opposites.py), sides taken ("argue for" /
+  "argue against", "in favor of", support/oppose, praise/criticize), paired prefixes
+  (hypo-/hyper-, pre-/post-), single letters and short labels ("type A" / "type B" / "type AB",
+  "World War I" / "II", "solve for x" / "... for y"; not "u", "x-axis" = "x axis", "3.x", "A/B"),
 - opposite poles of a scale (size, price, speed, quality, mood, ...: "largest"/"smallest",
   "cheapest"/"most expensive", "faster"/"slower"; comparatives and superlatives by rule, and
   "less"/"least" turn a pole round, so "least expensive" is "cheapest") and of contrast nouns
@@ -218,10 +220,15 @@ ANTONYM_PAIRS = [
     # other verbs that undo each other
     ("grow", "shrink"), ("spend", "earn"),
     ("sleep", "wake"), ("open", "shut"),
-    # sides taken in a text ("argue for nuclear power" / "... against"), and tones WordNet files
-    # under other opposites (fun is no adjective there, "casual" not its "informal")
-    ("for", "against"), ("support", "oppose"), ("pro", "against"), ("fun", "boring"),
+    # sides taken in a text ("a speech supporting the policy" / "... criticizing"; "argue for" /
+    # "argue against" is _stance_clash's), and tones WordNet files under other opposites (fun is
+    # no adjective there, "casual" not its "informal")
+    ("support", "oppose"), ("support", "criticize"), ("support", "criticise"), ("praise", "criticize"),
+    ("praise", "criticise"), ("praise", "mock"), ("praise", "complain"), ("fun", "boring"),
     ("formal", "casual"), ("similar", "opposite"), ("same", "opposite"),
+    ("majority", "minority"), ("majority", "dissenting"), ("book", "cancel"),
+    # statistics that are not each other ("the minimum wage" / "the average wage")
+    ("minimum", "average"), ("maximum", "average"), ("average", "median"), ("mean", "median"),
     # what a dish is made of ("a vegetarian lasagna" / "a meat lasagna")
     ("vegetarian", "meat"), ("vegan", "meat"), ("vegetarian", "meaty"),
 ]
@@ -283,7 +290,9 @@ EXCLUSIVE_CLASSES = {
     "gender": """man men woman women boy boys girl girls male female husband wife father mother
         son daughter brother sister king queen gentleman lady ladies he she his her him mom mum
         mommy mummy mama dad daddy papa grandmother grandma granny grandfather grandpa aunt uncle
-        niece nephew girlfriend boyfriend grandson grandsons granddaughter granddaughters stepmother
+        niece nephew girlfriend boyfriend unisex grandson grandsons granddaughter granddaughters
+        great-grandson great-granddaughter great-grandmother great-grandfather great-grandma
+        great-grandpa stepmother
         stepmom stepmum stepfather stepdad stepson stepsons stepdaughter stepdaughters stepbrother
         stepsister""".split(),
     # The part of the day: "a table at noon" is not "a table tonight"; "this evening" is "tonight".
@@ -327,11 +336,9 @@ EXCLUSIVE_CLASSES = {
         laypeople amateur amateurs intermediate advanced expert experts professional professionals
         specialist specialists child children kid kids toddler toddlers teen teens teenager
         teenagers adult adults physicist physicists scientist scientists engineer engineers
-        developer developers programmer programmers doctor doctors lawyer lawyers student students
-        teacher teachers""".split(),
+        developer developers programmer programmers""".split(),
     # Which variety of a language: "British English" spells "colour", "American English" "color".
-    "language_variety": """british american canadian australian irish scottish brazilian european
-        mexican castilian""".split(),
+    "language_variety": "british american canadian australian".split(),
     # Grammatical and historical time: "the past tense of run" is not "the future tense".
     "tense": "past present future".split(),
     # What happened to a trip or an appointment: a delayed flight is not a cancelled one.
@@ -871,6 +878,7 @@ _AMBIGUOUS_UNITS = frozenset("""m g l w v mi min sec second day week month year 
 _MERIDIEMS = frozenset(("am", "a.m", "pm", "p.m"))
 # Hours written as words before am/pm ("seven am"); not "one" ("which one am I").
 _CLOCK_HOUR_WORDS = frozenset("two three four five six seven eight nine ten eleven twelve".split())
+_CLOCK_PARTS = frozenset("quarter half five ten twenty twenty-five".split())
 
 
 def _units(t: _Text) -> frozenset:
@@ -878,8 +886,14 @@ def _units(t: _Text) -> frozenset:
     low = t.lower
     for i, w in enumerate(low):
         if w in _MERIDIEMS:  # "I am 7" is no clock time: only a number right before counts
-            if i > 0 and (low[i - 1][0].isdigit() or low[i - 1] in _CLOCK_HOUR_WORDS):
+            written = t.tokens[i]
+            if i > 0 and (low[i - 1][0].isdigit() or (
+                    low[i - 1] in _CLOCK_HOUR_WORDS and written in (w, w.upper()))):  # "twelve. Am I"
                 found.add(UNITS[w])
+            continue
+        if w in ("past", "to") and 0 < i < len(low) - 1 and low[i - 1] in _CLOCK_PARTS and (
+                low[i + 1][0].isdigit() or low[i + 1] in _CLOCK_HOUR_WORDS or low[i + 1] == "one"):
+            found.add(f"clock {w}")  # "a quarter past seven" is not "a quarter to seven"
             continue
         for cand in _unit_candidates(w):
             if cand in UNITS:
@@ -1189,13 +1203,32 @@ def _literal_known(lit: str, other: _Text, budget: list[int]) -> bool:
     return False
 
 
+# A lone letter: not inside a word, a number ("3.x", "3x3"), an escape ("\\n"), a pair ("A/B"),
+# an abbreviation ("e.g.") or a language name ("C++", "C#"); "x-axis" and "p-value" have theirs.
+_LONE_LETTER_RE = re.compile(r"(?<![A-Za-z0-9.'’\\/])([A-Za-z])(?![A-Za-z0-9'’/+#]|\.[A-Za-z])")
+# "a", "I" (the article, the pronoun), "u" and "r" (chat for "you", "are") are no labels by themselves.
+_NOT_LABELS = frozenset("aiur")
+# Words a short label follows: "type A"/"type AB", "World War I"/"II", "Plan B", "Phase 2".
+_LABEL_WORDS = frozenset("""type war phase part plan chapter class grade level stage tier option
+    section schedule category vitamin""".split())
+
+
+def _labels(t: _Text) -> Counter:
+    out = Counter(m.lower() for m in _LONE_LETTER_RE.findall(t.raw) if m.lower() not in _NOT_LABELS)
+    low = t.lower
+    for i, w in enumerate(low[:-1]):
+        nxt = t.tokens[i + 1]
+        if w in _LABEL_WORDS and len(nxt) <= 3 and nxt.isalpha() and (nxt.isupper() or len(nxt) == 1):
+            out[f"{w} {nxt.lower()}"] += 1   # "type A" vs "type AB", "war I" vs "war II"
+    return out
+
+
 def _letter_clash(a: _Text, b: _Text) -> str | None:
-    """Single letters used as labels: "type A personality" is not "type B", nor "platform a"
-    "platform c" nor "solve for x" "solve for y". "a" and "I" are left out (the article and the
-    pronoun), so "type a" against "type b" is told apart by the "b" alone."""
-    la, lb = (Counter(w for w in t.lower if len(w) == 1 and w.isalpha() and w not in "ai") for t in (a, b))
+    """Single letters and short labels: "type A personality" is not "type B" nor "type AB",
+    "platform a" not "platform c", "solve for x" not "solve for y", "World War I" not "II"."""
+    la, lb = _labels(a), _labels(b)
     if la != lb:
-        return f"{''.join(sorted(la.elements())) or '-'}/{''.join(sorted(lb.elements())) or '-'}"
+        return f"{','.join(sorted(la.elements())) or '-'}/{','.join(sorted(lb.elements())) or '-'}"
     return None
 
 
@@ -1337,6 +1370,49 @@ def _opposite_scales(a: _Text, b: _Text) -> list[tuple[str, str, str]]:
             if (scale, sign) not in pb and (scale, -sign) in pb and (scale, -sign) not in pa]
 
 
+# Words after which "for" and "against" take a side: "argue for nuclear power" is not "argue
+# against" it. Elsewhere they name no side ("a vaccine for / against measles").
+_STANCE_WORDS = frozenset("""argue argues arguing argued argument arguments case vote votes voting voted
+    campaign campaigns campaigning speak speaks speaking lobby lobbying rally rallying petition
+    position stance debate debating side sides be is are was were""".split())
+
+
+def _stances(t: _Text) -> frozenset[str]:
+    low, out = t.lower, set()
+    for i, w in enumerate(low):
+        if w in ("for", "against") and i > 0 and low[i - 1] in _STANCE_WORDS:
+            out.add("pro" if w == "for" else "con")
+        elif w in ("favor", "favour") and i > 0 and low[i - 1] == "in" and i + 1 < len(low) and low[i + 1] == "of":
+            out.add("pro")
+    return frozenset(out)
+
+
+def _stance_clash(a: _Text, b: _Text) -> str | None:
+    """One text argues for something, the other against it ("an essay arguing in favor of
+    nuclear power" / "... arguing against nuclear power")."""
+    sa, sb = _stances(a), _stances(b)
+    if sa != sb and sa and sb and not (sa & sb):
+        return f"{'/'.join(sorted(sa))}!={'/'.join(sorted(sb))}"
+    return None
+
+
+# Prefixes that name opposite ends: "hypothyroidism" / "hyperthyroidism", "pre-war" / "post-war".
+_PAIRED_PREFIXES = (("hyper", "hypo"), ("pre", "post"), ("inter", "intra"), ("micro", "macro"),
+                    ("over", "under"), ("super", "sub"))
+
+
+def _prefix_pair_clash(a: _Text, b: _Text) -> str | None:
+    wa, wb = set(a.lower) - set(b.lower), set(b.lower) - set(a.lower)
+    for x, y in _PAIRED_PREFIXES:
+        for p, q, words, others in ((x, y, wa, wb), (y, x, wa, wb)):
+            for w in words:
+                rest = w[len(p):].lstrip("-")
+                if w.startswith(p) and len(rest) >= 4 and any(o.startswith(q) and o[len(q):].lstrip("-") == rest
+                                                               for o in others):
+                    return f"{w}/{q}{rest}"
+    return None
+
+
 def _antonym_clash(a: _Text, b: _Text, ctx: _Pair) -> str | None:
     pa, pb = a.poles, b.poles
     only_a = _more_often(a, pa.modifiers, b, pb.modifiers) - ctx.converse_words
@@ -1393,14 +1469,18 @@ _CANONICAL = {"kid": "child", "kids": "child", "children": "child", "babies": "b
               "cancellation": "cancel", "cancellations": "cancel", "diverted": "divert",
               "mom": "mother", "mum": "mother", "mommy": "mother", "mummy": "mother", "mama": "mother",
               "dad": "father", "daddy": "father", "papa": "father", "grandma": "grandmother",
-              "granny": "grandmother", "grandpa": "grandfather", "midday": "noon", "evening": "night",
+              "granny": "grandmother", "grandpa": "grandfather", "great-grandma": "great-grandmother",
+              "great-grandpa": "great-grandfather", "midday": "noon", "evening": "night",
               "tonight": "night", "stepmom": "stepmother", "stepmum": "stepmother", "stepdad": "stepfather",
               "grandsons": "grandson", "granddaughters": "granddaughter", "stepsons": "stepson",
               "stepdaughters": "stepdaughter", "breakfasts": "breakfast", "lunches": "lunch",
-              "luncheon": "lunch", "dinners": "dinner", "suppers": "supper", "physicists": "physicist",
-              "scientists": "scientist", "engineers": "engineer", "developers": "developer",
-              "programmer": "developer", "programmers": "developer", "doctors": "doctor",
-              "lawyers": "lawyer", "students": "student", "teachers": "teacher"}
+              "luncheon": "lunch", "dinners": "dinner",
+              # a profession is an expert audience: "explain it to a physicist" is not "... to
+              # a beginner", and an engineer is a developer
+              "physicist": "expert", "physicists": "expert", "scientist": "expert",
+              "scientists": "expert", "engineer": "expert", "engineers": "expert", "developer": "expert",
+              "developers": "expert", "programmer": "expert", "programmers": "expert",
+              "supper": "dinner", "suppers": "dinner", "dawn": "morning", "dusk": "night"}
 
 
 def _class_words(low: list[str]) -> list[str]:
@@ -1408,11 +1488,21 @@ def _class_words(low: list[str]) -> list[str]:
     ("grown-ups" = "grownups"), else each of its parts ("dark-blue", "kid-friendly"); a
     possessive or "'s" without it ("men's" is "men"); "states" of "the United States" left out."""
     out: list[str] = []
+    skip = -1
     for i, w in enumerate(low):
+        if i == skip:
+            continue
         w = _strip_s(w)
         if w in ("state", "states") and i > 0 and low[i - 1] == "united":
             continue
-        if "-" not in w:
+        if w in ("step", "great") and i + 1 < len(low):  # "step dad", "great grandson"
+            nxt = _strip_s(low[i + 1])
+            compound = next((c for c in (w + nxt, f"{w}-{nxt}") if c in _CLASS_OF), None)
+            if compound is not None:
+                out.append(compound)
+                skip = i + 1
+                continue
+        if "-" not in w or w in _CLASS_OF:
             out.append(w)
             continue
         joined = w.replace("-", "")
@@ -1871,10 +1961,22 @@ _RECEIVING_PARTICIPLES = frozenset("""received got gotten accepted obtained coll
     purchased adopted inherited borrowed earned won taken caught downloaded""".split())
 
 
+# After "by", a means, not an agent: "notified by email", "sent by post", "shipped by air".
+_MEANS = frozenset("""email e-mail mail post phone telephone text sms message fax courier hand car
+    train bus plane air sea road rail ship boat bike bicycle foot taxi default design mistake
+    accident chance force name""".split())
+
+
 def _agent_side(low: list[str], i: int) -> str | None:
     """The end the "by" at i names: "from" (the agent sends or makes), "to" (it receives), or
-    None when the word before it is no participle ("sort by date", "by car", "by Friday")."""
+    None when the word before it is no participle ("sort by date", "by Friday") or the word after
+    it a means ("notified by email")."""
     prev = low[i - 1] if i > 0 else ""
+    j = i + 1
+    while j < len(low) and low[j] in _ENDPOINT_SKIP:
+        j += 1
+    if j < len(low) and low[j] in _MEANS:
+        return None
     if prev in _RECEIVING_PARTICIPLES:
         return "to"
     return "from" if prev in _AGENT_PARTICIPLES or (len(prev) > 3 and prev.endswith("ed")) else None
@@ -1914,7 +2016,8 @@ def _endpoint_clash(a: _Text, b: _Text) -> str | None:
 
 _CLASH_CHECKS: tuple[tuple[str, bool, Callable[..., str | None]], ...] = (
     ("direction:", True, _role_swap), ("direction:", True, _relation_swap), ("direction:", False, _endpoint_clash),
-    ("antonym:", True, _antonym_clash), ("class:", False, _class_clash),
+    ("antonym:", True, _antonym_clash), ("antonym:", False, _stance_clash),
+    ("antonym:", False, _prefix_pair_clash), ("class:", False, _class_clash),
     ("degree:", False, _degree_clash), ("order:", True, _order_clash), ("time:", False, _time_clash),
     ("tense:", False, _tense_clash), ("ids:", False, _identifier_clash),
     ("case:", False, _case_clash), ("case:", False, _symbol_case_clash),

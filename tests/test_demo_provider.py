@@ -58,6 +58,9 @@ def test_generated_config_points_everything_at_local_ports() -> None:
             elif p["name"] == "llm-semantic-router":
                 assert [r["name"] for r in conf["routes"]] == ["banking", "general"]
                 assert conf["default_route"] == demo_plan.DEFAULT_ROUTE
+                # the spec's off-topic examples, written for its own two routes, are not kept:
+                # next to the demo's routes they sent in-scope queries to the default route
+                assert "negative_utterances" not in conf
             elif p["name"] == "ai-proxy":
                 assert conf["model"]["options"]["upstream_url"] == "http://127.0.0.1:4010/v1/chat/completions"
         # consumer budgets from spec/kong.yml are kept as they are

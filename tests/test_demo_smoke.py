@@ -162,7 +162,9 @@ def test_routing_accuracy_is_judged_by_the_labels(demo_run: dict[str, Any]) -> N
     assert all(r["route"] for r in records)
     correct = sum(1 for r in records if r["route"] == ("general" if r["domain"] == "oos" else r["domain"]))
     assert routing["accuracy"] == round(correct / len(records), 4)
-    assert routing["accuracy"] > 0.6  # MiniLM on CLINC150 domains; chance is under 0.1
+    # MiniLM on CLINC150 domains; chance is under 0.1. 0.857 at this seed; 0.629 when the spec's
+    # off-topic examples leaked into the demo's routes (this session)
+    assert routing["accuracy"] > 0.75
     premium = {r["upstream_model"] for r in records if r["route"] in ("banking", "credit_cards")
                and r["path"] == "/v1/chat/completions" and r["upstream_model"]}
     economy = {r["upstream_model"] for r in records if r["route"] not in ("banking", "credit_cards")

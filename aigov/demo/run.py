@@ -104,6 +104,10 @@ def demo_kong_config(spec: Mapping[str, Any], *, upstream_url: str, calibration_
                     r["target"]["api_key"] = f"{{vault://env/{VAULT_KEY_VAR.lower()}}}"
             conf["routes"] = rs
             conf["default_route"] = demo_plan.DEFAULT_ROUTE
+            # The spec's off-topic examples belong to its own two routes: next to the CLINC150
+            # domains they would send in-scope queries (weather, calories) to the default route.
+            # The demo's default route carries CLINC150's own out-of-scope utterances instead.
+            conf.pop("negative_utterances", None)
             conf["build_timeout_ms"] = 55000  # the first request may wait for the training
             if router_cache_dir:
                 conf["cache_dir"] = router_cache_dir

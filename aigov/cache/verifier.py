@@ -623,7 +623,7 @@ def _scale_poles(t: _Text) -> _Poles:
             continue
         sign, word = 1, w
         degree = gradable and _is_degree(w)
-        if i > 0 and low[i - 1] in _DEGREE_MODIFIERS:
+        if (gradable or opposites) and i > 0 and low[i - 1] in _DEGREE_MODIFIERS:  # "less polite"
             sign = _DEGREE_MODIFIERS[low[i - 1]]
             used.add(i - 1)
             word = f"{low[i - 1]} {w}"
@@ -1953,10 +1953,9 @@ _NOT_AN_END = frozenset("""addition according due thanks prior compared similar 
 # are "sent from John", not "sent to John"); "-ed" participles are found by their ending. After a
 # verb of receiving the agent is the end it goes to: "received by Alice" is not "received from
 # Alice".
-_AGENT_PARTICIPLES = frozenset("""sent written made paid given told sold bought built held kept left
-    lent lost meant met read said seen shown taken brought caught taught thought spent won done
-    drawn driven eaten forgiven forgotten gotten hidden known ridden spoken stolen sung sworn
-    thrown worn""".split())
+_AGENT_PARTICIPLES = frozenset("""sent written made paid given told sold built held kept left lent lost
+    meant met read said seen shown brought taught thought spent done drawn driven eaten forgiven
+    forgotten hidden known ridden spoken stolen sung sworn thrown worn""".split())
 _RECEIVING_PARTICIPLES = frozenset("""received got gotten accepted obtained collected acquired bought
     purchased adopted inherited borrowed earned won taken caught downloaded""".split())
 

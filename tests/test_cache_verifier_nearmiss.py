@@ -644,3 +644,35 @@ def test_the_breakers_paraphrases_pass_again(a: str, b: str) -> None:
 ])
 def test_the_breakers_second_near_misses_are_refused(a: str, b: str, prefix: str) -> None:
     assert all(r.startswith(prefix) for r in _refused(a, b))
+
+
+# === an audit's round: the rules must fire where one word stands in the other's place ===
+
+@pytest.mark.parametrize("a, b", [
+    # WordNet opposites apart, not in each other's place
+    ("Quick question: how do I lazy-load images in React?", "How do I lazy load images in React?"),
+    ("Do I need any extra documents for a Schengen visa?", "What additional documents are necessary for a Schengen visa?"),
+    ("Find remote software jobs in the Boston area", "Find work-from-home software jobs near Boston"),
+    ("What's a great way to save a bit of money each month?", "What's a good way to save a little money each month?"),
+    ("Is dizziness when standing up something serious?", "Should I worry if I get dizzy when I stand up?"),
+    # "for" and "against" after words that take no side
+    ("What is the best sleeping position against acid reflux?", "What is the best sleeping position for acid reflux?"),
+    ("What's a good case against scratches for the Galaxy S24?", "What's a good scratch-proof case for the Galaxy S24?"),
+    # a letter in one text only is a word said another way
+    ("How do I solve 2x + 3 = 11?", "Solve for x: 2x + 3 = 11"),
+    ("how do i factory reset my laptop n keep my files", "How do I factory reset my laptop and keep my files?"),
+    ("y is my wifi so slow at night", "why is my wifi so slow at night"),
+    ("What's the big O of quicksort?", "What is the time complexity of quicksort?"),
+    ("How much paint do I need for a 10 x 12 room?", "How much paint do I need for a 10 by 12 room?"),
+])
+def test_the_audits_paraphrases_pass(a: str, b: str) -> None:
+    _kept(a, b)
+
+
+@pytest.mark.parametrize("a, b, prefix", [
+    ("What does the -i flag do in grep?", "What does the -r flag do in grep?", "letters:"),
+    ("Write a persuasive essay for school uniforms", "Write a persuasive essay against school uniforms", "antonym:"),
+    ("Set an alarm for a quarter after six", "Set an alarm for a quarter to six", "units:"),
+])
+def test_the_audits_near_misses_are_refused(a: str, b: str, prefix: str) -> None:
+    assert all(r.startswith(prefix) for r in _refused(a, b))

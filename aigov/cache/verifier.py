@@ -77,7 +77,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache, wraps
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -588,6 +588,8 @@ class _Poles:
     modifiers: frozenset[str]             # "more"/"less"/... used only as a scale word's degree
     degrees: dict[str, str]               # scale group -> the first comparative/superlative on it
     graded: dict[str, int]                # another word after "more"/"less"/"fewer": its sign
+    # (WordNet scale, sign) -> the content words before and after the word that names it
+    neighbours: dict[tuple[str, int], tuple[str | None, str | None]] = field(default_factory=dict)
 
 
 # Scales one comparison may be said on: "the latest" is the "newest" version, "the earliest"
@@ -608,8 +610,20 @@ def _is_degree(word: str) -> bool:
         c in _GRADABLE_POLES for c in _stems(word, ("est", "er"))))
 
 
+def _content_word(low: list[str], i: int, step: int) -> str | None:
+    """The nearest content word before (step -1) or after (step 1) position i."""
+    j = i + step
+    while 0 <= j < len(low):
+        w = low[j]
+        if w.isalpha() and w not in _SIMPLE_STOP and w not in _DEGREE_MODIFIERS:
+            return w
+        j += step
+    return None
+
+
 def _scale_poles(t: _Text) -> _Poles:
     found: dict[tuple[str, int], str] = {}
+    neighbours: dict[tuple[str, int], tuple[str | None, str | None]] = {}
     degrees: dict[str, str] = {}
     graded: dict[str, int] = {}
     low = t.lower
@@ -634,10 +648,12 @@ def _scale_poles(t: _Text) -> _Poles:
             if degree and group is not None:
                 degrees.setdefault(group, word)
         for scale, pole in opposites:  # opposite poles only, never a degree (_wordnet_poles)
-            found.setdefault((scale, pole * sign), word)
+            if (scale, pole * sign) not in found:
+                found[(scale, pole * sign)] = word
+                neighbours[(scale, pole * sign)] = (_content_word(low, i, -1), _content_word(low, i, 1))
     # A modifier is left out of the antonym pairs only if every occurrence qualifies a scale word.
     free = {w for i, w in enumerate(low) if w in _DEGREE_MODIFIERS and i not in used}
-    return _Poles(found, frozenset(low[i] for i in used) - free, degrees, graded)
+    return _Poles(found, frozenset(low[i] for i in used) - free, degrees, graded, neighbours)
 
 
 @dataclass
@@ -891,9 +907,10 @@ def _units(t: _Text) -> frozenset:
                     low[i - 1] in _CLOCK_HOUR_WORDS and written in (w, w.upper()))):  # "twelve. Am I"
                 found.add(UNITS[w])
             continue
-        if w in ("past", "to") and 0 < i < len(low) - 1 and low[i - 1] in _CLOCK_PARTS and (
+        if w in ("past", "after", "to", "before") and 0 < i < len(low) - 1 and low[i - 1] in _CLOCK_PARTS and (
                 low[i + 1][0].isdigit() or low[i + 1] in _CLOCK_HOUR_WORDS or low[i + 1] == "one"):
-            found.add(f"clock {w}")  # "a quarter past seven" is not "a quarter to seven"
+            # "a quarter past seven" is not "a quarter to seven" ("after" is "past")
+            found.add("clock past" if w in ("past", "after") else "clock to")
             continue
         for cand in _unit_candidates(w):
             if cand in UNITS:
@@ -1206,15 +1223,19 @@ def _literal_known(lit: str, other: _Text, budget: list[int]) -> bool:
 # A lone letter: not inside a word, a number ("3.x", "3x3"), an escape ("\\n"), a pair ("A/B"),
 # an abbreviation ("e.g.") or a language name ("C++", "C#"); "x-axis" and "p-value" have theirs.
 _LONE_LETTER_RE = re.compile(r"(?<![A-Za-z0-9.'’\\/])([A-Za-z])(?![A-Za-z0-9'’/+#]|\.[A-Za-z])")
-# "a", "I" (the article, the pronoun), "u" and "r" (chat for "you", "are") are no labels by themselves.
+# "a", "I" (the article, the pronoun), "u" and "r" (chat for "you", "are") are no labels by
+# themselves, but after a dash they are a flag ("grep -i" / "grep -r").
 _NOT_LABELS = frozenset("aiur")
-# Words a short label follows: "type A"/"type AB", "World War I"/"II", "Plan B", "Phase 2".
+# Words a short label follows: "type A"/"type AB", "World War I"/"II", "Plan B", "platform a".
 _LABEL_WORDS = frozenset("""type war phase part plan chapter class grade level stage tier option
-    section schedule category vitamin""".split())
+    section schedule category vitamin platform gate terminal entry row seat zone block building
+    room track door exit wing hall""".split())
 
 
 def _labels(t: _Text) -> Counter:
-    out = Counter(m.lower() for m in _LONE_LETTER_RE.findall(t.raw) if m.lower() not in _NOT_LABELS)
+    raw = t.raw
+    out = Counter(m.group(1).lower() for m in _LONE_LETTER_RE.finditer(raw)
+                  if m.group(1).lower() not in _NOT_LABELS or raw[max(m.start() - 1, 0):m.start()] == "-")
     low = t.lower
     for i, w in enumerate(low[:-1]):
         nxt = t.tokens[i + 1]
@@ -1224,10 +1245,12 @@ def _labels(t: _Text) -> Counter:
 
 
 def _letter_clash(a: _Text, b: _Text) -> str | None:
-    """Single letters and short labels: "type A personality" is not "type B" nor "type AB",
-    "platform a" not "platform c", "solve for x" not "solve for y", "World War I" not "II"."""
+    """Single letters and short labels, each text with one the other lacks: "type A personality"
+    is not "type B" nor "type AB", "platform a" not "platform c", "solve for x" not "solve for y",
+    "World War I" not "II", "grep -i" not "grep -r". A letter in one text only is often a word
+    said another way ("y" for "why", "n" for "and", "10 x 12" for "10 by 12"): no clash."""
     la, lb = _labels(a), _labels(b)
-    if la != lb:
+    if la - lb and lb - la:
         return f"{','.join(sorted(la.elements())) or '-'}/{','.join(sorted(lb.elements())) or '-'}"
     return None
 
@@ -1364,17 +1387,29 @@ def _more_often(x: _Text, mx: frozenset[str], y: _Text, my: frozenset[str]) -> s
 
 
 def _opposite_scales(a: _Text, b: _Text) -> list[tuple[str, str, str]]:
-    """(scale, a's word, b's word) for each scale whose poles the texts name one each."""
-    pa, pb = a.poles.found, b.poles.found
-    return [(scale, word, pb[(scale, -sign)]) for (scale, sign), word in pa.items()
-            if (scale, sign) not in pb and (scale, -sign) in pb and (scale, -sign) not in pa]
+    """(scale, a's word, b's word) for each scale whose poles the texts name one each. WordNet's
+    opposites count only where one stands in the other's place, next to the same content word
+    ("a polite email" / "a rude email"): its clusters are broad, and two of their words apart in
+    a paraphrase ("Quick question: how do I lazy-load ..." / "How do I lazy load ...") are no
+    changed meaning."""
+    pa, pb = a.poles, b.poles
+    out = []
+    for (scale, sign), word in pa.found.items():
+        if (scale, sign) in pb.found or (scale, -sign) not in pb.found or (scale, -sign) in pa.found:
+            continue
+        if scale.startswith("wordnet:"):
+            (before_a, after_a), (before_b, after_b) = pa.neighbours[(scale, sign)], pb.neighbours[(scale, -sign)]
+            if not ((before_a and before_a == before_b) or (after_a and after_a == after_b)):
+                continue
+        out.append((scale, word, pb.found[(scale, -sign)]))
+    return out
 
 
 # Words after which "for" and "against" take a side: "argue for nuclear power" is not "argue
 # against" it. Elsewhere they name no side ("a vaccine for / against measles").
-_STANCE_WORDS = frozenset("""argue argues arguing argued argument arguments case vote votes voting voted
-    campaign campaigns campaigning speak speaks speaking lobby lobbying rally rallying petition
-    position stance debate debating side sides be is are was were""".split())
+_STANCE_WORDS = frozenset("""argue argues arguing argued argument arguments vote votes voting voted
+    campaign campaigns campaigning speak speaks speaking lobby lobbies lobbying rally rallying
+    petition petitions stance debate debating essay essays speech speeches""".split())
 
 
 def _stances(t: _Text) -> frozenset[str]:

@@ -1434,17 +1434,19 @@ def _stance_clash(a: _Text, b: _Text) -> str | None:
 # Prefixes that name opposite ends: "hypothyroidism" / "hyperthyroidism", "pre-war" / "post-war".
 _PAIRED_PREFIXES = (("hyper", "hypo"), ("pre", "post"), ("inter", "intra"), ("micro", "macro"),
                     ("over", "under"), ("super", "sub"))
+_OPPOSITE_PREFIX = {**dict(_PAIRED_PREFIXES), **{y: x for x, y in _PAIRED_PREFIXES}}
 
 
 def _prefix_pair_clash(a: _Text, b: _Text) -> str | None:
     wa, wb = set(a.lower) - set(b.lower), set(b.lower) - set(a.lower)
-    for x, y in _PAIRED_PREFIXES:
-        for p, q, words, others in ((x, y, wa, wb), (y, x, wa, wb)):
-            for w in words:
-                rest = w[len(p):].lstrip("-")
-                if w.startswith(p) and len(rest) >= 4 and any(o.startswith(q) and o[len(q):].lstrip("-") == rest
-                                                               for o in others):
-                    return f"{w}/{q}{rest}"
+    if not wa or not wb:
+        return None
+    for w in sorted(wa):
+        for p, q in _OPPOSITE_PREFIX.items():
+            if w.startswith(p):
+                core = w[len(p):].lstrip("-")
+                if len(core) >= 4 and (q + core in wb or f"{q}-{core}" in wb):
+                    return f"{w}/{q}{core}"
     return None
 
 

@@ -716,6 +716,19 @@ class _Text:
         return _by_class(self)
 
     @cached_property
+    def labels(self) -> Counter:
+        return _labels(self)
+
+    @cached_property
+    def stances(self) -> frozenset[str]:
+        return _stances(self)
+
+    @cached_property
+    def prefixed(self) -> frozenset[str]:
+        """Its words that start with one of the paired prefixes (_prefix_pair_clash)."""
+        return frozenset(w for w in self.lower if w.startswith(_PREFIX_STARTS))
+
+    @cached_property
     def identifiers(self) -> frozenset[str]:
         return _identifiers(self.raw)
 
@@ -1249,7 +1262,7 @@ def _letter_clash(a: _Text, b: _Text) -> str | None:
     is not "type B" nor "type AB", "platform a" not "platform c", "solve for x" not "solve for y",
     "World War I" not "II", "grep -i" not "grep -r". A letter in one text only is often a word
     said another way ("y" for "why", "n" for "and", "10 x 12" for "10 by 12"): no clash."""
-    la, lb = _labels(a), _labels(b)
+    la, lb = a.labels, b.labels
     if la - lb and lb - la:
         return f"{','.join(sorted(la.elements())) or '-'}/{','.join(sorted(lb.elements())) or '-'}"
     return None
@@ -1425,7 +1438,7 @@ def _stances(t: _Text) -> frozenset[str]:
 def _stance_clash(a: _Text, b: _Text) -> str | None:
     """One text argues for something, the other against it ("an essay arguing in favor of
     nuclear power" / "... arguing against nuclear power")."""
-    sa, sb = _stances(a), _stances(b)
+    sa, sb = a.stances, b.stances
     if sa != sb and sa and sb and not (sa & sb):
         return f"{'/'.join(sorted(sa))}!={'/'.join(sorted(sb))}"
     return None
@@ -1435,12 +1448,13 @@ def _stance_clash(a: _Text, b: _Text) -> str | None:
 _PAIRED_PREFIXES = (("hyper", "hypo"), ("pre", "post"), ("inter", "intra"), ("micro", "macro"),
                     ("over", "under"), ("super", "sub"))
 _OPPOSITE_PREFIX = {**dict(_PAIRED_PREFIXES), **{y: x for x, y in _PAIRED_PREFIXES}}
+_PREFIX_STARTS = tuple(_OPPOSITE_PREFIX)
 
 
 def _prefix_pair_clash(a: _Text, b: _Text) -> str | None:
-    wa, wb = set(a.lower) - set(b.lower), set(b.lower) - set(a.lower)
-    if not wa or not wb:
+    if not a.prefixed or not b.prefixed:  # most texts have no such word: nothing to compare
         return None
+    wa, wb = a.prefixed - b.prefixed, b.prefixed - a.prefixed
     for w in sorted(wa):
         for p, q in _OPPOSITE_PREFIX.items():
             if w.startswith(p):
